@@ -1,0 +1,34 @@
+"""TensorGrid: deep learning on big data, from one laptop to a cluster.
+
+    import tensorgrid as tg
+    ds = tg.write("grid/digits", df)              # versioned, checksummed Parquet shards at any URL
+    ds = tg.open("grid/digits")                   # or plain Parquet/CSV, in place
+    tg.sql("SELECT label, count(*) FROM ds GROUP BY label", ds=ds).to_pandas()
+"""
+
+from . import errors
+from .errors import (
+    ColumnNotFoundError,
+    ConflictError,
+    CorruptShardError,
+    DatasetExistsError,
+    DatasetNotFoundError,
+    EmptyDataError,
+    ReadOnlyError,
+    SchemaMismatchError,
+    SQLError,
+    TensorGridError,
+    UnsupportedDataError,
+    UnsupportedFormatError,
+    UnsupportedURLError,
+)
+from .store import Dataset, from_arrow, ingest_images, open, sql, write
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "write", "open", "sql", "from_arrow", "ingest_images", "Dataset", "errors",
+    "TensorGridError", "ConflictError", "CorruptShardError", "DatasetExistsError", "DatasetNotFoundError",
+    "EmptyDataError", "ReadOnlyError", "SchemaMismatchError", "SQLError", "UnsupportedDataError",
+    "UnsupportedFormatError", "UnsupportedURLError", "ColumnNotFoundError",
+]

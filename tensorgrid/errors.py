@@ -1,0 +1,73 @@
+"""The named exceptions users catch. Every error TensorGrid raises for bad input is a TensorGridError."""
+
+from __future__ import annotations
+
+
+class TensorGridError(Exception):
+    """Base class of every error TensorGrid raises on purpose."""
+
+
+class DatasetNotFoundError(TensorGridError, FileNotFoundError):
+    """No dataset (and no Parquet/CSV data) at the URL, or no such version."""
+
+
+class DatasetExistsError(TensorGridError, FileExistsError):
+    """mode="create" on a URL that already holds a dataset."""
+
+
+class ConflictError(TensorGridError):
+    """Another writer committed the version this writer wanted. Nothing was lost:
+    the shards this writer wrote are kept, and ``retry()`` commits them on the new latest version."""
+
+    def __init__(self, message: str, retry=None):
+        super().__init__(message)
+        self._retry = retry
+
+    def retry(self):
+        """Commit the already-written shards on top of the current latest version; returns the Dataset."""
+        if self._retry is None:
+            raise TensorGridError("this conflict cannot be retried")
+        return self._retry()
+
+
+class SchemaMismatchError(TensorGridError, ValueError):
+    """Data whose schema differs from the dataset's (names the differing columns and types)."""
+
+
+class CorruptShardError(TensorGridError):
+    """A shard's size or checksum does not match the manifest, or it does not parse."""
+
+    def __init__(self, message: str, shards: list[str] | None = None):
+        super().__init__(message)
+        self.shards = list(shards or [])
+
+
+class UnsupportedURLError(TensorGridError, ValueError):
+    """A URL whose scheme no installed filesystem handles."""
+
+
+class UnsupportedFormatError(TensorGridError, ValueError):
+    """A path that holds neither a TensorGrid dataset, Parquet nor CSV."""
+
+
+class UnsupportedDataError(TensorGridError, TypeError):
+    """Input data TensorGrid cannot turn into Arrow (unknown container or Python objects)."""
+
+
+class EmptyDataError(TensorGridError, ValueError):
+    """Writing data that has no rows."""
+
+
+class ReadOnlyError(TensorGridError):
+    """A write or vacuum on data opened in place (foreign Parquet/CSV, SQL results)."""
+
+
+class ColumnNotFoundError(TensorGridError, KeyError):
+    """A column name that the dataset does not have."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class SQLError(TensorGridError):
+    """DuckDB rejected a query (syntax, unknown table or column...)."""

@@ -1,0 +1,28 @@
+"""The store: versioned, checksummed Parquet shards at any filesystem URL, and foreign data in place."""
+
+from __future__ import annotations
+
+from .. import fs as tgfs
+from ..errors import DatasetNotFoundError, TensorGridError
+from . import manifest
+from .dataset import ArrowDataset, Dataset, StoreDataset, VersionInfo, from_arrow
+from .foreign import ForeignDataset
+from .images import SkippedFilesWarning, ingest_images
+from .sql import sql
+from .writer import write
+
+__all__ = ["Dataset", "StoreDataset", "ForeignDataset", "ArrowDataset", "VersionInfo", "SkippedFilesWarning",
+           "open", "write", "from_arrow", "sql", "ingest_images"]
+
+
+def open(url: str, version: int | None = None) -> Dataset:  # noqa: A001 - the one obvious name
+    """Open a dataset written by ``tg.write`` (optionally an earlier ``version``), or Parquet/CSV files,
+    a directory of them or a glob, in place."""
+    fs, path = tgfs.resolve(url)
+    if manifest.is_dataset(fs, path):
+        return StoreDataset(fs, path, manifest.load(fs, path, version))
+    if version is not None:
+        if not fs.exists(path):
+            raise DatasetNotFoundError(f"no dataset at {url}")
+        raise TensorGridError(f"{url} is not a versioned TensorGrid dataset: it has no version {version}")
+    return ForeignDataset(url)

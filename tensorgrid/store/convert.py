@@ -1,0 +1,156 @@
+"""Turn whatever the user hands to ``tg.write`` into one schema and a stream of Arrow record batches."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Iterator, Mapping
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from ..errors import EmptyDataError, SchemaMismatchError, UnsupportedDataError
+from .encoding import normalize_schema, pandas_tensors_to_arrow
+
+DICT_CHUNK_ROWS = 4096
+
+
+def _from_pandas(df: pd.DataFrame) -> pa.Table:
+    arrays, names = [], []
+    for name in df.columns:
+        s = df[name]
+        if s.dtype == object:
+            tensor = pandas_tensors_to_arrow(s.tolist())
+            if tensor is not None:
+                arrays.append(tensor)
+                names.append(str(name))
+                continue
+        try:
+            arrays.append(pa.Array.from_pandas(s))
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
+            raise UnsupportedDataError(f"column {name!r}: cannot store its values ({e})") from None
+        names.append(str(name))
+    return pa.Table.from_arrays(arrays, names=names)
+
+
+def _has_ndarray(rows: list[dict]) -> bool:
+    return any(isinstance(v, np.ndarray) for v in rows[0].values())
+
+
+def _pylist(rows: list[dict], schema: pa.Schema | None) -> pa.RecordBatch:
+    try:
+        return pa.RecordBatch.from_pylist(rows, schema=schema)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
+        if schema is not None:
+            raise SchemaMismatchError(f"rows do not match the schema of the first rows: {e}") from None
+        raise UnsupportedDataError(f"cannot store these rows: {e}") from None
+
+
+def _dict_batches(rows: Iterator[Mapping]) -> Iterator[pa.RecordBatch]:
+    schema = None
+    while True:
+        chunk = list(itertools.islice(rows, DICT_CHUNK_ROWS))
+        if not chunk:
+            return
+        if not all(isinstance(r, Mapping) for r in chunk):
+            bad = next(r for r in chunk if not isinstance(r, Mapping))
+            raise UnsupportedDataError(f"an iterable of rows must yield dicts, got {type(bad).__name__}")
+        if schema is None:
+            frame = pd.DataFrame.from_records(chunk) if _has_ndarray(chunk) else None
+            batch = _from_pandas(frame).to_batches()[0] if frame is not None else _pylist(chunk, None)
+            schema = batch.schema
+        else:
+            if _has_ndarray(chunk):
+                batch = _from_pandas(pd.DataFrame.from_records(chunk)).to_batches()[0]
+                batch = _cast(batch, schema)
+            else:
+                batch = _pylist(chunk, schema)
+        yield batch
+
+
+def _cast(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
+    if batch.schema.equals(schema):
+        return batch
+    if batch.schema.names != schema.names:
+        raise SchemaMismatchError(f"columns {batch.schema.names} differ from the first batch's {schema.names}")
+    try:
+        return batch.cast(schema)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
+        raise SchemaMismatchError(f"a batch does not match the first batch's schema: {e}") from None
+
+
+def _is_spark(data) -> bool:
+    mod = type(data).__module__ or ""
+    return mod.startswith("pyspark.sql") and type(data).__name__ == "DataFrame"
+
+
+def to_batches(data) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
+    """Return the normalised schema and a batch stream (first batch already checked to exist)."""
+    if isinstance(data, pd.DataFrame):
+        table = _from_pandas(data)
+        source: Iterable[pa.RecordBatch] = table.to_batches()
+        schema = table.schema
+    elif isinstance(data, pa.Table):
+        source, schema = data.to_batches(), data.schema
+    elif isinstance(data, pa.RecordBatch):
+        source, schema = [data], data.schema
+    elif isinstance(data, pa.RecordBatchReader):
+        source, schema = data, data.schema
+    elif _is_spark(data):
+        schema, source = _spark_batches(data)
+    elif hasattr(data, "to_arrow") and hasattr(data, "schema") and hasattr(data, "num_rows"):
+        table = data.to_arrow()  # a TensorGrid Dataset or SQL result
+        source, schema = table.to_batches(), table.schema
+    elif isinstance(data, (str, bytes, Mapping)) or not isinstance(data, Iterable):
+        raise UnsupportedDataError(
+            f"cannot write a {type(data).__name__}: pass a pandas DataFrame, pyarrow Table, RecordBatchReader, "
+            "an iterable of RecordBatches or of dicts, or a Spark DataFrame")
+    else:
+        it = iter(data)
+        first = next(it, None)
+        if first is None:
+            raise EmptyDataError("no rows to write: the iterable is empty")
+        if isinstance(first, pa.RecordBatch):
+            schema = first.schema
+            source = (_cast(b, schema) if isinstance(b, pa.RecordBatch) else _bad_item(b)
+                      for b in itertools.chain([first], it))
+        elif isinstance(first, Mapping):
+            gen = _dict_batches(itertools.chain([first], it))
+            head = next(gen)
+            schema = head.schema
+            source = itertools.chain([head], gen)
+        else:
+            raise UnsupportedDataError(f"an iterable must yield dicts or RecordBatches, got {type(first).__name__}")
+    norm = normalize_schema(schema)
+    if not norm.names:
+        raise EmptyDataError("no columns to write")
+    if len(set(norm.names)) != len(norm.names):
+        dup = sorted({n for n in norm.names if norm.names.count(n) > 1})
+        raise UnsupportedDataError(f"duplicate column names: {dup}")
+    batches = (b if b.schema.equals(norm) else _cast_normal(b, norm) for b in source)
+    batches = (b for b in batches if b.num_rows)
+    first_batch = next(batches, None)
+    if first_batch is None:
+        raise EmptyDataError("no rows to write")
+    return norm, itertools.chain([first_batch], batches)
+
+
+def _cast_normal(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
+    try:
+        return pa.RecordBatch.from_arrays([c.cast(f.type) if not c.type.equals(f.type) else c
+                                           for c, f in zip(batch.columns, schema)], schema=schema)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
+        raise SchemaMismatchError(f"a batch does not match the data's schema: {e}") from None
+
+
+def _bad_item(item):
+    raise UnsupportedDataError(f"an iterable of RecordBatches yielded a {type(item).__name__}")
+
+
+def _spark_batches(df) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
+    """Stream a Spark DataFrame to the driver as Arrow, one partition at a time."""
+    if hasattr(df, "toArrow"):  # pyspark >= 4
+        table = df.toArrow()
+        return table.schema, iter(table.to_batches())
+    table = pa.Table.from_batches(df._collect_as_arrow())  # pyspark 3.x
+    return table.schema, iter(table.to_batches())

@@ -1,0 +1,387 @@
+"""Datasets: one read API over shards, whatever holds them (a versioned store dataset, foreign Parquet/CSV
+opened in place, or an in-memory Arrow table such as a SQL result)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import fsspec
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from .. import fs as tgfs
+from ..errors import ColumnNotFoundError, CorruptShardError, DatasetNotFoundError, ReadOnlyError
+from . import encoding, manifest
+from .manifest import DATA_DIR, META_DIR, Manifest, Shard
+
+_PARSE_ERRORS = (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError, OSError, ValueError, IndexError)
+
+
+def _threads() -> int:
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+class Dataset:
+    """Rows in shards. Subclasses say how to list and read shards; reading, SQL and conversion live here."""
+
+    url: str = ""
+    version: int | None = None
+
+    # --- what subclasses provide -------------------------------------------------------------
+    @property
+    def schema(self) -> pa.Schema:
+        """The logical Arrow schema (fixed-shape tensor columns as Arrow's tensor type)."""
+        raise NotImplementedError
+
+    @property
+    def shard_rows(self) -> list[int]:
+        """Rows in each shard, in storage order."""
+        raise NotImplementedError
+
+    def read_shard(self, i: int, columns: list[str] | None = None, filter: pc.Expression | None = None) -> pa.Table:
+        """Shard ``i`` as a logical Arrow table (verified when the storage keeps checksums)."""
+        raise NotImplementedError
+
+    def verify(self) -> dict:
+        """Check every shard; raise CorruptShardError listing every bad one."""
+        raise NotImplementedError
+
+    def _arrow_source(self):
+        """Something DuckDB can scan with projection and filter pushdown (pyarrow dataset or table)."""
+        raise NotImplementedError
+
+    # --- shared API ----------------------------------------------------------------------------
+    @property
+    def num_shards(self) -> int:
+        return len(self.shard_rows)
+
+    @property
+    def num_rows(self) -> int:
+        return sum(self.shard_rows)
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    def versions(self) -> list:
+        return []
+
+    def shard_urls(self) -> list[str]:
+        """The files holding this version's rows (give them to DuckDB, Spark or pandas to read in place)."""
+        return []
+
+    def _check_columns(self, columns: list[str] | None) -> list[str] | None:
+        if columns is None:
+            return None
+        if isinstance(columns, str):
+            columns = [columns]
+        missing = [c for c in columns if c not in self.schema.names]
+        if missing:
+            raise ColumnNotFoundError(f"no column {missing[0]!r} in {self.url or 'dataset'}; "
+                                      f"columns: {self.schema.names}")
+        return list(columns)
+
+    def to_arrow(self, columns: list[str] | None = None, filter: pc.Expression | None = None) -> pa.Table:
+        """All rows (of ``columns``, matching ``filter``, a pyarrow compute expression pushed down) as Arrow."""
+        columns = self._check_columns(columns)
+        n = self.num_shards
+        if n == 0:
+            schema = self.schema if columns is None else pa.schema([self.schema.field(c) for c in columns])
+            return schema.empty_table()
+        if n == 1:
+            return self.read_shard(0, columns, filter)
+        with ThreadPoolExecutor(min(n, _threads())) as pool:
+            tables = list(pool.map(lambda i: self.read_shard(i, columns, filter), range(n)))
+        return pa.concat_tables(tables)
+
+    def to_pandas(self, columns: list[str] | None = None, filter: pc.Expression | None = None) -> pd.DataFrame:
+        """Rows as pandas; tensor columns hold numpy arrays of their shape and dtype."""
+        return table_to_pandas(self.to_arrow(columns, filter))
+
+    def head(self, n: int = 5) -> pd.DataFrame:
+        parts, got = [], 0
+        for i in range(self.num_shards):
+            if got >= n:
+                break
+            t = self.read_shard(i).slice(0, n - got)
+            parts.append(t)
+            got += t.num_rows
+        table = pa.concat_tables(parts) if parts else self.schema.empty_table()
+        return table_to_pandas(table)
+
+    def sql(self, query: str) -> Dataset:
+        """Run DuckDB SQL with this dataset as the table ``ds``."""
+        from .sql import sql
+
+        return sql(query, ds=self)
+
+    def info(self) -> dict:
+        return {"url": self.url, "version": self.version, "rows": self.num_rows, "shards": self.num_shards,
+                "columns": {f.name: str(f.type) for f in self.schema}}
+
+    def __repr__(self) -> str:
+        v = "" if self.version is None else f", version={self.version}"
+        return f"{type(self).__name__}({self.url!r}{v}, rows={self.num_rows}, shards={self.num_shards})"
+
+
+def table_to_pandas(table: pa.Table) -> pd.DataFrame:
+    """Arrow -> pandas, with fixed-shape tensor columns as object columns of numpy arrays (views)."""
+    tensor_cols = [i for i, f in enumerate(table.schema) if isinstance(f.type, pa.FixedShapeTensorType)]
+    if not tensor_cols:
+        return table.to_pandas()
+    plain = table.drop_columns([table.schema.field(i).name for i in tensor_cols])
+    df = plain.to_pandas()
+    for i in tensor_cols:
+        col = table.column(i)
+        dense = encoding.tensor_to_numpy(col)
+        valid = col.is_valid().to_numpy(zero_copy_only=False) if col.null_count else None
+        values = list(dense) if valid is None else [d if ok else None for d, ok in zip(dense, valid)]
+        df.insert(i, table.schema.field(i).name, pd.Series(values, dtype=object, index=df.index))
+    return df
+
+
+# ------------------------------------------------------------------------------------------------
+# Versioned store datasets
+
+_verified: set[tuple] = set()
+_verified_lock = threading.Lock()
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    version: int
+    timestamp: str
+    operation: str
+    rows: int
+    added_rows: int
+    shards: int
+
+
+class StoreDataset(Dataset):
+    """A version of a dataset written by ``tg.write``: Parquet shards listed in a manifest with checksums."""
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, root: str, m: Manifest):
+        self.fs, self.root, self._m = fs, root, m
+        self.url = tgfs.to_url(fs, root)
+        self.version = m.version
+        self._schema = encoding.logical_schema(m.schema)
+
+    @classmethod
+    def open(cls, url: str, version: int | None = None) -> StoreDataset:
+        fs, root = tgfs.resolve(url)
+        return cls(fs, root, manifest.load(fs, root, version))
+
+    @property
+    def schema(self) -> pa.Schema:
+        return self._schema
+
+    @property
+    def shards(self) -> list[Shard]:
+        return list(self._m.shards)
+
+    @property
+    def shard_rows(self) -> list[int]:
+        return [s.rows for s in self._m.shards]
+
+    def shard_urls(self) -> list[str]:
+        return [tgfs.to_url(self.fs, tgfs.join(self.root, s.path)) for s in self._m.shards]
+
+    def versions(self) -> list[VersionInfo]:
+        out = []
+        for v in manifest.list_versions(self.fs, self.root):
+            m = self._m if v == self._m.version else manifest.load(self.fs, self.root, v)
+            out.append(VersionInfo(m.version, m.timestamp, m.operation, m.num_rows, m.added_rows, len(m.shards)))
+        return out
+
+    def _check(self, shard: Shard, data, where: str) -> None:
+        size = data.size if isinstance(data, pa.Buffer) else len(data)
+        if size != shard.bytes:
+            raise CorruptShardError(f"shard {where} has {size} bytes, the manifest says {shard.bytes}", [where])
+        if manifest.checksum(data) != shard.checksum:
+            raise CorruptShardError(f"shard {where} fails its checksum (bytes changed on storage)", [where])
+
+    def _shard_buffer(self, shard: Shard, force: bool = False) -> pa.Buffer:
+        """The shard's bytes, size- and checksum-checked (local files memory-mapped, checked once per process
+        while their size and mtime stay the same)."""
+        path = tgfs.join(self.root, shard.path)
+        where = tgfs.to_url(self.fs, path)
+        if tgfs.is_local(self.fs):
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                raise CorruptShardError(f"shard {where} is missing", [where]) from None
+            if st.st_size != shard.bytes:
+                raise CorruptShardError(f"shard {where} has {st.st_size} bytes, the manifest says {shard.bytes}",
+                                        [where])
+            buf = pa.memory_map(path).read_buffer() if st.st_size else pa.py_buffer(b"")
+            key = (path, st.st_size, st.st_mtime_ns, shard.checksum)
+            if force or key not in _verified:
+                self._check(shard, buf, where)
+                with _verified_lock:
+                    if len(_verified) > 100_000:
+                        _verified.clear()
+                    _verified.add(key)
+            return buf
+        try:
+            data = self.fs.cat_file(path)
+        except FileNotFoundError:
+            raise CorruptShardError(f"shard {where} is missing", [where]) from None
+        self._check(shard, data, where)
+        return pa.py_buffer(data)
+
+    def read_shard(self, i: int, columns: list[str] | None = None, filter: pc.Expression | None = None) -> pa.Table:
+        shard = self._m.shards[i]
+        buf = self._shard_buffer(shard)
+        try:
+            table = pq.read_table(pa.BufferReader(buf), columns=columns, filters=filter,
+                                  schema=self._m.schema)
+        except _PARSE_ERRORS as e:
+            where = tgfs.to_url(self.fs, tgfs.join(self.root, shard.path))
+            raise CorruptShardError(f"shard {where} cannot be decoded: {e}", [where]) from None
+        return encoding.decode(table)
+
+    def verify(self) -> dict:
+        bad, nbytes = [], 0
+        for shard in self._m.shards:
+            try:
+                buf = self._shard_buffer(shard, force=True)
+                pq.ParquetFile(pa.BufferReader(buf)).metadata  # the footer parses
+                nbytes += shard.bytes
+            except CorruptShardError as e:
+                bad.append((e.shards[0], str(e)))
+            except _PARSE_ERRORS as e:
+                where = tgfs.to_url(self.fs, tgfs.join(self.root, shard.path))
+                bad.append((where, f"shard {where} cannot be decoded: {e}"))
+        if bad:
+            lines = "\n  ".join(msg for _, msg in bad)
+            raise CorruptShardError(f"{len(bad)} of {len(self._m.shards)} shards of {self.url} "
+                                    f"(version {self.version}) are corrupt:\n  {lines}", [w for w, _ in bad])
+        return {"shards": len(self._m.shards), "bytes": nbytes, "rows": self.num_rows}
+
+    def _arrow_source(self):
+        for shard in self._m.shards:  # checksums first (cached per process), then DuckDB reads the files
+            self._shard_buffer(shard)
+        paths = [tgfs.join(self.root, s.path) for s in self._m.shards]
+        return pads.dataset(paths, schema=self._m.schema, format="parquet", filesystem=_arrow_fs(self.fs))
+
+    def vacuum(self, min_age_s: float = 600.0) -> dict:
+        """Delete files that no version references (shards of killed or failed writers).
+
+        Files younger than ``min_age_s`` are kept: they may belong to a writer still at work.
+        """
+        referenced = set()
+        for v in manifest.list_versions(self.fs, self.root):
+            referenced.update(s.path for s in manifest.load(self.fs, self.root, v).shards)
+        removed, kept, freed = [], 0, 0
+        now = time.time()
+        for sub in (DATA_DIR, META_DIR):
+            base = tgfs.join(self.root, sub)
+            try:
+                entries = self.fs.find(base, detail=True)
+            except FileNotFoundError:
+                continue
+            for path, info in entries.items():
+                rel = path[len(self.root.rstrip("/")) + 1:] if path.startswith(self.root.rstrip("/")) else path
+                name = rel.rsplit("/", 1)[-1]
+                orphan = (sub == DATA_DIR and rel not in referenced) or (sub == META_DIR and name.startswith(".tmp-"))
+                if not orphan:
+                    continue
+                if now - _mtime(info, now) < min_age_s:
+                    kept += 1
+                    continue
+                self.fs.rm_file(path)
+                removed.append(rel)
+                freed += int(info.get("size") or 0)
+        return {"removed": len(removed), "bytes": freed, "kept_young": kept, "files": removed}
+
+
+def _mtime(info: dict, default: float) -> float:
+    for key in ("mtime", "created", "LastModified", "last_modified", "updated"):
+        v = info.get(key)
+        if v is None:
+            continue
+        if hasattr(v, "timestamp"):
+            return v.timestamp()
+        try:
+            return float(v)
+        except (TypeError, ValueError):
+            continue
+    return default
+
+
+def _arrow_fs(fs: fsspec.AbstractFileSystem):
+    if tgfs.is_local(fs):
+        return pa.fs.LocalFileSystem()
+    return pa.fs.PyFileSystem(pa.fs.FSSpecHandler(fs))
+
+
+# ------------------------------------------------------------------------------------------------
+# In-memory datasets (tg.from_arrow, SQL results)
+
+class ArrowDataset(Dataset):
+    """An Arrow table in memory, split into shards of about ``shard_bytes``."""
+
+    def __init__(self, table: pa.Table, url: str = "memory-table", shard_bytes: int = 64 << 20):
+        table = table.replace_schema_metadata(None) if table.schema.metadata else table
+        self._table = encoding.decode(table)
+        self.url = url
+        rows = self._table.num_rows
+        row_bytes = max(1, self._table.nbytes // max(1, rows))
+        step = max(1, shard_bytes // row_bytes)
+        self._bounds = [(s, min(step, rows - s)) for s in range(0, rows, step)]
+
+    @property
+    def schema(self) -> pa.Schema:
+        return self._table.schema
+
+    @property
+    def shard_rows(self) -> list[int]:
+        return [n for _, n in self._bounds]
+
+    def read_shard(self, i: int, columns: list[str] | None = None, filter: pc.Expression | None = None) -> pa.Table:
+        start, n = self._bounds[i]
+        t = self._table.slice(start, n)
+        if filter is not None:
+            t = t.filter(filter)
+        return t.select(columns) if columns is not None else t
+
+    def to_arrow(self, columns: list[str] | None = None, filter: pc.Expression | None = None) -> pa.Table:
+        columns = self._check_columns(columns)
+        t = self._table if filter is None else self._table.filter(filter)
+        return t.select(columns) if columns is not None else t
+
+    def verify(self) -> dict:
+        self._table.validate(full=True)
+        return {"shards": self.num_shards, "bytes": self._table.nbytes, "rows": self.num_rows}
+
+    def _arrow_source(self):
+        return encoding.encode(self._table, encoding.physical_schema(self._table.schema))
+
+    def vacuum(self, min_age_s: float = 600.0) -> dict:
+        raise ReadOnlyError("an in-memory dataset has no files to vacuum")
+
+
+def from_arrow(table: pa.Table | pa.RecordBatch | pa.RecordBatchReader) -> ArrowDataset:
+    """Wrap Arrow data as an in-memory Dataset (no copy)."""
+    if isinstance(table, pa.RecordBatch):
+        table = pa.Table.from_batches([table])
+    elif isinstance(table, pa.RecordBatchReader):
+        table = table.read_all()
+    elif not isinstance(table, pa.Table):
+        from ..errors import UnsupportedDataError
+
+        raise UnsupportedDataError(f"from_arrow takes a pyarrow Table, RecordBatch or reader, got {type(table).__name__}")
+    return ArrowDataset(table)
+
+
+def open_store(url: str, version: int | None = None) -> StoreDataset:
+    try:
+        return StoreDataset.open(url, version)
+    except FileNotFoundError as e:
+        raise DatasetNotFoundError(str(e)) from None

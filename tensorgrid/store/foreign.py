@@ -1,0 +1,135 @@
+"""Plain Parquet and CSV opened in place (read-only, no copy): Spark or DuckDB output, exports, globs."""
+
+from __future__ import annotations
+
+import fsspec
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+
+from .. import fs as tgfs
+from ..errors import CorruptShardError, DatasetNotFoundError, ReadOnlyError, UnsupportedFormatError
+from . import encoding
+from .dataset import _PARSE_ERRORS, Dataset, _arrow_fs
+
+PARQUET_EXT = (".parquet", ".parq", ".pq")
+CSV_EXT = (".csv", ".tsv", ".csv.gz", ".tsv.gz", ".csv.bz2")
+
+
+def _hidden(path: str, root: str) -> bool:
+    rel = path[len(root):].lstrip("/") if path.startswith(root) else path.rsplit("/", 1)[-1]
+    return any(part.startswith((".", "_")) for part in rel.split("/"))
+
+
+def _format_of(path: str, fs: fsspec.AbstractFileSystem) -> str | None:
+    low = path.lower()
+    if low.endswith(PARQUET_EXT):
+        return "parquet"
+    if low.endswith(CSV_EXT):
+        return "csv"
+    try:
+        with fs.open(path, "rb") as f:
+            head = f.read(4)
+    except (OSError, ValueError):
+        return None
+    return "parquet" if head == b"PAR1" else None
+
+
+def find_files(url: str) -> tuple[fsspec.AbstractFileSystem, str, list[str]]:
+    """The data files at a path, directory (recursive, hidden and _-prefixed entries skipped) or glob,
+    and their common format. Raises when there are none or the format is not Parquet or CSV."""
+    fs, path = tgfs.resolve(url)
+    if fsspec.core.has_magic(path):
+        candidates = sorted(p for p in fs.glob(path) if fs.isfile(p))
+        root = path.split("*", 1)[0].rsplit("/", 1)[0]
+    elif fs.isdir(path):
+        root = path
+        candidates = sorted(p for p in fs.find(path) if not _hidden(p, path))
+    elif fs.isfile(path):
+        root, candidates = path.rsplit("/", 1)[0], [path]
+    else:
+        raise DatasetNotFoundError(f"nothing at {url}")
+    if not candidates:
+        raise DatasetNotFoundError(f"no files at {url}")
+    formats = {p: _format_of(p, fs) for p in candidates}
+    parquet = [p for p, f in formats.items() if f == "parquet"]
+    csv = [p for p, f in formats.items() if f == "csv"]
+    if parquet and not csv:
+        return fs, "parquet", parquet
+    if csv and not parquet:
+        return fs, "csv", csv
+    if parquet and csv:
+        raise UnsupportedFormatError(f"{url} mixes Parquet ({len(parquet)} files) and CSV ({len(csv)} files); "
+                                     "open one of them with a glob")
+    sample = ", ".join(candidates[:3])
+    raise UnsupportedFormatError(f"{url} holds neither Parquet nor CSV (e.g. {sample}); "
+                                 "TensorGrid opens datasets, Parquet and CSV in place (ingest other data with "
+                                 "`tensorgrid ingest`)")
+
+
+class ForeignDataset(Dataset):
+    """Parquet or CSV files read in place through pyarrow.dataset; each file is a shard."""
+
+    def __init__(self, url: str):
+        fs, fmt, files = find_files(url)
+        self.fs, self.format, self.files = fs, fmt, files
+        self.url = url
+        self.version = None
+        try:
+            self._ds = pads.dataset(files, format=fmt, filesystem=_arrow_fs(fs))
+            self._fragments = list(self._ds.get_fragments())
+        except _PARSE_ERRORS as e:
+            raise UnsupportedFormatError(f"cannot read {url} as {fmt}: {e}") from None
+        self._schema = encoding.logical_schema(self._ds.schema)
+        self._rows: list[int] | None = None
+
+    @property
+    def schema(self) -> pa.Schema:
+        return self._schema
+
+    @property
+    def shard_rows(self) -> list[int]:
+        if self._rows is None:  # Parquet: from footers; CSV: needs one scan
+            self._rows = [self._guard(i, lambda f: f.count_rows()) for i, f in enumerate(self._fragments)]
+        return self._rows
+
+    def shard_urls(self) -> list[str]:
+        return [tgfs.to_url(self.fs, p) for p in self.files]
+
+    def _guard(self, i: int, fn):
+        try:
+            return fn(self._fragments[i])
+        except _PARSE_ERRORS as e:
+            where = tgfs.to_url(self.fs, self.files[i])
+            raise CorruptShardError(f"{where} cannot be read as {self.format}: {e}", [where]) from None
+
+    def read_shard(self, i: int, columns: list[str] | None = None, filter: pc.Expression | None = None) -> pa.Table:
+        table = self._guard(i, lambda f: f.to_table(schema=self._ds.schema, columns=columns, filter=filter))
+        return encoding.decode(table)
+
+    def to_arrow(self, columns: list[str] | None = None, filter: pc.Expression | None = None) -> pa.Table:
+        columns = self._check_columns(columns)
+        try:
+            table = self._ds.to_table(columns=columns, filter=filter)
+        except _PARSE_ERRORS as e:
+            raise CorruptShardError(f"{self.url} cannot be read as {self.format}: {e}", self.files) from None
+        return encoding.decode(table)
+
+    def verify(self) -> dict:
+        """Foreign files carry no checksums: check that every file parses end to end."""
+        bad = []
+        for i in range(len(self._fragments)):
+            try:
+                self._guard(i, lambda f: f.to_table(schema=self._ds.schema))
+            except CorruptShardError as e:
+                bad.append(str(e))
+        if bad:
+            raise CorruptShardError(f"{len(bad)} of {len(self.files)} files are unreadable:\n  " + "\n  ".join(bad),
+                                    bad)
+        return {"shards": len(self.files), "bytes": sum(self.fs.size(p) for p in self.files), "rows": self.num_rows}
+
+    def _arrow_source(self):
+        return self._ds
+
+    def vacuum(self, min_age_s: float = 600.0) -> dict:
+        raise ReadOnlyError(f"{self.url} is foreign data opened in place; TensorGrid does not modify it")

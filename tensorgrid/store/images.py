@@ -1,0 +1,115 @@
+"""Pack a tree of small image files into shards: one row per file, bytes kept undecoded.
+
+Loose small files cost one open + one read each (~1 ms cold on a virtual disk); packed, they are read
+as a few large sequential shards.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import pyarrow as pa
+from PIL import Image, UnidentifiedImageError
+
+from .. import fs as tgfs
+from ..errors import EmptyDataError, TensorGridError
+from .writer import write
+
+BATCH_FILES = 2048
+
+
+class SkippedFilesWarning(UserWarning):
+    """Some files were not images (or were corrupt) and were skipped."""
+
+
+def _probe(data: bytes) -> tuple[int, int, str] | str:
+    """(width, height, format) of a decodable image, or the reason it is not one."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            size, fmt = im.size, im.format
+            im.load()  # decode fully: truncated files fail here, not at training time
+        return size[0], size[1], (fmt or "").lower()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        return f"{type(e).__name__}: {e}"
+
+
+def _schema(labelled: bool) -> pa.Schema:
+    fields = [pa.field("image", pa.binary()), pa.field("path", pa.string())]
+    if labelled:
+        fields += [pa.field("label", pa.string()), pa.field("label_index", pa.int32())]
+    return pa.schema(fields + [pa.field("width", pa.int32()), pa.field("height", pa.int32()),
+                               pa.field("format", pa.string())])
+
+
+def ingest_images(folder: str, url: str, label: str | None = "folder", mode: str = "create",
+                  shard_bytes: int | None = None, progress: Callable[[int], None] | None = None):
+    """Pack every image under ``folder`` into the dataset at ``url``.
+
+    Columns: image (bytes), path (relative to folder), label (first sub-folder name) and label_index
+    (its position among the sorted labels) when ``label="folder"``, width, height, format.
+    Files that are not decodable images are skipped and reported in a SkippedFilesWarning
+    (count and first paths); ``Dataset.skipped`` lists them all.
+    """
+    if label not in ("folder", None):
+        raise TensorGridError(f"label must be 'folder' or None, got {label!r}")
+    fs, root = tgfs.resolve(folder)
+    if not fs.isdir(root):
+        raise TensorGridError(f"{folder} is not a folder")
+    root = root.rstrip("/")
+    files = sorted(p for p in fs.find(root) if not any(part.startswith(".")
+                                                          for part in p[len(root) + 1:].split("/")))
+    if not files:
+        raise EmptyDataError(f"no files under {folder}")
+    rel = [p[len(root) + 1:] for p in files]
+    labelled = label == "folder"
+    labels = [r.split("/", 1)[0] if "/" in r else "" for r in rel]
+    classes = sorted(set(labels))
+    index = {c: i for i, c in enumerate(classes)}
+    schema = _schema(labelled)
+    skipped: list[tuple[str, str]] = []
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            for start in range(0, len(files), BATCH_FILES):
+                chunk = range(start, min(start + BATCH_FILES, len(files)))
+                blobs = fs.cat([files[i] for i in chunk]) if not tgfs.is_local(fs) else None
+                datas = [blobs[files[i]] if blobs else _read_local(files[i]) for i in chunk]
+                probes = list(pool.map(_probe, datas))
+                cols = {k: [] for k in schema.names}
+                for i, data, probe in zip(chunk, datas, probes):
+                    if isinstance(probe, str):
+                        skipped.append((rel[i], probe))
+                        continue
+                    cols["image"].append(data)
+                    cols["path"].append(rel[i])
+                    if labelled:
+                        cols["label"].append(labels[i])
+                        cols["label_index"].append(index[labels[i]])
+                    cols["width"].append(probe[0])
+                    cols["height"].append(probe[1])
+                    cols["format"].append(probe[2])
+                if progress:
+                    progress(len(chunk))
+                if cols["image"]:
+                    yield pa.RecordBatch.from_pydict(cols, schema=schema)
+
+    try:
+        ds = write(url, batches(), mode=mode, shard_bytes=shard_bytes)
+    except EmptyDataError:
+        raise EmptyDataError(f"none of the {len(files)} files under {folder} is a readable image "
+                             f"(first: {skipped[0][0]}: {skipped[0][1]})" if skipped else
+                             f"no images under {folder}") from None
+    ds.skipped = skipped
+    if skipped:
+        first = ", ".join(p for p, _ in skipped[:5])
+        warnings.warn(SkippedFilesWarning(f"skipped {len(skipped)} of {len(files)} files that are not readable "
+                                          f"images: {first}{', ...' if len(skipped) > 5 else ''}"), stacklevel=2)
+    return ds
+
+
+def _read_local(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()

@@ -1,0 +1,193 @@
+"""``tg.write``: stream data into Parquet shards, then commit a new version's manifest atomically."""
+
+from __future__ import annotations
+
+import io
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from functools import lru_cache
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .. import fs as tgfs
+from ..errors import ConflictError, DatasetExistsError, DatasetNotFoundError, SchemaMismatchError, TensorGridError
+from . import encoding, manifest
+from .convert import to_batches
+from .manifest import DATA_DIR, Manifest, Shard
+
+DEFAULT_SHARD_BYTES = 128 << 20
+ROW_GROUP_BYTES = 8 << 20
+MODES = ("create", "append", "overwrite")
+
+# Test hook: called as _before_commit(fs, root, version) right before the manifest is published.
+_before_commit = None
+
+
+@lru_cache(maxsize=64)
+def _parquet_options(schema: pa.Schema) -> dict:
+    """Per-leaf-column options: big binary values (images, tensors) are stored plain, uncompressed and
+    without statistics (min/max of 1 MB values would bloat the footer); everything else gets snappy and
+    dictionaries."""
+    sink = io.BytesIO()
+    pq.write_table(schema.empty_table(), sink)
+    leaves = [c.path for c in pq.ParquetFile(io.BytesIO(sink.getvalue())).schema]
+    bulky = {f.name for f in schema if pa.types.is_fixed_size_binary(f.type) or pa.types.is_binary(f.type)}
+    small = [p for p in leaves if p.split(".")[0] not in bulky]
+    return {
+        "compression": {p: ("none" if p.split(".")[0] in bulky else "snappy") for p in leaves},
+        "use_dictionary": small,
+        "write_statistics": small,
+    }
+
+
+def _encode_shard(table: pa.Table, row_group_rows: int) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, row_group_size=max(1, row_group_rows), store_schema=True,
+                   **_parquet_options(table.schema))
+    return sink.getvalue()
+
+
+def _split(batches: Iterator[pa.RecordBatch], max_rows: int | None, max_bytes: int) -> Iterator[list[pa.RecordBatch]]:
+    """Group batches into shards of at most max_rows rows and about max_bytes bytes (in Arrow memory)."""
+    pending: list[pa.RecordBatch] = []
+    rows = nbytes = 0
+    for batch in batches:
+        while batch.num_rows:
+            row_bytes = max(1, batch.nbytes // batch.num_rows)
+            room = max(1, (max_bytes - nbytes) // row_bytes)
+            if max_rows:
+                room = min(room, max_rows - rows)
+            take = batch.slice(0, room)
+            batch = batch.slice(take.num_rows)
+            pending.append(take)
+            rows += take.num_rows
+            nbytes += take.num_rows * row_bytes
+            if (max_rows and rows >= max_rows) or nbytes >= max_bytes:
+                yield pending
+                pending, rows, nbytes = [], 0, 0
+    if pending:
+        yield pending
+
+
+class _ShardWriter:
+    """Encodes and uploads shards on a small thread pool, at most two in flight (bounded memory)."""
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, root: str, physical: pa.Schema):
+        self.fs, self.root, self.physical = fs, root, physical
+        self.txn = uuid.uuid4().hex[:12]
+        self.pool = ThreadPoolExecutor(max_workers=2)
+        self.inflight: list[Future] = []
+        self.shards: list[Shard] = []
+        self.seq = 0
+        fs.makedirs(tgfs.join(root, DATA_DIR), exist_ok=True)
+
+    def add(self, batches: list[pa.RecordBatch]) -> None:
+        table = pa.Table.from_batches([encoding.encode(b, self.physical) for b in batches], self.physical)
+        rel = f"{DATA_DIR}/part-{self.txn}-{self.seq:05d}.parquet"
+        self.seq += 1
+        while len(self.inflight) >= 2:
+            self.shards.append(self.inflight.pop(0).result())
+        self.inflight.append(self.pool.submit(self._write, table, rel))
+
+    def _write(self, table: pa.Table, rel: str) -> Shard:
+        row_bytes = max(1, table.nbytes // max(1, table.num_rows))
+        data = _encode_shard(table, ROW_GROUP_BYTES // row_bytes)
+        path = tgfs.join(self.root, rel)
+        if tgfs.is_local(self.fs):
+            with open(path, "wb") as f:
+                f.write(data)
+        else:
+            self.fs.pipe_file(path, data.to_pybytes())
+        return Shard(rel, table.num_rows, data.size, manifest.checksum(data))
+
+    def finish(self) -> list[Shard]:
+        try:
+            for f in self.inflight:
+                self.shards.append(f.result())
+        finally:
+            self.pool.shutdown(wait=True)
+        return self.shards
+
+
+def _schema_diff(old: pa.Schema, new: pa.Schema) -> str:
+    old_t = {f.name: f.type for f in old}
+    new_t = {f.name: f.type for f in new}
+    parts = []
+    for name in old.names:
+        if name not in new_t:
+            parts.append(f"missing column {name!r} ({old_t[name]})")
+        elif not old_t[name].equals(new_t[name]):
+            parts.append(f"column {name!r} is {new_t[name]}, dataset has {old_t[name]}")
+    parts += [f"extra column {n!r} ({new_t[n]})" for n in new.names if n not in old_t]
+    if not parts and old.names != new.names:
+        parts.append(f"column order {new.names} differs from {old.names}")
+    return "; ".join(parts)
+
+
+def write(url: str, data, mode: str = "create", shard_rows: int | None = None,
+          shard_bytes: int | None = None):
+    """Write ``data`` as a new version of the dataset at ``url`` and return it as a Dataset.
+
+    mode: "create" (error if a dataset exists), "append" (adds rows; creates the dataset if missing) or
+    "overwrite" (the new version holds only ``data``; older versions stay readable).
+    """
+    from .dataset import StoreDataset
+
+    if mode not in MODES:
+        raise TensorGridError(f"mode must be one of {MODES}, got {mode!r}")
+    if shard_rows is not None and shard_rows < 1:
+        raise TensorGridError(f"shard_rows must be >= 1, got {shard_rows}")
+    if shard_bytes is not None and shard_bytes < 1:
+        raise TensorGridError(f"shard_bytes must be >= 1, got {shard_bytes}")
+    fs, root = tgfs.resolve(url)
+    if not manifest.is_dataset(fs, root) and fs.exists(root) and not fs.isdir(root):
+        raise DatasetExistsError(f"{url} is a file, not a dataset directory")
+    base = _latest(fs, root)
+    if mode == "create" and base is not None:
+        raise DatasetExistsError(f"a dataset already exists at {url} (version {base.version}); "
+                                 "use mode='append' or mode='overwrite'")
+    schema, batches = to_batches(data)
+    physical = encoding.physical_schema(schema)
+    if mode == "append" and base is not None and not base.schema.equals(physical):
+        raise SchemaMismatchError(f"cannot append to {url}: {_schema_diff(base.schema, physical)}")
+
+    if base is None:  # mark the directory as a dataset first, so orphans are never taken for foreign Parquet
+        fs.makedirs(tgfs.join(root, manifest.META_DIR), exist_ok=True)
+        if not tgfs.is_local(fs):
+            fs.pipe_file(tgfs.join(root, manifest.META_DIR, "format"), manifest.FORMAT.encode())
+    writer = _ShardWriter(fs, root, physical)
+    try:
+        for group in _split(batches, shard_rows, shard_bytes or DEFAULT_SHARD_BYTES):
+            writer.add(group)
+    finally:
+        shards = writer.finish()
+    added = sum(s.rows for s in shards)
+
+    def attempt(base: Manifest | None) -> StoreDataset:
+        if mode == "create" and base is not None:
+            raise DatasetExistsError(f"another writer created {url} first (version {base.version})")
+        if mode == "append" and base is not None and not base.schema.equals(physical):
+            raise SchemaMismatchError(f"cannot append to {url}: {_schema_diff(base.schema, physical)}")
+        kept = base.shards if (mode == "append" and base is not None) else []
+        version = 1 if base is None else base.version + 1
+        new = Manifest(version, mode if base is not None else "create", physical, kept + shards, added)
+        if _before_commit is not None:
+            _before_commit(fs, root, version)
+        if not manifest.commit(fs, root, new):
+            raise ConflictError(
+                f"another writer committed version {version} of {url} first; this write's {len(shards)} "
+                f"shard(s) are kept: call .retry() on this error to commit them on the new latest version",
+                retry=lambda: attempt(_latest(fs, root)))
+        return StoreDataset(fs, root, new)
+
+    return attempt(base)
+
+
+def _latest(fs: fsspec.AbstractFileSystem, root: str) -> Manifest | None:
+    try:
+        return manifest.load(fs, root)
+    except DatasetNotFoundError:
+        return None
