@@ -48,7 +48,7 @@ def find_files(url: str) -> tuple[fsspec.AbstractFileSystem, str, list[str]]:
     elif fs.isfile(path):
         root, candidates = path.rsplit("/", 1)[0], [path]
     else:
-        raise DatasetNotFoundError(f"nothing at {url}")
+        raise DatasetNotFoundError(f"no dataset, Parquet or CSV at {url}")
     if not candidates:
         raise DatasetNotFoundError(f"no files at {url}")
     formats = {p: _format_of(p, fs) for p in candidates}

@@ -38,7 +38,10 @@ def sql(query: str, **tables) -> ArrowDataset:
                     tensors[f.name] = f.type
         try:
             result = con.sql(query)
-            table = result.fetch_arrow_table() if result is not None else pa.table({})
+            if result is None:  # a statement without a result (e.g. SET)
+                table = pa.table({})
+            else:
+                table = result.to_arrow_table() if hasattr(result, "to_arrow_table") else result.fetch_arrow_table()
         except duckdb.Error as e:
             raise SQLError(str(e).splitlines()[0]) from None
     finally:

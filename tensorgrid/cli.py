@@ -1,0 +1,259 @@
+"""The ``tensorgrid`` command. User mistakes end in one line on stderr and a non-zero exit, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from . import store
+from .errors import TensorGridError, UnsupportedFormatError
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} PB"
+
+
+def _progress(total: int | None, what: str) -> Progress:
+    return Progress(TextColumn(f"[bold]{what}"), BarColumn(), TextColumn("{task.completed:,}/{task.total:,}"),
+                    TimeRemainingColumn(), console=err, transient=True, disable=not err.is_terminal)
+
+
+def _shard_bytes(ds) -> int:
+    return sum(s.bytes for s in ds.shards) if hasattr(ds, "shards") else 0
+
+
+def print_info(ds) -> None:
+    t = Table(title=f"{ds.url}", show_header=False, title_justify="left")
+    t.add_row("version", "-" if ds.version is None else str(ds.version))
+    t.add_row("rows", f"{ds.num_rows:,}")
+    t.add_row("shards", f"{ds.num_shards:,}" + (f" ({human_bytes(_shard_bytes(ds))})" if _shard_bytes(ds) else ""))
+    for f in ds.schema:
+        t.add_row(f"  {f.name}", str(f.type).replace("extension<arrow.fixed_shape_tensor", "tensor<"))
+    out.print(t)
+
+
+def print_frame(df, title: str | None = None) -> None:
+    t = Table(title=title, title_justify="left")
+    for c in df.columns:
+        t.add_column(str(c), overflow="fold", max_width=40)
+    for row in df.itertuples(index=False):
+        t.add_row(*(_cell(v) for v in row))
+    out.print(t)
+
+
+def _cell(v) -> str:
+    if hasattr(v, "shape") and hasattr(v, "dtype"):
+        return f"{v.dtype}[{'x'.join(map(str, v.shape))}]"
+    if isinstance(v, bytes):
+        return f"<{human_bytes(len(v))}>"
+    s = str(v).replace("\n", " ")
+    return s if len(s) <= 60 else s[:57] + "..."
+
+
+def cmd_info(a) -> None:
+    print_info(store.open(a.ds, version=a.version))
+
+
+def cmd_head(a) -> None:
+    ds = store.open(a.ds, version=a.version)
+    print_frame(ds.head(a.n), title=f"{ds.url}: first {a.n} of {ds.num_rows:,} rows")
+
+
+def cmd_versions(a) -> None:
+    ds = store.open(a.ds)
+    t = Table("version", "time (UTC)", "operation", "rows", "added", "shards", title=ds.url, title_justify="left")
+    for v in ds.versions():
+        t.add_row(str(v.version), v.timestamp[:23].replace("T", " "), v.operation, f"{v.rows:,}",
+                  f"{v.added_rows:,}", str(v.shards))
+    out.print(t)
+
+
+def cmd_verify(a) -> None:
+    ds = store.open(a.ds, version=a.version)
+    t0 = time.perf_counter()
+    r = ds.verify()
+    dt = time.perf_counter() - t0
+    out.print(f"ok: {r['shards']} shards, {r['rows']:,} rows, {human_bytes(r['bytes'])} verified in {dt:.2f} s")
+
+
+def cmd_vacuum(a) -> None:
+    ds = store.open(a.ds)
+    if not hasattr(ds, "vacuum") or ds.version is None:
+        raise TensorGridError(f"{a.ds} is not a TensorGrid dataset; vacuum only cleans datasets it wrote")
+    r = ds.vacuum(min_age_s=a.min_age)
+    msg = f"removed {r['removed']} unreferenced file(s), {human_bytes(r['bytes'])}"
+    if r["kept_young"]:
+        msg += f"; kept {r['kept_young']} younger than {a.min_age:g} s (a writer may be at work; see --min-age)"
+    out.print(msg)
+
+
+def cmd_ls(a) -> None:
+    from . import fs as tgfs
+
+    fsys, root = tgfs.resolve(a.root)
+    if not fsys.exists(root):
+        raise TensorGridError(f"nothing at {a.root}")
+    t = Table("dataset", "version", "rows", "shards", "size", title=a.root, title_justify="left")
+    found = 0
+    candidates = [root] + [p for p in sorted(fsys.find(root, withdirs=True, maxdepth=4))
+                           if fsys.isdir(p) and "/_tensorgrid" not in p and "/data" not in p[len(root):]]
+    for path in candidates:
+        if store.manifest.is_dataset(fsys, path):
+            try:
+                ds = store.open(tgfs.to_url(fsys, path))
+            except TensorGridError as e:
+                t.add_row(path, "?", "?", "?", str(e))
+                continue
+            found += 1
+            t.add_row(tgfs.to_url(fsys, path), str(ds.version), f"{ds.num_rows:,}", str(ds.num_shards),
+                      human_bytes(_shard_bytes(ds)))
+    if not found:
+        out.print(f"no datasets under {a.root}")
+        return
+    out.print(t)
+
+
+def cmd_sql(a) -> None:
+    tables = {}
+    for spec in a.ds or []:
+        name, sep, url = spec.partition("=")
+        if not sep or not name.isidentifier():
+            raise TensorGridError(f"--ds takes name=url, got {spec!r}")
+        tables[name] = store.open(url)
+    result = store.sql(a.query, **tables)
+    df = result.head(a.limit)
+    print_frame(df, title=f"{result.num_rows:,} rows" + (f" (first {a.limit})" if result.num_rows > a.limit else ""))
+
+
+def _source_kind(src: str) -> str:
+    from . import fs as tgfs
+
+    fsys, path = tgfs.resolve(src)
+    low = path.lower()
+    if low.endswith((".jsonl", ".ndjson", ".json")):
+        return "jsonl"
+    if fsys.isdir(path) and not store.manifest.is_dataset(fsys, path):
+        try:
+            return store.foreign.find_files(src)[1]
+        except UnsupportedFormatError:
+            return "images"
+    if not fsys.exists(path):
+        raise TensorGridError(f"nothing at {src}")
+    return "dataset" if fsys.isdir(path) else store.foreign.find_files(src)[1]
+
+
+def cmd_ingest(a) -> None:
+    kind = _source_kind(a.src)
+    shard_bytes = int(a.shard_mb * (1 << 20)) if a.shard_mb else None
+    t0 = time.perf_counter()
+    if kind == "images":
+        from . import fs as tgfs
+
+        fsys, path = tgfs.resolve(a.src)
+        total = sum(1 for _ in fsys.find(path))
+        with _progress(total, "packing images") as bar, warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", store.SkippedFilesWarning)
+            task = bar.add_task("", total=total)
+            ds = store.ingest_images(a.src, a.dest, mode=a.mode, shard_bytes=shard_bytes,
+                                     progress=lambda n: bar.advance(task, n))
+        for w in caught:
+            err.print(f"warning: {w.message}")
+    elif kind == "jsonl":
+        import pyarrow.json as pj
+
+        from . import fs as tgfs
+
+        fsys, path = tgfs.resolve(a.src)
+        with fsys.open(path, "rb") as f:
+            try:
+                table = pj.read_json(f)
+            except Exception as e:  # noqa: BLE001 - pyarrow raises ArrowInvalid with the line at fault
+                raise UnsupportedFormatError(f"{a.src} is not valid JSON Lines: {e}") from None
+        ds = store.write(a.dest, table, mode=a.mode, shard_bytes=shard_bytes)
+    else:  # parquet, csv or a dataset: stream it batch by batch
+        src = store.open(a.src)
+        ds = store.write(a.dest, (b for i in range(src.num_shards) for b in src.read_shard(i).to_batches()),
+                         mode=a.mode, shard_bytes=shard_bytes)
+    dt = time.perf_counter() - t0
+    out.print(f"ingested {ds.num_rows:,} rows from {a.src} ({kind}) into {ds.url} version {ds.version} "
+              f"in {dt:.1f} s")
+    print_info(ds)
+
+
+def cmd_quickstart(a) -> None:
+    from .quickstart import run
+
+    run(a.root)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tensorgrid", description="Deep learning on big data: datasets, loader, "
+                                "training. Datasets are URLs: paths, file://, memory://, s3://, gs://, hdfs://...")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name, fn, help_):
+        sp = sub.add_parser(name, help=help_, description=help_)
+        sp.set_defaults(fn=fn)
+        return sp
+
+    sp = add("quickstart", cmd_quickstart, "write scikit-learn's digits as a dataset and tour the API")
+    sp.add_argument("--root", default="grid", help="where to put datasets (default ./grid)")
+    sp = add("ingest", cmd_ingest, "ingest CSV, Parquet, JSON Lines or a folder of images into a dataset")
+    sp.add_argument("src")
+    sp.add_argument("dest")
+    sp.add_argument("--mode", choices=["create", "append", "overwrite"], default="create")
+    sp.add_argument("--shard-mb", type=float, default=None, help="target shard size in MB (default 128)")
+    sp = add("ls", cmd_ls, "list the datasets under a URL")
+    sp.add_argument("root")
+    for name, fn, help_ in (("info", cmd_info, "schema, rows, shards and size of a dataset"),
+                            ("verify", cmd_verify, "recompute every shard's size and checksum")):
+        sp = add(name, fn, help_)
+        sp.add_argument("ds")
+        sp.add_argument("--version", type=int, default=None)
+    sp = add("head", cmd_head, "the first rows of a dataset")
+    sp.add_argument("ds")
+    sp.add_argument("-n", type=int, default=5)
+    sp.add_argument("--version", type=int, default=None)
+    sp = add("sql", cmd_sql, "run DuckDB SQL over datasets")
+    sp.add_argument("query")
+    sp.add_argument("--ds", action="append", metavar="NAME=URL", help="a dataset as table NAME (repeatable)")
+    sp.add_argument("--limit", type=int, default=20)
+    sp = add("versions", cmd_versions, "the history of a dataset")
+    sp.add_argument("ds")
+    sp = add("vacuum", cmd_vacuum, "delete files no version references (left by killed writers)")
+    sp.add_argument("ds")
+    sp.add_argument("--min-age", type=float, default=600.0,
+                    help="keep unreferenced files younger than this many seconds (default 600)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+        return 0
+    except (TensorGridError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
+        err.print(f"error: {str(e).strip() or type(e).__name__}", markup=False)
+        return 1
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
