@@ -15,7 +15,10 @@ from . import store
 from .errors import TensorGridError, UnsupportedFormatError
 
 out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+for _c in (out, err):
+    if not _c.is_terminal:  # pipes and logs: do not fold paths at 80 columns
+        _c.width = 200
 
 
 def human_bytes(n: float) -> str:

@@ -18,3 +18,25 @@ def mem_url():
 def any_url(request, tmp_path, mem_url):
     """A dataset URL on the local disk and on memory://."""
     return str(tmp_path / "ds") if request.param == "local" else mem_url
+
+
+@pytest.fixture(scope="session")
+def spark():
+    """One real Spark local[2] session for the whole run (~6 s to start)."""
+    import shutil
+
+    pyspark = pytest.importorskip("pyspark", reason="pyspark is in the dev extras")
+    if shutil.which("java") is None and not __import__("os").environ.get("JAVA_HOME"):
+        pytest.skip("Spark needs Java 17")
+    from pyspark.sql import SparkSession
+
+    __import__("os").environ["SPARK_LOCAL_IP"] = "127.0.0.1"  # loopback only
+
+    session = (SparkSession.builder.master("local[2]").appName("tensorgrid-tests")
+               .config("spark.ui.enabled", "false")
+               .config("spark.driver.host", "127.0.0.1").config("spark.driver.bindAddress", "127.0.0.1").config("spark.sql.shuffle.partitions", "2")
+               .config("spark.driver.memory", "1g").getOrCreate())
+    session.sparkContext.setLogLevel("ERROR")
+    yield session
+    session.stop()
+    del pyspark

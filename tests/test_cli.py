@@ -1,0 +1,111 @@
+"""The tensorgrid command, run as a real process: output, exit codes, one-line errors."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+import tensorgrid as tg
+
+
+def run(*args, cwd=None):
+    p = subprocess.run([sys.executable, "-m", "tensorgrid.cli", *args], capture_output=True, text=True, cwd=cwd,
+                       timeout=120)
+    return p.returncode, p.stdout, p.stderr
+
+
+def test_quickstart_writes_digits(tmp_path):
+    code, out, err = run("quickstart", cwd=tmp_path)
+    assert code == 0, err
+    ds = tg.open(str(tmp_path / "grid" / "digits"))
+    assert ds.num_rows == 1797
+    assert ds.schema.field("image").type.shape == [8, 8]
+    assert "1,797" in out and "verified" in out and "Try next" in out
+    # a plain glob over the shards reads the current version (quickstart starts it afresh every run)
+    code, _, err = run("quickstart", cwd=tmp_path)
+    assert code == 0, err
+    import duckdb
+
+    n = duckdb.sql(f"SELECT count(*) FROM read_parquet('{tmp_path}/grid/digits/**/*.parquet')").fetchall()[0][0]
+    assert n == 1797
+
+
+def test_ingest_csv_parquet_jsonl_and_images(tmp_path):
+    pd.DataFrame({"a": range(100), "b": ["x"] * 100}).to_csv(tmp_path / "in.csv", index=False)
+    code, out, err = run("ingest", str(tmp_path / "in.csv"), str(tmp_path / "c"))
+    assert code == 0, err
+    assert tg.open(str(tmp_path / "c")).to_pandas()["a"].tolist() == list(range(100))
+
+    pd.DataFrame({"a": range(10)}).to_parquet(tmp_path / "in.parquet")
+    assert run("ingest", str(tmp_path / "in.parquet"), str(tmp_path / "p"))[0] == 0
+    assert tg.open(str(tmp_path / "p")).num_rows == 10
+    assert run("ingest", str(tmp_path / "in.parquet"), str(tmp_path / "p"), "--mode", "append")[0] == 0
+    assert tg.open(str(tmp_path / "p")).num_rows == 20
+
+    (tmp_path / "in.jsonl").write_text("\n".join(json.dumps({"k": i, "v": [i, i]}) for i in range(5)))
+    assert run("ingest", str(tmp_path / "in.jsonl"), str(tmp_path / "j"))[0] == 0
+    assert tg.open(str(tmp_path / "j")).to_pandas()["k"].tolist() == list(range(5))
+
+    (tmp_path / "imgs" / "a").mkdir(parents=True)
+    for i in range(3):
+        buf = io.BytesIO()
+        Image.fromarray(np.full((4, 4), i, np.uint8)).save(buf, format="PNG")
+        (tmp_path / "imgs" / "a" / f"{i}.png").write_bytes(buf.getvalue())
+    (tmp_path / "imgs" / "a" / "bad.png").write_bytes(b"nope")
+    code, out, err = run("ingest", str(tmp_path / "imgs"), str(tmp_path / "i"))
+    assert code == 0, err
+    assert "skipped 1 of 4" in err and "a/bad.png" in err
+    assert tg.open(str(tmp_path / "i")).num_rows == 3
+
+
+def test_info_head_versions_verify_ls_sql_vacuum(tmp_path):
+    url = str(tmp_path / "root" / "d")
+    tg.write(url, pd.DataFrame({"x": np.arange(10), "img": list(np.zeros((10, 2, 2), np.uint8))}))
+    tg.write(url, pd.DataFrame({"x": [99], "img": [np.ones((2, 2), np.uint8)]}), mode="append")
+    code, out, _ = run("info", url)
+    assert code == 0 and "11" in out and "uint8" in out
+    code, out, _ = run("head", url, "-n", "3")
+    assert code == 0 and "uint8[2x2]" in out
+    code, out, _ = run("versions", url)
+    assert code == 0 and "append" in out and "create" in out
+    code, out, _ = run("verify", url)
+    assert code == 0 and out.startswith("ok: 2 shards")
+    code, out, _ = run("ls", str(tmp_path / "root"))
+    assert code == 0 and url in out
+    code, out, _ = run("sql", "SELECT max(x) AS m FROM d", "--ds", f"d={url}")
+    assert code == 0 and "99" in out
+    code, out, _ = run("vacuum", url, "--min-age", "0")
+    assert code == 0 and "removed 0" in out
+
+
+@pytest.mark.parametrize("args, needle", [
+    (("info", "/no/such/ds"), "no dataset"),
+    (("info", "zzz://x"), "unknown URL scheme"),
+    (("sql", "SELECT * FROM nope"), "nope"),
+    (("sql", "SELECT 1", "--ds", "bad"), "name=url"),
+    (("ingest", "/no/such.csv", "/tmp/x"), "nothing at"),
+    (("head", "{tmp}", "-n", "1"), "neither Parquet nor CSV"),
+])
+def test_bad_input_is_one_line_without_traceback(args, needle, tmp_path):
+    (tmp_path / "notes.txt").write_text("not data")
+    code, out, err = run(*(a.format(tmp=tmp_path) for a in args))
+    assert code != 0
+    assert needle in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_verify_fails_with_nonzero_exit_on_corruption(tmp_path):
+    url = str(tmp_path / "d")
+    ds = tg.write(url, pd.DataFrame({"x": np.arange(1000)}))
+    p = ds.shard_urls()[0]
+    data = bytearray(open(p, "rb").read())
+    data[-100] ^= 0xFF
+    open(p, "wb").write(bytes(data))
+    code, out, err = run("verify", url)
+    assert code == 1 and "corrupt" in err and os.path.basename(p) in err and "Traceback" not in err
