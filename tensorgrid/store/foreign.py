@@ -41,12 +41,10 @@ def find_files(url: str) -> tuple[fsspec.AbstractFileSystem, str, list[str]]:
     fs, path = tgfs.resolve(url)
     if fsspec.core.has_magic(path):
         candidates = sorted(p for p in fs.glob(path) if fs.isfile(p))
-        root = path.split("*", 1)[0].rsplit("/", 1)[0]
     elif fs.isdir(path):
-        root = path
         candidates = sorted(p for p in fs.find(path) if not _hidden(p, path))
     elif fs.isfile(path):
-        root, candidates = path.rsplit("/", 1)[0], [path]
+        candidates = [path]
     else:
         raise DatasetNotFoundError(f"no dataset, Parquet or CSV at {url}")
     if not candidates:

@@ -13,7 +13,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .. import fs as tgfs
-from ..errors import ConflictError, DatasetExistsError, DatasetNotFoundError, SchemaMismatchError, TensorGridError
+from ..errors import (
+    ConflictError,
+    DatasetExistsError,
+    DatasetNotFoundError,
+    SchemaMismatchError,
+    TensorGridError,
+)
 from . import encoding, manifest
 from .convert import to_batches
 from .manifest import DATA_DIR, Manifest, Shard
