@@ -71,3 +71,15 @@ class ColumnNotFoundError(TensorGridError, KeyError):
 
 class SQLError(TensorGridError):
     """DuckDB rejected a query (syntax, unknown table or column...)."""
+
+
+class TransformError(TensorGridError):
+    """A loader ``transform`` raised; the message names the batch, shard and rows it was given."""
+
+
+class LoaderWorkerError(TensorGridError):
+    """A loader worker process died (killed by a signal, out of memory...)."""
+
+
+class ResumeError(TensorGridError):
+    """A loader state that does not fit this loader (other data, seed or global batch)."""

@@ -37,6 +37,7 @@ class Shard:
     rows: int
     bytes: int
     checksum: str
+    row_group_rows: int = 0  # rows per Parquet row group (the last may hold fewer); 0 = unknown
 
 
 @dataclass
@@ -62,7 +63,7 @@ class Manifest:
             "num_rows": self.num_rows,
             "schema": base64.b64encode(self.schema.serialize().to_pybytes()).decode(),
             "schema_text": self.schema.to_string(show_schema_metadata=False),
-            "shards": [[s.path, s.rows, s.bytes, s.checksum] for s in self.shards],
+            "shards": [[s.path, s.rows, s.bytes, s.checksum, s.row_group_rows] for s in self.shards],
         }, indent=1).encode()
 
     @classmethod
@@ -72,7 +73,7 @@ class Manifest:
             if m.get("format") != FORMAT:
                 raise ValueError(f"unknown format {m.get('format')!r}")
             schema = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(m["schema"])))
-            shards = [Shard(p, int(r), int(b), c) for p, r, b, c in m["shards"]]
+            shards = [Shard(s[0], int(s[1]), int(s[2]), s[3], int(s[4]) if len(s) > 4 else 0) for s in m["shards"]]
             return cls(int(m["version"]), m["operation"], schema, shards, int(m["added_rows"]), m["timestamp"])
         except (ValueError, KeyError, TypeError, pa.ArrowInvalid) as e:
             raise CorruptShardError(f"manifest {where} is unreadable: {e}", [where]) from None

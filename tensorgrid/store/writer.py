@@ -49,9 +49,9 @@ def _parquet_options(schema: pa.Schema) -> dict:
     }
 
 
-def _encode_shard(table: pa.Table, row_group_rows: int) -> bytes:
+def _encode_shard(table: pa.Table, row_group_rows: int) -> pa.Buffer:
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, row_group_size=max(1, row_group_rows), store_schema=True,
+    pq.write_table(table, sink, row_group_size=row_group_rows, store_schema=True,
                    **_parquet_options(table.schema))
     return sink.getvalue()
 
@@ -100,14 +100,15 @@ class _ShardWriter:
 
     def _write(self, table: pa.Table, rel: str) -> Shard:
         row_bytes = max(1, table.nbytes // max(1, table.num_rows))
-        data = _encode_shard(table, ROW_GROUP_BYTES // row_bytes)
+        rg_rows = max(1, min(table.num_rows, ROW_GROUP_BYTES // row_bytes))
+        data = _encode_shard(table, rg_rows)
         path = tgfs.join(self.root, rel)
         if tgfs.is_local(self.fs):
             with open(path, "wb") as f:
                 f.write(data)
         else:
             self.fs.pipe_file(path, data.to_pybytes())
-        return Shard(rel, table.num_rows, data.size, manifest.checksum(data))
+        return Shard(rel, table.num_rows, data.size, manifest.checksum(data), rg_rows)
 
     def finish(self) -> list[Shard]:
         try:

@@ -1,0 +1,6 @@
+"""The loader: stream any Dataset into PyTorch, partitioned exactly once, shuffled, resumable."""
+
+from .plan import Layout, Plan
+from .stream import Loader
+
+__all__ = ["Loader", "Plan", "Layout"]

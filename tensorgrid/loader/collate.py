@@ -1,0 +1,48 @@
+"""Arrow columns -> torch, without per-row Python work for numeric and tensor columns."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from ..store import encoding
+
+
+def column_to_torch(col: pa.ChunkedArray | pa.Array):
+    """A torch.Tensor for numeric, bool and fixed-shape tensor columns (zero-copy when the column is one
+    chunk without nulls); a Python list for everything else (strings, binary, nested...)."""
+    if isinstance(col, pa.ChunkedArray):
+        col = col.chunk(0) if col.num_chunks == 1 else (col.combine_chunks() if col.num_chunks else
+                                                          pa.array([], col.type))
+    t = col.type
+    if isinstance(t, pa.FixedShapeTensorType) and col.null_count == 0:
+        return _from_numpy(encoding.tensor_to_numpy(col))
+    if col.null_count == 0:
+        if pa.types.is_integer(t) or pa.types.is_floating(t):
+            return _from_numpy(col.to_numpy(zero_copy_only=False))
+        if pa.types.is_boolean(t):
+            return torch.from_numpy(col.to_numpy(zero_copy_only=False))
+        if pa.types.is_fixed_size_list(t) and (pa.types.is_integer(t.value_type) or pa.types.is_floating(t.value_type)) \
+                and col.values.null_count == 0:
+            flat = col.values.slice(col.offset * t.list_size, len(col) * t.list_size)
+            return _from_numpy(flat.to_numpy(zero_copy_only=False).reshape(len(col), t.list_size))
+    return col.to_pylist()
+
+
+def _from_numpy(a: np.ndarray) -> torch.Tensor:
+    # Arrow memory is flagged read-only, but it is private to this process (a decoded copy or a
+    # copy-on-write map), so a tensor over it may be written safely.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(a)
+
+
+def table_to_torch(table: pa.Table) -> dict:
+    return {name: column_to_torch(col) for name, col in zip(table.column_names, table.columns)}
+
+
+def slice_batch(cols: dict, a: int, b: int) -> dict:
+    return {k: v[a:b] for k, v in cols.items()}

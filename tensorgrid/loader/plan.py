@@ -1,0 +1,169 @@
+"""The epoch plan: which rows each rank gets, batch by batch, as a pure function of
+(dataset layout, seed, epoch, batch size, world size). No I/O, no state: workers, resumed runs and other
+ranks recompute exactly the same plan.
+
+Order. Blocks (Parquet row groups) are permuted with a seeded RNG, giving the sequence rho of all rows.
+rho is cut into windows of S rows (S a multiple of the global batch G = world_size * batch_size); the rows of
+each window are permuted (the shuffle buffer, bounded in rows and so in bytes). The result is the epoch
+order pi. Without shuffle pi is storage order.
+
+Partition. Global batch k is pi[k*G : (k+1)*G]; rank r takes its r-th equal slice. So every rank gets the
+same number of batches, and the set of rows in each global batch depends on G only, not on how it is
+split: a run can resume with another world size as long as G is unchanged. Unless drop_last, the epoch is
+padded to a multiple of world_size by repeating its first rows (fewer than world_size rows, flagged as
+padding); with drop_last the last partial global batch is dropped (fewer than G rows).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Rows per shard and the blocks (shard, start, stop) they are read in, in storage order."""
+
+    shard_rows: tuple[int, ...]
+    blocks: tuple[tuple[int, int, int], ...]
+
+    @cached_property
+    def shard_starts(self) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum(self.shard_rows, dtype=np.int64)])
+
+    @cached_property
+    def block_array(self) -> np.ndarray:
+        return np.asarray(self.blocks, dtype=np.int64).reshape(-1, 3)
+
+    @cached_property
+    def block_gstart(self) -> np.ndarray:
+        """Global row id of each block's first row."""
+        b = self.block_array
+        return self.shard_starts[b[:, 0]] + b[:, 1]
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.shard_starts[-1])
+
+    def locate(self, gids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Global row ids -> (shard, row within shard)."""
+        shard = np.searchsorted(self.shard_starts, gids, side="right") - 1
+        return shard, gids - self.shard_starts[shard]
+
+    def block_of(self, gids: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self.block_gstart, gids, side="right") - 1
+
+
+@dataclass
+class Plan:
+    layout: Layout
+    batch_size: int
+    world_size: int = 1
+    rank: int = 0
+    shuffle: bool = False
+    seed: int = 0
+    epoch: int = 0
+    drop_last: bool = False
+    window_rows: int = 1 << 16
+    _sigma: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank must be in [0, {self.world_size}), got {self.rank}")
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world_size
+
+    @cached_property
+    def num_rows(self) -> int:
+        return self.layout.num_rows
+
+    @cached_property
+    def padded_rows(self) -> int:
+        """Rows in the epoch after padding (or dropping) so every rank gets equal batches."""
+        n, g, w = self.num_rows, self.global_batch, self.world_size
+        if self.drop_last:
+            return (n // g) * g
+        return -(-n // w) * w if n else 0
+
+    @cached_property
+    def num_batches(self) -> int:
+        """Batches per rank per epoch (the same on every rank)."""
+        return -(-self.padded_rows // self.global_batch)
+
+    @cached_property
+    def window(self) -> int:
+        """Rows per shuffle window: a multiple of the global batch."""
+        g = self.global_batch
+        return max(1, -(-self.window_rows // g)) * g
+
+    @property
+    def batches_per_chunk(self) -> int:
+        return self.window // self.global_batch
+
+    @property
+    def num_chunks(self) -> int:
+        return -(-self.num_batches // self.batches_per_chunk)
+
+    # --- order ------------------------------------------------------------------------------------
+    def _rng(self, *keys: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed & 0xFFFFFFFF, self.epoch, *keys])
+
+    @cached_property
+    def _rho(self) -> tuple[np.ndarray, np.ndarray]:
+        """Block order and the rho-position where each block starts."""
+        b = self.layout.block_array
+        order = self._rng(0).permutation(len(b)) if self.shuffle else np.arange(len(b))
+        sizes = b[order, 2] - b[order, 1]
+        return order, np.concatenate([[0], np.cumsum(sizes)])
+
+    def _window_perm(self, j: int) -> np.ndarray:
+        if j not in self._sigma:
+            n = min(self.window, self.num_rows - j * self.window)
+            if len(self._sigma) > 4:
+                self._sigma.clear()
+            self._sigma[j] = self._rng(1, j).permutation(n) if self.shuffle else None
+        return self._sigma[j]
+
+    def rows_at(self, pos: np.ndarray) -> np.ndarray:
+        """Epoch positions -> global row ids (positions past the data wrap around: padding)."""
+        pos = np.asarray(pos, dtype=np.int64)
+        if self.num_rows == 0:
+            return pos
+        pos = pos % self.num_rows
+        if self.shuffle:
+            rho_pos = np.empty_like(pos)
+            win = pos // self.window
+            for j in np.unique(win):
+                sel = win == j
+                rho_pos[sel] = j * self.window + self._window_perm(int(j))[pos[sel] - j * self.window]
+        else:
+            rho_pos = pos
+        order, starts = self._rho
+        bi = np.searchsorted(starts, rho_pos, side="right") - 1
+        blocks = order[bi]
+        return self.layout.block_gstart[blocks] + (rho_pos - starts[bi])
+
+    # --- partition --------------------------------------------------------------------------------
+    def batch_positions(self, k: int) -> np.ndarray:
+        """Epoch positions of this rank's batch k."""
+        if not 0 <= k < self.num_batches:
+            raise IndexError(f"batch {k} out of range [0, {self.num_batches})")
+        g = self.global_batch
+        m = min(g, self.padded_rows - k * g)
+        per = m // self.world_size
+        start = k * g + self.rank * per
+        return np.arange(start, start + per, dtype=np.int64)
+
+    def chunk_batches(self, c: int, first: int = 0) -> range:
+        """Batch indices of chunk c (one shuffle window), starting no earlier than ``first``."""
+        lo = max(c * self.batches_per_chunk, first)
+        return range(lo, min((c + 1) * self.batches_per_chunk, self.num_batches))
+
+    def chunk_of(self, k: int) -> int:
+        return k // self.batches_per_chunk

@@ -1,0 +1,201 @@
+"""Reading row ranges of shards inside loader processes.
+
+A Source is built in the main process (where it computes the block layout) and pickled to workers, where
+it opens files lazily: nothing open crosses a fork or a spawn. Local store shards are read through their
+verified memory map; with ``cache_dir``, each shard is converted once to an uncompressed Arrow IPC file and
+mapped copy-on-write, so batches are views of the page cache (zero copy) and a user writing into a batch
+changes only that process's private pages, never the cache.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+import uuid
+from collections import OrderedDict
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .. import fs as tgfs
+from ..store import encoding
+from ..store.dataset import ArrowDataset, Dataset, StoreDataset
+from ..store.foreign import ForeignDataset
+from .plan import Layout
+
+BLOCK_BYTES = 4 << 20
+_MAX_OPEN = 64
+
+
+def _fixed_blocks(shard_rows: list[int], row_bytes: float) -> list[tuple[int, int, int]]:
+    step = max(1, int(BLOCK_BYTES // max(1.0, row_bytes)))
+    return [(s, a, min(a + step, n)) for s, n in enumerate(shard_rows) for a in range(0, n, step)]
+
+
+def _rg_blocks(shard: int, rg_rows: list[int]) -> list[tuple[int, int, int]]:
+    out, a = [], 0
+    for n in rg_rows:
+        if n:
+            out.append((shard, a, a + n))
+        a += n
+    return out
+
+
+class Source:
+    def __init__(self, dataset: Dataset, columns: list[str] | None = None, cache_dir: str | None = None,
+                 cache_limit: int | None = None):
+        self.dataset = dataset
+        self.columns = dataset._check_columns(columns)
+        self.cache_dir = os.path.abspath(os.path.expanduser(cache_dir)) if cache_dir else None
+        self.cache_limit = cache_limit
+        if self.cache_dir and not isinstance(dataset, StoreDataset):
+            self.cache_dir = None  # in-memory and foreign data: nothing to cache (foreign: no checksums to key on)
+        if self.cache_dir:
+            os.makedirs(self.cache_dir, exist_ok=True)
+        self.layout = Layout(tuple(dataset.shard_rows), tuple(self._blocks()))
+        self._open: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_open"] = OrderedDict()
+        state["_lock"] = None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    @property
+    def row_bytes(self) -> float:
+        """Average bytes per row in memory (for budgets)."""
+        ds = self.dataset
+        n = max(1, ds.num_rows)
+        if isinstance(ds, StoreDataset):
+            return sum(s.bytes for s in ds.shards) / n
+        if isinstance(ds, ArrowDataset):
+            return ds._table.nbytes / n
+        if isinstance(ds, ForeignDataset):
+            return sum(ds.fs.size(p) for p in ds.files) / n * (3 if ds.format == "csv" else 1)
+        return 1024.0
+
+    def _blocks(self) -> list[tuple[int, int, int]]:
+        ds = self.dataset
+        if isinstance(ds, StoreDataset):
+            out = []
+            for i, s in enumerate(ds.shards):
+                rg = s.row_group_rows or s.rows
+                out += [(i, a, min(a + rg, s.rows)) for a in range(0, s.rows, max(1, rg))]
+            return out
+        if isinstance(ds, ForeignDataset) and ds.format == "parquet":
+            out = []
+            for i, frag in enumerate(ds._fragments):
+                frag.ensure_complete_metadata()
+                out += _rg_blocks(i, [rg.num_rows for rg in frag.row_groups])
+            return out
+        if isinstance(ds, ForeignDataset):  # CSV: a file is read whole anyway
+            return [(i, 0, n) for i, n in enumerate(ds.shard_rows) if n]
+        return _fixed_blocks(ds.shard_rows, self.row_bytes)
+
+    def reset(self) -> None:
+        """Forget open files and maps (a new epoch maps the cache afresh)."""
+        self._open.clear()
+
+    def _handle(self, shard: int, make):
+        h = self._open.get(shard)
+        if h is None:
+            h = make(shard)
+            self._open[shard] = h
+            # remote shards are held in memory: keep two; local ones are maps of the page cache
+            if len(self._open) > (2 if is_remote(self.dataset) and not self.cache_dir else _MAX_OPEN):
+                self._open.popitem(last=False)
+        else:
+            self._open.move_to_end(shard)
+        return h
+
+    def read(self, shard: int, start: int, stop: int) -> pa.Table:
+        """Rows [start, stop) of a shard, logical types, selected columns."""
+        ds = self.dataset
+        if isinstance(ds, ArrowDataset):
+            s0, _ = ds._bounds[shard]
+            t = ds._table.slice(s0 + start, stop - start)
+            return t.select(self.columns) if self.columns else t
+        if self.cache_dir:
+            table = self._handle(shard, self._map_cached)
+            return table.slice(start, stop - start)
+        if isinstance(ds, StoreDataset):
+            pf, rg = self._handle(shard, self._store_file)
+            return self._read_row_groups(pf, rg, start, stop)
+        if isinstance(ds, ForeignDataset) and ds.format == "parquet":
+            pf = self._handle(shard, lambda i: pq.ParquetFile(ds.files[i], filesystem=ds._ds.filesystem))
+            return self._read_row_groups(pf, None, start, stop)
+        table = self._handle(shard, lambda i: ds.read_shard(i, self.columns))
+        return table.slice(start, stop - start)
+
+    def _read_row_groups(self, pf: pq.ParquetFile, rg_rows: int | None, start: int, stop: int) -> pa.Table:
+        md = pf.metadata
+        if rg_rows:
+            first, last = start // rg_rows, (stop - 1) // rg_rows
+            base = first * rg_rows
+        else:
+            sizes = [md.row_group(i).num_rows for i in range(md.num_row_groups)]
+            acc, first, last, base = 0, None, None, 0
+            for i, n in enumerate(sizes):
+                if first is None and acc + n > start:
+                    first, base = i, acc
+                if acc < stop:
+                    last = i
+                acc += n
+        t = pf.read_row_groups(list(range(first, last + 1)), columns=self.columns)
+        return encoding.decode(t.slice(start - base, stop - start))
+
+    def _store_file(self, shard: int):
+        ds: StoreDataset = self.dataset
+        s = ds.shards[shard]
+        return pq.ParquetFile(pa.BufferReader(ds._shard_buffer(s))), s.row_group_rows or s.rows
+
+    # --- the Arrow IPC cache ----------------------------------------------------------------------
+    def _cache_path(self, shard: int) -> str:
+        s = self.dataset.shards[shard]
+        return os.path.join(self.cache_dir, s.checksum.replace(":", "-") + f"-{s.bytes}.arrow")
+
+    def _map_cached(self, shard: int) -> pa.Table:
+        path = self._cache_path(shard)
+        if not os.path.exists(path):
+            table = self.dataset.read_shard(shard).combine_chunks()  # verified read
+            tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+            with pa.OSFile(tmp, "wb") as f, pa.ipc.new_file(f, table.schema) as w:
+                w.write_table(table, max_chunksize=max(1, table.num_rows))
+            os.replace(tmp, path)  # whole file or nothing; racing workers write identical bytes
+            self._enforce_limit(keep=path)
+        else:
+            os.utime(path)  # LRU order for eviction
+        with open(path, "rb") as f:
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # private copy-on-write pages
+        table = pa.ipc.open_file(pa.py_buffer(mm)).read_all()
+        return table.select(self.columns) if self.columns else table
+
+    def _enforce_limit(self, keep: str) -> None:
+        if not self.cache_limit:
+            return
+        entries = []
+        for name in os.listdir(self.cache_dir):
+            p = os.path.join(self.cache_dir, name)
+            if name.endswith(".arrow"):
+                st = os.stat(p)
+                entries.append((st.st_mtime, st.st_size, p))
+        total = sum(e[1] for e in entries)
+        for _, size, p in sorted(entries):
+            if total <= self.cache_limit:
+                break
+            if p != keep:
+                try:
+                    os.remove(p)  # open maps stay valid until closed
+                    total -= size
+                except FileNotFoundError:
+                    pass
+
+
+def is_remote(ds: Dataset) -> bool:
+    return isinstance(ds, (StoreDataset, ForeignDataset)) and not tgfs.is_local(ds.fs)

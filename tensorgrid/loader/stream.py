@@ -1,0 +1,234 @@
+"""``Dataset.to_torch``: the epoch plan executed by torch's own DataLoader workers, chunk by chunk.
+
+A chunk is one shuffle window of this rank's batches. Worker w builds chunks w, w+n, w+2n, ... and
+torch's DataLoader hands them back round-robin, so batches come out in plan order whatever the number of
+workers or the start method. Each chunk is gathered with one Arrow take (or a zero-copy slice), turned into
+tensors once, and sliced into batches; ``transform`` runs per batch inside the workers.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import pickle
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from ..errors import EmptyDataError, LoaderWorkerError, ResumeError, TensorGridError, TransformError
+from ..store.dataset import Dataset
+from .collate import slice_batch, table_to_torch
+from .plan import Layout, Plan
+from .source import Source
+
+VALID = "_valid"
+DEFAULT_MEMORY_BUDGET = 512 << 20
+
+
+def gather(source: Source, layout: Layout, gids: np.ndarray) -> pa.Table:
+    """Rows by global id, in the given order: reads the blocks they live in (adjacent blocks of a shard as
+    one range), then one zero-copy slice if the rows are a contiguous run, else one take."""
+    blocks = layout.block_of(gids)
+    ub = np.unique(blocks)
+    b = layout.block_array[ub]
+    # runs of adjacent blocks in one shard
+    breaks = np.flatnonzero((np.diff(b[:, 0]) != 0) | (b[1:, 1] != b[:-1, 2])) + 1
+    run_starts = np.concatenate([[0], breaks])
+    run_ends = np.concatenate([breaks, [len(ub)]])
+    tables, gstart, prefix = [], [], [0]
+    for s, e in zip(run_starts, run_ends):
+        shard, start, stop = int(b[s, 0]), int(b[s, 1]), int(b[e - 1, 2])
+        tables.append(source.read(shard, start, stop))
+        gstart.append(layout.shard_starts[shard] + start)
+        prefix.append(prefix[-1] + (stop - start))
+    run_of_block = np.repeat(np.arange(len(tables)), run_ends - run_starts)
+    run = run_of_block[np.searchsorted(ub, blocks)]
+    local = np.asarray(prefix[:-1], dtype=np.int64)[run] + (gids - np.asarray(gstart, dtype=np.int64)[run])
+    table = tables[0] if len(tables) == 1 else pa.concat_tables(tables)
+    n = len(local)
+    if n and local[-1] - local[0] == n - 1 and (n == 1 or np.all(np.diff(local) == 1)):
+        return table.slice(int(local[0]), n)
+    return table.take(pa.array(local))
+
+
+class Chunk:
+    """Batches ``first``, ``first + 1``, ... of one window: columns for all of them plus boundaries, or
+    the transformed batches."""
+
+    def __init__(self, first: int, cols: dict | None, bounds: list[int], batches: list | None = None):
+        self.first, self.cols, self.bounds, self.batches = first, cols, bounds, batches
+
+    def __iter__(self):
+        if self.batches is not None:
+            for i, batch in enumerate(self.batches):
+                yield self.first + i, batch
+            return
+        for i in range(len(self.bounds) - 1):
+            yield self.first + i, slice_batch(self.cols, self.bounds[i], self.bounds[i + 1])
+
+
+def _describe(plan: Plan, gids: np.ndarray) -> str:
+    shard, row = plan.layout.locate(gids)
+    parts = []
+    for s in np.unique(shard)[:3]:
+        rows = row[shard == s]
+        parts.append(f"shard {int(s)} rows {int(rows.min())}..{int(rows.max())}")
+    return ", ".join(parts) + (", ..." if len(np.unique(shard)) > 3 else "")
+
+
+def build_chunk(plan: Plan, source: Source, c: int, first: int, transform=None, add_valid: bool = False) -> Chunk:
+    ks = plan.chunk_batches(c, first)
+    positions = [plan.batch_positions(k) for k in ks]
+    bounds = np.concatenate([[0], np.cumsum([len(p) for p in positions])]).tolist()
+    pos = np.concatenate(positions) if positions else np.empty(0, np.int64)
+    gids = plan.rows_at(pos)
+    cols = table_to_torch(gather(source, plan.layout, gids))
+    if add_valid:
+        cols[VALID] = torch.from_numpy(pos < plan.num_rows)
+    if transform is None:
+        return Chunk(ks.start, cols, bounds)
+    out = []
+    for i, k in enumerate(ks):
+        batch = slice_batch(cols, bounds[i], bounds[i + 1])
+        try:
+            out.append(transform(batch))
+        except Exception as e:  # noqa: BLE001 - re-raised with where it happened
+            where = _describe(plan, gids[bounds[i]:bounds[i + 1]])
+            raise TransformError(f"transform failed on batch {k} of epoch {plan.epoch} ({where}): "
+                                 f"{type(e).__name__}: {e}") from e
+    return Chunk(ks.start, None, bounds, out)
+
+
+class _Chunks(IterableDataset):
+    def __init__(self, plan: Plan, source: Source, first: int, transform, add_valid: bool):
+        self.plan, self.source, self.first, self.transform, self.add_valid = plan, source, first, transform, add_valid
+
+    def __iter__(self):
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        self.source.reset()
+        c0 = self.plan.chunk_of(self.first) if self.plan.num_batches else 0
+        for c in range(c0 + wid, self.plan.num_chunks, nw):
+            yield build_chunk(self.plan, self.source, c, self.first, self.transform, self.add_valid)
+
+
+def _identity(x):
+    return x
+
+
+def _default_rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+class Loader:
+    """Batches of a Dataset as dicts of tensors; one epoch per iteration. See ``Dataset.to_torch``."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, columns=None, shuffle: bool = False, seed: int = 0,
+                 transform=None, num_workers: int = 0, rank: int | None = None, world_size: int | None = None,
+                 drop_last: bool = False, prefetch: int = 2, shuffle_buffer: int | None = None,
+                 memory_budget: int | None = None, cache_dir: str | None = None, cache_limit: int | None = None,
+                 multiprocessing_context: str | None = None, timeout: float = 0):
+        for name, v, lo in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0), ("prefetch", prefetch, 1)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+                raise TensorGridError(f"{name} must be an int >= {lo}, got {v!r}")
+        if shuffle_buffer is not None and shuffle_buffer < 1:
+            raise TensorGridError(f"shuffle_buffer must be >= 1 row, got {shuffle_buffer}")
+        if transform is not None and not callable(transform):
+            raise TensorGridError(f"transform must be callable, got {type(transform).__name__}")
+        drank, dworld = _default_rank_world()
+        self.rank = drank if rank is None else rank
+        self.world_size = dworld if world_size is None else world_size
+        if not (isinstance(self.world_size, int) and self.world_size >= 1 and 0 <= self.rank < self.world_size):
+            raise TensorGridError(f"need 0 <= rank < world_size, got rank={self.rank}, world_size={self.world_size}")
+        self.dataset = dataset
+        self.source = Source(dataset, columns, cache_dir, cache_limit)
+        if self.source.layout.num_rows == 0:
+            raise EmptyDataError(f"{dataset.url or 'dataset'} has no rows to load")
+        self.batch_size, self.shuffle, self.seed = batch_size, bool(shuffle), int(seed)
+        self.transform, self.num_workers, self.drop_last, self.prefetch = transform, num_workers, drop_last, prefetch
+        self.context = multiprocessing_context
+        self.timeout = timeout
+        self.memory_budget = memory_budget or DEFAULT_MEMORY_BUDGET
+        if shuffle_buffer:
+            self.window_rows = shuffle_buffer
+        else:  # chunks in flight: prefetch per worker, one being consumed, one being built; x2 for gather copies
+            inflight = max(1, num_workers) * prefetch + 2
+            self.window_rows = max(1, int(self.memory_budget / inflight / 2 / max(1.0, self.source.row_bytes)))
+        if num_workers and transform is not None and self._start_method() != "fork":
+            try:
+                pickle.dumps(transform)
+            except Exception as e:  # noqa: BLE001
+                raise TensorGridError(f"transform must be picklable for {self._start_method()} workers "
+                                      f"(define it at module level): {e}") from None
+        self.epoch = 0
+        self._start = 0
+        self._pos = 0
+
+    def _start_method(self) -> str:
+        if self.context is None:
+            return mp.get_start_method()
+        return self.context if isinstance(self.context, str) else self.context.get_start_method()
+
+    def plan(self, epoch: int | None = None) -> Plan:
+        return Plan(self.source.layout, self.batch_size, self.world_size, self.rank, self.shuffle, self.seed,
+                    self.epoch if epoch is None else epoch, self.drop_last, self.window_rows)
+
+    def __len__(self) -> int:
+        return self.plan().num_batches
+
+    @property
+    def add_valid(self) -> bool:
+        return self.world_size > 1 and not self.drop_last
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self._start, self._pos = int(epoch), 0, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batch": self._pos, "seed": self.seed, "shuffle": self.shuffle,
+                "global_batch": self.batch_size * self.world_size, "num_rows": self.source.layout.num_rows,
+                "drop_last": self.drop_last, "version": self.dataset.version, "url": self.dataset.url}
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = self.state_dict()
+        for key in ("seed", "shuffle", "global_batch", "num_rows", "drop_last"):
+            if key in state and state[key] != mine[key]:
+                raise ResumeError(f"cannot resume: the state has {key}={state[key]!r}, this loader {mine[key]!r}"
+                                  + (" (keep world_size * batch_size unchanged)" if key == "global_batch" else ""))
+        self.epoch, self._start, self._pos = int(state["epoch"]), int(state["batch"]), int(state["batch"])
+
+    def __iter__(self):
+        plan = self.plan()
+        first, self._start = self._start, 0
+        self._pos = first
+        if first >= plan.num_batches:
+            self.epoch, self._pos = self.epoch + 1, 0
+            return
+        chunks = _Chunks(plan, self.source, first, self.transform, self.add_valid)
+        if self.num_workers == 0:
+            it = iter(chunks)
+        else:
+            it = iter(DataLoader(chunks, batch_size=None, num_workers=self.num_workers, collate_fn=_identity,
+                                 prefetch_factor=self.prefetch, multiprocessing_context=self.context,
+                                 timeout=self.timeout, pin_memory=False))
+        try:
+            while True:
+                try:
+                    chunk = next(it)
+                except StopIteration:
+                    break
+                except RuntimeError as e:
+                    if "exited unexpectedly" in str(e) or "killed by signal" in str(e):
+                        raise LoaderWorkerError(f"a loader worker died: {e}") from None
+                    raise
+                for k, batch in chunk:
+                    self._pos = k + 1
+                    yield batch
+        finally:
+            shutdown = getattr(it, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+        self.epoch, self._pos = self.epoch + 1, 0
