@@ -25,11 +25,12 @@ from ..store.foreign import ForeignDataset
 from .plan import Layout
 
 BLOCK_BYTES = 4 << 20
-_MAX_OPEN = 64
+CACHED_BLOCK_BYTES = 256 << 10
+_MAX_OPEN = 8  # open shard maps per process: their touched pages count in RSS (as clean page cache)
 
 
-def _fixed_blocks(shard_rows: list[int], row_bytes: float) -> list[tuple[int, int, int]]:
-    step = max(1, int(BLOCK_BYTES // max(1.0, row_bytes)))
+def _fixed_blocks(shard_rows: list[int], row_bytes: float, block_bytes: int = BLOCK_BYTES) -> list[tuple[int, int, int]]:
+    step = max(1, int(block_bytes // max(1.0, row_bytes)))
     return [(s, a, min(a + step, n)) for s, n in enumerate(shard_rows) for a in range(0, n, step)]
 
 
@@ -44,8 +45,9 @@ def _rg_blocks(shard: int, rg_rows: list[int]) -> list[tuple[int, int, int]]:
 
 class Source:
     def __init__(self, dataset: Dataset, columns: list[str] | None = None, cache_dir: str | None = None,
-                 cache_limit: int | None = None):
+                 cache_limit: int | None = None, memory_budget: int = 512 << 20):
         self.dataset = dataset
+        self.memory_budget = memory_budget
         self.columns = dataset._check_columns(columns)
         self.cache_dir = os.path.abspath(os.path.expanduser(cache_dir)) if cache_dir else None
         self.cache_limit = cache_limit
@@ -55,11 +57,13 @@ class Source:
             os.makedirs(self.cache_dir, exist_ok=True)
         self.layout = Layout(tuple(dataset.shard_rows), tuple(self._blocks()))
         self._open: OrderedDict = OrderedDict()
+        self._groups: OrderedDict = OrderedDict()  # decoded row groups, bounded in bytes
         self._lock = threading.Lock()
 
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_open"] = OrderedDict()
+        state["_groups"] = OrderedDict()
         state["_lock"] = None
         return state
 
@@ -72,7 +76,10 @@ class Source:
         """Average bytes per row in memory (for budgets)."""
         ds = self.dataset
         n = max(1, ds.num_rows)
-        if isinstance(ds, StoreDataset):
+        if isinstance(ds, StoreDataset):  # uncompressed size, from the first shard's footer
+            md = pq.read_metadata(pa.BufferReader(ds._shard_buffer(ds.shards[0])))
+            if md.num_rows:
+                return sum(md.row_group(i).total_byte_size for i in range(md.num_row_groups)) / md.num_rows
             return sum(s.bytes for s in ds.shards) / n
         if isinstance(ds, ArrowDataset):
             return ds._table.nbytes / n
@@ -82,6 +89,8 @@ class Source:
 
     def _blocks(self) -> list[tuple[int, int, int]]:
         ds = self.dataset
+        if self.cache_dir:  # memory-mapped Arrow: any row range is free to read, so small blocks shuffle best
+            return _fixed_blocks(ds.shard_rows, self.row_bytes, CACHED_BLOCK_BYTES)
         if isinstance(ds, StoreDataset):
             out = []
             for i, s in enumerate(ds.shards):
@@ -99,8 +108,9 @@ class Source:
         return _fixed_blocks(ds.shard_rows, self.row_bytes)
 
     def reset(self) -> None:
-        """Forget open files and maps (a new epoch maps the cache afresh)."""
+        """Forget open files, maps and decoded row groups (a new epoch maps the cache afresh)."""
         self._open.clear()
+        self._groups.clear()
 
     def _handle(self, shard: int, make):
         h = self._open.get(shard)
@@ -125,35 +135,43 @@ class Source:
             table = self._handle(shard, self._map_cached)
             return table.slice(start, stop - start)
         if isinstance(ds, StoreDataset):
-            pf, rg = self._handle(shard, self._store_file)
-            return self._read_row_groups(pf, rg, start, stop)
+            pf = self._handle(shard, self._store_file)
+            return self._read_row_groups(pf, start, stop, shard)
         if isinstance(ds, ForeignDataset) and ds.format == "parquet":
             pf = self._handle(shard, lambda i: pq.ParquetFile(ds.files[i], filesystem=ds._ds.filesystem))
-            return self._read_row_groups(pf, None, start, stop)
+            return self._read_row_groups(pf, start, stop, shard)
         table = self._handle(shard, lambda i: ds.read_shard(i, self.columns))
         return table.slice(start, stop - start)
 
-    def _read_row_groups(self, pf: pq.ParquetFile, rg_rows: int | None, start: int, stop: int) -> pa.Table:
+    def _read_row_groups(self, pf: pq.ParquetFile, start: int, stop: int, shard: int) -> pa.Table:
+        """Rows [start, stop) from the row groups holding them. Decoded row groups are kept (bounded in
+        bytes): consecutive shuffle windows share blocks, and a row group is decoded once, not per window."""
         md = pf.metadata
-        if rg_rows:
-            first, last = start // rg_rows, (stop - 1) // rg_rows
-            base = first * rg_rows
-        else:
-            sizes = [md.row_group(i).num_rows for i in range(md.num_row_groups)]
-            acc, first, last, base = 0, None, None, 0
-            for i, n in enumerate(sizes):
-                if first is None and acc + n > start:
-                    first, base = i, acc
-                if acc < stop:
-                    last = i
-                acc += n
-        t = pf.read_row_groups(list(range(first, last + 1)), columns=self.columns)
-        return encoding.decode(t.slice(start - base, stop - start))
+        sizes = [md.row_group(i).num_rows for i in range(md.num_row_groups)]
+        starts = [0]
+        for n in sizes:
+            starts.append(starts[-1] + n)
+        first = max(0, next(i for i in range(len(sizes)) if starts[i + 1] > start))
+        last = next(i for i in range(first, len(sizes)) if starts[i + 1] >= stop)
+        parts = []
+        for i in range(first, last + 1):
+            key = (shard, i)
+            t = self._groups.get(key)
+            if t is None:
+                t = encoding.decode(pf.read_row_group(i, columns=self.columns))
+                self._groups[key] = t
+                limit = max(self.memory_budget // 4, 2 * t.nbytes)
+                while sum(g.nbytes for g in self._groups.values()) > limit and len(self._groups) > 1:
+                    self._groups.popitem(last=False)
+            else:
+                self._groups.move_to_end(key)
+            parts.append(t)
+        table = parts[0] if len(parts) == 1 else pa.concat_tables(parts)
+        return table.slice(start - starts[first], stop - start)
 
     def _store_file(self, shard: int):
         ds: StoreDataset = self.dataset
-        s = ds.shards[shard]
-        return pq.ParquetFile(pa.BufferReader(ds._shard_buffer(s))), s.row_group_rows or s.rows
+        return pq.ParquetFile(pa.BufferReader(ds._shard_buffer(ds.shards[shard])))
 
     # --- the Arrow IPC cache ----------------------------------------------------------------------
     def _cache_path(self, shard: int) -> str:

@@ -145,14 +145,14 @@ class Loader:
         if not (isinstance(self.world_size, int) and self.world_size >= 1 and 0 <= self.rank < self.world_size):
             raise TensorGridError(f"need 0 <= rank < world_size, got rank={self.rank}, world_size={self.world_size}")
         self.dataset = dataset
-        self.source = Source(dataset, columns, cache_dir, cache_limit)
+        self.memory_budget = memory_budget or DEFAULT_MEMORY_BUDGET
+        self.source = Source(dataset, columns, cache_dir, cache_limit, self.memory_budget)
         if self.source.layout.num_rows == 0:
             raise EmptyDataError(f"{dataset.url or 'dataset'} has no rows to load")
         self.batch_size, self.shuffle, self.seed = batch_size, bool(shuffle), int(seed)
         self.transform, self.num_workers, self.drop_last, self.prefetch = transform, num_workers, drop_last, prefetch
         self.context = multiprocessing_context
         self.timeout = timeout
-        self.memory_budget = memory_budget or DEFAULT_MEMORY_BUDGET
         if shuffle_buffer:
             self.window_rows = shuffle_buffer
         else:  # chunks in flight: prefetch per worker, one being consumed, one being built; x2 for gather copies

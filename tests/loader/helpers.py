@@ -1,0 +1,23 @@
+"""Module-level functions so spawned workers can unpickle them."""
+
+import os
+import signal
+
+import torch
+
+
+def add_pid(batch):
+    batch["pid"] = torch.full((len(batch["id"]),), os.getpid())
+    return batch
+
+
+def fail_on_id_13(batch):
+    if (batch["id"] == 13).any():
+        raise ValueError("unlucky row")
+    return batch
+
+
+def die_on_id_13(batch):
+    if (batch["id"] == 13).any():
+        os.kill(os.getpid(), signal.SIGKILL)
+    return batch
