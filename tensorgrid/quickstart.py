@@ -46,6 +46,20 @@ def run(root: str = "grid") -> None:
     for row in first:
         out.print("  " + "".join(" .:-=+*#%@"[int(v) * 10 // 256] for v in row))
 
+    loader = ds.to_torch(batch_size=256, shuffle=True, seed=0)
+    out.print(f"\nthe loader: ds.to_torch(batch_size=256, shuffle=True) -> {len(loader)} batches per epoch")
+    for i, batch in enumerate(loader):
+        if i == 3:
+            break
+        x, y = batch["image"], batch["label"]
+        out.print(f"  batch {i}: image {tuple(x.shape)} {x.dtype}, label {tuple(y.shape)} {y.dtype}, "
+                  f"first labels {y[:8].tolist()}")
+    t0, rows = time.perf_counter(), 0
+    for _ in range(5):
+        for batch in loader:
+            rows += len(batch["label"])
+    out.print(f"  5 shuffled epochs: {rows / (time.perf_counter() - t0):,.0f} samples/s")
+
     out.print("\n[bold]Try next[/]")
     out.print(f"  tensorgrid info {url}")
     out.print(f"  tensorgrid head {url} -n 3")

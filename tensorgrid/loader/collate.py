@@ -40,6 +40,36 @@ def _from_numpy(a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(a)
 
 
+def _numpy_view(col: pa.ChunkedArray) -> np.ndarray | None:
+    """A numpy view (rows first) of a numeric or tensor column without nulls, else None."""
+    t = col.type
+    if col.null_count:
+        return None
+    if col.num_chunks != 1:
+        col = pa.chunked_array([col.combine_chunks()]) if col.num_chunks else col
+        if col.num_chunks != 1:
+            return None
+    arr = col.chunk(0)
+    if isinstance(t, pa.FixedShapeTensorType):
+        return encoding.tensor_to_numpy(arr)
+    if pa.types.is_integer(t) or pa.types.is_floating(t):
+        return arr.to_numpy(zero_copy_only=False)
+    return None
+
+
+def take_to_torch(table: pa.Table, indices: np.ndarray) -> dict:
+    """Rows ``indices`` of a table as batch columns: numpy fancy indexing for numeric and tensor columns
+    (one gather, no per-row Python), Arrow take for the rest."""
+    out = {}
+    for name, col in zip(table.column_names, table.columns):
+        view = _numpy_view(col)
+        if view is not None:
+            out[name] = torch.from_numpy(np.take(view, indices, axis=0))
+        else:
+            out[name] = column_to_torch(col.take(pa.array(indices)))
+    return out
+
+
 def table_to_torch(table: pa.Table) -> dict:
     return {name: column_to_torch(col) for name, col in zip(table.column_names, table.columns)}
 

@@ -67,6 +67,7 @@ class Plan:
     epoch: int = 0
     drop_last: bool = False
     window_rows: int = 1 << 16
+    chunk_size: int | None = None  # batches per chunk; default a whole window
     _sigma: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -103,12 +104,25 @@ class Plan:
         return max(1, -(-self.window_rows // g)) * g
 
     @property
-    def batches_per_chunk(self) -> int:
+    def batches_per_window(self) -> int:
         return self.window // self.global_batch
 
     @property
+    def batches_per_chunk(self) -> int:
+        """A chunk (the unit a worker builds) is a whole window, or part of one (``chunk_batches``)."""
+        return min(self.chunk_size or self.batches_per_window, self.batches_per_window)
+
+    @property
+    def _chunks_per_window(self) -> int:
+        return -(-self.batches_per_window // self.batches_per_chunk)
+
+    @property
     def num_chunks(self) -> int:
-        return -(-self.num_batches // self.batches_per_chunk)
+        return self.chunk_of(self.num_batches - 1) + 1 if self.num_batches else 0
+
+    def window_range(self, j: int) -> tuple[int, int]:
+        """Epoch (and rho) positions of window j."""
+        return j * self.window, min((j + 1) * self.window, self.num_rows)
 
     # --- order ------------------------------------------------------------------------------------
     def _rng(self, *keys: int) -> np.random.Generator:
@@ -161,9 +175,36 @@ class Plan:
         return np.arange(start, start + per, dtype=np.int64)
 
     def chunk_batches(self, c: int, first: int = 0) -> range:
-        """Batch indices of chunk c (one shuffle window), starting no earlier than ``first``."""
-        lo = max(c * self.batches_per_chunk, first)
-        return range(lo, min((c + 1) * self.batches_per_chunk, self.num_batches))
+        """Batch indices of chunk c (never crossing a window), starting no earlier than ``first``."""
+        wb, bpc = self.batches_per_window, self.batches_per_chunk
+        w, i = divmod(c, self._chunks_per_window)
+        lo = w * wb + i * bpc
+        hi = min(lo + bpc, (w + 1) * wb, self.num_batches)
+        return range(max(lo, first), hi)
 
     def chunk_of(self, k: int) -> int:
-        return k // self.batches_per_chunk
+        w, r = divmod(k, self.batches_per_window)
+        return w * self._chunks_per_window + r // self.batches_per_chunk
+
+    def segments(self, a: int, b: int) -> list[tuple[int, int, int]]:
+        """rho positions [a, b) as row ranges (shard, start, stop), adjacent ranges of a shard merged."""
+        order, starts = self._rho
+        blocks = self.layout.block_array
+        out: list[list[int]] = []
+        i = int(np.searchsorted(starts, a, side="right")) - 1
+        while i < len(order) and starts[i] < b:
+            shard, s0, _ = blocks[order[i]]
+            lo = s0 + max(0, a - starts[i])
+            hi = s0 + min(starts[i + 1], b) - starts[i]
+            if out and out[-1][0] == shard and out[-1][2] == lo:
+                out[-1][2] = int(hi)
+            else:
+                out.append([int(shard), int(lo), int(hi)])
+            i += 1
+        return [tuple(x) for x in out]
+
+    def window_local(self, pos: np.ndarray) -> tuple[int, np.ndarray]:
+        """Positions inside one window -> (window, index among the window's rows in rho order)."""
+        j = int(pos[0]) // self.window
+        q = pos - j * self.window
+        return j, (self._window_perm(j)[q] if self.shuffle else q)

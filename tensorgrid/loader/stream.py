@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..errors import EmptyDataError, LoaderWorkerError, ResumeError, TensorGridError, TransformError
 from ..store.dataset import Dataset
-from .collate import slice_batch, table_to_torch
+from .collate import slice_batch, table_to_torch, take_to_torch
 from .plan import Layout, Plan
 from .source import Source
 
@@ -28,29 +28,26 @@ DEFAULT_MEMORY_BUDGET = 512 << 20
 
 
 def gather(source: Source, layout: Layout, gids: np.ndarray) -> pa.Table:
-    """Rows by global id, in the given order: reads the blocks they live in (adjacent blocks of a shard as
-    one range), then one zero-copy slice if the rows are a contiguous run, else one take."""
-    blocks = layout.block_of(gids)
-    ub = np.unique(blocks)
-    b = layout.block_array[ub]
-    # runs of adjacent blocks in one shard
-    breaks = np.flatnonzero((np.diff(b[:, 0]) != 0) | (b[1:, 1] != b[:-1, 2])) + 1
-    run_starts = np.concatenate([[0], breaks])
-    run_ends = np.concatenate([breaks, [len(ub)]])
-    tables, gstart, prefix = [], [], [0]
-    for s, e in zip(run_starts, run_ends):
-        shard, start, stop = int(b[s, 0]), int(b[s, 1]), int(b[e - 1, 2])
-        tables.append(source.read(shard, start, stop))
-        gstart.append(layout.shard_starts[shard] + start)
-        prefix.append(prefix[-1] + (stop - start))
-    run_of_block = np.repeat(np.arange(len(tables)), run_ends - run_starts)
-    run = run_of_block[np.searchsorted(ub, blocks)]
-    local = np.asarray(prefix[:-1], dtype=np.int64)[run] + (gids - np.asarray(gstart, dtype=np.int64)[run])
-    table = tables[0] if len(tables) == 1 else pa.concat_tables(tables)
+    """Rows by global id, in the given order (any rows: used for the few padding rows)."""
+    shard, row = layout.locate(gids)
+    parts = [source.read(int(s), int(r), int(r) + 1) for s, r in zip(shard, row)]
+    return pa.concat_tables(parts) if parts else source.read(0, 0, 0)
+
+
+def window_rows(plan: Plan, source: Source, pos: np.ndarray) -> dict:
+    """Columns of the rows at epoch positions ``pos`` (all in one window): the window's row ranges are
+    read (zero-copy slices of maps or decoded row groups), then one slice (zero copy) when the rows are
+    a contiguous run, else one gather per column."""
+    j, local = plan.window_local(pos)
+    a, _ = plan.window_range(j)
+    lo, hi = int(local.min()), int(local.max()) + 1
+    parts = [source.read(*seg) for seg in plan.segments(a + lo, a + hi)]
+    table = parts[0] if len(parts) == 1 else pa.concat_tables(parts)
+    local = local - lo
     n = len(local)
-    if n and local[-1] - local[0] == n - 1 and (n == 1 or np.all(np.diff(local) == 1)):
-        return table.slice(int(local[0]), n)
-    return table.take(pa.array(local))
+    if local[-1] - local[0] == n - 1 and (n == 1 or bool(np.all(np.diff(local) == 1))):
+        return table_to_torch(table.slice(int(local[0]), n))
+    return take_to_torch(table, local)
 
 
 class Chunk:
@@ -82,11 +79,15 @@ def build_chunk(plan: Plan, source: Source, c: int, first: int, transform=None, 
     ks = plan.chunk_batches(c, first)
     positions = [plan.batch_positions(k) for k in ks]
     bounds = np.concatenate([[0], np.cumsum([len(p) for p in positions])]).tolist()
-    pos = np.concatenate(positions) if positions else np.empty(0, np.int64)
-    gids = plan.rows_at(pos)
-    cols = table_to_torch(gather(source, plan.layout, gids))
+    pos = np.concatenate(positions)
+    real = pos < plan.num_rows  # padding (repeated rows) only ever ends the epoch
+    nreal = int(real.sum())
+    cols = window_rows(plan, source, pos[:nreal]) if nreal else None
+    if nreal < len(pos):
+        pad = table_to_torch(gather(source, plan.layout, plan.rows_at(pos[nreal:])))
+        cols = pad if cols is None else {k: _cat(cols[k], pad[k]) for k in cols}
     if add_valid:
-        cols[VALID] = torch.from_numpy(pos < plan.num_rows)
+        cols[VALID] = torch.from_numpy(real)
     if transform is None:
         return Chunk(ks.start, cols, bounds)
     out = []
@@ -95,10 +96,14 @@ def build_chunk(plan: Plan, source: Source, c: int, first: int, transform=None, 
         try:
             out.append(transform(batch))
         except Exception as e:  # noqa: BLE001 - re-raised with where it happened
-            where = _describe(plan, gids[bounds[i]:bounds[i + 1]])
+            where = _describe(plan, plan.rows_at(pos[bounds[i]:bounds[i + 1]]))
             raise TransformError(f"transform failed on batch {k} of epoch {plan.epoch} ({where}): "
                                  f"{type(e).__name__}: {e}") from e
     return Chunk(ks.start, None, bounds, out)
+
+
+def _cat(a, b):
+    return torch.cat([a, b]) if isinstance(a, torch.Tensor) else a + b
 
 
 class _Chunks(IterableDataset):
@@ -175,7 +180,8 @@ class Loader:
 
     def plan(self, epoch: int | None = None) -> Plan:
         return Plan(self.source.layout, self.batch_size, self.world_size, self.rank, self.shuffle, self.seed,
-                    self.epoch if epoch is None else epoch, self.drop_last, self.window_rows)
+                    self.epoch if epoch is None else epoch, self.drop_last, self.window_rows,
+                    chunk_size=1 if self.transform is not None else None)
 
     def __len__(self) -> int:
         return self.plan().num_batches

@@ -24,6 +24,7 @@ plans = st.fixed_dictionaries({
     "epoch": st.integers(0, 5),
     "drop_last": st.booleans(),
     "window_rows": st.integers(1, 64),
+    "chunk_size": st.one_of(st.none(), st.integers(1, 5)),
 })
 
 
@@ -81,9 +82,12 @@ def test_resume_from_any_batch_gives_the_remaining_batches(p, data):
     fresh = all_ranks(p)[0]  # a new process recomputes the plan from scratch
     resumed = [fresh.rows_at(fresh.batch_positions(j)).tolist() for j in range(k, fresh.num_batches)]
     assert resumed == full[k:]
-    # chunks cover batches [k, end) exactly once, in order
+    # chunks cover batches [k, end) exactly once, in order, each inside one shuffle window
     chunks = [list(fresh.chunk_batches(c, k)) for c in range(fresh.chunk_of(k), fresh.num_chunks)]
     assert [b for c in chunks for b in c] == list(range(k, fresh.num_batches))
+    for c in chunks:
+        assert c and len(c) <= fresh.batches_per_chunk
+        assert len({b // fresh.batches_per_window for b in c}) == 1
 
 
 @settings(max_examples=150, deadline=None)
