@@ -32,27 +32,32 @@ def _decode_one(data: bytes, mode: str, size: tuple[int, int] | None) -> np.ndar
     with Image.open(io.BytesIO(data)) as im:
         if size is not None and im.format == "JPEG":
             im.draft(mode, (size[1], size[0]))  # let libjpeg decode at a reduced scale when it can
-        im = im.convert(mode)
+        if im.mode != mode:
+            im = im.convert(mode)
         if size is not None and im.size != (size[1], size[0]):
             im = im.resize((size[1], size[0]), Image.BILINEAR)
-        return np.asarray(im)
+        a = np.asarray(im)
+    return a[:, :, None] if a.ndim == 2 else a
 
 
 def _decode_image(batch: dict, column: str = "image", mode: str = "RGB", size: tuple[int, int] | None = None,
                   channels_first: bool = True, out: str | None = None) -> dict:
     """JPEG/PNG bytes -> uint8 tensor (N, C, H, W) (or (N, H, W, C)), decoded with Pillow. Images of
     different sizes need ``size=(height, width)``."""
-    arrays = [_decode_one(b, mode, size) for b in batch[column]]
-    shapes = {a.shape for a in arrays}
-    if len(shapes) > 1:
-        raise ValueError(f"images in column {column!r} have different sizes {sorted(shapes)[:3]}; "
-                         "pass size=(height, width)")
-    x = torch.from_numpy(np.stack(arrays)) if arrays else torch.empty(0, dtype=torch.uint8)
-    if x.ndim == 3:  # grayscale
-        x = x.unsqueeze(-1)
-    if channels_first:
-        x = x.permute(0, 3, 1, 2).contiguous()
-    batch[out or column] = x
+    data = batch[column]
+    if not data:
+        batch[out or column] = torch.empty((0,), dtype=torch.uint8)
+        return batch
+    first = _decode_one(data[0], mode, size)
+    h, w, c = first.shape
+    dest = np.empty((len(data), c, h, w) if channels_first else (len(data), h, w, c), dtype=np.uint8)
+    for i, b in enumerate(data):
+        a = first if i == 0 else _decode_one(b, mode, size)
+        if a.shape != first.shape:
+            raise ValueError(f"images in column {column!r} have different sizes ({first.shape[:2]} and "
+                             f"{a.shape[:2]}); pass size=(height, width)")
+        dest[i] = a.transpose(2, 0, 1) if channels_first else a  # one copy, straight into the batch
+    batch[out or column] = torch.from_numpy(dest)
     return batch
 
 

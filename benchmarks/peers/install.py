@@ -38,7 +38,7 @@ PEERS: dict[str, list[list[str]]] = {
     # streaming.vision imports it, the MDS reader/writer never use it.
     "mosaic": [["@stub-torchvision"], ["mosaicml-streaming==0.13.0", "numpy==2.1.3", "pillow", TORCH]],
     "webdataset": [["webdataset==1.0.2", "numpy==2.4.6", "pillow", TORCH]],
-    "ray": [["ray[data]==2.60.0", "pyarrow==26.0.1", "numpy==2.4.6", "pillow", TORCH]],
+    "ray": [["ray[data]==2.60.0", "pydantic", "pyarrow==26.0.1", "numpy==2.4.6", "pillow", TORCH]],
 }
 
 

@@ -427,7 +427,7 @@ def warm_page_cache(c: Case) -> None:
 def run(peer: str, figure: str, data: str, workers: int) -> dict:
     c = Case(figure, data, os.path.join(data, base_peer(peer), figure), workers)
     write, read = PEERS[base_peer(peer)]
-    stamp = os.path.join(c.out, "tg-written.json")
+    stamp = c.out + ".tg-written.json"  # beside, not inside: readers list their directory
     written = os.path.exists(stamp) and json.load(open(stamp)).get("meta") == c.meta
     write_s = None
     if not written:
@@ -474,6 +474,8 @@ def main() -> None:
     except BaseException as e:  # noqa: BLE001 - one JSON line whatever happens
         traceback.print_exc(file=sys.stderr)
         out["error"] = f"{type(e).__name__}: {e}"[:400]
+    if "ray" in sys.modules:
+        sys.modules["ray"].shutdown()  # the raylet and workers outlive os._exit otherwise
     sys.stdout.flush()
     os.write(real_stdout, (json.dumps(out) + "\n").encode())
     os._exit(0)  # don't wait on peers' lingering threads/pools (ray, petastorm)

@@ -40,16 +40,11 @@ def _from_numpy(a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(a)
 
 
-def _numpy_view(col: pa.ChunkedArray) -> np.ndarray | None:
-    """A numpy view (rows first) of a numeric or tensor column without nulls, else None."""
-    t = col.type
-    if col.null_count:
+def _numpy_view(arr: pa.Array) -> np.ndarray | None:
+    """A zero-copy numpy view (rows first) of a numeric or tensor array without nulls, else None."""
+    t = arr.type
+    if arr.null_count:
         return None
-    if col.num_chunks != 1:
-        col = pa.chunked_array([col.combine_chunks()]) if col.num_chunks else col
-        if col.num_chunks != 1:
-            return None
-    arr = col.chunk(0)
     if isinstance(t, pa.FixedShapeTensorType):
         return encoding.tensor_to_numpy(arr)
     if pa.types.is_integer(t) or pa.types.is_floating(t):
@@ -58,15 +53,36 @@ def _numpy_view(col: pa.ChunkedArray) -> np.ndarray | None:
 
 
 def take_to_torch(table: pa.Table, indices: np.ndarray) -> dict:
-    """Rows ``indices`` of a table as batch columns: numpy fancy indexing for numeric and tensor columns
-    (one gather, no per-row Python), Arrow take for the rest."""
+    """Rows ``indices`` of a table as batch columns, gathered chunk by chunk (chunks are never
+    concatenated): numpy fancy indexing for numeric and tensor columns, Arrow take for the rest."""
     out = {}
     for name, col in zip(table.column_names, table.columns):
-        view = _numpy_view(col)
-        if view is not None:
-            out[name] = torch.from_numpy(np.take(view, indices, axis=0))
+        chunks = col.chunks
+        if len(chunks) == 1:
+            owner, within = np.zeros(len(indices), dtype=np.intp), indices
         else:
-            out[name] = column_to_torch(col.take(pa.array(indices)))
+            starts = np.cumsum([0] + [len(c) for c in chunks])
+            owner = np.searchsorted(starts, indices, side="right") - 1
+            within = indices - starts[owner]
+        views = [_numpy_view(c) for c in chunks]
+        if all(v is not None for v in views):
+            first = views[0]
+            dest = np.empty((len(indices),) + first.shape[1:], dtype=first.dtype)
+            for k in (range(1) if len(chunks) == 1 else np.unique(owner)):
+                sel = owner == k
+                dest[sel] = np.take(views[k], within[sel], axis=0)
+            out[name] = torch.from_numpy(dest)
+            continue
+        if len(chunks) == 1:
+            taken = chunks[0].take(pa.array(within))
+        else:
+            used = np.unique(owner)
+            pieces = [chunks[k].take(pa.array(within[owner == k])) for k in used]
+            merged = pa.concat_arrays(pieces)
+            # rows came out grouped by chunk; put them back in the requested order
+            order = np.concatenate([np.flatnonzero(owner == k) for k in used])
+            taken = merged.take(pa.array(np.argsort(order, kind="stable")))
+        out[name] = column_to_torch(taken)
     return out
 
 

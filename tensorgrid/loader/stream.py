@@ -11,6 +11,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import pickle
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
@@ -21,7 +22,7 @@ from ..errors import EmptyDataError, LoaderWorkerError, ResumeError, TensorGridE
 from ..store.dataset import Dataset
 from .collate import slice_batch, table_to_torch, take_to_torch
 from .plan import Layout, Plan
-from .source import Source
+from .source import Source, is_remote
 
 VALID = "_valid"
 DEFAULT_MEMORY_BUDGET = 512 << 20
@@ -115,8 +116,21 @@ class _Chunks(IterableDataset):
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
         self.source.reset()
         c0 = self.plan.chunk_of(self.first) if self.plan.num_batches else 0
-        for c in range(c0 + wid, self.plan.num_chunks, nw):
-            yield build_chunk(self.plan, self.source, c, self.first, self.transform, self.add_valid)
+        mine = range(c0 + wid, self.plan.num_chunks, nw)
+        build = lambda c: build_chunk(self.plan, self.source, c, self.first, self.transform,  # noqa: E731
+                                      self.add_valid)
+        if not is_remote(self.source.dataset) or len(mine) < 2:
+            for c in mine:
+                yield build(c)
+            return
+        # remote storage: fetch and build the next chunk while this one is consumed
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(build, mine[0])
+            for c in mine[1:]:
+                ready = pending.result()
+                pending = pool.submit(build, c)
+                yield ready
+            yield pending.result()
 
 
 def _identity(x):
@@ -214,7 +228,10 @@ class Loader:
             self.epoch, self._pos = self.epoch + 1, 0
             return
         chunks = _Chunks(plan, self.source, first, self.transform, self.add_valid)
-        if self.num_workers == 0:
+        # Zero-copy views of the Arrow cache cannot cross into another process without a copy: without a
+        # transform to run, workers would only add copies, so such chunks are built here.
+        in_process = self.num_workers == 0 or (self.transform is None and self.source.cache_dir is not None)
+        if in_process:
             it = iter(chunks)
         else:
             it = iter(DataLoader(chunks, batch_size=None, num_workers=self.num_workers, collate_fn=_identity,

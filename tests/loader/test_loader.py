@@ -260,6 +260,10 @@ def test_works_on_every_dataset_kind(tmp_path, ds):
 
 def test_memory_url_with_cache_dir_and_limit(tmp_path, mem_url):
     ds = make(mem_url, n=500, shard_rows=100)
+    # remote without a cache: shards fetched into memory, the next chunk prefetched in a thread
+    prefetched = ds.to_torch(batch_size=50, shuffle=True, shuffle_buffer=100)
+    assert sorted(flat(ids(prefetched))) == list(range(500))
+    assert ids(prefetched) != ids(ds.to_torch(batch_size=50))
     cache = tmp_path / "cache"
     loader = ds.to_torch(batch_size=50, cache_dir=str(cache), shuffle=True)
     assert sorted(flat(ids(loader))) == list(range(500))
