@@ -12,7 +12,6 @@ the same per core as a plain Dataset, near-linear in workers.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import shutil
@@ -20,7 +19,6 @@ import sys
 import time
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import torch
 from PIL import Image

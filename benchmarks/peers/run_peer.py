@@ -342,6 +342,7 @@ def ray_read(c: Case, variant: str):
     if c.jpeg:
         ds = ds.map_batches(_ray_decode, batch_format="numpy")
     c.note = "read_parquet().iter_torch_batches" + (f"(local_shuffle_buffer_size={SHUFFLE_BUFFER})" if c.shuffle else "")
+    c.note += ", loopback-only netns" if os.environ.get("TG_LOOPBACK_ONLY") else ""
     it = ds.iter_torch_batches(batch_size=c.batch, local_shuffle_buffer_size=SHUFFLE_BUFFER if c.shuffle else None)
     for b in it:
         yield b["x"], b["label"]
@@ -463,6 +464,15 @@ def main() -> None:
     ap.add_argument("--data", required=True)
     ap.add_argument("--workers", type=int, default=0, help="DataLoader workers (or the peer's own pool)")
     args = ap.parse_args()
+    if args.peer == "ray" and not os.environ.get("TG_LOOPBACK_ONLY") and shutil.which("unshare"):
+        # Ray's servers listen on every interface; a private network namespace holding only
+        # loopback keeps them unreachable from outside (needs root, as here; else run as is).
+        os.environ["TG_LOOPBACK_ONLY"] = "1"
+        try:
+            os.execvp("unshare", ["unshare", "--net", "sh", "-c", 'ip link set lo up && exec "$@"', "sh",
+                                  sys.executable, *sys.argv])
+        except OSError:
+            pass
     out = {"peer": args.peer, "figure": args.figure, "rows": None, "seconds": None, "rows_per_s": None,
            "gb_per_s": None, "first_batch_s": None, "workers": args.workers, "note": "", "error": None}
     real_stdout = os.dup(1)

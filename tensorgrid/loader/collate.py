@@ -56,32 +56,36 @@ def take_to_torch(table: pa.Table, indices: np.ndarray) -> dict:
     """Rows ``indices`` of a table as batch columns, gathered chunk by chunk (chunks are never
     concatenated): numpy fancy indexing for numeric and tensor columns, Arrow take for the rest."""
     out = {}
+    groups = None  # rows grouped by chunk (sorted once, shared by all columns)
     for name, col in zip(table.column_names, table.columns):
         chunks = col.chunks
-        if len(chunks) == 1:
-            owner, within = np.zeros(len(indices), dtype=np.intp), indices
-        else:
-            starts = np.cumsum([0] + [len(c) for c in chunks])
-            owner = np.searchsorted(starts, indices, side="right") - 1
-            within = indices - starts[owner]
+        if groups is None:
+            if len(chunks) == 1:
+                groups = [(0, None, indices)]
+            else:
+                starts = np.cumsum([0] + [len(c) for c in chunks])
+                owner = np.searchsorted(starts, indices, side="right") - 1
+                order = np.argsort(owner, kind="stable")
+                bounds = np.searchsorted(owner[order], np.arange(len(chunks) + 1))
+                groups = [(k, order[bounds[k]:bounds[k + 1]], indices[order[bounds[k]:bounds[k + 1]]] - starts[k])
+                          for k in range(len(chunks)) if bounds[k + 1] > bounds[k]]
         views = [_numpy_view(c) for c in chunks]
         if all(v is not None for v in views):
             first = views[0]
+            if len(groups) == 1 and groups[0][1] is None:
+                out[name] = torch.from_numpy(np.take(first, indices, axis=0))
+                continue
             dest = np.empty((len(indices),) + first.shape[1:], dtype=first.dtype)
-            for k in (range(1) if len(chunks) == 1 else np.unique(owner)):
-                sel = owner == k
-                dest[sel] = np.take(views[k], within[sel], axis=0)
+            for k, rows, within in groups:
+                dest[rows] = np.take(views[k], within, axis=0)
             out[name] = torch.from_numpy(dest)
             continue
-        if len(chunks) == 1:
-            taken = chunks[0].take(pa.array(within))
+        if len(groups) == 1 and groups[0][1] is None:
+            taken = chunks[0].take(pa.array(indices))
         else:
-            used = np.unique(owner)
-            pieces = [chunks[k].take(pa.array(within[owner == k])) for k in used]
-            merged = pa.concat_arrays(pieces)
-            # rows came out grouped by chunk; put them back in the requested order
-            order = np.concatenate([np.flatnonzero(owner == k) for k in used])
-            taken = merged.take(pa.array(np.argsort(order, kind="stable")))
+            merged = pa.concat_arrays([chunks[k].take(pa.array(within)) for k, _, within in groups])
+            order = np.concatenate([rows for _, rows, _ in groups])
+            taken = merged.take(pa.array(np.argsort(order, kind="stable")))  # back to the requested order
         out[name] = column_to_torch(taken)
     return out
 

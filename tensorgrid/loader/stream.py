@@ -36,15 +36,31 @@ def gather(source: Source, layout: Layout, gids: np.ndarray) -> pa.Table:
 
 
 def window_rows(plan: Plan, source: Source, pos: np.ndarray) -> dict:
-    """Columns of the rows at epoch positions ``pos`` (all in one window): the window's row ranges are
-    read (zero-copy slices of maps or decoded row groups), then one slice (zero copy) when the rows are
-    a contiguous run, else one gather per column."""
+    """Columns of the rows at epoch positions ``pos`` (all in one window). The window's row ranges are
+    read (decoded row groups, or zero-copy slices of the Arrow cache: then one range per shard, since
+    cached blocks are small), then one zero-copy slice when the rows are a contiguous run, else one
+    gather per column."""
     j, local = plan.window_local(pos)
     a, _ = plan.window_range(j)
     lo, hi = int(local.min()), int(local.max()) + 1
-    parts = [source.read(*seg) for seg in plan.segments(a + lo, a + hi)]
-    table = parts[0] if len(parts) == 1 else pa.concat_tables(parts)
     local = local - lo
+    segs = np.asarray(plan.segments(a + lo, a + hi), dtype=np.int64).reshape(-1, 3)
+    if source.cache_dir and len(segs) > 1:
+        lens = segs[:, 2] - segs[:, 1]
+        seg_start = np.concatenate([[0], np.cumsum(lens)])
+        seg = np.repeat(np.arange(len(segs)), lens)[local]  # a gather, cheaper than a search per row
+        shard, row = segs[seg, 0], segs[seg, 1] + (local - seg_start[seg])
+        parts, local = [], np.empty_like(local)
+        offset = 0
+        for s in np.unique(shard):
+            sel = shard == s
+            r0, r1 = int(row[sel].min()), int(row[sel].max()) + 1
+            parts.append(source.read(int(s), r0, r1))
+            local[sel] = offset + row[sel] - r0
+            offset += r1 - r0
+    else:
+        parts = [source.read(int(sh), int(s0), int(s1)) for sh, s0, s1 in segs]
+    table = parts[0] if len(parts) == 1 else pa.concat_tables(parts)
     n = len(local)
     if local[-1] - local[0] == n - 1 and (n == 1 or bool(np.all(np.diff(local) == 1))):
         return table_to_torch(table.slice(int(local[0]), n))
