@@ -8,6 +8,7 @@
 
 from . import errors
 from .errors import (
+    CheckpointError,
     ColumnNotFoundError,
     ConflictError,
     CorruptShardError,
@@ -18,17 +19,21 @@ from .errors import (
     SchemaMismatchError,
     SQLError,
     TensorGridError,
+    TrainingConfigError,
     UnsupportedDataError,
     UnsupportedFormatError,
     UnsupportedURLError,
+    WorkerFailedError,
 )
 from .store import Dataset, from_arrow, ingest_images, open, sql, write
+from .train import FitResult, Trainer
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "write", "open", "sql", "from_arrow", "ingest_images", "Dataset", "errors",
+    "write", "open", "sql", "from_arrow", "ingest_images", "Dataset", "Trainer", "FitResult", "errors",
     "TensorGridError", "ConflictError", "CorruptShardError", "DatasetExistsError", "DatasetNotFoundError",
     "EmptyDataError", "ReadOnlyError", "SchemaMismatchError", "SQLError", "UnsupportedDataError",
-    "UnsupportedFormatError", "UnsupportedURLError", "ColumnNotFoundError",
+    "UnsupportedFormatError", "UnsupportedURLError", "ColumnNotFoundError", "TrainingConfigError",
+    "WorkerFailedError", "CheckpointError",
 ]

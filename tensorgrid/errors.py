@@ -83,3 +83,19 @@ class LoaderWorkerError(TensorGridError):
 
 class ResumeError(TensorGridError):
     """A loader state that does not fit this loader (other data, seed or global batch)."""
+
+
+class WorkerFailedError(TensorGridError):
+    """A training worker died; the message names the worker and the last checkpoint to resume from."""
+
+    def __init__(self, message: str, checkpoint: str | None = None):
+        super().__init__(message)
+        self.checkpoint = checkpoint
+
+
+class CheckpointError(TensorGridError):
+    """A checkpoint that does not fit the model being trained, or that cannot be read."""
+
+
+class TrainingConfigError(TensorGridError, ValueError):
+    """Trainer input found wrong before any worker started (columns, shapes, pickling, empty data)."""

@@ -1,0 +1,75 @@
+"""Checkpoints at any fsspec URL: one file per checkpoint, written under a temporary name and committed
+whole (readers never see a partial file); the newest ``keep`` are kept."""
+
+from __future__ import annotations
+
+import io
+import re
+
+import torch
+
+from .. import fs as tgfs
+from ..errors import CheckpointError
+
+_NAME = re.compile(r"^ckpt-e(\d{5})-s(\d{9})\.pt$")
+
+
+def _list(url: str) -> list[tuple[int, int, str]]:
+    fs, root = tgfs.resolve(url)
+    try:
+        names = fs.ls(root, detail=False)
+    except FileNotFoundError:
+        return []
+    out = []
+    for n in names:
+        m = _NAME.match(n.rstrip("/").rsplit("/", 1)[-1])
+        if m:
+            out.append((int(m.group(1)), int(m.group(2)), tgfs.to_url(fs, n)))
+    return sorted(out)
+
+
+def latest(url: str | None) -> str | None:
+    """URL of the newest checkpoint in ``url``, or None."""
+    if not url:
+        return None
+    found = _list(url)
+    return found[-1][2] if found else None
+
+
+def save(url: str, epoch: int, step: int, state: dict, keep: int) -> str:
+    fs, root = tgfs.resolve(url)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    path = tgfs.join(root, f"ckpt-e{epoch:05d}-s{step:09d}.pt")
+    tgfs.put_atomic(fs, path, buf.getvalue())
+    for _, _, old in _list(url)[:-keep] if keep > 0 else []:
+        ofs, opath = tgfs.resolve(old)
+        ofs.rm_file(opath)
+    return tgfs.to_url(fs, path)
+
+
+def load(url: str) -> dict:
+    fs, path = tgfs.resolve(url)
+    try:
+        data = fs.cat_file(path)
+    except FileNotFoundError:
+        raise CheckpointError(f"no checkpoint at {url}") from None
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - torch raises many kinds for a damaged file
+        raise CheckpointError(f"checkpoint {url} cannot be read: {e}") from None
+
+
+def check_fits(state: dict, model: torch.nn.Module, url: str) -> None:
+    """Raise CheckpointError unless the checkpoint's parameters match the model's names and shapes."""
+    saved = state.get("model", {})
+    mine = model.state_dict()
+    missing = [k for k in mine if k not in saved]
+    extra = [k for k in saved if k not in mine]
+    shapes = [f"{k}: checkpoint {tuple(saved[k].shape)}, model {tuple(v.shape)}" for k, v in mine.items()
+              if k in saved and tuple(saved[k].shape) != tuple(v.shape)]
+    if missing or extra or shapes:
+        detail = "; ".join(filter(None, [
+            f"missing {missing[:3]}" if missing else "", f"unexpected {extra[:3]}" if extra else "",
+            "shapes differ: " + ", ".join(shapes[:3]) if shapes else ""]))
+        raise CheckpointError(f"checkpoint {url} is from a different model ({detail})")

@@ -1,0 +1,292 @@
+"""The training loop every worker runs: DDP on its partition of the data, checkpoints and logs on rank 0.
+
+Runs in the caller's process (workers=1) or in engine-started processes with RANK, WORLD_SIZE,
+MASTER_ADDR and MASTER_PORT set. Same seed, data and global batch -> the same updates on any engine:
+each rank's loss is scaled so that DDP's gradient average equals the gradient of the mean loss over the
+global batch (padding rows of the last batch weigh nothing).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..store.dataset import Dataset
+from . import checkpoint as ckpt
+
+
+@dataclass
+class Spec:
+    """Everything a worker needs (shipped to workers with cloudpickle)."""
+
+    model: object
+    loss: object
+    optimizer: object
+    scheduler: object
+    features: str | None
+    label: str | None
+    step: object
+    transform: object
+    batch_size: int
+    epochs: int
+    seed: int
+    checkpoint_dir: str | None
+    checkpoint_every: object
+    keep_checkpoints: int
+    log_dir: str | None
+    metrics: tuple
+    timeout_s: float
+    loader_workers: int
+    quiet: bool
+    train: Dataset = None
+    val: Dataset | None = None
+    resume_from: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def build_model(spec: Spec) -> torch.nn.Module:
+    torch.manual_seed(spec.seed)
+    m = spec.model
+    return copy.deepcopy(m) if isinstance(m, torch.nn.Module) else m()
+
+
+def device_and_backend() -> tuple[torch.device, str]:
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local), "nccl"
+    return torch.device("cpu"), "gloo"
+
+
+def is_classifier(loss) -> bool:
+    return isinstance(loss, (torch.nn.CrossEntropyLoss, torch.nn.NLLLoss))
+
+
+def per_row_loss(loss):
+    """The loss with reduction='none', so padding rows can be masked; None if it has no such switch."""
+    if hasattr(loss, "reduction"):
+        lossn = copy.deepcopy(loss)
+        lossn.reduction = "none"
+        return lossn
+    return None
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def _set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+
+
+class Batches:
+    """Move a batch to the device; compute loss and metric sums with padding masked out."""
+
+    def __init__(self, spec: Spec, model, device, world: int, rows: int, global_batch: int):
+        self.spec, self.model, self.device = spec, model, device
+        self.world, self.rows, self.global_batch = world, rows, global_batch
+        self.lossn = per_row_loss(spec.loss) if spec.step is None else None
+        self.classifier = is_classifier(spec.loss)
+
+    def run(self, batch: dict, k: int, train: bool):
+        """Loss to back-propagate (scaled for DDP's average), and (loss_sum, correct, count) of real rows."""
+        spec = self.spec
+        valid = batch.get("_valid")
+        if spec.step is not None:
+            loss = spec.step(self.model, {key: _to(v, self.device) for key, v in batch.items()})
+            n = int(valid.sum()) if valid is not None else _rows(batch)
+            return loss, (float(loss.detach()) * n, 0, n)
+        x = _to(batch[spec.features], self.device)
+        y = _to(batch[spec.label], self.device)
+        out = self.model(x)
+        if self.lossn is not None:
+            per = self.lossn(out, y)
+            per = per.reshape(per.shape[0], -1).mean(dim=1) if per.ndim > 1 else per
+            mask = _to(valid, self.device).to(per.dtype) if valid is not None else None
+            if mask is not None:
+                per = per * mask
+            # rows of global batch k that are real (only the last global batch is short or padded)
+            real = min(self.global_batch, self.rows - k * self.global_batch)
+            loss = per.sum() * (self.world / real)
+            loss_sum = float(per.detach().sum())
+        else:
+            loss = spec.loss(out, y)
+            loss_sum = float(loss.detach()) * len(y)
+        n = int(valid.sum()) if valid is not None else len(y)
+        correct = 0
+        if self.classifier and out.ndim == 2:
+            hit = out.detach().argmax(dim=1) == y
+            correct = int((hit & _to(valid, self.device)).sum()) if valid is not None else int(hit.sum())
+        return loss, (loss_sum, correct, n)
+
+
+def _to(v, device):
+    return v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+
+
+def _rows(batch: dict) -> int:
+    for v in batch.values():
+        return len(v)
+    return 0
+
+
+def _allreduce(values: list[float], world: int) -> list[float]:
+    if world == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def evaluate(spec: Spec, model, ds: Dataset, device, rank: int, world: int) -> dict:
+    loader = ds.to_torch(batch_size=max(1, spec.batch_size // world), columns=_columns(spec, ds), rank=rank,
+                         world_size=world, transform=spec.transform)
+    helper = Batches(spec, model, device, world, ds.num_rows, spec.batch_size)
+    sums = [0.0, 0.0, 0.0]
+    model.eval()
+    with torch.no_grad():
+        for k, batch in enumerate(loader):
+            _, (ls, c, n) = helper.run(batch, k, train=False)
+            sums = [sums[0] + ls, sums[1] + c, sums[2] + n]
+    ls, c, n = _allreduce(sums, world)
+    out = {"loss": ls / max(n, 1)}
+    if helper.classifier and "accuracy" in spec.metrics:
+        out["accuracy"] = c / max(n, 1)
+    return out
+
+
+def _columns(spec: Spec, ds: Dataset) -> list[str] | None:
+    if spec.step is not None:
+        return None
+    return [c for c in (spec.features, spec.label) if c in ds.schema.names]
+
+
+def train(spec: Spec, rank: int = 0, world: int = 1, restarted: bool = False) -> dict | None:
+    """Train; rank 0 returns the final weights, history and metrics."""
+    device, backend = device_and_backend()
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend, timeout=timedelta(seconds=spec.timeout_s))
+    try:
+        return _train(spec, rank, world, device, restarted)
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(spec: Spec, rank: int, world: int, device, restarted: bool) -> dict | None:
+    model = build_model(spec).to(device)
+    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    optimizer = spec.optimizer(net.parameters())
+    scheduler = spec.scheduler(optimizer) if spec.scheduler else None
+    local_batch = spec.batch_size // world
+    loader = spec.train.to_torch(batch_size=local_batch, columns=_columns(spec, spec.train), shuffle=True,
+                                 seed=spec.seed, transform=spec.transform, rank=rank, world_size=world,
+                                 num_workers=spec.loader_workers)
+    history: list[dict] = []
+    epoch0, step, sums = 0, 0, [0.0, 0.0, 0.0]
+    resume = spec.resume_from or (ckpt.latest(spec.checkpoint_dir) if restarted else None)
+    if resume:
+        state = ckpt.load(resume)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None and state.get("scheduler") is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        loader.load_state_dict(state["loader"])
+        history, step, epoch0 = state["history"], state["step"], state["loader"]["epoch"]
+        # the checkpoint holds the epoch's sums so far over all ranks: rank 0 carries them on
+        sums = list(state.get("epoch_sums") or [0.0, 0.0, 0.0]) if rank == 0 else [0.0, 0.0, 0.0]
+    log = None
+    if rank == 0 and spec.log_dir:
+        from .tblog import TBLog
+
+        log = TBLog(spec.log_dir)
+    from .progress import Progress
+
+    bar = Progress(spec.epochs, len(loader), quiet=spec.quiet or rank != 0)
+    helper = Batches(spec, net, device, world, spec.train.num_rows, spec.batch_size)
+    last_ckpt = resume
+    every = spec.checkpoint_every if isinstance(spec.checkpoint_every, int) else None
+
+    def save(epoch_sums: list[float]) -> str | None:
+        if rank != 0 or not spec.checkpoint_dir:
+            return None
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict() if scheduler else None, "rng": _rng_state(),
+                 "loader": loader.state_dict(), "history": history, "step": step, "epoch_sums": epoch_sums}
+        return ckpt.save(spec.checkpoint_dir, loader.state_dict()["epoch"], step, state, spec.keep_checkpoints)
+
+    try:
+        for epoch in range(epoch0, spec.epochs):
+            if loader.epoch != epoch:  # a resumed loader already sits at its epoch and batch
+                loader.set_epoch(epoch)
+            net.train()
+            k = loader.state_dict()["batch"]
+            if not (resume and epoch == epoch0 and k):
+                sums = [0.0, 0.0, 0.0]
+            t_epoch = time.perf_counter()
+            wait_total = 0.0
+            bar.start_epoch(epoch, k)
+            it = iter(loader)
+            t_last = time.perf_counter()
+            while True:
+                t0 = time.perf_counter()
+                try:
+                    batch = next(it)
+                except StopIteration:
+                    break
+                t1 = time.perf_counter()
+                loss, (ls, c, n) = helper.run(batch, k, train=True)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                step += 1
+                k += 1
+                sums = [sums[0] + ls, sums[1] + c, sums[2] + n]
+                t2 = time.perf_counter()
+                wait = t1 - t0
+                wait_total += wait
+                samples_s = n * world / max(t2 - t_last, 1e-9)
+                t_last = t2
+                bar.step(ls / max(n, 1), samples_s)
+                if log is not None:
+                    log.scalars(step, {"train/loss": ls / max(n, 1), "train/samples_per_s": samples_s,
+                                       "train/data_wait_fraction": wait / max(t2 - t0, 1e-9),
+                                       "train/lr": optimizer.param_groups[0]["lr"]})
+                if every and step % every == 0 and spec.checkpoint_dir:
+                    last_ckpt = save(_allreduce(sums, world)) or last_ckpt  # every rank reduces
+            if scheduler is not None:
+                scheduler.step()
+            ls, c, n = _allreduce(sums, world)
+            elapsed = time.perf_counter() - t_epoch
+            row = {"epoch": epoch, "loss": ls / max(n, 1), "samples_per_s": n / max(elapsed, 1e-9),
+                   "data_wait_fraction": wait_total / max(elapsed, 1e-9)}
+            if helper.classifier and "accuracy" in spec.metrics:
+                row["accuracy"] = c / max(n, 1)
+            if spec.val is not None:
+                row.update({f"val_{k2}": v for k2, v in evaluate(spec, net, spec.val, device, rank, world).items()})
+            history.append(row)
+            if log is not None:
+                log.scalars(step, {f"epoch/{k2}": v for k2, v in row.items() if k2 != "epoch"})
+                log.flush()
+            bar.end_epoch(row)
+            if spec.checkpoint_every == "epoch" or every:
+                last_ckpt = save([0.0, 0.0, 0.0]) or last_ckpt
+    finally:
+        bar.close()
+        if log is not None:
+            log.close()
+    if rank != 0:
+        return None
+    return {"model": {k2: v.detach().cpu() for k2, v in model.state_dict().items()}, "history": history,
+            "checkpoint": last_ckpt, "step": step}

@@ -1,0 +1,222 @@
+"""``tg.Trainer``: one ``fit`` call that trains in-process, on N local processes, on Ray or on Spark."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import cloudpickle
+import torch
+
+from ..errors import CheckpointError, TensorGridError, TrainingConfigError
+from ..store.dataset import Dataset, from_arrow
+from . import checkpoint as ckpt
+from .engines import ENGINES
+from .loop import Spec, build_model, is_classifier, train
+
+
+@dataclass
+class FitResult:
+    model: torch.nn.Module
+    metrics: dict  # the last epoch's train (and val_*) metrics
+    history: list[dict] = field(default_factory=list)
+    checkpoint: str | None = None
+
+
+class Trainer:
+    """Data-parallel training (PyTorch DDP) of ``model`` on a Dataset; configure here, then ``fit``.
+
+    ``batch_size`` is the GLOBAL batch, split evenly across ``workers``. ``engine``: "local" (processes
+    on this machine; workers=1 runs in the calling process), "ray" or "spark". Give ``features``/``label``
+    columns with a ``loss``, or ``step=fn(model, batch) -> loss`` for anything else.
+    """
+
+    def __init__(self, model, loss=None, optimizer=None, scheduler=None, features: str | None = "features",
+                 label: str | None = "label", step=None, transform=None, batch_size: int = 256, epochs: int = 5,
+                 workers: int = 1, engine: str = "local", checkpoint_dir: str | None = None,
+                 checkpoint_every="epoch", keep_checkpoints: int = 3, log_dir: str | None = None,
+                 metrics=("accuracy",), seed: int = 0, max_restarts: int = 0, timeout_s: float = 300,
+                 loader_workers: int = 0, quiet: bool = False, engine_options: dict | None = None):
+        if not (isinstance(model, torch.nn.Module) or callable(model)):
+            raise TrainingConfigError("model must be an nn.Module or a zero-argument factory returning one")
+        if step is None and loss is None:
+            raise TrainingConfigError("give a loss (with features= and label=) or step=fn(model, batch) -> loss")
+        if engine not in ENGINES:
+            raise TrainingConfigError(f"engine must be one of {ENGINES}, got {engine!r}")
+        for name, v in (("batch_size", batch_size), ("epochs", epochs), ("workers", workers)):
+            if not isinstance(v, int) or v < 1:
+                raise TrainingConfigError(f"{name} must be an int >= 1, got {v!r}")
+        if batch_size % workers:
+            raise TrainingConfigError(f"batch_size ({batch_size}) is the global batch: it must divide evenly "
+                                      f"across {workers} workers")
+        if not (checkpoint_every == "epoch" or (isinstance(checkpoint_every, int) and checkpoint_every > 0)):
+            raise TrainingConfigError(f"checkpoint_every must be 'epoch' or a number of steps, got {checkpoint_every!r}")
+        self.model, self.loss = model, loss
+        self.optimizer = optimizer or (lambda params: torch.optim.Adam(params, lr=1e-3))
+        self.scheduler, self.features, self.label, self.step = scheduler, features, label, step
+        self.transform, self.batch_size, self.epochs, self.workers = transform, batch_size, epochs, workers
+        self.engine, self.checkpoint_dir, self.checkpoint_every = engine, checkpoint_dir, checkpoint_every
+        self.keep_checkpoints, self.log_dir, self.metrics, self.seed = keep_checkpoints, log_dir, tuple(metrics), seed
+        self.max_restarts, self.timeout_s, self.loader_workers = max_restarts, timeout_s, loader_workers
+        self.quiet, self.engine_options = quiet, dict(engine_options or {})
+        self.result: FitResult | None = None
+
+    # --- checks that run before any worker starts -------------------------------------------------
+    def _dataset(self, data, what: str) -> Dataset:
+        if isinstance(data, Dataset):
+            ds = data
+        elif type(data).__module__.startswith("pyspark"):
+            from .engines.spark import dataset_of
+
+            ds = dataset_of(data)
+        elif isinstance(data, str):
+            from ..store import open as open_dataset
+
+            ds = open_dataset(data)
+        else:
+            raise TrainingConfigError(f"{what} must be a Dataset (tg.open/tg.write/tg.from_arrow/SQL), a URL "
+                                      f"or a Spark DataFrame, got {type(data).__name__}")
+        if ds.num_rows == 0:
+            raise TrainingConfigError(f"{what} dataset {ds.url} is empty")
+        if self.step is None:
+            missing = [c for c in (self.features, self.label) if c not in ds.schema.names]
+            if missing:
+                raise TrainingConfigError(f"{what} dataset has no column {missing[0]!r}; columns: {ds.schema.names}")
+        return ds
+
+    def _check_model_on_one_batch(self, ds: Dataset) -> None:
+        model = build_model(self._spec(ds, None, None))
+        if not isinstance(model, torch.nn.Module):
+            raise TrainingConfigError(f"the model factory returned a {type(model).__name__}, not an nn.Module")
+        cols = None if self.step else [self.features, self.label]
+        batch = next(iter(ds.to_torch(batch_size=min(2, ds.num_rows), columns=cols, transform=self.transform)))
+        model.eval()
+        try:
+            with torch.no_grad():
+                if self.step is not None:
+                    loss = self.step(model, batch)
+                else:
+                    out = model(batch[self.features])
+                    loss = self.loss(out, batch[self.label])
+        except Exception as e:  # noqa: BLE001 - reported with what was tried
+            if self.step is not None:
+                raise TrainingConfigError(f"step(model, batch) fails on the first batch: {type(e).__name__}: {e}") from None
+            x = batch[self.features]
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise TrainingConfigError(
+                f"the model does not fit the data: on a batch with {self.features!r} {shape} "
+                f"{getattr(x, 'dtype', '')} and {self.label!r} {tuple(getattr(batch[self.label], 'shape', ()))}, "
+                f"{type(e).__name__}: {e}") from None
+        if not (isinstance(loss, torch.Tensor) and loss.numel() == 1):
+            raise TrainingConfigError(f"the loss must be a scalar tensor, got {type(loss).__name__} "
+                                      f"{tuple(getattr(loss, 'shape', ()))}")
+
+    def _spec(self, train_ds, val_ds, resume_from) -> Spec:
+        return Spec(model=self.model, loss=self.loss, optimizer=self.optimizer, scheduler=self.scheduler,
+                    features=self.features, label=self.label, step=self.step, transform=self.transform,
+                    batch_size=self.batch_size, epochs=self.epochs, seed=self.seed,
+                    checkpoint_dir=self.checkpoint_dir, checkpoint_every=self.checkpoint_every,
+                    keep_checkpoints=self.keep_checkpoints, log_dir=self.log_dir, metrics=self.metrics,
+                    timeout_s=self.timeout_s, loader_workers=self.loader_workers, quiet=self.quiet,
+                    train=train_ds, val=val_ds, resume_from=resume_from)
+
+    def _check_urls(self) -> None:
+        if self.workers > 1 or self.engine != "local":
+            for name in ("checkpoint_dir", "log_dir"):
+                url = getattr(self, name)
+                if url and str(url).startswith("memory://"):
+                    raise TrainingConfigError(f"{name}={url!r}: memory:// lives inside one process, and training "
+                                              "runs in several; use a local path, an object store or grid://")
+
+    # --- fit / predict ----------------------------------------------------------------------------
+    def fit(self, train_ds, val=None, resume: bool = False) -> FitResult:
+        """Train; with ``resume=True`` continue exactly from the newest checkpoint in ``checkpoint_dir``."""
+        train_ds = self._dataset(train_ds, "train")
+        val_ds = self._dataset(val, "val") if val is not None else None
+        self._check_urls()
+        if train_ds.num_rows < self.workers:
+            raise TrainingConfigError(f"{train_ds.num_rows} rows cannot feed {self.workers} workers")
+        resume_from = None
+        if resume:
+            if not self.checkpoint_dir:
+                raise TrainingConfigError("resume=True needs checkpoint_dir")
+            resume_from = ckpt.latest(self.checkpoint_dir)
+            if resume_from is None:
+                raise CheckpointError(f"resume=True but {self.checkpoint_dir} holds no checkpoint")
+            state = ckpt.load(resume_from)
+            ckpt.check_fits(state, build_model(self._spec(train_ds, None, None)), resume_from)
+            if state["loader"].get("global_batch") not in (None, self.batch_size):
+                raise CheckpointError(f"checkpoint {resume_from} was trained with global batch "
+                                      f"{state['loader']['global_batch']}, this trainer uses {self.batch_size}")
+        self._check_model_on_one_batch(train_ds)
+        spec = self._spec(train_ds, val_ds, resume_from)
+        try:
+            payload = cloudpickle.dumps(spec)
+        except Exception as e:  # noqa: BLE001
+            raise TrainingConfigError(f"the model, loss, optimizer or transform cannot be sent to workers: "
+                                      f"{type(e).__name__}: {e}") from None
+        if self.workers == 1 and self.engine == "local":
+            out = train(cloudpickle.loads(payload))  # in this process: easy to debug
+        else:
+            from .engines import get
+
+            out = get(self.engine)(payload, self.workers, self.max_restarts, self.timeout_s, self.checkpoint_dir,
+                                   **self.engine_options)
+        model = build_model(spec)
+        model.load_state_dict(out["model"])
+        history = out["history"]
+        self.result = FitResult(model, dict(history[-1]) if history else {}, history, out["checkpoint"])
+        if not self.quiet:
+            from rich.console import Console
+
+            from .progress import summary_table
+
+            Console(stderr=True).print(summary_table(history))
+        return self.result
+
+    def predict(self, ds, out: str | None = None, batch_size: int | None = None, model=None, mode: str = "create"):
+        """Run the trained model over ``ds``; returns a Dataset with its columns (but the features) plus
+        ``prediction`` (and ``probabilities`` for classifiers). Written to ``out`` when given."""
+        import numpy as np
+        import pyarrow as pa
+
+        from ..store.writer import write
+
+        model = model or (self.result.model if self.result else None)
+        if model is None:
+            raise TensorGridError("predict needs a trained model: call fit first or pass model=")
+        ds = self._dataset(ds, "predict") if self.step is None else ds
+        keep = [c for c in ds.schema.names if c != self.features]
+        loader = ds.to_torch(batch_size=batch_size or self.batch_size, transform=self.transform)
+        classifier = is_classifier(self.loss)
+        model = copy.deepcopy(model).eval()
+
+        def batches():
+            with torch.no_grad():
+                for batch in loader:
+                    y = model(batch[self.features])
+                    cols = {c: _column(batch[c]) for c in keep}
+                    if classifier and y.ndim == 2:
+                        p = torch.softmax(y.float(), dim=1).numpy()
+                        cols["prediction"] = pa.array(p.argmax(axis=1).astype(np.int64))
+                        cols["probabilities"] = pa.FixedShapeTensorArray.from_numpy_ndarray(p.astype(np.float32))
+                    else:
+                        yn = y.detach().float().numpy()
+                        yn = yn.reshape(len(yn)) if yn.ndim == 2 and yn.shape[1] == 1 else yn
+                        cols["prediction"] = (pa.array(yn) if yn.ndim == 1 else
+                                              pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(yn)))
+                    yield pa.RecordBatch.from_pydict(cols)
+
+        if out is None:
+            return from_arrow(pa.Table.from_batches(list(batches())))
+        return write(out, batches(), mode=mode)
+
+
+def _column(v):
+    import numpy as np
+    import pyarrow as pa
+
+    if isinstance(v, torch.Tensor):
+        a = v.numpy()
+        return pa.array(a) if a.ndim == 1 else pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(a))
+    return pa.array(v)
