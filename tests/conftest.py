@@ -2,6 +2,10 @@ import uuid
 
 import fsspec
 import pytest
+import torch
+
+# tiny test models on 2 shared cores: one intra-op thread is fastest and steadiest
+torch.set_num_threads(1)
 
 
 @pytest.fixture

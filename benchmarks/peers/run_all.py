@@ -60,7 +60,10 @@ def run_one(variant: str, peer: str, figure: str, data: str, workers: int, timeo
 def table(results: list[dict]) -> str:
     rows = ["| figure | peer | workers | rows/s | GB/s | first batch s | note / error |", "|---|---|---|---|---|---|---|"]
     for r in results:
-        num = (lambda k, f: f.format(r[k]) if r.get(k) is not None else "-")
+
+        def num(k: str, f: str, r: dict = r) -> str:
+            return f.format(r[k]) if r.get(k) is not None else "-"
+
         text = f"ERROR: {r['error']}" if r.get("error") else r.get("note", "")
         rows.append(f"| {r['figure']} | {r['peer']} | {r['workers']} | {num('rows_per_s', '{:,}')} | "
                     f"{num('gb_per_s', '{:.3f}')} | {num('first_batch_s', '{:.3f}')} | {text.replace('|', '/')} |")

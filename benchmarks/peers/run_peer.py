@@ -276,8 +276,7 @@ def mosaic_read(c: Case, variant: str):
     c.mosaic = getattr(c, "mosaic", None) or _mosaic_dataset(c)
     c.note = "MDSWriter + StreamingDataset(local) + torch DataLoader"
     loader = torch.utils.data.DataLoader(c.mosaic, batch_size=c.batch, num_workers=c.workers)
-    for x, y in loader:
-        yield x, y
+    yield from loader
 
 
 # ---------------------------------------------------------------- WebDataset

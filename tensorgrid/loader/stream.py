@@ -68,11 +68,16 @@ def window_rows(plan: Plan, source: Source, pos: np.ndarray) -> dict:
 
 
 class Chunk:
-    """Batches ``first``, ``first + 1``, ... of one window: columns for all of them plus boundaries, or
-    the transformed batches."""
+    """Batches ``first``, ``first + 1``, ... of one window: columns for all of them plus boundaries (and a
+    transform still to apply per batch), or the finished batches."""
 
-    def __init__(self, first: int, cols: dict | None, bounds: list[int], batches: list | None = None):
+    def __init__(self, first: int, cols: dict | None, bounds: list[int], batches: list | None = None,
+                 transform=None, plan: Plan | None = None, pos: np.ndarray | None = None):
         self.first, self.cols, self.bounds, self.batches = first, cols, bounds, batches
+        self.transform, self.plan, self.pos = transform, plan, pos
+
+    def __getstate__(self):  # the plan and positions only serve error messages in the building process
+        return {**self.__dict__, "plan": None, "pos": None}
 
     def __iter__(self):
         if self.batches is not None:
@@ -80,7 +85,16 @@ class Chunk:
                 yield self.first + i, batch
             return
         for i in range(len(self.bounds) - 1):
-            yield self.first + i, slice_batch(self.cols, self.bounds[i], self.bounds[i + 1])
+            batch = slice_batch(self.cols, self.bounds[i], self.bounds[i + 1])
+            if self.transform is not None:
+                try:
+                    batch = self.transform(batch)
+                except Exception as e:  # noqa: BLE001 - re-raised with where it happened
+                    k = self.first + i
+                    where = _describe(self.plan, self.plan.rows_at(self.pos[self.bounds[i]:self.bounds[i + 1]]))
+                    raise TransformError(f"transform failed on batch {k} of epoch {self.plan.epoch} ({where}): "
+                                         f"{type(e).__name__}: {e}") from e
+            yield self.first + i, batch
 
 
 def _describe(plan: Plan, gids: np.ndarray) -> str:
@@ -92,7 +106,10 @@ def _describe(plan: Plan, gids: np.ndarray) -> str:
     return ", ".join(parts) + (", ..." if len(np.unique(shard)) > 3 else "")
 
 
-def build_chunk(plan: Plan, source: Source, c: int, first: int, transform=None, add_valid: bool = False) -> Chunk:
+def build_chunk(plan: Plan, source: Source, c: int, first: int, transform=None, add_valid: bool = False,
+                eager: bool = True) -> Chunk:
+    """This rank's batches of chunk c. The transform runs here when ``eager`` (in a worker), else as each
+    batch is taken from the chunk."""
     ks = plan.chunk_batches(c, first)
     positions = [plan.batch_positions(k) for k in ks]
     bounds = np.concatenate([[0], np.cumsum([len(p) for p in positions])]).tolist()
@@ -105,18 +122,10 @@ def build_chunk(plan: Plan, source: Source, c: int, first: int, transform=None, 
         cols = pad if cols is None else {k: _cat(cols[k], pad[k]) for k in cols}
     if add_valid:
         cols[VALID] = torch.from_numpy(real)
-    if transform is None:
-        return Chunk(ks.start, cols, bounds)
-    out = []
-    for i, k in enumerate(ks):
-        batch = slice_batch(cols, bounds[i], bounds[i + 1])
-        try:
-            out.append(transform(batch))
-        except Exception as e:  # noqa: BLE001 - re-raised with where it happened
-            where = _describe(plan, plan.rows_at(pos[bounds[i]:bounds[i + 1]]))
-            raise TransformError(f"transform failed on batch {k} of epoch {plan.epoch} ({where}): "
-                                 f"{type(e).__name__}: {e}") from e
-    return Chunk(ks.start, None, bounds, out)
+    chunk = Chunk(ks.start, cols, bounds, transform=transform, plan=plan, pos=pos)
+    if transform is not None and eager:
+        return Chunk(ks.start, None, bounds, batches=[b for _, b in chunk])
+    return chunk
 
 
 def _cat(a, b):
@@ -134,7 +143,7 @@ class _Chunks(IterableDataset):
         c0 = self.plan.chunk_of(self.first) if self.plan.num_batches else 0
         mine = range(c0 + wid, self.plan.num_chunks, nw)
         build = lambda c: build_chunk(self.plan, self.source, c, self.first, self.transform,  # noqa: E731
-                                      self.add_valid)
+                                      self.add_valid, eager=info is not None)
         if not is_remote(self.source.dataset) or len(mine) < 2:
             for c in mine:
                 yield build(c)
@@ -211,7 +220,7 @@ class Loader:
     def plan(self, epoch: int | None = None) -> Plan:
         return Plan(self.source.layout, self.batch_size, self.world_size, self.rank, self.shuffle, self.seed,
                     self.epoch if epoch is None else epoch, self.drop_last, self.window_rows,
-                    chunk_size=1 if self.transform is not None else None)
+                    chunk_size=1 if self.transform is not None and self.num_workers else None)
 
     def __len__(self) -> int:
         return self.plan().num_batches

@@ -1,0 +1,198 @@
+"""The trainer on real data (scikit-learn digits), real worker processes, real SIGKILLs."""
+
+import glob
+import os
+import signal
+import threading
+import time
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import tensorgrid as tg
+from tensorgrid.quickstart import digits_frame
+from tests.train import models
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    root = tmp_path_factory.mktemp("digits")
+    df = digits_frame()
+    train = tg.write(str(root / "train"), df.iloc[:1500])
+    val = tg.write(str(root / "val"), df.iloc[1500:])
+    return train, val
+
+
+def trainer(**kw):
+    base = dict(model=models.mlp, loss=torch.nn.CrossEntropyLoss(), optimizer=models.sgd, features="image",
+                label="label", transform=models.to_float, batch_size=64, epochs=2, quiet=True)
+    base.update(kw)
+    return tg.Trainer(**base)
+
+
+def weights(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def same(a, b, atol=1e-5):
+    return all(torch.allclose(a[k], b[k], atol=atol) for k in a)
+
+
+def test_learns_digits_and_predicts(digits, tmp_path):
+    train, val = digits
+    t = trainer(model=models.cnn, optimizer=models.adam, epochs=8)
+    r = t.fit(train, val=val)
+    assert r.metrics["val_accuracy"] >= 0.9, r.history
+    assert len(r.history) == 8 and r.history[-1]["loss"] < r.history[0]["loss"]
+    pred = t.predict(val, out=str(tmp_path / "pred"))
+    df = pred.to_pandas()
+    assert set(df.columns) == {"label", "prediction", "probabilities"}
+    assert (df["prediction"] == df["label"]).mean() >= 0.9
+    assert abs(df["probabilities"][0].sum() - 1) < 1e-5 and df["probabilities"][0].shape == (10,)
+    assert tg.open(str(tmp_path / "pred")).num_rows == val.num_rows
+
+
+def test_two_workers_follow_the_same_loss_curve_as_one(digits):
+    train, _ = digits
+    one = trainer(workers=1).fit(train)
+    two = trainer(workers=2).fit(train)
+    for a, b in zip(one.history, two.history):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6)
+    assert same(weights(one.model), weights(two.model), atol=1e-4)
+
+
+def test_checkpoints_and_exact_resume(digits, tmp_path):
+    train, _ = digits
+    full = trainer(epochs=3).fit(train)
+    ck = str(tmp_path / "ck")
+    part = trainer(epochs=1, checkpoint_dir=ck, keep_checkpoints=2).fit(train)
+    assert part.checkpoint.endswith(".pt") and os.path.exists(part.checkpoint)
+    resumed = trainer(epochs=3, checkpoint_dir=ck, keep_checkpoints=2).fit(train, resume=True)
+    assert same(weights(resumed.model), weights(full.model))
+    assert [round(h["loss"], 6) for h in resumed.history] == [round(h["loss"], 6) for h in full.history]
+    assert len(glob.glob(f"{ck}/ckpt-*.pt")) == 2  # keep_checkpoints
+
+
+def test_resume_mid_epoch_from_step_checkpoints(digits, tmp_path):
+    train, _ = digits
+    full = trainer(epochs=2).fit(train)
+    ck = str(tmp_path / "ck")
+    # a run that stops mid-epoch 2: its newest checkpoint is at step 30 (epoch 1 has 24 steps)
+    trainer(epochs=2, checkpoint_dir=ck, checkpoint_every=10, keep_checkpoints=10).fit(train)
+    for f in sorted(glob.glob(f"{ck}/ckpt-*.pt")):
+        if "s000000030" not in f and int(f.rsplit("-s", 1)[1][:9]) > 30:
+            os.remove(f)
+    resumed = trainer(epochs=2, checkpoint_dir=ck, checkpoint_every=10).fit(train, resume=True)
+    assert same(weights(resumed.model), weights(full.model))
+    assert resumed.history[-1]["loss"] == pytest.approx(full.history[-1]["loss"], rel=1e-6)
+
+
+def _children_of(pid):
+    out = []
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                with open(f"/proc/{p}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                if int(fields[1]) == pid:
+                    out.append(int(p))
+            except (OSError, ValueError):
+                pass
+    return out
+
+
+def _kill_a_worker_after_first_checkpoint(ck, killed):
+    deadline = time.time() + 120
+    while time.time() < deadline and not glob.glob(f"{ck}/ckpt-*.pt"):
+        time.sleep(0.05)
+    while time.time() < deadline:
+        workers = [c for c in _children_of(os.getpid()) if "python" in open(f"/proc/{c}/cmdline").read()]
+        if workers:
+            os.kill(workers[-1], signal.SIGKILL)
+            killed.append(workers[-1])
+            return
+        time.sleep(0.05)
+
+
+def test_killed_worker_raises_then_resume_continues_exactly(digits, tmp_path):
+    train, _ = digits
+    full = trainer(epochs=4, workers=2).fit(train)
+    ck = str(tmp_path / "ck")
+    killed = []
+    killer = threading.Thread(target=_kill_a_worker_after_first_checkpoint, args=(ck, killed))
+    killer.start()
+    t0 = time.time()
+    with pytest.raises(tg.WorkerFailedError, match=r"worker rank \d \(pid \d+\) died with signal SIGKILL") as e:
+        trainer(epochs=4, workers=2, checkpoint_dir=ck, checkpoint_every=5, timeout_s=60).fit(train)
+    killer.join()
+    assert killed and time.time() - t0 < 120  # no hang
+    assert e.value.checkpoint and "last checkpoint" in str(e.value)
+    resumed = trainer(epochs=4, workers=2, checkpoint_dir=ck, checkpoint_every=5).fit(train, resume=True)
+    assert same(weights(resumed.model), weights(full.model), atol=1e-4)
+
+
+def test_killed_worker_restarts_with_max_restarts(digits, tmp_path):
+    train, _ = digits
+    full = trainer(epochs=4, workers=2).fit(train)
+    ck = str(tmp_path / "ck")
+    killed = []
+    killer = threading.Thread(target=_kill_a_worker_after_first_checkpoint, args=(ck, killed))
+    killer.start()
+    r = trainer(epochs=4, workers=2, checkpoint_dir=ck, checkpoint_every=5, max_restarts=1).fit(train)
+    killer.join()
+    assert killed
+    assert same(weights(r.model), weights(full.model), atol=1e-4)
+
+
+def test_tensorboard_events_written_live(digits, tmp_path):
+    train, val = digits
+    logdir = str(tmp_path / "tb")
+    trainer(epochs=2, log_dir=logdir).fit(train, val=val)
+    acc = EventAccumulator(logdir)
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for tag in ("train/loss", "train/lr", "train/samples_per_s", "train/data_wait_fraction", "epoch/loss",
+                "epoch/accuracy", "epoch/val_loss", "epoch/val_accuracy", "epoch/data_wait_fraction"):
+        assert tag in tags, tags
+    assert len(acc.Scalars("train/loss")) == 48 and len(acc.Scalars("epoch/val_accuracy")) == 2
+
+
+def test_tensorboard_to_memory_url(digits):
+    import fsspec
+
+    train, _ = digits
+    trainer(epochs=1, log_dir="memory://tb-test/run1").fit(train)
+    fs = fsspec.filesystem("memory")
+    files = fs.ls("/tb-test/run1", detail=False)
+    assert files and "tfevents" in files[0]
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        fs.get(files[0], d + "/")
+        acc = EventAccumulator(d)
+        acc.Reload()
+        assert len(acc.Scalars("train/loss")) == 24
+
+
+def test_bad_input_fails_before_any_worker(digits, tmp_path):
+    train, _ = digits
+    with pytest.raises(tg.TrainingConfigError, match="no column 'pixels'"):
+        trainer(features="pixels").fit(train)
+    with pytest.raises(tg.TrainingConfigError, match="does not fit the data"):
+        trainer(model=models.wrong_output, loss=torch.nn.MSELoss()).fit(train)
+    with pytest.raises(tg.TrainingConfigError, match="empty"):
+        trainer().fit(tg.from_arrow(train.to_arrow().slice(0, 0)))
+    lock = threading.Lock()
+    with pytest.raises(tg.TrainingConfigError, match="cannot be sent to workers"):
+        trainer(model=lambda: (lock, models.mlp())[1], workers=2).fit(train)
+    with pytest.raises(tg.TrainingConfigError, match="global batch"):
+        trainer(batch_size=65, workers=2)
+    with pytest.raises(tg.TrainingConfigError, match="memory://"):
+        trainer(workers=2, checkpoint_dir="memory://x").fit(train)
+    ck = str(tmp_path / "ck")
+    trainer(epochs=1, checkpoint_dir=ck).fit(train)
+    with pytest.raises(tg.CheckpointError, match="different model"):
+        trainer(model=models.cnn, epochs=2, checkpoint_dir=ck).fit(train, resume=True)
+    with pytest.raises(tg.CheckpointError, match="no checkpoint"):
+        trainer(checkpoint_dir=str(tmp_path / "none")).fit(train, resume=True)
