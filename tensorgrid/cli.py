@@ -199,7 +199,7 @@ def cmd_ingest(a) -> None:
 def cmd_quickstart(a) -> None:
     from .quickstart import run
 
-    run(a.root)
+    run(a.root, train=not a.no_train)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -213,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
         return sp
 
     sp = add("quickstart", cmd_quickstart, "write scikit-learn's digits as a dataset and tour the API")
-    sp.add_argument("--root", default="grid", help="where to put datasets (default ./grid)")
+    sp.add_argument("--root", default="grid", help="where to put datasets and runs (default ./grid)")
+    sp.add_argument("--no-train", action="store_true", help="skip the training part")
     sp = add("ingest", cmd_ingest, "ingest CSV, Parquet, JSON Lines or a folder of images into a dataset")
     sp.add_argument("src")
     sp.add_argument("dest")

@@ -27,8 +27,14 @@ def test_quickstart_writes_digits(tmp_path):
     assert ds.num_rows == 1797
     assert ds.schema.field("image").type.shape == [8, 8]
     assert "1,797" in out and "verified" in out and "Try next" in out
+    assert "batch 0: image (256, 8, 8) torch.uint8" in out
+    acc = float(out.split("held-out accuracy ")[1].split()[0])
+    assert acc >= 0.95
+    ckpts = list((tmp_path / "grid" / "runs" / "digits" / "checkpoints").glob("ckpt-*.pt"))
+    events = list((tmp_path / "grid" / "runs" / "digits" / "tensorboard").glob("events.out.tfevents*"))
+    assert ckpts and events and "tensorboard --logdir" in out
     # a plain glob over the shards reads the current version (quickstart starts it afresh every run)
-    code, _, err = run("quickstart", cwd=tmp_path)
+    code, _, err = run("quickstart", "--no-train", cwd=tmp_path)
     assert code == 0, err
     import duckdb
 
