@@ -35,6 +35,7 @@ def spark():
     from pyspark.sql import SparkSession
 
     __import__("os").environ["SPARK_LOCAL_IP"] = "127.0.0.1"  # loopback only
+    __import__("os").environ["PYSPARK_PYTHON"] = __import__("sys").executable  # this venv on the executors
 
     session = (SparkSession.builder.master("local[2]").appName("tensorgrid-tests")
                .config("spark.ui.enabled", "false")
@@ -44,3 +45,21 @@ def spark():
     yield session
     session.stop()
     del pyspark
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real two-node Ray cluster on this machine (one CPU each), shared by the whole run."""
+    import os
+
+    # Ray picks the address it would use to reach the internet; this keeps every node on loopback
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray = pytest.importorskip("ray", reason="ray is in the dev extras")
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    cluster.add_node(num_cpus=1)
+    ray.init(address=cluster.address)
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()

@@ -31,6 +31,7 @@ warnings.filterwarnings("ignore", message="The given NumPy array is not writable
 BATCH = {"rows1mb": 16, "records100": 256, "mnist": 256, "jpeg64": 256}
 SHUFFLE_BUFFER = 10_000  # for peers that shuffle approximately through a buffer
 CHUNK_BYTES = 64 << 20  # rows per write call / row group / shard, by bytes
+FILES_MAX = 200_000  # the files peer writes one file per sample, so it stops here
 
 
 class Case:
@@ -427,8 +428,12 @@ def warm_page_cache(c: Case) -> None:
 def run(peer: str, figure: str, data: str, workers: int) -> dict:
     c = Case(figure, data, os.path.join(data, base_peer(peer), figure), workers)
     write, read = PEERS[base_peer(peer)]
+    capped = base_peer(peer) == "files" and c.rows > FILES_MAX
+    if capped:  # millions of tiny files: writing and cold-reading them alone would take half an hour
+        c.rows = FILES_MAX
     stamp = c.out + ".tg-written.json"  # beside, not inside: readers list their directory
-    written = os.path.exists(stamp) and json.load(open(stamp)).get("meta") == c.meta
+    meta = {**c.meta, "rows_used": c.rows}
+    written = os.path.exists(stamp) and json.load(open(stamp)).get("meta") == meta
     write_s = None
     if not written:
         shutil.rmtree(c.out, ignore_errors=True)
@@ -436,7 +441,7 @@ def run(peer: str, figure: str, data: str, workers: int) -> dict:
         write(c)
         write_s = time.perf_counter() - t0
         with open(stamp, "w") as f:
-            json.dump({"meta": c.meta, "write_s": write_s}, f)
+            json.dump({"meta": meta, "write_s": write_s}, f)
     warm_page_cache(c)
     for _, _ in zip(range(3), read(c, peer)):  # lazy imports, pools, JIT: not part of the epoch
         pass
@@ -449,6 +454,8 @@ def run(peer: str, figure: str, data: str, workers: int) -> dict:
     note = f"{c.note}; {r['kind']}; warm, median of {len(runs)}"
     if write_s is not None:
         note += f"; wrote in {write_s:.0f}s"
+    if capped:
+        note += f"; first {FILES_MAX:,} of {c.meta['rows']:,} rows only"
     if r["rows"] != c.rows:
         note += f"; DELIVERED {r['rows']} of {c.rows} rows"
     return {"rows": r["rows"], "seconds": round(r["seconds"], 3), "rows_per_s": round(r["rows"] / r["seconds"]),

@@ -29,6 +29,14 @@ def column_to_torch(col: pa.ChunkedArray | pa.Array):
                 and col.values.null_count == 0:
             flat = col.values.slice(col.offset * t.list_size, len(col) * t.list_size)
             return _from_numpy(flat.to_numpy(zero_copy_only=False).reshape(len(col), t.list_size))
+        if (pa.types.is_list(t) or pa.types.is_large_list(t)) and (
+                pa.types.is_integer(t.value_type) or pa.types.is_floating(t.value_type)):
+            # lists of one length (e.g. Spark's array columns) stack into a (rows, length) tensor
+            offsets = col.offsets.to_numpy()
+            lengths = np.diff(offsets)
+            if len(lengths) and (lengths == lengths[0]).all() and col.values.null_count == 0:
+                flat = col.values.slice(offsets[0], offsets[-1] - offsets[0])
+                return _from_numpy(flat.to_numpy(zero_copy_only=False).reshape(len(col), int(lengths[0])))
     return col.to_pylist()
 
 

@@ -21,6 +21,7 @@ class FitResult:
     metrics: dict  # the last epoch's train (and val_*) metrics
     history: list[dict] = field(default_factory=list)
     checkpoint: str | None = None
+    placement: list[str] | None = None  # where the workers ran (Ray node ids), when the engine says
 
 
 class Trainer:
@@ -165,7 +166,8 @@ class Trainer:
         model = build_model(spec)
         model.load_state_dict(out["model"])
         history = out["history"]
-        self.result = FitResult(model, dict(history[-1]) if history else {}, history, out["checkpoint"])
+        self.result = FitResult(model, dict(history[-1]) if history else {}, history, out["checkpoint"],
+                                out.get("placement"))
         if not self.quiet:
             from rich.console import Console
 

@@ -1,0 +1,77 @@
+"""Ray engine: one actor per worker (spread across nodes), torch.distributed between them (rendezvous at
+rank 0's node). A dead actor stops the group: the others are killed (no hang), then the group restarts from
+the last checkpoint (``max_restarts``) or ``WorkerFailedError`` is raised."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from ...errors import TrainingConfigError, WorkerFailedError
+from .. import checkpoint as ckpt
+
+
+class _Worker:
+    def address(self) -> tuple[str, int]:
+        import ray
+
+        ip = ray.util.get_node_ip_address()
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return ip, s.getsockname()[1]
+
+    def node(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+    def train(self, payload: bytes, rank: int, world: int, addr: str, port: int, restarted: bool):
+        import cloudpickle
+
+        from ..loop import train
+
+        os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": "0",
+                           "MASTER_ADDR": addr, "MASTER_PORT": str(port)})
+        return train(cloudpickle.loads(payload), rank, world, restarted=restarted)
+
+
+def run(payload: bytes, workers: int, max_restarts: int, timeout_s: float, checkpoint_dir: str | None,
+        address: str | None = None, num_cpus_per_worker: float = 1, **init_options):
+    try:
+        import ray
+    except ImportError:
+        raise TrainingConfigError("engine='ray' needs Ray: pip install 'tensorgrid[ray]'") from None
+    if not ray.is_initialized():
+        opts = {"include_dashboard": False, "log_to_driver": True, **init_options}
+        if address is None:
+            opts.setdefault("_node_ip_address", "127.0.0.1")
+        ray.init(address=address, **opts)
+    remote = ray.remote(num_cpus=num_cpus_per_worker, scheduling_strategy="SPREAD")(_Worker)
+    attempt = 0
+    while True:
+        actors = [remote.remote() for _ in range(workers)]
+        try:
+            addr, port = ray.get(actors[0].address.remote(), timeout=timeout_s)
+            placement = ray.get([a.node.remote() for a in actors], timeout=timeout_s)
+            futures = [a.train.remote(payload, r, workers, addr, port, attempt > 0) for r, a in enumerate(actors)]
+            pending = list(futures)
+            while pending:  # fail fast: the first error stops everyone
+                done, pending = ray.wait(pending, num_returns=1)
+                ray.get(done)
+            return {**ray.get(futures[0]), "placement": placement}
+        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError, ray.exceptions.GetTimeoutError) as e:
+            for a in actors:
+                ray.kill(a, no_restart=True)
+            if attempt < max_restarts:
+                attempt += 1
+                continue
+            last = ckpt.latest(checkpoint_dir)
+            first = str(e).strip().splitlines()[0][:300]
+            where = f"last checkpoint: {last}; fit(resume=True) continues from it" if last else "no checkpoint was written"
+            raise WorkerFailedError(f"a Ray training worker failed: {first} ({where})", checkpoint=last) from None
+        finally:
+            for a in actors:
+                try:
+                    ray.kill(a, no_restart=True)
+                except Exception:  # noqa: BLE001 - already gone
+                    pass

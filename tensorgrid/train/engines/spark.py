@@ -1,0 +1,100 @@
+"""Spark engine: one barrier-mode task per worker on an existing SparkSession (all start together or
+none do), torch.distributed between them with rank 0's host as the rendezvous. A Spark DataFrame is
+written to Parquet by the executors (never collected to the driver) and read back per rank."""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import uuid
+
+from ...errors import TrainingConfigError, WorkerFailedError
+from .. import checkpoint as ckpt
+
+
+def _session():
+    try:
+        from pyspark.sql import SparkSession
+    except ImportError:
+        raise TrainingConfigError("engine='spark' needs PySpark: pip install 'tensorgrid[spark]'") from None
+    spark = SparkSession.getActiveSession()
+    if spark is None:
+        raise TrainingConfigError("engine='spark' trains on the active SparkSession: create one first "
+                                  "(SparkSession.builder.master(...).getOrCreate())")
+    return spark
+
+
+def dataset_of(sdf, where: str | None = None):
+    """A Spark DataFrame as a TensorGrid dataset: the executors write its partitions as Parquet."""
+    from ...store import open as open_dataset
+
+    base = where or os.environ.get("TENSORGRID_SPARK_STAGING") or tempfile.gettempdir()
+    path = os.path.join(base, f"tensorgrid-spark-{uuid.uuid4().hex[:12]}")
+    sdf.write.parquet(path)
+    return open_dataset(path)
+
+
+def _task(payload: bytes, world: int):
+    def run_partition(_):
+        from pyspark import BarrierTaskContext
+
+        ctx = BarrierTaskContext.get()
+        rank = ctx.partitionId()
+        host = ctx.getTaskInfos()[0].address.split(":")[0]
+        port = ""
+        if rank == 0:
+            with socket.socket() as s:
+                s.bind(("", 0))
+                port = str(s.getsockname()[1])
+        port = next(p for p in ctx.allGather(port) if p)
+        import cloudpickle
+
+        from ..loop import train
+
+        os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": "0",
+                           "MASTER_ADDR": host, "MASTER_PORT": port})
+        out = train(cloudpickle.loads(payload), rank, world)
+        yield cloudpickle.dumps(out) if rank == 0 else b""
+
+    return run_partition
+
+
+def run(payload: bytes, workers: int, max_restarts: int, timeout_s: float, checkpoint_dir: str | None):
+    import cloudpickle
+
+    spark = _session()
+    sc = spark.sparkContext
+    attempt = 0
+    while True:
+        try:
+            rdd = sc.parallelize(range(workers), workers).barrier().mapPartitions(_task(payload, workers))
+            results = [r for r in rdd.collect() if r]
+            return cloudpickle.loads(results[0])
+        except Exception as e:  # noqa: BLE001 - py4j wraps every task failure
+            if attempt < max_restarts:
+                attempt += 1
+                from .. import loop
+
+                payload = _with_resume(payload, ckpt.latest(checkpoint_dir), loop)
+                continue
+            last = ckpt.latest(checkpoint_dir)
+            first = _python_error(str(e))
+            where = f"last checkpoint: {last}; fit(resume=True) continues from it" if last else "no checkpoint was written"
+            raise WorkerFailedError(f"a Spark training task failed: {first.strip()} ({where})", checkpoint=last) from None
+
+
+def _with_resume(payload: bytes, latest: str | None, loop) -> bytes:
+    import cloudpickle
+
+    spec = cloudpickle.loads(payload)
+    spec.resume_from = latest or spec.resume_from
+    return cloudpickle.dumps(spec)
+
+
+def _python_error(text: str) -> str:
+    """The Python exception line inside a py4j/Spark error dump, else its first line."""
+    import re
+
+    found = re.findall(r"^(\w+(?:Error|Exception|Interrupt)(?::.*)?)$", text, flags=re.M)
+    return (found[0] if found else text.strip().splitlines()[0])[:300]

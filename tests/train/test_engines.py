@@ -1,0 +1,47 @@
+"""The same training on every engine: local processes, a real two-node Ray cluster, Spark local[2]."""
+
+import pytest
+import torch
+
+import tensorgrid as tg
+from tests.train import models
+from tests.train.test_trainer import digits, trainer  # noqa: F401 - fixture
+
+
+@pytest.fixture(scope="module")
+def reference(digits):  # noqa: F811
+    return trainer(workers=1).fit(digits[0])
+
+
+def _same_curve(a, b):
+    for x, y in zip(a.history, b.history):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-4, abs=1e-6)
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert all(torch.allclose(sa[k], sb[k], atol=1e-4) for k in sa)
+
+
+def test_ray_engine_same_curve_and_spread_over_nodes(ray_cluster, digits, reference):  # noqa: F811
+    r = trainer(workers=2, engine="ray").fit(digits[0])
+    _same_curve(r, reference)
+    assert r.placement and len(set(r.placement)) == 2  # one worker on each node
+
+
+def test_spark_engine_same_curve(spark, digits, reference):  # noqa: F811
+    r = trainer(workers=2, engine="spark").fit(digits[0])
+    _same_curve(r, reference)
+
+
+def test_spark_dataframe_trains_without_collecting(spark, digits, tmp_path):  # noqa: F811
+    pdf = digits[0].to_pandas()
+    pdf["image"] = pdf["image"].map(lambda a: a.reshape(-1).tolist())  # Spark has arrays, not tensors
+    sdf = spark.createDataFrame(pdf)
+    from tensorgrid import transforms as T
+
+    r = trainer(workers=2, engine="spark", epochs=3, transform=T.to_float(scale=1 / 255)).fit(sdf)
+    assert r.history[-1]["accuracy"] > 0.8
+
+
+def test_spark_engine_needs_a_session_and_ray_needs_ray(digits):  # noqa: F811
+    assert tg.Trainer(model=models.mlp, loss=torch.nn.CrossEntropyLoss(), engine="spark").engine == "spark"
+    with pytest.raises(tg.TrainingConfigError, match="engine"):
+        tg.Trainer(model=models.mlp, loss=torch.nn.CrossEntropyLoss(), engine="dask")
