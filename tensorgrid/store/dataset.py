@@ -95,6 +95,8 @@ class Dataset:
             schema = self.schema if columns is None else pa.schema([self.schema.field(c) for c in columns])
             return schema.empty_table()
         if n == 1:
+            if isinstance(self, StoreDataset) and filter is None:
+                return self.read_shard(0, columns, parallel=True)
             return self.read_shard(0, columns, filter)
         with ThreadPoolExecutor(min(n, _threads())) as pool:
             tables = list(pool.map(lambda i: self.read_shard(i, columns, filter), range(n)))
@@ -256,12 +258,21 @@ class StoreDataset(Dataset):
         self._check(shard, data, where)
         return pa.py_buffer(data)
 
-    def read_shard(self, i: int, columns: list[str] | None = None, filter: pc.Expression | None = None) -> pa.Table:
+    def read_shard(self, i: int, columns: list[str] | None = None, filter: pc.Expression | None = None,
+                   parallel: bool = False) -> pa.Table:
         shard = self._m.shards[i]
         buf = self._shard_buffer(shard)
         try:
             if filter is None:  # the direct reader: ~1 ms less per shard than the dataset machinery
-                table = pq.ParquetFile(pa.BufferReader(buf)).read(columns=columns)
+                pf = pq.ParquetFile(pa.BufferReader(buf))
+                groups = pf.metadata.num_row_groups
+                if parallel and groups > 1:  # Parquet decodes columns in parallel, not row groups: split them
+                    with ThreadPoolExecutor(min(groups, _threads())) as pool:
+                        parts = list(pool.map(lambda g: pq.ParquetFile(pa.BufferReader(buf)).read_row_group(
+                            g, columns=columns), range(groups)))
+                    table = pa.concat_tables(parts)
+                else:
+                    table = pf.read(columns=columns)
             else:
                 table = pq.read_table(pa.BufferReader(buf), columns=columns, filters=filter, schema=self._m.schema)
         except _PARSE_ERRORS as e:

@@ -325,3 +325,20 @@ def test_memory_stays_flat_over_ten_epochs(tmp_path, cache):
         assert n == 16_000
         rss.append(_rss())
     assert rss[-1] <= rss[1] * 1.05 + (4 << 20), [r >> 20 for r in rss]
+
+
+EXIT_MIDWAY = textwrap.dedent("""
+    import sys, tensorgrid as tg
+    loader = tg.open(sys.argv[1]).to_torch(batch_size=10, num_workers=2, shuffle=True, shuffle_buffer=20)
+    it = iter(loader)
+    next(it); next(it)
+    print("leaving with workers running", flush=True)
+    # no cleanup: the interpreter exits with the iterator and its workers alive
+""")
+
+
+def test_interpreter_exit_with_live_workers_does_not_hang(ds):
+    t0 = time.time()
+    out = subprocess.run([sys.executable, "-c", EXIT_MIDWAY, ds.url], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "leaving" in out.stdout and time.time() - t0 < 30
