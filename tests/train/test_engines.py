@@ -45,3 +45,42 @@ def test_spark_engine_needs_a_session_and_ray_needs_ray(digits):  # noqa: F811
     assert tg.Trainer(model=models.mlp, loss=torch.nn.CrossEntropyLoss(), engine="spark").engine == "spark"
     with pytest.raises(tg.TrainingConfigError, match="engine"):
         tg.Trainer(model=models.mlp, loss=torch.nn.CrossEntropyLoss(), engine="dask")
+
+
+def _kill_ray_worker_after_first_checkpoint(ck, killed):
+    import glob
+    import os
+    import signal
+    import time
+
+    deadline = time.time() + 120
+    while time.time() < deadline and not glob.glob(f"{ck}/ckpt-*.pt"):
+        time.sleep(0.05)
+    while time.time() < deadline:
+        for pid in os.listdir("/proc"):
+            try:
+                if pid.isdigit() and b"ray::_Worker.train" in open(f"/proc/{pid}/cmdline", "rb").read():
+                    os.kill(int(pid), signal.SIGKILL)
+                    killed.append(int(pid))
+                    return
+            except OSError:
+                pass
+        time.sleep(0.05)
+
+
+def test_ray_worker_killed_then_resumed(ray_cluster, digits, tmp_path):  # noqa: F811
+    import threading
+
+    full = trainer(workers=2, engine="ray", epochs=4).fit(digits[0])
+    ck = str(tmp_path / "ck")
+    killed = []
+    killer = threading.Thread(target=_kill_ray_worker_after_first_checkpoint, args=(ck, killed))
+    killer.start()
+    with pytest.raises(tg.WorkerFailedError, match="Ray training worker failed.*last checkpoint"):
+        trainer(workers=2, engine="ray", epochs=4, checkpoint_dir=ck, checkpoint_every=5, timeout_s=60).fit(digits[0])
+    killer.join()
+    assert killed
+    resumed = trainer(workers=2, engine="ray", epochs=4, checkpoint_dir=ck, checkpoint_every=5).fit(
+        digits[0], resume=True)
+    sa, sb = resumed.model.state_dict(), full.model.state_dict()
+    assert all(torch.allclose(sa[k], sb[k], atol=1e-4) for k in sa)
