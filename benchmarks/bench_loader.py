@@ -14,22 +14,25 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import time
 
 import numpy as np
 import pyarrow as pa
-import torch
-from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import DATA, machine, memcpy_gbs, table  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "peers"))
+import datagen  # noqa: E402
 
 import tensorgrid as tg  # noqa: E402
 from tensorgrid import transforms as T  # noqa: E402
 
 RESULTS: list[dict] = []
+PEER_DATA = os.path.join(DATA, "peers")
+HEADLINE = {"rows1mb": "sequential, Arrow IPC cache (zero-copy)", "records100": "shuffled, Arrow IPC cache",
+            "mnist": "shuffled, Arrow IPC cache"}
 
 
 def record(figure, variant, rows, seconds, nbytes=None, first=None, note=""):
@@ -57,111 +60,72 @@ def best_of(make_loader, key, repeat=3):
     return runs[len(runs) // 2]
 
 
+def _source(figure: str, rows: int) -> dict:
+    """The peers' source arrays (benchmarks/peers/datagen.py): every loader reads the same data."""
+    datagen.generate(PEER_DATA, figure, rows)
+    return datagen.load(PEER_DATA, figure)
+
+
+def _write_tensors(url: str, src: dict, image_col: str) -> None:
+    if os.path.exists(url):
+        return
+    x, y = src["x"], src["label"]
+    step = max(1, (64 << 20) // (x.itemsize * int(np.prod(x.shape[1:]))))
+    tg.write(url, (pa.record_batch({image_col: pa.FixedShapeTensorArray.from_numpy_ndarray(np.asarray(x[i:i + step])),
+                                    "label": y[i:i + step]}) for i in range(0, len(x), step)))
+
+
 def rows1mb(n: int, root: str) -> None:
     url = os.path.join(root, "rows1mb")
-    if not os.path.exists(url):
-        block = np.random.default_rng(0).integers(0, 255, (64, 1024, 1024), dtype=np.uint8)
-        tg.write(url, (pa.record_batch({"id": np.arange(s, s + min(64, n - s)),
-                                        "x": pa.FixedShapeTensorArray.from_numpy_ndarray(block[:min(64, n - s)])})
-                       for s in range(0, n, 64)))
+    _write_tensors(url, _source("rows1mb", n), "x")
     ds = tg.open(url)
     cache = os.path.join(root, "cache-rows1mb")
-    for variant, kw in (("sequential, Arrow IPC cache (zero-copy)", {"cache_dir": cache}),
+    for variant, kw in ((HEADLINE["rows1mb"], {"cache_dir": cache}),
                         ("sequential, Parquet (one decode copy)", {}),
-                        ("shuffled, Arrow IPC cache", {"cache_dir": cache, "shuffle": True}),
-                        ("sequential, IPC cache, 2 workers", {"cache_dir": cache, "num_workers": 2})):
+                        ("shuffled, Arrow IPC cache", {"cache_dir": cache, "shuffle": True})):
         rows, secs, first = best_of(lambda kw=kw: ds.to_torch(batch_size=16, columns=["x"], **kw), "x")
         record("rows1mb", variant, rows, secs, rows * (1 << 20), first)
 
 
-def records(n: int, root: str) -> None:
-    url = os.path.join(root, "records100")
-    if not os.path.exists(url):
-        rng = np.random.default_rng(1)
-        x = rng.standard_normal((n, 25), dtype=np.float32)
-        tg.write(url, pa.table({"x": pa.FixedShapeTensorArray.from_numpy_ndarray(x),
-                                "label": rng.integers(0, 10, n)}))
+def small_records(figure: str, n: int, root: str, image_col: str, row_bytes: int) -> None:
+    url = os.path.join(root, figure)
+    _write_tensors(url, _source(figure, n), image_col)
     ds = tg.open(url)
-    cache = os.path.join(root, "cache-records100")
-    for variant, kw in (("shuffled, Arrow IPC cache", {"cache_dir": cache, "shuffle": True}),
+    cache = os.path.join(root, f"cache-{figure}")
+    for variant, kw in ((HEADLINE[figure], {"cache_dir": cache, "shuffle": True}),
                         ("shuffled, Parquet", {"shuffle": True}),
                         ("sequential, Arrow IPC cache", {"cache_dir": cache})):
         rows, secs, first = best_of(lambda kw=kw: ds.to_torch(batch_size=256, **kw), "label")
-        record("records100", variant, rows, secs, rows * 108, first)
-
-
-def mnist(n: int, root: str) -> None:
-    url = os.path.join(root, "mnist")
-    if not os.path.exists(url):
-        rng = np.random.default_rng(2)
-        x = rng.integers(0, 255, (n, 28, 28), dtype=np.uint8)
-        tg.write(url, pa.table({"image": pa.FixedShapeTensorArray.from_numpy_ndarray(x),
-                                "label": rng.integers(0, 10, n)}))
-    ds = tg.open(url)
-    cache = os.path.join(root, "cache-mnist")
-    for variant, kw in (("shuffled, Arrow IPC cache", {"cache_dir": cache, "shuffle": True}),
-                        ("shuffled, Parquet", {"shuffle": True}),
-                        ("sequential, Arrow IPC cache", {"cache_dir": cache})):
-        rows, secs, first = best_of(lambda kw=kw: ds.to_torch(batch_size=256, **kw), "label")
-        record("mnist", variant, rows, secs, rows * 792, first)
-
-
-class LooseJpegs(torch.utils.data.Dataset):
-    """The baseline: a plain PyTorch Dataset reading loose files with Pillow."""
-
-    def __init__(self, files):
-        self.files = files
-
-    def __len__(self):
-        return len(self.files)
-
-    def __getitem__(self, i):
-        with Image.open(self.files[i]) as im:
-            return torch.from_numpy(np.asarray(im.convert("RGB"))).permute(2, 0, 1)
+        record(figure, variant, rows, secs, rows * row_bytes, first)
 
 
 def jpegs(n: int, root: str) -> None:
-    folder = os.path.join(root, "jpeg64-files")
     url = os.path.join(root, "jpeg64")
     if not os.path.exists(url):
-        rng = np.random.default_rng(3)
-        shutil.rmtree(folder, ignore_errors=True)
-        base = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
-        for i in range(n):
-            d = os.path.join(folder, f"c{i % 10}")
-            os.makedirs(d, exist_ok=True)
-            img = (base.astype(np.int16) + rng.integers(-20, 20, (64, 64, 3))).clip(0, 255).astype(np.uint8)
-            Image.fromarray(img).save(os.path.join(d, f"{i:06d}.jpg"), quality=90)
-        tg.ingest_images(folder, url)
+        src = _source("jpeg64", n)
+        offsets, blob = src["offsets"], src["jpeg"]
+        images = pa.Array.from_buffers(pa.binary(), len(offsets) - 1,
+                                       [None, pa.py_buffer(np.ascontiguousarray(offsets).astype(np.int32)),
+                                        pa.py_buffer(np.ascontiguousarray(blob))])
+        tg.write(url, pa.table({"image": images, "label": src["label"]}))
     ds = tg.open(url)
-    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs)
     for workers in (0, 1, 2):
         rows, secs, first = best_of(lambda w=workers: ds.to_torch(
-            batch_size=256, columns=["image", "label_index"], shuffle=True, transform=T.decode_image,
-            num_workers=w), "image", repeat=1)
-        record("jpeg64", f"tensorgrid, decode in {workers} workers", rows, secs, None, first)
-        rows, secs, first = best_of(lambda w=workers: torch.utils.data.DataLoader(
-            LooseJpegs(files), batch_size=256, shuffle=True, num_workers=w), 0, repeat=1) if False else \
-            _loose(files, workers)
-        record("jpeg64", f"plain DataLoader over files, {workers} workers", rows, secs, None, first)
+            batch_size=256, shuffle=True, transform=T.decode_image, num_workers=w), "image", repeat=1)
+        record("jpeg64", f"decode in {workers} workers", rows, secs, rows * 64 * 64 * 3, first)
 
 
-def _loose(files, workers):
-    def make():
-        return torch.utils.data.DataLoader(LooseJpegs(files), batch_size=256, shuffle=True, num_workers=workers)
-
-    epoch_ = lambda: _epoch_list(make())  # noqa: E731
-    epoch_()
-    return epoch_()
-
-
-def _epoch_list(loader):
-    t0, first, rows = time.perf_counter(), None, 0
-    for b in loader:
-        if first is None:
-            first = time.perf_counter() - t0
-        rows += len(b)
-    return rows, time.perf_counter() - t0, first
+def resume_time(root: str) -> float:
+    """Seconds from load_state_dict at the last batch of an epoch to that batch (records100)."""
+    ds = tg.open(os.path.join(root, "records100"))
+    loader = ds.to_torch(batch_size=256, shuffle=True, cache_dir=os.path.join(root, "cache-records100"))
+    state = {**loader.state_dict(), "batch": len(loader) - 1}
+    t0 = time.perf_counter()
+    fresh = tg.open(os.path.join(root, "records100")).to_torch(
+        batch_size=256, shuffle=True, cache_dir=os.path.join(root, "cache-records100"))
+    fresh.load_state_dict(state)
+    next(iter(fresh))
+    return time.perf_counter() - t0
 
 
 def shuffle_quality(root: str) -> float:
@@ -175,6 +139,39 @@ def shuffle_quality(root: str) -> float:
     return float(np.corrcoef(np.arange(n), order)[0, 1])
 
 
+def peers(a, only) -> None:
+    """Run the peers on the same source data, then print tensorgrid / peer ratios."""
+    import subprocess
+
+    out = a.peers_json or os.path.join(DATA, "peers-results.json")
+    if not a.peers_json:
+        sizes = f"rows1mb={a.rows1mb},records100={a.records},mnist={a.mnist},jpeg64={a.jpegs}"
+        subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "peers",
+                                                     "run_all.py"),
+                        "--data", PEER_DATA, "--figures", ",".join(sorted(only)), "--rows", sizes, "--json", out],
+                       check=False)
+    with open(out) as f:
+        res = json.load(f)
+    res = res if isinstance(res, list) else res.get("results", [])
+    ours = {}
+    for r in RESULTS:
+        key = (r["figure"], int(r["variant"].split()[2]) if r["figure"] == "jpeg64" else 0)
+        if r["figure"] == "jpeg64" or r["variant"] == HEADLINE.get(r["figure"]):
+            ours[key] = r["rows_per_s"]
+    rows = []
+    for p in res:
+        key = (p["figure"], p.get("workers") or 0)
+        mine = ours.get(key)
+        if p.get("error") or not p.get("rows_per_s"):
+            rows.append((p["figure"], p["peer"], key[1], "-", f"{mine:,.0f}" if mine else "-", "-",
+                         f"error: {p.get('error')}"[:70]))
+            continue
+        rows.append((p["figure"], p["peer"], key[1], f"{p['rows_per_s']:,.0f}", f"{mine:,.0f}" if mine else "-",
+                     f"{mine / p['rows_per_s']:.1f}x" if mine else "-", ""))
+    print("\n## tensorgrid vs peers (same data, same machine, this run; rows/s)\n")
+    print(table(rows, ("figure", "peer", "workers", "peer rows/s", "tensorgrid rows/s", "tg / peer", "note")))
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--rows1mb", type=int, default=2000)
@@ -183,6 +180,8 @@ def main():
     p.add_argument("--jpegs", type=int, default=20_000)
     p.add_argument("--only", default="rows1mb,records100,mnist,jpeg64")
     p.add_argument("--json", default=os.path.join(DATA, "tensorgrid_loader.json"))
+    p.add_argument("--peers", action="store_true", help="also run every peer (benchmarks/peers) on the same data")
+    p.add_argument("--peers-json", help="compare with peer results already measured by peers/run_all.py")
     a = p.parse_args()
     root = os.path.join(DATA, "tg")
     os.makedirs(root, exist_ok=True)
@@ -193,9 +192,9 @@ def main():
     if "rows1mb" in only:
         rows1mb(a.rows1mb, root)
     if "records100" in only:
-        records(a.records, root)
+        small_records("records100", a.records, root, "x", 108)
     if "mnist" in only:
-        mnist(a.mnist, root)
+        small_records("mnist", a.mnist, root, "image", 792)
     if "jpeg64" in only:
         jpegs(a.jpegs, root)
     rows = [(r["figure"], r["variant"], f"{r['rows_per_s']:,.0f}",
@@ -206,6 +205,9 @@ def main():
     if "records100" in only:
         print(f"\nshuffle quality (records100, Spearman rank correlation storage vs epoch position): "
               f"{shuffle_quality(root):+.4f}")
+        print(f"resume at the last batch of an epoch -> first batch: {resume_time(root):.3f} s")
+    if a.peers or a.peers_json:
+        peers(a, only)
     with open(a.json, "w") as f:
         json.dump({"machine": machine(), "memcpy_gbs": ceiling, "results": RESULTS}, f, indent=1)
 
