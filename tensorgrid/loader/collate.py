@@ -62,40 +62,53 @@ def _numpy_view(arr: pa.Array) -> np.ndarray | None:
 
 def take_to_torch(table: pa.Table, indices: np.ndarray) -> dict:
     """Rows ``indices`` of a table as batch columns, gathered chunk by chunk (chunks are never
-    concatenated): numpy fancy indexing for numeric and tensor columns, Arrow take for the rest."""
+    concatenated)."""
+    col0 = table.column(0)
+    if col0.num_chunks <= 1:
+        return gather_groups([table], [(0, None, indices)], len(indices))
+    starts = np.cumsum([0] + [len(c) for c in col0.chunks])
+    owner = np.searchsorted(starts, indices, side="right") - 1
+    order = np.argsort(owner, kind="stable")
+    bounds = np.searchsorted(owner[order], np.arange(col0.num_chunks + 1))
+    pieces = [pa.Table.from_arrays([c.chunk(k) for c in table.columns], schema=table.schema)
+              for k in range(col0.num_chunks)]
+    groups = [(k, order[bounds[k]:bounds[k + 1]], indices[order[bounds[k]:bounds[k + 1]]] - starts[k])
+              for k in range(col0.num_chunks) if bounds[k + 1] > bounds[k]]
+    return gather_groups(pieces, groups, len(indices))
+
+
+def gather_groups(tables: list[pa.Table], groups: list, n: int) -> dict:
+    """Batch columns of ``n`` rows assembled from several tables: group (t, out, rows) puts rows ``rows``
+    of table t at output positions ``out`` (None: all of them, in order). Numeric and tensor columns are
+    gathered with numpy (one pass, no per-row Python), the rest with Arrow take."""
     out = {}
-    groups = None  # rows grouped by chunk (sorted once, shared by all columns)
-    for name, col in zip(table.column_names, table.columns):
-        chunks = col.chunks
-        if groups is None:
-            if len(chunks) == 1:
-                groups = [(0, None, indices)]
-            else:
-                starts = np.cumsum([0] + [len(c) for c in chunks])
-                owner = np.searchsorted(starts, indices, side="right") - 1
-                order = np.argsort(owner, kind="stable")
-                bounds = np.searchsorted(owner[order], np.arange(len(chunks) + 1))
-                groups = [(k, order[bounds[k]:bounds[k + 1]], indices[order[bounds[k]:bounds[k + 1]]] - starts[k])
-                          for k in range(len(chunks)) if bounds[k + 1] > bounds[k]]
-        views = [_numpy_view(c) for c in chunks]
+    for name in tables[0].column_names:
+        views = [_single_view(t.column(name)) for t in tables]
         if all(v is not None for v in views):
-            first = views[0]
             if len(groups) == 1 and groups[0][1] is None:
-                out[name] = torch.from_numpy(np.take(first, indices, axis=0))
+                out[name] = torch.from_numpy(np.take(views[groups[0][0]], groups[0][2], axis=0))
                 continue
-            dest = np.empty((len(indices),) + first.shape[1:], dtype=first.dtype)
-            for k, rows, within in groups:
-                dest[rows] = np.take(views[k], within, axis=0)
+            first = views[0]
+            dest = np.empty((n,) + first.shape[1:], dtype=first.dtype)
+            for t, pos, rows in groups:
+                dest[pos] = np.take(views[t], rows, axis=0)
             out[name] = torch.from_numpy(dest)
             continue
         if len(groups) == 1 and groups[0][1] is None:
-            taken = chunks[0].take(pa.array(indices))
+            taken = tables[groups[0][0]].column(name).take(pa.array(groups[0][2]))
         else:
-            merged = pa.concat_arrays([chunks[k].take(pa.array(within)) for k, _, within in groups])
-            order = np.concatenate([rows for _, rows, _ in groups])
+            merged = pa.concat_arrays([tables[t].column(name).take(pa.array(rows)).combine_chunks()
+                                       for t, _, rows in groups])
+            order = np.concatenate([pos for _, pos, _ in groups])
             taken = merged.take(pa.array(np.argsort(order, kind="stable")))  # back to the requested order
         out[name] = column_to_torch(taken)
     return out
+
+
+def _single_view(col: pa.ChunkedArray) -> np.ndarray | None:
+    if col.num_chunks != 1:
+        return None
+    return _numpy_view(col.chunk(0))
 
 
 def table_to_torch(table: pa.Table) -> dict:

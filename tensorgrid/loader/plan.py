@@ -174,6 +174,23 @@ class Plan:
         start = k * g + self.rank * per
         return np.arange(start, start + per, dtype=np.int64)
 
+    def positions(self, ks: range) -> tuple[np.ndarray, list[int]]:
+        """Epoch positions of this rank's batches ``ks`` (consecutive), concatenated, and batch bounds."""
+        if not len(ks):
+            return np.empty(0, np.int64), [0]
+        g = self.global_batch
+        full = [k for k in ks if (k + 1) * g <= self.padded_rows]
+        pos = np.empty(0, np.int64)
+        if full:  # all full global batches at once: start of this rank's slice + 0..batch_size-1
+            starts = np.asarray(full, dtype=np.int64) * g + self.rank * self.batch_size
+            pos = (starts[:, None] + np.arange(self.batch_size, dtype=np.int64)[None, :]).reshape(-1)
+        sizes = [self.batch_size] * len(full)
+        for k in ks[len(full):]:  # the last, shorter global batch
+            extra = self.batch_positions(k)
+            pos = np.concatenate([pos, extra])
+            sizes.append(len(extra))
+        return pos, np.concatenate([[0], np.cumsum(sizes)]).astype(int).tolist()
+
     def chunk_batches(self, c: int, first: int = 0) -> range:
         """Batch indices of chunk c (never crossing a window), starting no earlier than ``first``."""
         wb, bpc = self.batches_per_window, self.batches_per_chunk

@@ -39,32 +39,43 @@ def window_rows(plan: Plan, source: Source, pos: np.ndarray) -> dict:
     """Columns of the rows at epoch positions ``pos`` (all in one window). The window's row ranges are
     read (decoded row groups, or zero-copy slices of the Arrow cache: then one range per shard, since
     cached blocks are small), then one zero-copy slice when the rows are a contiguous run, else one
-    gather per column."""
+    gather per column and source table."""
     j, local = plan.window_local(pos)
     a, _ = plan.window_range(j)
     lo, hi = int(local.min()), int(local.max()) + 1
     local = local - lo
+    n = len(local)
     segs = np.asarray(plan.segments(a + lo, a + hi), dtype=np.int64).reshape(-1, 3)
     if source.cache_dir and len(segs) > 1:
         lens = segs[:, 2] - segs[:, 1]
         seg_start = np.concatenate([[0], np.cumsum(lens)])
         seg = np.repeat(np.arange(len(segs)), lens)[local]  # a gather, cheaper than a search per row
-        shard, row = segs[seg, 0], segs[seg, 1] + (local - seg_start[seg])
-        parts, local = [], np.empty_like(local)
-        offset = 0
-        for s in np.unique(shard):
-            sel = shard == s
-            r0, r1 = int(row[sel].min()), int(row[sel].max()) + 1
-            parts.append(source.read(int(s), r0, r1))
-            local[sel] = offset + row[sel] - r0
-            offset += r1 - r0
-    else:
-        parts = [source.read(int(sh), int(s0), int(s1)) for sh, s0, s1 in segs]
+        row = segs[seg, 1] + (local - seg_start[seg])
+        shards = np.unique(segs[:, 0])
+        if len(shards) == 1:
+            r0, r1 = int(row.min()), int(row.max()) + 1
+            return _gather([source.read(int(shards[0]), r0, r1)], [(0, None, row - r0)], n)
+        shard = segs[seg, 0]
+        tables, groups = [], []
+        for s in shards:
+            out = np.flatnonzero(shard == s)
+            if len(out):
+                rows = row[out]
+                r0, r1 = int(rows.min()), int(rows.max()) + 1
+                groups.append((len(tables), out, rows - r0))
+                tables.append(source.read(int(s), r0, r1))
+        return _gather(tables, groups, n)
+    parts = [source.read(int(sh), int(s0), int(s1)) for sh, s0, s1 in segs]
     table = parts[0] if len(parts) == 1 else pa.concat_tables(parts)
-    n = len(local)
     if local[-1] - local[0] == n - 1 and (n == 1 or bool(np.all(np.diff(local) == 1))):
         return table_to_torch(table.slice(int(local[0]), n))
     return take_to_torch(table, local)
+
+
+def _gather(tables: list[pa.Table], groups: list, n: int) -> dict:
+    from .collate import gather_groups
+
+    return gather_groups(tables, groups, n)
 
 
 class Chunk:
@@ -111,9 +122,7 @@ def build_chunk(plan: Plan, source: Source, c: int, first: int, transform=None, 
     """This rank's batches of chunk c. The transform runs here when ``eager`` (in a worker), else as each
     batch is taken from the chunk."""
     ks = plan.chunk_batches(c, first)
-    positions = [plan.batch_positions(k) for k in ks]
-    bounds = np.concatenate([[0], np.cumsum([len(p) for p in positions])]).tolist()
-    pos = np.concatenate(positions)
+    pos, bounds = plan.positions(ks)
     real = pos < plan.num_rows  # padding (repeated rows) only ever ends the epoch
     nreal = int(real.sum())
     cols = window_rows(plan, source, pos[:nreal]) if nreal else None
