@@ -42,10 +42,13 @@ def save(url: str, epoch: int, step: int, state: dict, keep: int) -> str:
     torch.save(state, buf)
     path = tgfs.join(root, f"ckpt-e{epoch:05d}-s{step:09d}.pt")
     tgfs.put_atomic(fs, path, buf.getvalue())
-    for _, _, old in _list(url)[:-keep] if keep > 0 else []:
+    written = tgfs.to_url(fs, path)
+    found = [u for _, _, u in _list(url)]
+    older = found[:found.index(written)] if written in found else []
+    for old in older[:max(0, len(older) - (keep - 1))] if keep > 0 else []:
         ofs, opath = tgfs.resolve(old)
         ofs.rm_file(opath)
-    return tgfs.to_url(fs, path)
+    return written
 
 
 def load(url: str) -> dict:

@@ -138,6 +138,10 @@ class Trainer:
         if train_ds.num_rows < self.workers:
             raise TrainingConfigError(f"{train_ds.num_rows} rows cannot feed {self.workers} workers")
         resume_from = None
+        if not resume and ckpt.latest(self.checkpoint_dir):
+            raise TrainingConfigError(f"checkpoint_dir {self.checkpoint_dir} already holds checkpoints of an earlier "
+                                      "run: pass resume=True to continue it, or use a new directory (nothing was "
+                                      "overwritten)")
         if resume:
             if not self.checkpoint_dir:
                 raise TrainingConfigError("resume=True needs checkpoint_dir")

@@ -194,5 +194,7 @@ def test_bad_input_fails_before_any_worker(digits, tmp_path):
     trainer(epochs=1, checkpoint_dir=ck).fit(train)
     with pytest.raises(tg.CheckpointError, match="different model"):
         trainer(model=models.cnn, epochs=2, checkpoint_dir=ck).fit(train, resume=True)
+    with pytest.raises(tg.TrainingConfigError, match="already holds checkpoints"):
+        trainer(epochs=1, checkpoint_dir=ck).fit(train)  # a fresh run never mixes with an old one
     with pytest.raises(tg.CheckpointError, match="no checkpoint"):
         trainer(checkpoint_dir=str(tmp_path / "none")).fit(train, resume=True)
