@@ -46,7 +46,8 @@ def window_rows(plan: Plan, source: Source, pos: np.ndarray) -> dict:
     local = local - lo
     n = len(local)
     segs = np.asarray(plan.segments(a + lo, a + hi), dtype=np.int64).reshape(-1, 3)
-    if source.cache_dir and len(segs) > 1:
+    contiguous = local[-1] - local[0] == n - 1 and (n == 1 or bool(np.all(np.diff(local) == 1)))
+    if source.cache_dir and len(segs) > 1 and not contiguous:
         lens = segs[:, 2] - segs[:, 1]
         seg_start = np.concatenate([[0], np.cumsum(lens)])
         seg = np.repeat(np.arange(len(segs)), lens)[local]  # a gather, cheaper than a search per row
@@ -67,7 +68,7 @@ def window_rows(plan: Plan, source: Source, pos: np.ndarray) -> dict:
         return _gather(tables, groups, n)
     parts = [source.read(int(sh), int(s0), int(s1)) for sh, s0, s1 in segs]
     table = parts[0] if len(parts) == 1 else pa.concat_tables(parts)
-    if local[-1] - local[0] == n - 1 and (n == 1 or bool(np.all(np.diff(local) == 1))):
+    if contiguous:
         return table_to_torch(table.slice(int(local[0]), n))
     return take_to_torch(table, local)
 

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 import tensorgrid as tg
 from tests.loader import helpers
+from tests.procs import children_of
 
 
 def make(url, n=1000, shard_rows=137, dim=4):
@@ -219,31 +220,16 @@ def test_killed_worker_is_a_clear_error_not_a_hang(ds):
     assert time.time() - t0 < 60
 
 
-def _live_children():
-    me = str(os.getpid())
-    out = []
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                with open(f"/proc/{pid}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-                if fields[1] == me and fields[0] != "Z":
-                    out.append(int(pid))
-            except OSError:
-                pass
-    return out
-
-
 def test_break_out_of_the_loop_stops_workers(ds):
-    before = set(_live_children())
+    before = set(children_of(os.getpid()))
     loader = ds.to_torch(batch_size=10, num_workers=2, shuffle_buffer=20)
     for i, _ in enumerate(loader):
         if i == 3:
             break
     deadline = time.time() + 20
-    while set(_live_children()) - before and time.time() < deadline:
+    while set(children_of(os.getpid())) - before and time.time() < deadline:
         time.sleep(0.1)
-    assert not set(_live_children()) - before
+    assert not set(children_of(os.getpid())) - before
     assert len(ids(loader)) == 100  # and it can iterate again
 
 

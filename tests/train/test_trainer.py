@@ -12,6 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import tensorgrid as tg
 from tensorgrid.quickstart import digits_frame
+from tests.procs import children_of
 from tests.train import models
 
 
@@ -88,26 +89,12 @@ def test_resume_mid_epoch_from_step_checkpoints(digits, tmp_path):
     assert resumed.history[-1]["loss"] == pytest.approx(full.history[-1]["loss"], rel=1e-6)
 
 
-def _children_of(pid):
-    out = []
-    for p in os.listdir("/proc"):
-        if p.isdigit():
-            try:
-                with open(f"/proc/{p}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-                if int(fields[1]) == pid:
-                    out.append(int(p))
-            except (OSError, ValueError):
-                pass
-    return out
-
-
 def _kill_a_worker_after_first_checkpoint(ck, killed):
     deadline = time.time() + 120
     while time.time() < deadline and not glob.glob(f"{ck}/ckpt-*.pt"):
         time.sleep(0.05)
     while time.time() < deadline:
-        workers = [c for c in _children_of(os.getpid()) if "python" in open(f"/proc/{c}/cmdline").read()]
+        workers = [c for c in children_of(os.getpid()) if "python" in open(f"/proc/{c}/cmdline").read()]
         if workers:
             os.kill(workers[-1], signal.SIGKILL)
             killed.append(workers[-1])
@@ -115,18 +102,27 @@ def _kill_a_worker_after_first_checkpoint(ck, killed):
         time.sleep(0.05)
 
 
+def _with_a_killed_worker(fit, ck):
+    """Run ``fit`` while a thread SIGKILLs one worker process after the first checkpoint appears."""
+    killed = []
+    killer = threading.Thread(target=_kill_a_worker_after_first_checkpoint, args=(ck, killed))
+    killer.start()
+    try:
+        return fit()
+    finally:
+        killer.join()
+        assert killed
+
+
 def test_killed_worker_raises_then_resume_continues_exactly(digits, tmp_path):
     train, _ = digits
     full = trainer(epochs=4, workers=2).fit(train)
     ck = str(tmp_path / "ck")
-    killed = []
-    killer = threading.Thread(target=_kill_a_worker_after_first_checkpoint, args=(ck, killed))
-    killer.start()
     t0 = time.time()
     with pytest.raises(tg.WorkerFailedError, match=r"worker rank \d \(pid \d+\) died with signal SIGKILL") as e:
-        trainer(epochs=4, workers=2, checkpoint_dir=ck, checkpoint_every=5, timeout_s=60).fit(train)
-    killer.join()
-    assert killed and time.time() - t0 < 120  # no hang
+        _with_a_killed_worker(
+            lambda: trainer(epochs=4, workers=2, checkpoint_dir=ck, checkpoint_every=5, timeout_s=60).fit(train), ck)
+    assert time.time() - t0 < 120  # no hang
     assert e.value.checkpoint and "last checkpoint" in str(e.value)
     resumed = trainer(epochs=4, workers=2, checkpoint_dir=ck, checkpoint_every=5).fit(train, resume=True)
     assert same(weights(resumed.model), weights(full.model), atol=1e-4)
@@ -136,12 +132,8 @@ def test_killed_worker_restarts_with_max_restarts(digits, tmp_path):
     train, _ = digits
     full = trainer(epochs=4, workers=2).fit(train)
     ck = str(tmp_path / "ck")
-    killed = []
-    killer = threading.Thread(target=_kill_a_worker_after_first_checkpoint, args=(ck, killed))
-    killer.start()
-    r = trainer(epochs=4, workers=2, checkpoint_dir=ck, checkpoint_every=5, max_restarts=1).fit(train)
-    killer.join()
-    assert killed
+    r = _with_a_killed_worker(
+        lambda: trainer(epochs=4, workers=2, checkpoint_dir=ck, checkpoint_every=5, max_restarts=1).fit(train), ck)
     assert same(weights(r.model), weights(full.model), atol=1e-4)
 
 
