@@ -6,7 +6,7 @@
     tg.sql("SELECT label, count(*) FROM ds GROUP BY label", ds=ds).to_pandas()
 """
 
-from . import errors
+from . import errors, transforms
 from .errors import (
     CheckpointError,
     ColumnNotFoundError,
@@ -31,7 +31,7 @@ from .train import FitResult, Trainer
 __version__ = "0.1.0"
 
 __all__ = [
-    "write", "open", "sql", "from_arrow", "ingest_images", "Dataset", "Trainer", "FitResult", "errors",
+    "write", "open", "sql", "from_arrow", "ingest_images", "Dataset", "Trainer", "FitResult", "errors", "transforms",
     "TensorGridError", "ConflictError", "CorruptShardError", "DatasetExistsError", "DatasetNotFoundError",
     "EmptyDataError", "ReadOnlyError", "SchemaMismatchError", "SQLError", "UnsupportedDataError",
     "UnsupportedFormatError", "UnsupportedURLError", "ColumnNotFoundError", "TrainingConfigError",
