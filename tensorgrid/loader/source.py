@@ -76,9 +76,13 @@ class Source:
         """Average bytes per row in memory (for budgets)."""
         ds = self.dataset
         n = max(1, ds.num_rows)
-        if isinstance(ds, StoreDataset):  # uncompressed size, from the first shard's footer
-            md = pq.read_metadata(pa.BufferReader(ds._shard_buffer(ds.shards[0])))
-            if md.num_rows:
+        if isinstance(ds, StoreDataset):  # uncompressed size, from the first shard's footer (a tail read)
+            try:
+                with ds.fs.open(tgfs.join(ds.root, ds.shards[0].path), "rb") as f:
+                    md = pq.read_metadata(f)
+            except (OSError, pa.ArrowInvalid):  # a damaged shard is reported by the verified read itself
+                md = None
+            if md is not None and md.num_rows:
                 return sum(md.row_group(i).total_byte_size for i in range(md.num_row_groups)) / md.num_rows
             return sum(s.bytes for s in ds.shards) / n
         if isinstance(ds, ArrowDataset):
