@@ -49,10 +49,6 @@ def to_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return path if is_local(fs) else fs.unstrip_protocol(path)
 
 
-def read_bytes(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
-    return fs.cat_file(path)
-
-
 def create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool:
     """Create ``path`` holding ``data`` only if it does not exist; True if this call created it.
 

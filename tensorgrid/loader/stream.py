@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..errors import EmptyDataError, LoaderWorkerError, ResumeError, TensorGridError, TransformError
 from ..store.dataset import Dataset
-from .collate import slice_batch, table_to_torch, take_to_torch
+from .collate import gather_groups, slice_batch, table_to_torch, take_to_torch
 from .plan import Layout, Plan
 from .source import Source, is_remote
 
@@ -55,7 +55,7 @@ def window_rows(plan: Plan, source: Source, pos: np.ndarray) -> dict:
         shards = np.unique(segs[:, 0])
         if len(shards) == 1:
             r0, r1 = int(row.min()), int(row.max()) + 1
-            return _gather([source.read(int(shards[0]), r0, r1)], [(0, None, row - r0)], n)
+            return gather_groups([source.read(int(shards[0]), r0, r1)], [(0, None, row - r0)], n)
         shard = segs[seg, 0]
         tables, groups = [], []
         for s in shards:
@@ -65,18 +65,12 @@ def window_rows(plan: Plan, source: Source, pos: np.ndarray) -> dict:
                 r0, r1 = int(rows.min()), int(rows.max()) + 1
                 groups.append((len(tables), out, rows - r0))
                 tables.append(source.read(int(s), r0, r1))
-        return _gather(tables, groups, n)
+        return gather_groups(tables, groups, n)
     parts = [source.read(int(sh), int(s0), int(s1)) for sh, s0, s1 in segs]
     table = parts[0] if len(parts) == 1 else pa.concat_tables(parts)
     if contiguous:
         return table_to_torch(table.slice(int(local[0]), n))
     return take_to_torch(table, local)
-
-
-def _gather(tables: list[pa.Table], groups: list, n: int) -> dict:
-    from .collate import gather_groups
-
-    return gather_groups(tables, groups, n)
 
 
 class Chunk:

@@ -17,7 +17,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from .. import fs as tgfs
-from ..errors import ColumnNotFoundError, CorruptShardError, DatasetNotFoundError, ReadOnlyError
+from ..errors import ColumnNotFoundError, CorruptShardError, ReadOnlyError
 from . import encoding, manifest
 from .manifest import DATA_DIR, META_DIR, Manifest, Shard
 
@@ -412,10 +412,3 @@ def from_arrow(table: pa.Table | pa.RecordBatch | pa.RecordBatchReader) -> Arrow
 
         raise UnsupportedDataError(f"from_arrow takes a pyarrow Table, RecordBatch or reader, got {type(table).__name__}")
     return ArrowDataset(table)
-
-
-def open_store(url: str, version: int | None = None) -> StoreDataset:
-    try:
-        return StoreDataset.open(url, version)
-    except FileNotFoundError as e:
-        raise DatasetNotFoundError(str(e)) from None

@@ -12,7 +12,7 @@ import copy
 import os
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 
 import numpy as np
@@ -49,7 +49,6 @@ class Spec:
     train: Dataset = None
     val: Dataset | None = None
     resume_from: str | None = None
-    extra: dict = field(default_factory=dict)
 
 
 def build_model(spec: Spec) -> torch.nn.Module:
@@ -98,7 +97,7 @@ class Batches:
         self.lossn = per_row_loss(spec.loss) if spec.step is None else None
         self.classifier = is_classifier(spec.loss)
 
-    def run(self, batch: dict, k: int, train: bool):
+    def run(self, batch: dict, k: int):
         """Loss to back-propagate (scaled for DDP's average), and (loss_sum, correct, count) of real rows."""
         spec = self.spec
         valid = batch.get("_valid")
@@ -156,7 +155,7 @@ def evaluate(spec: Spec, model, ds: Dataset, device, rank: int, world: int) -> d
     model.eval()
     with torch.no_grad():
         for k, batch in enumerate(loader):
-            _, (ls, c, n) = helper.run(batch, k, train=False)
+            _, (ls, c, n) = helper.run(batch, k)
             sums = [sums[0] + ls, sums[1] + c, sums[2] + n]
     ls, c, n = _allreduce(sums, world)
     out = {"loss": ls / max(n, 1)}
@@ -249,7 +248,7 @@ def _train(spec: Spec, rank: int, world: int, device, restarted: bool) -> dict |
                 except StopIteration:
                     break
                 t1 = time.perf_counter()
-                loss, (ls, c, n) = helper.run(batch, k, train=True)
+                loss, (ls, c, n) = helper.run(batch, k)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

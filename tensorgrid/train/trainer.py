@@ -63,7 +63,7 @@ class Trainer:
         self.result: FitResult | None = None
 
     # --- checks that run before any worker starts -------------------------------------------------
-    def _dataset(self, data, what: str) -> Dataset:
+    def _dataset(self, data, what: str, need_label: bool = True) -> Dataset:
         if isinstance(data, Dataset):
             ds = data
         elif type(data).__module__.startswith("pyspark"):
@@ -80,7 +80,8 @@ class Trainer:
         if ds.num_rows == 0:
             raise TrainingConfigError(f"{what} dataset {ds.url} is empty")
         if self.step is None:
-            missing = [c for c in (self.features, self.label) if c not in ds.schema.names]
+            needed = (self.features, self.label) if need_label else (self.features,)
+            missing = [c for c in needed if c not in ds.schema.names]
             if missing:
                 raise TrainingConfigError(f"{what} dataset has no column {missing[0]!r}; columns: {ds.schema.names}")
         return ds
@@ -191,7 +192,7 @@ class Trainer:
         model = model or (self.result.model if self.result else None)
         if model is None:
             raise TensorGridError("predict needs a trained model: call fit first or pass model=")
-        ds = self._dataset(ds, "predict") if self.step is None else ds
+        ds = self._dataset(ds, "predict", need_label=False)  # inference data need not have labels
         keep = [c for c in ds.schema.names if c != self.features]
         loader = ds.to_torch(batch_size=batch_size or self.batch_size, transform=self.transform)
         classifier = is_classifier(self.loss)

@@ -190,3 +190,12 @@ def test_bad_input_fails_before_any_worker(digits, tmp_path):
         trainer(epochs=1, checkpoint_dir=ck).fit(train)  # a fresh run never mixes with an old one
     with pytest.raises(tg.CheckpointError, match="no checkpoint"):
         trainer(checkpoint_dir=str(tmp_path / "none")).fit(train, resume=True)
+
+
+def test_predict_on_data_without_labels(digits):
+    train, val = digits
+    t = trainer(epochs=1)
+    t.fit(train)
+    unlabelled = tg.from_arrow(val.to_arrow().drop_columns(["label"]))
+    pred = t.predict(unlabelled)
+    assert pred.num_rows == val.num_rows and set(pred.schema.names) == {"prediction", "probabilities"}

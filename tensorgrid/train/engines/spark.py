@@ -74,9 +74,7 @@ def run(payload: bytes, workers: int, max_restarts: int, timeout_s: float, check
         except Exception as e:  # noqa: BLE001 - py4j wraps every task failure
             if attempt < max_restarts:
                 attempt += 1
-                from .. import loop
-
-                payload = _with_resume(payload, ckpt.latest(checkpoint_dir), loop)
+                payload = _with_resume(payload, ckpt.latest(checkpoint_dir))
                 continue
             last = ckpt.latest(checkpoint_dir)
             first = _python_error(str(e))
@@ -84,7 +82,7 @@ def run(payload: bytes, workers: int, max_restarts: int, timeout_s: float, check
             raise WorkerFailedError(f"a Spark training task failed: {first.strip()} ({where})", checkpoint=last) from None
 
 
-def _with_resume(payload: bytes, latest: str | None, loop) -> bytes:
+def _with_resume(payload: bytes, latest: str | None) -> bytes:
     import cloudpickle
 
     spec = cloudpickle.loads(payload)
