@@ -22,6 +22,8 @@ import torch.distributed as dist
 from ..store.dataset import Dataset
 from . import checkpoint as ckpt
 
+FAILURE_GRACE_S = 1.0
+
 
 @dataclass
 class Spec:
@@ -180,6 +182,13 @@ def train(spec: Spec, rank: int = 0, world: int = 1, restarted: bool = False) ->
         dist.init_process_group(backend, timeout=timedelta(seconds=spec.timeout_s))
     try:
         return _train(spec, rank, world, device, restarted)
+    except Exception:
+        if world > 1:
+            # When one worker dies, its peers fail next ("connection reset by peer"). Waiting a moment
+            # before exiting lets the launcher see the first death (polled every 0.2 s) and report the
+            # root cause, not an echo of it. The launcher stops the whole group anyway.
+            time.sleep(FAILURE_GRACE_S)
+        raise
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
