@@ -99,6 +99,27 @@ def small_records(figure: str, n: int, root: str, image_col: str, row_bytes: int
         record(figure, variant, rows, secs, rows * row_bytes, first)
 
 
+def raw_gather(figure: str, root: str, repeat: int = 3) -> None:
+    """The issue's reference: the whole table in memory, then one pyarrow take per shuffled batch of 256,
+    each column to numpy. Not a loader (no partitioning, no resume, no bound on memory): a yardstick."""
+    import pyarrow.compute as pc
+
+    t = tg.open(os.path.join(root, figure)).to_arrow().combine_chunks()
+    t = pa.table({n: (c.storage if isinstance(c.type, pa.ExtensionType) else c)
+                  for n, c in zip(t.column_names, t.columns)})
+    perm = np.random.default_rng(0).permutation(t.num_rows)
+    secs = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        for i in range(0, t.num_rows, 256):
+            b = t.take(pa.array(perm[i:i + 256]))
+            for c in b.columns:
+                c = c.chunk(0)
+                (pc.list_flatten(c) if pa.types.is_fixed_size_list(c.type) else c).to_numpy(zero_copy_only=False)
+        secs.append(time.perf_counter() - t0)
+    record(figure, "raw pyarrow take per batch (reference)", t.num_rows, sorted(secs)[len(secs) // 2])
+
+
 def jpegs(n: int, root: str) -> None:
     url = os.path.join(root, "jpeg64")
     if not os.path.exists(url):
@@ -193,14 +214,16 @@ def main():
         rows1mb(a.rows1mb, root)
     if "records100" in only:
         small_records("records100", a.records, root, "x", 108)
+        raw_gather("records100", root)
     if "mnist" in only:
         small_records("mnist", a.mnist, root, "image", 792)
+        raw_gather("mnist", root)
     if "jpeg64" in only:
         jpegs(a.jpegs, root)
     rows = [(r["figure"], r["variant"], f"{r['rows_per_s']:,.0f}",
              "-" if r["gb_per_s"] is None else f"{r['gb_per_s']:.2f}",
              "-" if r["gb_per_s"] is None else f"{r['gb_per_s'] / ceiling:.2f}",
-             f"{r['first_batch_s'] * 1000:.1f}") for r in RESULTS]
+             "-" if r["first_batch_s"] is None else f"{r['first_batch_s'] * 1000:.1f}") for r in RESULTS]
     print(table(rows, ("figure", "tensorgrid variant", "rows/s", "GB/s", "x memcpy", "first batch ms")))
     if "records100" in only:
         print(f"\nshuffle quality (records100, Spearman rank correlation storage vs epoch position): "
