@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from ..store.dataset import Dataset
 from . import checkpoint as ckpt
+from .allocator import tune_malloc
 
 FAILURE_GRACE_S = 1.0
 
@@ -175,6 +176,7 @@ def _columns(spec: Spec, ds: Dataset) -> list[str] | None:
 def train(spec: Spec, rank: int = 0, world: int = 1, restarted: bool = False) -> dict | None:
     """Train; rank 0 returns the final weights, history and metrics."""
     device, backend = device_and_backend()
+    tune_malloc()
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     if local_world > 1 and device.type == "cpu":  # share the cores: oversubscribed OpenMP threads crawl
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
