@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import io
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -41,9 +42,13 @@ def _decode_one(data: bytes, mode: str, size: tuple[int, int] | None) -> np.ndar
 
 
 def _decode_image(batch: dict, column: str = "image", mode: str = "RGB", size: tuple[int, int] | None = None,
-                  channels_first: bool = True, out: str | None = None) -> dict:
+                  channels_first: bool = True, out: str | None = None, threads: int | None = None) -> dict:
     """JPEG/PNG bytes -> uint8 tensor (N, C, H, W) (or (N, H, W, C)), decoded with Pillow. Images of
-    different sizes need ``size=(height, width)``."""
+    different sizes need ``size=(height, width)``.
+
+    Pillow releases the GIL while it decodes, so a batch is split over ``threads`` threads: by default
+    one per core in the main process, one inside DataLoader worker processes (the workers are the
+    parallelism there)."""
     data = batch[column]
     if not data:
         batch[out or column] = torch.empty((0,), dtype=torch.uint8)
@@ -51,14 +56,38 @@ def _decode_image(batch: dict, column: str = "image", mode: str = "RGB", size: t
     first = _decode_one(data[0], mode, size)
     h, w, c = first.shape
     dest = np.empty((len(data), c, h, w) if channels_first else (len(data), h, w, c), dtype=np.uint8)
-    for i, b in enumerate(data):
-        a = first if i == 0 else _decode_one(b, mode, size)
-        if a.shape != first.shape:
-            raise ValueError(f"images in column {column!r} have different sizes ({first.shape[:2]} and "
-                             f"{a.shape[:2]}); pass size=(height, width)")
-        dest[i] = a.transpose(2, 0, 1) if channels_first else a  # one copy, straight into the batch
+    dest[0] = first.transpose(2, 0, 1) if channels_first else first
+
+    def decode_range(lo: int, hi: int) -> None:
+        for i in range(lo, hi):
+            a = _decode_one(data[i], mode, size)
+            if a.shape != first.shape:
+                raise ValueError(f"images in column {column!r} have different sizes ({first.shape[:2]} and "
+                                 f"{a.shape[:2]}); pass size=(height, width)")
+            dest[i] = a.transpose(2, 0, 1) if channels_first else a  # one copy, straight into the batch
+
+    n = min(_decode_threads() if threads is None else max(1, threads), max(1, (len(data) - 1) // 16))
+    if n <= 1:
+        decode_range(1, len(data))
+    else:
+        bounds = np.linspace(1, len(data), n + 1).astype(int)
+        for f in [_pool(os.getpid()).submit(decode_range, int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]:
+            f.result()
     batch[out or column] = torch.from_numpy(dest)
     return batch
+
+
+def _decode_threads() -> int:
+    from torch.utils.data import get_worker_info
+
+    return 1 if get_worker_info() is not None else (os.cpu_count() or 1)
+
+
+@functools.lru_cache(maxsize=1)
+def _pool(pid: int):  # one pool per process: a forked child must not inherit the parent's (dead) threads
+    from concurrent.futures import ThreadPoolExecutor
+
+    return ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="tensorgrid-decode")
 
 
 def _resize(batch: dict, size: tuple[int, int], column: str = "image", antialias: bool = True) -> dict:

@@ -49,3 +49,15 @@ def test_decode_sizes_and_grayscale():
 def test_to_float_scales_uint8_only():
     assert T.to_float({"image": torch.full((1, 2), 255, dtype=torch.uint8)})["image"].max() == 1.0
     assert T.to_float({"image": torch.full((1, 2), 3, dtype=torch.int32)})["image"].max() == 3.0
+
+
+def test_decode_splits_a_batch_over_threads_with_the_same_result():
+    rng = np.random.default_rng(1)
+    imgs = [rng.integers(0, 255, (7, 9, 3), dtype=np.uint8) for _ in range(70)]
+    batch = {"image": [_png(a) for a in imgs]}
+    one = T.decode_image(dict(batch), threads=1)["image"]
+    four = T.decode_image(dict(batch), threads=4)["image"]
+    assert torch.equal(one, four) and torch.equal(four, torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2))
+    odd = batch["image"][:50] + [_png(np.zeros((3, 3, 3), np.uint8))] + batch["image"][50:]
+    with pytest.raises(ValueError, match="different sizes"):  # raised in a decode thread, surfaces here
+        T.decode_image({"image": odd}, threads=4)
