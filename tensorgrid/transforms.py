@@ -80,14 +80,23 @@ def _decode_image(batch: dict, column: str = "image", mode: str = "RGB", size: t
 def _decode_threads() -> int:
     from torch.utils.data import get_worker_info
 
-    return 1 if get_worker_info() is not None else (os.cpu_count() or 1)
+    if get_worker_info() is not None:
+        return 1
+    return max(1, _cores() // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 @functools.lru_cache(maxsize=1)
 def _pool(pid: int):  # one pool per process: a forked child must not inherit the parent's (dead) threads
     from concurrent.futures import ThreadPoolExecutor
 
-    return ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="tensorgrid-decode")
+    return ThreadPoolExecutor(max_workers=_cores(), thread_name_prefix="tensorgrid-decode")
 
 
 def _resize(batch: dict, size: tuple[int, int], column: str = "image", antialias: bool = True) -> dict:
@@ -120,10 +129,24 @@ def _normalize(batch: dict, mean: Sequence[float], std: Sequence[float], column:
     return batch
 
 
+for _f in (_decode_image, _resize, _to_float, _normalize):
+    _f.draws_no_random_numbers = True  # see runs_ahead_safely
 decode_image = _configurable(_decode_image)
 resize = _configurable(_resize)
 to_float = _configurable(_to_float)
 normalize = _configurable(_normalize)
+
+
+def runs_ahead_safely(transform) -> bool:
+    """May ``transform`` run in a background thread, ahead of the training step? Only when it draws no
+    random numbers: torch's global generator is shared by all threads, so a random augmentation run
+    ahead would interleave its draws with the model's (dropout...) and a seed would no longer fix the
+    run. The built-in transforms qualify; mark your own with ``fn.draws_no_random_numbers = True``."""
+    if isinstance(transform, compose):
+        return all(runs_ahead_safely(t) for t in transform.transforms)
+    while isinstance(transform, functools.partial):
+        transform = transform.func
+    return bool(getattr(transform, "draws_no_random_numbers", False))
 
 
 class compose:  # noqa: N801 - reads like the function it is

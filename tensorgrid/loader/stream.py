@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..errors import EmptyDataError, LoaderWorkerError, ResumeError, TensorGridError, TransformError
 from ..store.dataset import Dataset
+from ..transforms import runs_ahead_safely
 from .collate import gather_groups, slice_batch, table_to_torch, take_to_torch
 from .plan import Layout, Plan
 from .source import Source, is_remote
@@ -168,8 +169,10 @@ def _identity(x):
 
 
 class _Prefetcher:
-    """Without DataLoader workers, a transform runs in a background thread while the caller trains on the
-    batches before it (torch ops release the GIL): the training step no longer waits for it. At most
+    """Without DataLoader workers, a transform that draws no random numbers (``runs_ahead_safely``) runs
+    in a background thread while the caller trains on the batches before it (torch ops release the
+    GIL): the training step no longer waits for it. Other transforms run in the caller's thread, as
+    each batch is taken, so random augmentations stay reproducible and resumable. At most
     ``depth`` transformed batches wait in memory; order is the plan's (one producer, one queue); the
     loader's position advances as the caller takes batches, so ``state_dict`` stays exact.
 
@@ -223,7 +226,14 @@ class _Prefetcher:
     def _shutdown_workers(self) -> None:
         """Stop the producer (it finishes at most the chunk it is building) and wait for it, so that a
         next epoch never shares the source with it."""
+        import queue
+
         self._stop.set()
+        while self._thread.is_alive():  # free the queue so a blocked put returns and sees the stop
+            try:
+                self._q.get(timeout=0.01)
+            except queue.Empty:
+                pass
         self._thread.join()
 
 
@@ -330,7 +340,7 @@ class Loader:
         # Zero-copy views of the Arrow cache cannot cross into another process without a copy: without a
         # transform to run, workers would only add copies, so such chunks are built here.
         in_process = self.num_workers == 0 or (self.transform is None and self.source.cache_dir is not None)
-        if in_process and self.transform is not None:
+        if in_process and self.transform is not None and runs_ahead_safely(self.transform):
             it = _Prefetcher(chunks, depth=self.prefetch)
         elif in_process:
             it = iter(chunks)

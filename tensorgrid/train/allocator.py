@@ -7,14 +7,14 @@ activations every step pays page faults for all of them, every step. Measured he
 remedy for PyTorch on CPU is to preload jemalloc or tcmalloc; raising the two glibc thresholds gets the
 same effect without a dependency. Training processes keep up to ``TRIM_BYTES`` of freed memory for reuse.
 
-Users who set ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` themselves (or preload another
-allocator) are left alone, as is every platform without glibc.
+Users who set ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` / ``glibc.malloc.*`` tunables
+themselves (or preload another allocator) are left alone, as is every platform without glibc. With
+``workers=1`` training runs in the caller's process, so the setting stays for the rest of it.
 """
 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import sys
 
@@ -32,11 +32,11 @@ def tune_malloc() -> bool:
     if _done:
         return True
     if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ \
-            or "MALLOC_TRIM_THRESHOLD_" in os.environ or "LD_PRELOAD" in os.environ:
+            or "MALLOC_TRIM_THRESHOLD_" in os.environ or "LD_PRELOAD" in os.environ \
+            or "malloc." in os.environ.get("GLIBC_TUNABLES", ""):
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL(None).mallopt  # glibc's, already loaded in this process
     except (OSError, AttributeError):  # musl and others: no mallopt
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
