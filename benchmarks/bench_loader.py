@@ -94,7 +94,8 @@ def small_records(figure: str, n: int, root: str, image_col: str, row_bytes: int
     cache = os.path.join(root, f"cache-{figure}")
     for variant, kw in ((HEADLINE[figure], {"cache_dir": cache, "shuffle": True}),
                         ("shuffled, Parquet", {"shuffle": True}),
-                        ("sequential, Arrow IPC cache", {"cache_dir": cache})):
+                        ("sequential, Arrow IPC cache", {"cache_dir": cache}),
+                        ("sequential, Parquet", {})):
         rows, secs, first = best_of(lambda kw=kw: ds.to_torch(batch_size=256, **kw), "label")
         record(figure, variant, rows, secs, rows * row_bytes, first)
 
