@@ -2,7 +2,6 @@
 
 import glob
 import os
-import signal
 import threading
 import time
 
@@ -12,7 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import tensorgrid as tg
 from tensorgrid.quickstart import digits_frame
-from tests.procs import children_of, spawned_children_of
+from tests.procs import KillAfterFirstCheckpoint, children_of, spawned_children_of
 from tests.train import models
 
 
@@ -89,30 +88,8 @@ def test_resume_mid_epoch_from_step_checkpoints(digits, tmp_path):
     assert resumed.history[-1]["loss"] == pytest.approx(full.history[-1]["loss"], rel=1e-6)
 
 
-def _kill_a_worker_after_first_checkpoint(ck, killed, before):
-    deadline = time.time() + 120
-    while time.time() < deadline and not glob.glob(f"{ck}/ckpt-*.pt"):
-        time.sleep(0.05)
-    while time.time() < deadline:
-        workers = spawned_children_of(os.getpid(), exclude=before)
-        if workers:
-            os.kill(workers[-1], signal.SIGKILL)
-            killed.append(workers[-1])
-            return
-        time.sleep(0.05)
-
-
-def _with_a_killed_worker(fit, ck):
-    """Run ``fit`` while a thread SIGKILLs one worker process after the first checkpoint appears."""
-    killed = []
-    before = set(children_of(os.getpid()))  # e.g. a session-wide Ray's processes: not ours to kill
-    killer = threading.Thread(target=_kill_a_worker_after_first_checkpoint, args=(ck, killed, before))
-    killer.start()
-    try:
-        return fit()
-    finally:
-        killer.join()
-        assert killed
+def _our_workers(before):
+    return lambda: spawned_children_of(os.getpid(), exclude=before)
 
 
 def test_killed_worker_raises_then_resume_continues_exactly(digits, tmp_path):
@@ -120,11 +97,12 @@ def test_killed_worker_raises_then_resume_continues_exactly(digits, tmp_path):
     full = trainer(epochs=4, workers=2).fit(train)
     ck = str(tmp_path / "ck")
     t0 = time.time()
-    with pytest.raises(tg.WorkerFailedError, match=r"worker rank \d \(pid \d+\) died with signal SIGKILL") as e:
-        _with_a_killed_worker(
-            lambda: trainer(epochs=4, workers=2, checkpoint_dir=ck, checkpoint_every=5, timeout_s=60,
-                            transform=models.paced_to_float).fit(train), ck)
-    assert time.time() - t0 < 120  # no hang
+    before = set(children_of(os.getpid()))  # e.g. a session-wide Ray's processes: not ours to kill
+    with KillAfterFirstCheckpoint(ck, _our_workers(before)) as killer, \
+            pytest.raises(tg.WorkerFailedError, match=r"worker rank \d \(pid \d+\) died with signal SIGKILL") as e:
+        trainer(epochs=4, workers=2, checkpoint_dir=ck, checkpoint_every=5, timeout_s=60,
+                transform=models.paced_to_float).fit(train)
+    assert killer.killed and time.time() - t0 < 120  # no hang
     assert e.value.checkpoint and "last checkpoint" in str(e.value)
     resumed = trainer(epochs=4, workers=2, checkpoint_dir=ck, checkpoint_every=5).fit(train, resume=True)
     assert same(weights(resumed.model), weights(full.model), atol=1e-4)
@@ -134,9 +112,11 @@ def test_killed_worker_restarts_with_max_restarts(digits, tmp_path):
     train, _ = digits
     full = trainer(epochs=4, workers=2).fit(train)
     ck = str(tmp_path / "ck")
-    r = _with_a_killed_worker(
-        lambda: trainer(epochs=4, workers=2, checkpoint_dir=ck, checkpoint_every=5, max_restarts=1,
-                        transform=models.paced_to_float).fit(train), ck)
+    before = set(children_of(os.getpid()))
+    with KillAfterFirstCheckpoint(ck, _our_workers(before)) as killer:
+        r = trainer(epochs=4, workers=2, checkpoint_dir=ck, checkpoint_every=5, max_restarts=1,
+                    transform=models.paced_to_float).fit(train)
+    assert killer.killed
     assert same(weights(r.model), weights(full.model), atol=1e-4)
 
 
