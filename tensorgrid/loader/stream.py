@@ -20,14 +20,14 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..errors import EmptyDataError, LoaderWorkerError, ResumeError, TensorGridError, TransformError
 from ..store.dataset import Dataset
-from ..transforms import runs_ahead_safely
+from ..transforms import available_cores, runs_ahead_safely
 from .collate import gather_groups, slice_batch, table_to_torch, take_to_torch
 from .plan import Layout, Plan
 from .source import Source, is_remote
 
 VALID = "_valid"
 DEFAULT_MEMORY_BUDGET = 512 << 20
-IN_PROCESS_CHUNK_BATCHES = 8
+AHEAD_CHUNK_BATCHES = 8
 
 
 def gather(source: Source, layout: Layout, gids: np.ndarray) -> pa.Table:
@@ -300,11 +300,21 @@ class Loader:
     @property
     def _chunk_size(self) -> int | None:
         """Batches per chunk. With a transform, workers take one batch at a time (the transform is the
-        work to spread); in-process, the background thread gathers a few batches at a time so the first
+        work to spread); a transform run ahead in a thread gathers a few batches at a time, so the first
         batch of an epoch does not wait for a whole window. Otherwise a chunk is a whole window."""
-        if self.transform is None:
-            return None
-        return 1 if self.num_workers else IN_PROCESS_CHUNK_BATCHES
+        if self.transform is not None and self.num_workers:
+            return 1
+        return AHEAD_CHUNK_BATCHES if self._runs_ahead else None
+
+    @property
+    def _runs_ahead(self) -> bool:
+        """Run the transform in a background thread (``_Prefetcher``)? Only in-process, for a transform
+        that draws no random numbers, and when a core is left over by torch's own threads (measured: on
+        busy cores the thread only adds contention)."""
+        if self.num_workers or self.transform is None or not runs_ahead_safely(self.transform):
+            return False
+        busy = torch.get_num_threads() * int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        return available_cores() > busy
 
     def __len__(self) -> int:
         return self.plan().num_batches
@@ -340,7 +350,7 @@ class Loader:
         # Zero-copy views of the Arrow cache cannot cross into another process without a copy: without a
         # transform to run, workers would only add copies, so such chunks are built here.
         in_process = self.num_workers == 0 or (self.transform is None and self.source.cache_dir is not None)
-        if in_process and self.transform is not None and runs_ahead_safely(self.transform):
+        if self._runs_ahead:
             it = _Prefetcher(chunks, depth=self.prefetch)
         elif in_process:
             it = iter(chunks)

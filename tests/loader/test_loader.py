@@ -217,7 +217,10 @@ def _prefetch_threads():
     return [t for t in threading.enumerate() if t.name == "tensorgrid-loader-prefetch"]
 
 
-def test_transform_run_ahead_in_a_thread_keeps_exact_state_and_stops_on_break(ds):
+def test_transform_run_ahead_in_a_thread_keeps_exact_state_and_stops_on_break(ds, monkeypatch):
+    from tensorgrid.loader import stream
+
+    monkeypatch.setattr(stream, "available_cores", lambda: torch.get_num_threads() + 1)  # a spare core
     full = ids(ds.to_torch(batch_size=10, shuffle=True, transform=helpers.double_x))
     loader = ds.to_torch(batch_size=10, shuffle=True, transform=helpers.double_x)
     seen = []
@@ -233,6 +236,19 @@ def test_transform_run_ahead_in_a_thread_keeps_exact_state_and_stops_on_break(ds
     fresh = ds.to_torch(batch_size=10, shuffle=True, transform=helpers.double_x)
     fresh.load_state_dict(state)
     assert seen + ids(fresh) == full
+
+
+def test_no_thread_without_a_spare_core_same_batches(ds, monkeypatch):
+    from tensorgrid.loader import stream
+
+    ahead = ids(ds.to_torch(batch_size=10, shuffle=True, transform=helpers.double_x))
+    monkeypatch.setattr(stream, "available_cores", lambda: torch.get_num_threads())  # torch uses them all
+    loader = ds.to_torch(batch_size=10, shuffle=True, transform=helpers.double_x)
+    batches = []
+    for b in loader:
+        assert not _prefetch_threads()
+        batches.append(b["id"].tolist())
+    assert batches == ahead
 
 
 def test_random_transform_stays_reproducible_in_process(ds):
