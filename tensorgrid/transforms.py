@@ -130,24 +130,11 @@ def _normalize(batch: dict, mean: Sequence[float], std: Sequence[float], column:
     return batch
 
 
-for _f in (_decode_image, _resize, _to_float, _normalize):
-    _f.draws_no_random_numbers = True  # see runs_ahead_safely
 decode_image = _configurable(_decode_image)
 resize = _configurable(_resize)
 to_float = _configurable(_to_float)
 normalize = _configurable(_normalize)
 
-
-def runs_ahead_safely(transform) -> bool:
-    """May ``transform`` run in a background thread, ahead of the training step? Only when it draws no
-    random numbers: torch's global generator is shared by all threads, so a random augmentation run
-    ahead would interleave its draws with the model's (dropout...) and a seed would no longer fix the
-    run. The built-in transforms qualify; mark your own with ``fn.draws_no_random_numbers = True``."""
-    if isinstance(transform, compose):
-        return all(runs_ahead_safely(t) for t in transform.transforms)
-    while isinstance(transform, functools.partial):
-        transform = transform.func
-    return bool(getattr(transform, "draws_no_random_numbers", False))
 
 
 class compose:  # noqa: N801 - reads like the function it is

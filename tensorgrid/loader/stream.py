@@ -20,14 +20,12 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..errors import EmptyDataError, LoaderWorkerError, ResumeError, TensorGridError, TransformError
 from ..store.dataset import Dataset
-from ..transforms import available_cores, runs_ahead_safely
 from .collate import gather_groups, slice_batch, table_to_torch, take_to_torch
 from .plan import Layout, Plan
 from .source import Source, is_remote
 
 VALID = "_valid"
 DEFAULT_MEMORY_BUDGET = 512 << 20
-AHEAD_CHUNK_BATCHES = 8
 
 
 def gather(source: Source, layout: Layout, gids: np.ndarray) -> pa.Table:
@@ -168,75 +166,6 @@ def _identity(x):
     return x
 
 
-class _Prefetcher:
-    """Without DataLoader workers, a transform that draws no random numbers (``runs_ahead_safely``) runs
-    in a background thread while the caller trains on the batches before it (torch ops release the
-    GIL): the training step no longer waits for it. Other transforms run in the caller's thread, as
-    each batch is taken, so random augmentations stay reproducible and resumable. At most
-    ``depth`` transformed batches wait in memory; order is the plan's (one producer, one queue); the
-    loader's position advances as the caller takes batches, so ``state_dict`` stays exact.
-
-    Without a transform there is nothing to overlap worth a thread: slicing a built chunk costs
-    microseconds, and a thread would make each batch wait for the GIL (measured: slower)."""
-
-    _END = object()
-
-    def __init__(self, chunks: _Chunks, depth: int):
-        import queue
-        import threading
-
-        self._q: queue.Queue = queue.Queue(maxsize=max(1, depth))
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._produce, args=(chunks,), daemon=True,
-                                        name="tensorgrid-loader-prefetch")
-        self._thread.start()
-
-    def _put(self, item) -> bool:
-        import queue
-
-        while not self._stop.is_set():
-            try:
-                self._q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _produce(self, chunks: _Chunks) -> None:
-        try:
-            for chunk in chunks:
-                for item in chunk:  # (k, transformed batch k)
-                    if not self._put([item]):
-                        return
-            self._put(self._END)
-        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
-            self._put(e)
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        item = self._q.get()
-        if item is self._END:
-            raise StopIteration
-        if isinstance(item, BaseException):
-            raise item
-        return item
-
-    def _shutdown_workers(self) -> None:
-        """Stop the producer (it finishes at most the chunk it is building) and wait for it, so that a
-        next epoch never shares the source with it."""
-        import queue
-
-        self._stop.set()
-        while self._thread.is_alive():  # free the queue so a blocked put returns and sees the stop
-            try:
-                self._q.get(timeout=0.01)
-            except queue.Empty:
-                pass
-        self._thread.join()
-
-
 def _default_rank_world() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -295,26 +224,7 @@ class Loader:
     def plan(self, epoch: int | None = None) -> Plan:
         return Plan(self.source.layout, self.batch_size, self.world_size, self.rank, self.shuffle, self.seed,
                     self.epoch if epoch is None else epoch, self.drop_last, self.window_rows,
-                    chunk_size=self._chunk_size)
-
-    @property
-    def _chunk_size(self) -> int | None:
-        """Batches per chunk. With a transform, workers take one batch at a time (the transform is the
-        work to spread); a transform run ahead in a thread gathers a few batches at a time, so the first
-        batch of an epoch does not wait for a whole window. Otherwise a chunk is a whole window."""
-        if self.transform is not None and self.num_workers:
-            return 1
-        return AHEAD_CHUNK_BATCHES if self._runs_ahead else None
-
-    @property
-    def _runs_ahead(self) -> bool:
-        """Run the transform in a background thread (``_Prefetcher``)? Only in-process, for a transform
-        that draws no random numbers, and when a core is left over by torch's own threads (measured: on
-        busy cores the thread only adds contention)."""
-        if self.num_workers or self.transform is None or not runs_ahead_safely(self.transform):
-            return False
-        busy = torch.get_num_threads() * int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-        return available_cores() > busy
+                    chunk_size=1 if self.transform is not None and self.num_workers else None)
 
     def __len__(self) -> int:
         return self.plan().num_batches
@@ -350,9 +260,7 @@ class Loader:
         # Zero-copy views of the Arrow cache cannot cross into another process without a copy: without a
         # transform to run, workers would only add copies, so such chunks are built here.
         in_process = self.num_workers == 0 or (self.transform is None and self.source.cache_dir is not None)
-        if self._runs_ahead:
-            it = _Prefetcher(chunks, depth=self.prefetch)
-        elif in_process:
+        if in_process:
             it = iter(chunks)
         else:
             it = iter(DataLoader(chunks, batch_size=None, num_workers=self.num_workers, collate_fn=_identity,

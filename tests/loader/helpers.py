@@ -23,21 +23,6 @@ def die_on_id_13(batch):
     return batch
 
 
-def fail_on_id_13_ahead(batch):
-    return fail_on_id_13(batch)
-
-
-fail_on_id_13_ahead.draws_no_random_numbers = True  # runs in the loader's background thread
-
-
-def double_x(batch):
-    batch["x"] = batch["x"] * 2
-    return batch
-
-
-double_x.draws_no_random_numbers = True
-
-
-def add_noise(batch):  # a random augmentation: must run in the caller's thread
+def add_noise(batch):  # a random augmentation
     batch["x"] = batch["x"] + torch.rand(batch["x"].shape)
     return batch

@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 
 import numpy as np
@@ -207,48 +206,10 @@ def test_state_after_a_full_epoch_starts_the_next(ds):
 
 
 def test_transform_error_surfaces_with_shard_and_rows(ds):
-    for workers, fn in ((0, helpers.fail_on_id_13), (0, helpers.fail_on_id_13_ahead), (2, helpers.fail_on_id_13)):
-        loader = ds.to_torch(batch_size=10, transform=fn, num_workers=workers)
+    for workers in (0, 2):
+        loader = ds.to_torch(batch_size=10, transform=helpers.fail_on_id_13, num_workers=workers)
         with pytest.raises(tg.errors.TransformError, match=r"batch 1 .*shard 0 rows 10\.\.19.*unlucky row"):
             list(loader)
-
-
-def _prefetch_threads():
-    return [t for t in threading.enumerate() if t.name == "tensorgrid-loader-prefetch"]
-
-
-def test_transform_run_ahead_in_a_thread_keeps_exact_state_and_stops_on_break(ds, monkeypatch):
-    from tensorgrid.loader import stream
-
-    monkeypatch.setattr(stream, "available_cores", lambda: torch.get_num_threads() + 1)  # a spare core
-    full = ids(ds.to_torch(batch_size=10, shuffle=True, transform=helpers.double_x))
-    loader = ds.to_torch(batch_size=10, shuffle=True, transform=helpers.double_x)
-    seen = []
-    for i, b in enumerate(loader):
-        assert torch.equal(b["x"][:, 0], b["id"].float() * 8)  # the transform ran, once
-        seen.append(b["id"].tolist())
-        if i == 6:
-            assert _prefetch_threads()  # it ran ahead in the background thread
-            break
-    assert not _prefetch_threads()  # break stopped it
-    state = loader.state_dict()
-    assert state["batch"] == 7  # batches taken by the caller, not those built ahead
-    fresh = ds.to_torch(batch_size=10, shuffle=True, transform=helpers.double_x)
-    fresh.load_state_dict(state)
-    assert seen + ids(fresh) == full
-
-
-def test_no_thread_without_a_spare_core_same_batches(ds, monkeypatch):
-    from tensorgrid.loader import stream
-
-    ahead = ids(ds.to_torch(batch_size=10, shuffle=True, transform=helpers.double_x))
-    monkeypatch.setattr(stream, "available_cores", lambda: torch.get_num_threads())  # torch uses them all
-    loader = ds.to_torch(batch_size=10, shuffle=True, transform=helpers.double_x)
-    batches = []
-    for b in loader:
-        assert not _prefetch_threads()
-        batches.append(b["id"].tolist())
-    assert batches == ahead
 
 
 def test_random_transform_stays_reproducible_in_process(ds):
