@@ -82,10 +82,10 @@ def _decode_threads() -> int:
 
     if get_worker_info() is not None:
         return 1
-    return max(1, available_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    return max(1, _available_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
 
-def available_cores() -> int:
+def _available_cores() -> int:
     """Cores this process may run on (its CPU affinity, e.g. a container's limit)."""
     try:
         return len(os.sched_getaffinity(0))
@@ -97,7 +97,7 @@ def available_cores() -> int:
 def _pool(pid: int):  # one pool per process: a forked child must not inherit the parent's (dead) threads
     from concurrent.futures import ThreadPoolExecutor
 
-    return ThreadPoolExecutor(max_workers=available_cores(), thread_name_prefix="tensorgrid-decode")
+    return ThreadPoolExecutor(max_workers=_available_cores(), thread_name_prefix="tensorgrid-decode")
 
 
 def _resize(batch: dict, size: tuple[int, int], column: str = "image", antialias: bool = True) -> dict:
