@@ -108,6 +108,7 @@ def _raw_worker(rank: int, world: int, make, batch: int, steps: int, port: int, 
     if rank == 0:
         out.put(steps * batch / (time.perf_counter() - t0))
     if world > 1:
+        dist.barrier()  # leave together: a rank tearing down while its peer still talks aborts in gloo
         dist.destroy_process_group()
 
 
