@@ -114,7 +114,7 @@ def _to_float(batch: dict, column: str = "image", scale: float | None = None) ->
     x = batch[column]
     if scale is None:
         scale = 1 / 255 if x.dtype == torch.uint8 else 1.0
-    batch[column] = x.to(torch.float32) * scale
+    batch[column] = x.to(torch.float32).mul_(scale) if x.dtype != torch.float32 else x * scale
     return batch
 
 

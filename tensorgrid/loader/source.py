@@ -111,10 +111,13 @@ class Source:
             return [(i, 0, n) for i, n in enumerate(ds.shard_rows) if n]
         return _fixed_blocks(ds.shard_rows, self.row_bytes)
 
-    def reset(self) -> None:
-        """Forget open files, maps and decoded row groups (a new epoch maps the cache afresh)."""
+    def reset(self, keep_decoded: bool = False) -> None:
+        """Forget open files and maps (a new epoch maps the Arrow cache afresh, so no write into an
+        earlier epoch's zero-copy batch can show) and, unless ``keep_decoded``, decoded row groups. The
+        caller keeps them only when no batch can be a view of them (shuffled: every batch is gathered)."""
         self._open.clear()
-        self._groups.clear()
+        if not keep_decoded:
+            self._groups.clear()
 
     def _handle(self, shard: int, make):
         h = self._open.get(shard)

@@ -69,7 +69,10 @@ def window_rows(plan: Plan, source: Source, pos: np.ndarray) -> dict:
     parts = [source.read(int(sh), int(s0), int(s1)) for sh, s0, s1 in segs]
     table = parts[0] if len(parts) == 1 else pa.concat_tables(parts)
     if contiguous:
-        return table_to_torch(table.slice(int(local[0]), n))
+        cols = table_to_torch(table.slice(int(local[0]), n))
+        if plan.shuffle and not source.cache_dir:  # decoded row groups outlive the epoch: hand out copies
+            cols = _copied(cols)
+        return cols
     return take_to_torch(table, local)
 
 
@@ -123,13 +126,17 @@ def build_chunk(plan: Plan, source: Source, c: int, first: int, transform=None, 
     cols = window_rows(plan, source, pos[:nreal]) if nreal else None
     if nreal < len(pos):
         pad = table_to_torch(gather(source, plan.layout, plan.rows_at(pos[nreal:])))
-        cols = pad if cols is None else {k: _cat(cols[k], pad[k]) for k in cols}
+        cols = _copied(pad) if cols is None else {k: _cat(cols[k], pad[k]) for k in cols}
     if add_valid:
         cols[VALID] = torch.from_numpy(real)
     chunk = Chunk(ks.start, cols, bounds, transform=transform, plan=plan, pos=pos)
     if transform is not None and eager:
         return Chunk(ks.start, None, bounds, batches=[b for _, b in chunk])
     return chunk
+
+
+def _copied(cols: dict) -> dict:
+    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in cols.items()}
 
 
 def _cat(a, b):
@@ -143,7 +150,8 @@ class _Chunks(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
-        self.source.reset()
+        # In this process the next epoch reuses decoded row groups (no second Parquet decode) when shuffled.
+        self.source.reset(keep_decoded=info is None and self.plan.shuffle)
         c0 = self.plan.chunk_of(self.first) if self.plan.num_batches else 0
         mine = range(c0 + wid, self.plan.num_chunks, nw)
         build = lambda c: build_chunk(self.plan, self.source, c, self.first, self.transform,  # noqa: E731
