@@ -47,8 +47,8 @@ def _decode_image(batch: dict, column: str = "image", mode: str = "RGB", size: t
     different sizes need ``size=(height, width)``.
 
     Pillow releases the GIL while it decodes, so a batch is split over ``threads`` threads: by default
-    one per core in the main process, one inside DataLoader worker processes (the workers are the
-    parallelism there)."""
+    this process's share of the cores (all of them in the main process; cores / num_workers inside
+    DataLoader workers)."""
     data = batch[column]
     if not data:
         batch[out or column] = torch.empty((0,), dtype=torch.uint8)
@@ -78,11 +78,13 @@ def _decode_image(batch: dict, column: str = "image", mode: str = "RGB", size: t
 
 
 def _decode_threads() -> int:
+    """The cores this process's share: a machine's cores split over the training processes on it
+    (``LOCAL_WORLD_SIZE``) and, inside a DataLoader worker, over that loader's workers."""
     from torch.utils.data import get_worker_info
 
-    if get_worker_info() is not None:
-        return 1
-    return max(1, _available_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    info = get_worker_info()
+    procs = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) * (info.num_workers if info is not None else 1)
+    return max(1, _available_cores() // procs)
 
 
 def _available_cores() -> int:
