@@ -107,7 +107,7 @@ class Batches:
         if spec.step is not None:
             loss = spec.step(self.model, {key: _to(v, self.device) for key, v in batch.items()})
             n = int(valid.sum()) if valid is not None else _rows(batch)
-            return loss, (float(loss.detach()) * n, 0, n)
+            return loss, (loss.detach() * n, 0, n)
         x = _to(batch[spec.features], self.device)
         y = _to(batch[spec.label], self.device)
         out = self.model(x)
@@ -119,17 +119,43 @@ class Batches:
                 per = per * mask
             # rows of global batch k that are real (only the last global batch is short or padded)
             real = min(self.global_batch, self.rows - k * self.global_batch)
-            loss = per.sum() * (self.world / real)
-            loss_sum = float(per.detach().sum())
+            total = per.sum()
+            loss = total * (self.world / real)
+            loss_sum = total.detach()
         else:
             loss = spec.loss(out, y)
-            loss_sum = float(loss.detach()) * len(y)
-        n = int(valid.sum()) if valid is not None else len(y)
+            loss_sum = loss.detach() * len(y)
+        n = int(valid.sum()) if valid is not None else len(y)  # valid lives on the CPU: no device sync
         correct = 0
-        if self.classifier and out.ndim == 2:
+        if self.classifier and out.ndim == 2 and "accuracy" in spec.metrics:
             hit = out.detach().argmax(dim=1) == y
-            correct = int((hit & _to(valid, self.device)).sum()) if valid is not None else int(hit.sum())
+            correct = (hit & _to(valid, self.device)).sum() if valid is not None else hit.sum()
         return loss, (loss_sum, correct, n)
+
+
+class Sums:
+    """Loss sum, correct count and row count of an epoch so far. The first two stay on the device as
+    tensors until read (``values()``), so a training step never waits for the device just to count."""
+
+    def __init__(self, base=(0.0, 0.0, 0.0)):
+        self.base = [float(v) for v in base]
+        self.pending: list = []
+        self.rows = 0
+
+    def add(self, loss_sum, correct, n: int) -> None:
+        self.pending.append((loss_sum, correct))
+        self.rows += n
+
+    def values(self) -> list[float]:
+        """[loss sum, correct, rows] as floats (reads the device once for all pending steps)."""
+        if self.pending:
+            self.base[0] += float(torch.stack([torch.as_tensor(ls, dtype=torch.float64) for ls, _ in self.pending]).sum())
+            hits = [c for _, c in self.pending if isinstance(c, torch.Tensor)]
+            if hits:
+                self.base[1] += float(torch.stack(hits).sum())
+            self.base[2] += self.rows
+            self.pending, self.rows = [], 0
+        return list(self.base)
 
 
 def _to(v, device):
@@ -154,13 +180,12 @@ def evaluate(spec: Spec, model, ds: Dataset, device, rank: int, world: int) -> d
     loader = ds.to_torch(batch_size=max(1, spec.batch_size // world), columns=_columns(spec, ds), rank=rank,
                          world_size=world, transform=spec.transform)
     helper = Batches(spec, model, device, world, ds.num_rows, spec.batch_size)
-    sums = [0.0, 0.0, 0.0]
+    sums = Sums()
     model.eval()
     with torch.no_grad():
         for k, batch in enumerate(loader):
-            _, (ls, c, n) = helper.run(batch, k)
-            sums = [sums[0] + ls, sums[1] + c, sums[2] + n]
-    ls, c, n = _allreduce(sums, world)
+            sums.add(*helper.run(batch, k)[1])
+    ls, c, n = _allreduce(sums.values(), world)
     out = {"loss": ls / max(n, 1)}
     if helper.classifier and "accuracy" in spec.metrics:
         out["accuracy"] = c / max(n, 1)
@@ -206,7 +231,7 @@ def _train(spec: Spec, rank: int, world: int, device, restarted: bool) -> dict |
                                  seed=spec.seed, transform=spec.transform, rank=rank, world_size=world,
                                  num_workers=spec.loader_workers)
     history: list[dict] = []
-    epoch0, step, sums = 0, 0, [0.0, 0.0, 0.0]
+    epoch0, step, sums = 0, 0, Sums()
     resume = spec.resume_from or (ckpt.latest(spec.checkpoint_dir) if restarted else None)
     if resume:
         state = ckpt.load(resume)
@@ -218,7 +243,7 @@ def _train(spec: Spec, rank: int, world: int, device, restarted: bool) -> dict |
         loader.load_state_dict(state["loader"])
         history, step, epoch0 = state["history"], state["step"], state["loader"]["epoch"]
         # the checkpoint holds the epoch's sums so far over all ranks: rank 0 carries them on
-        sums = list(state.get("epoch_sums") or [0.0, 0.0, 0.0]) if rank == 0 else [0.0, 0.0, 0.0]
+        sums = Sums(state.get("epoch_sums") or (0.0, 0.0, 0.0)) if rank == 0 else Sums()
     log = None
     if rank == 0 and spec.log_dir:
         from .tblog import TBLog
@@ -246,7 +271,7 @@ def _train(spec: Spec, rank: int, world: int, device, restarted: bool) -> dict |
             net.train()
             k = loader.state_dict()["batch"]
             if not (resume and epoch == epoch0 and k):
-                sums = [0.0, 0.0, 0.0]
+                sums = Sums()
             t_epoch = time.perf_counter()
             wait_total = 0.0
             bar.start_epoch(epoch, k)
@@ -265,22 +290,24 @@ def _train(spec: Spec, rank: int, world: int, device, restarted: bool) -> dict |
                 optimizer.step()
                 step += 1
                 k += 1
-                sums = [sums[0] + ls, sums[1] + c, sums[2] + n]
+                sums.add(ls, c, n)
                 t2 = time.perf_counter()
                 wait = t1 - t0
                 wait_total += wait
                 samples_s = n * world / max(t2 - t_last, 1e-9)
                 t_last = t2
-                bar.step(ls / max(n, 1), samples_s)
+                # reading the loss waits for the device: only when a log or a visible bar shows it
+                step_loss = float(ls) / max(n, 1) if log is not None or bar.visible else float("nan")
+                bar.step(step_loss, samples_s)
                 if log is not None:
-                    log.scalars(step, {"train/loss": ls / max(n, 1), "train/samples_per_s": samples_s,
+                    log.scalars(step, {"train/loss": step_loss, "train/samples_per_s": samples_s,
                                        "train/data_wait_fraction": wait / max(t2 - t0, 1e-9),
                                        "train/lr": optimizer.param_groups[0]["lr"]})
                 if every and step % every == 0 and spec.checkpoint_dir:
-                    last_ckpt = save(_allreduce(sums, world)) or last_ckpt  # every rank reduces
+                    last_ckpt = save(_allreduce(sums.values(), world)) or last_ckpt  # every rank reduces
             if scheduler is not None:
                 scheduler.step()
-            ls, c, n = _allreduce(sums, world)
+            ls, c, n = _allreduce(sums.values(), world)
             elapsed = time.perf_counter() - t_epoch
             row = {"epoch": epoch, "loss": ls / max(n, 1), "samples_per_s": n / max(elapsed, 1e-9),
                    "data_wait_fraction": wait_total / max(elapsed, 1e-9)}

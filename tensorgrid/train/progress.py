@@ -32,6 +32,10 @@ class Progress:
         self.task = self.bar.add_task("", total=self.steps, completed=done, epoch=epoch + 1, epochs=self.epochs,
                                       loss=float("nan"), rate=0.0)
 
+    @property
+    def visible(self) -> bool:
+        return self.bar is not None
+
     def step(self, loss: float, rate: float) -> None:
         if self.bar is not None:
             self.bar.update(self.task, advance=1, loss=loss, rate=rate)
