@@ -41,8 +41,9 @@ def column_to_torch(col: pa.ChunkedArray | pa.Array):
 
 
 def _from_numpy(a: np.ndarray) -> torch.Tensor:
-    # Arrow memory is flagged read-only, but it is private to this process (a decoded copy or a
-    # copy-on-write map), so a tensor over it may be written safely.
+    # Arrow memory is flagged read-only, but what reaches the user is private to this process and
+    # epoch: a decoded copy dropped after the epoch, a copy-on-write map made afresh each epoch, or a
+    # copy (stream.window_rows copies views of kept row groups and of in-memory tables).
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         return torch.from_numpy(a)

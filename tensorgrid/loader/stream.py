@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..errors import EmptyDataError, LoaderWorkerError, ResumeError, TensorGridError, TransformError
-from ..store.dataset import Dataset
+from ..store.dataset import ArrowDataset, Dataset
 from .collate import gather_groups, slice_batch, table_to_torch, take_to_torch
 from .plan import Layout, Plan
 from .source import Source, is_remote
@@ -70,7 +70,9 @@ def window_rows(plan: Plan, source: Source, pos: np.ndarray) -> dict:
     table = parts[0] if len(parts) == 1 else pa.concat_tables(parts)
     if contiguous:
         cols = table_to_torch(table.slice(int(local[0]), n))
-        if plan.shuffle and not source.cache_dir:  # decoded row groups outlive the epoch: hand out copies
+        # decoded row groups outlive a shuffled epoch, and an in-memory table is the user's own data:
+        # hand out copies (the Arrow cache is mapped copy-on-write afresh each epoch instead)
+        if not source.cache_dir and (plan.shuffle or isinstance(source.dataset, ArrowDataset)):
             cols = _copied(cols)
         return cols
     return take_to_torch(table, local)

@@ -107,7 +107,7 @@ class Batches:
         if spec.step is not None:
             loss = spec.step(self.model, {key: _to(v, self.device) for key, v in batch.items()})
             n = int(valid.sum()) if valid is not None else _rows(batch)
-            return loss, (loss.detach() * n, 0, n)
+            return loss, (loss.detach().double() * n, 0, n)
         x = _to(batch[spec.features], self.device)
         y = _to(batch[spec.label], self.device)
         out = self.model(x)
@@ -119,12 +119,12 @@ class Batches:
                 per = per * mask
             # rows of global batch k that are real (only the last global batch is short or padded)
             real = min(self.global_batch, self.rows - k * self.global_batch)
-            total = per.sum()
+            total = per.sum(dtype=torch.float32) if per.dtype in (torch.float16, torch.bfloat16) else per.sum()
             loss = total * (self.world / real)
             loss_sum = total.detach()
         else:
             loss = spec.loss(out, y)
-            loss_sum = loss.detach() * len(y)
+            loss_sum = loss.detach().double() * len(y)
         n = int(valid.sum()) if valid is not None else len(y)  # valid lives on the CPU: no device sync
         correct = 0
         if self.classifier and out.ndim == 2 and "accuracy" in spec.metrics:
@@ -134,27 +134,29 @@ class Batches:
 
 
 class Sums:
-    """Loss sum, correct count and row count of an epoch so far. The first two stay on the device as
-    tensors until read (``values()``), so a training step never waits for the device just to count."""
+    """Loss sum, correct count and row count of an epoch so far. The first two are running totals on the
+    device (float64), read only by ``values()``: a training step never waits for the device to count."""
 
     def __init__(self, base=(0.0, 0.0, 0.0)):
         self.base = [float(v) for v in base]
-        self.pending: list = []
+        self.totals = None  # tensor([loss_sum, correct]) on the device of the first step
         self.rows = 0
 
     def add(self, loss_sum, correct, n: int) -> None:
-        self.pending.append((loss_sum, correct))
+        if self.totals is None:
+            device = loss_sum.device if isinstance(loss_sum, torch.Tensor) else None
+            self.totals = torch.zeros(2, dtype=torch.float64, device=device)
+        self.totals[0] += loss_sum
+        if isinstance(correct, torch.Tensor) or correct:
+            self.totals[1] += correct
         self.rows += n
 
     def values(self) -> list[float]:
-        """[loss sum, correct, rows] as floats (reads the device once for all pending steps)."""
-        if self.pending:
-            self.base[0] += float(torch.stack([torch.as_tensor(ls, dtype=torch.float64) for ls, _ in self.pending]).sum())
-            hits = [c for _, c in self.pending if isinstance(c, torch.Tensor)]
-            if hits:
-                self.base[1] += float(torch.stack(hits).sum())
-            self.base[2] += self.rows
-            self.pending, self.rows = [], 0
+        """[loss sum, correct, rows] as floats (one read of the device)."""
+        if self.totals is not None:
+            ls, c = self.totals.tolist()
+            self.base = [self.base[0] + ls, self.base[1] + c, self.base[2] + self.rows]
+            self.totals, self.rows = None, 0
         return list(self.base)
 
 
@@ -168,10 +170,10 @@ def _rows(batch: dict) -> int:
     return 0
 
 
-def _allreduce(values: list[float], world: int) -> list[float]:
+def _allreduce(values: list[float], world: int, device=None) -> list[float]:
     if world == 1:
         return values
-    t = torch.tensor(values, dtype=torch.float64)
+    t = torch.tensor(values, dtype=torch.float64, device=device)  # nccl reduces CUDA tensors only
     dist.all_reduce(t)
     return t.tolist()
 
@@ -185,7 +187,7 @@ def evaluate(spec: Spec, model, ds: Dataset, device, rank: int, world: int) -> d
     with torch.no_grad():
         for k, batch in enumerate(loader):
             sums.add(*helper.run(batch, k)[1])
-    ls, c, n = _allreduce(sums.values(), world)
+    ls, c, n = _allreduce(sums.values(), world, device)
     out = {"loss": ls / max(n, 1)}
     if helper.classifier and "accuracy" in spec.metrics:
         out["accuracy"] = c / max(n, 1)
@@ -304,10 +306,10 @@ def _train(spec: Spec, rank: int, world: int, device, restarted: bool) -> dict |
                                        "train/data_wait_fraction": wait / max(t2 - t0, 1e-9),
                                        "train/lr": optimizer.param_groups[0]["lr"]})
                 if every and step % every == 0 and spec.checkpoint_dir:
-                    last_ckpt = save(_allreduce(sums.values(), world)) or last_ckpt  # every rank reduces
+                    last_ckpt = save(_allreduce(sums.values(), world, device)) or last_ckpt  # every rank reduces
             if scheduler is not None:
                 scheduler.step()
-            ls, c, n = _allreduce(sums.values(), world)
+            ls, c, n = _allreduce(sums.values(), world, device)
             elapsed = time.perf_counter() - t_epoch
             row = {"epoch": epoch, "loss": ls / max(n, 1), "samples_per_s": n / max(elapsed, 1e-9),
                    "data_wait_fraction": wait_total / max(elapsed, 1e-9)}
