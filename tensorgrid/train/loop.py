@@ -139,24 +139,26 @@ class Sums:
 
     def __init__(self, base=(0.0, 0.0, 0.0)):
         self.base = [float(v) for v in base]
-        self.totals = None  # tensor([loss_sum, correct]) on the device of the first step
+        self.loss = self.hit = None  # 0-dim float64 tensors on the device of the first step
         self.rows = 0
 
     def add(self, loss_sum, correct, n: int) -> None:
-        if self.totals is None:
+        if self.loss is None:
             device = loss_sum.device if isinstance(loss_sum, torch.Tensor) else None
-            self.totals = torch.zeros(2, dtype=torch.float64, device=device)
-        self.totals[0] += loss_sum
+            self.loss = torch.zeros((), dtype=torch.float64, device=device)
+            self.hit = torch.zeros((), dtype=torch.float64, device=device)
+        self.loss.add_(loss_sum)  # one small kernel, no sync
         if isinstance(correct, torch.Tensor) or correct:
-            self.totals[1] += correct
+            self.hit.add_(correct)
         self.rows += n
 
     def values(self) -> list[float]:
         """[loss sum, correct, rows] as floats (one read of the device)."""
-        if self.totals is not None:
-            ls, c = self.totals.tolist()
+        if self.loss is not None:
+            ls, c = torch.stack([self.loss, self.hit]).tolist()
             self.base = [self.base[0] + ls, self.base[1] + c, self.base[2] + self.rows]
-            self.totals, self.rows = None, 0
+            self.loss = self.hit = None
+            self.rows = 0
         return list(self.base)
 
 
