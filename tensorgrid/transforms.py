@@ -138,7 +138,6 @@ to_float = _configurable(_to_float)
 normalize = _configurable(_normalize)
 
 
-
 class compose:  # noqa: N801 - reads like the function it is
     """Chain batch transforms left to right (picklable when its parts are)."""
 

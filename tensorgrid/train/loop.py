@@ -148,7 +148,7 @@ class Sums:
             self.loss = torch.zeros((), dtype=torch.float64, device=device)
             self.hit = torch.zeros((), dtype=torch.float64, device=device)
         self.loss.add_(loss_sum)  # one small kernel, no sync
-        if isinstance(correct, torch.Tensor) or correct:
+        if isinstance(correct, torch.Tensor):  # else 0: accuracy is not computed
             self.hit.add_(correct)
         self.rows += n
 
