@@ -106,6 +106,27 @@ def gather_groups(tables: list[pa.Table], groups: list, n: int) -> dict:
     return out
 
 
+def concat_take(tables: dict, pieces: list, indices: np.ndarray) -> dict:
+    """Rows ``indices`` of the concatenation of ``pieces`` (key, start, stop): slices of ``tables[key]``
+    laid end to end. Numeric and tensor columns cost one sequential copy of the pieces and one gather in
+    output order; scattering each table's rows to their output positions instead costs a random write per
+    row (1.5x slower on a shuffle window, measured)."""
+    out = {}
+    for name in next(iter(tables.values())).column_names:
+        views = {k: _single_view(t.column(name)) for k, t in tables.items()}
+        if all(v is not None for v in views.values()):
+            parts = [views[k][a:b] for k, a, b in pieces]
+        else:  # tables of several chunks (decoded row groups): a view per chunk of each piece
+            parts = [_numpy_view(c) for k, a, b in pieces for c in tables[k].column(name).slice(a, b - a).chunks]
+        if parts and all(v is not None for v in parts):
+            out[name] = torch.from_numpy(np.take(np.concatenate(parts), indices, axis=0))
+        else:
+            col = tables[pieces[0][0]].column(name)
+            chunks = [c for k, a, b in pieces for c in tables[k].column(name).slice(a, b - a).chunks]
+            out[name] = column_to_torch(pa.chunked_array(chunks, col.type).take(pa.array(indices)))
+    return out
+
+
 def _single_view(col: pa.ChunkedArray) -> np.ndarray | None:
     if col.num_chunks != 1:
         return None

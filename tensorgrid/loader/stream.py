@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..errors import EmptyDataError, LoaderWorkerError, ResumeError, TensorGridError, TransformError
 from ..store.dataset import ArrowDataset, Dataset
-from .collate import gather_groups, slice_batch, table_to_torch, take_to_torch
+from .collate import concat_take, gather_groups, slice_batch, table_to_torch, take_to_torch
 from .plan import Layout, Plan
 from .source import Source, is_remote
 
@@ -38,8 +38,10 @@ def gather(source: Source, layout: Layout, gids: np.ndarray) -> pa.Table:
 def window_rows(plan: Plan, source: Source, pos: np.ndarray) -> dict:
     """Columns of the rows at epoch positions ``pos`` (all in one window). The window's row ranges are
     read (decoded row groups, or zero-copy slices of the Arrow cache: then one range per shard, since
-    cached blocks are small), then one zero-copy slice when the rows are a contiguous run, else one
-    gather per column and source table."""
+    cached blocks are small), then one zero-copy slice when the rows are a contiguous run. Otherwise,
+    when the rows wanted are at least half of the span read, the ranges are copied end to end and
+    gathered once per column; when they are spread thin (a rank's share of a window, one batch of a
+    chunk), each source table's rows are gathered to their output positions."""
     j, local = plan.window_local(pos)
     a, _ = plan.window_range(j)
     lo, hi = int(local.min()), int(local.max()) + 1
@@ -47,6 +49,15 @@ def window_rows(plan: Plan, source: Source, pos: np.ndarray) -> dict:
     n = len(local)
     segs = np.asarray(plan.segments(a + lo, a + hi), dtype=np.int64).reshape(-1, 3)
     contiguous = local[-1] - local[0] == n - 1 and (n == 1 or bool(np.all(np.diff(local) == 1)))
+    if source.cache_dir and len(segs) > 1 and not contiguous and 2 * n >= hi - lo:
+        # the rows wanted are most of the span: copy the span's pieces end to end, then one gather
+        ranges: dict[int, tuple[int, int]] = {}
+        for sh, s0, s1 in segs.tolist():
+            r0, r1 = ranges.get(sh, (s0, s1))
+            ranges[sh] = (min(r0, s0), max(r1, s1))
+        tables = {sh: source.read(sh, r0, r1) for sh, (r0, r1) in ranges.items()}
+        return concat_take(tables, [(sh, s0 - ranges[sh][0], s1 - ranges[sh][0]) for sh, s0, s1 in segs.tolist()],
+                           local)
     if source.cache_dir and len(segs) > 1 and not contiguous:
         lens = segs[:, 2] - segs[:, 1]
         seg_start = np.concatenate([[0], np.cumsum(lens)])
@@ -75,6 +86,9 @@ def window_rows(plan: Plan, source: Source, pos: np.ndarray) -> dict:
         if not source.cache_dir and (plan.shuffle or isinstance(source.dataset, ArrowDataset)):
             cols = _copied(cols)
         return cols
+    if 2 * n >= len(table):
+        return concat_take({i: p for i, p in enumerate(parts)}, [(i, 0, p.num_rows) for i, p in enumerate(parts)],
+                           local)
     return take_to_torch(table, local)
 
 
