@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import functools
 import io
-import os
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 from PIL import Image
+
+from . import cores
 
 
 def _configurable(fn):
@@ -66,40 +67,10 @@ def _decode_image(batch: dict, column: str = "image", mode: str = "RGB", size: t
                                  f"{a.shape[:2]}); pass size=(height, width)")
             dest[i] = a.transpose(2, 0, 1) if channels_first else a  # one copy, straight into the batch
 
-    n = min(_decode_threads() if threads is None else max(1, threads), max(1, (len(data) - 1) // 16))
-    if n <= 1:
-        decode_range(1, len(data))
-    else:
-        bounds = np.linspace(1, len(data), n + 1).astype(int)
-        for f in [_pool(os.getpid()).submit(decode_range, int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]:
-            f.result()
+    n = min(cores.share() if threads is None else max(1, threads), max(1, (len(data) - 1) // 16))
+    cores.run_split(lambda lo, hi: decode_range(lo + 1, hi + 1), len(data) - 1, n)
     batch[out or column] = torch.from_numpy(dest)
     return batch
-
-
-def _decode_threads() -> int:
-    """The cores this process's share: a machine's cores split over the training processes on it
-    (``LOCAL_WORLD_SIZE``) and, inside a DataLoader worker, over that loader's workers."""
-    from torch.utils.data import get_worker_info
-
-    info = get_worker_info()
-    procs = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) * (info.num_workers if info is not None else 1)
-    return max(1, _available_cores() // procs)
-
-
-def _available_cores() -> int:
-    """Cores this process may run on (its CPU affinity, e.g. a container's limit)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-@functools.lru_cache(maxsize=1)
-def _pool(pid: int):  # one pool per process: a forked child must not inherit the parent's (dead) threads
-    from concurrent.futures import ThreadPoolExecutor
-
-    return ThreadPoolExecutor(max_workers=_available_cores(), thread_name_prefix="tensorgrid-decode")
 
 
 def _resize(batch: dict, size: tuple[int, int], column: str = "image", antialias: bool = True) -> dict:
