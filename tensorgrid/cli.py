@@ -111,18 +111,23 @@ def cmd_ls(a) -> None:
         raise TensorGridError(f"nothing at {a.root}")
     t = Table("dataset", "version", "rows", "shards", "size", title=a.root, title_justify="left")
     found = 0
-    candidates = [root] + [p for p in sorted(fsys.find(root, withdirs=True, maxdepth=4))
-                           if fsys.isdir(p) and "/_tensorgrid" not in p and "/data" not in p[len(root):]]
-    for path in candidates:
-        if store.manifest.is_dataset(fsys, path):
-            try:
-                ds = store.open(tgfs.to_url(fsys, path))
-            except TensorGridError as e:
-                t.add_row(path, "?", "?", "?", str(e))
-                continue
-            found += 1
-            t.add_row(tgfs.to_url(fsys, path), str(ds.version), f"{ds.num_rows:,}", str(ds.num_shards),
-                      human_bytes(_shard_bytes(ds)))
+    datasets: list[str] = []
+    for path in [root] + sorted(fsys.find(root, withdirs=True, maxdepth=4)):
+        # a dataset's own metadata and shard folders are not listed, nor anything inside them
+        inside = any((path + "/").startswith(f"{d.rstrip('/')}/{sub}/") for d in datasets
+                     for sub in (store.manifest.META_DIR, store.manifest.DATA_DIR))
+        if inside or not fsys.isdir(path) or not store.manifest.is_dataset(fsys, path):
+            continue
+        datasets.append(path)
+    for path in datasets:
+        try:
+            ds = store.open(tgfs.to_url(fsys, path))
+        except TensorGridError as e:
+            t.add_row(path, "?", "?", "?", str(e))
+            continue
+        found += 1
+        t.add_row(tgfs.to_url(fsys, path), str(ds.version), f"{ds.num_rows:,}", str(ds.num_shards),
+                  human_bytes(_shard_bytes(ds)))
     if not found:
         out.print(f"no datasets under {a.root}")
         return

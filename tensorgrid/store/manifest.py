@@ -70,6 +70,8 @@ class Manifest:
     def from_json(cls, data: bytes, where: str) -> Manifest:
         try:
             m = json.loads(data)
+            if not isinstance(m, dict):
+                raise ValueError(f"expected a JSON object, found {type(m).__name__}")
             if m.get("format") != FORMAT:
                 raise ValueError(f"unknown format {m.get('format')!r}")
             schema = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(m["schema"])))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import posixpath
+import re
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -17,6 +19,7 @@ from ..errors import (
     ConflictError,
     DatasetExistsError,
     DatasetNotFoundError,
+    ReadOnlyError,
     SchemaMismatchError,
     TensorGridError,
 )
@@ -87,6 +90,7 @@ class _ShardWriter:
         self.pool = ThreadPoolExecutor(max_workers=2)
         self.inflight: list[Future] = []
         self.shards: list[Shard] = []
+        self.paths: list[str] = []
         self.seq = 0
         fs.makedirs(tgfs.join(root, DATA_DIR), exist_ok=True)
 
@@ -94,6 +98,7 @@ class _ShardWriter:
         table = pa.Table.from_batches([encoding.encode(b, self.physical) for b in batches], self.physical)
         rel = f"{DATA_DIR}/part-{self.txn}-{self.seq:05d}.parquet"
         self.seq += 1
+        self.paths.append(tgfs.join(self.root, rel))
         while len(self.inflight) >= 2:
             self.shards.append(self.inflight.pop(0).result())
         self.inflight.append(self.pool.submit(self._write, table, rel))
@@ -118,6 +123,14 @@ class _ShardWriter:
             self.pool.shutdown(wait=True)
         return self.shards
 
+    def remove_files(self) -> None:
+        """Delete every shard this write started (after ``finish``): a failed write leaves nothing."""
+        for path in self.paths:
+            try:
+                self.fs.rm_file(path)
+            except (FileNotFoundError, OSError):
+                pass
+
 
 def _schema_diff(old: pa.Schema, new: pa.Schema) -> str:
     old_t = {f.name: f.type for f in old}
@@ -141,8 +154,6 @@ def write(url: str, data, mode: str = "create", shard_rows: int | None = None,
     mode: "create" (error if a dataset exists), "append" (adds rows; creates the dataset if missing) or
     "overwrite" (the new version holds only ``data``; older versions stay readable).
     """
-    from .dataset import StoreDataset
-
     if mode not in MODES:
         raise TensorGridError(f"mode must be one of {MODES}, got {mode!r}")
     if shard_rows is not None and shard_rows < 1:
@@ -150,8 +161,12 @@ def write(url: str, data, mode: str = "create", shard_rows: int | None = None,
     if shard_bytes is not None and shard_bytes < 1:
         raise TensorGridError(f"shard_bytes must be >= 1, got {shard_bytes}")
     fs, root = tgfs.resolve(url)
-    if not manifest.is_dataset(fs, root) and fs.exists(root) and not fs.isdir(root):
-        raise DatasetExistsError(f"{url} is a file, not a dataset directory")
+    existed = fs.exists(root)
+    if not manifest.is_dataset(fs, root):
+        if existed and not fs.isdir(root):
+            raise DatasetExistsError(f"{url} is a file, not a dataset directory")
+        _refuse_nested(fs, root, url)
+        _refuse_foreign(fs, root, url)
     base = _latest(fs, root)
     if mode == "create" and base is not None:
         raise DatasetExistsError(f"a dataset already exists at {url} (version {base.version}); "
@@ -167,10 +182,24 @@ def write(url: str, data, mode: str = "create", shard_rows: int | None = None,
             fs.pipe_file(tgfs.join(root, manifest.META_DIR, "format"), manifest.FORMAT.encode())
     writer = _ShardWriter(fs, root, physical)
     try:
-        for group in _split(batches, shard_rows, shard_bytes or DEFAULT_SHARD_BYTES):
-            writer.add(group)
-    finally:
-        shards = writer.finish()
+        try:
+            for group in _split(batches, shard_rows, shard_bytes or DEFAULT_SHARD_BYTES):
+                writer.add(group)
+        finally:
+            shards = writer.finish()
+        return _commit(fs, root, url, mode, base, physical, shards)
+    except ConflictError:
+        raise  # its shards stay for .retry()
+    except BaseException:
+        writer.remove_files()
+        if base is None:
+            _remove_empty_dirs(fs, root, existed)
+        raise
+
+
+def _commit(fs, root: str, url: str, mode: str, base: Manifest | None, physical: pa.Schema, shards: list[Shard]):
+    from .dataset import StoreDataset
+
     added = sum(s.rows for s in shards)
 
     def attempt(base: Manifest | None) -> StoreDataset:
@@ -191,6 +220,58 @@ def write(url: str, data, mode: str = "create", shard_rows: int | None = None,
         return StoreDataset(fs, root, new)
 
     return attempt(base)
+
+
+_OWN_SHARD = re.compile(r"part-[0-9a-f]{12}-\d{5}\.parquet")
+
+
+def _refuse_foreign(fs: fsspec.AbstractFileSystem, root: str, url: str) -> None:
+    """A directory that holds anything but a dataset's own (possibly orphaned) folders is not ours to
+    write into: foreign Parquet/CSV is read-only, and a new manifest would hide the user's files."""
+    try:
+        entries = fs.ls(root, detail=False)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    for entry in entries:
+        name = entry.rstrip("/").rsplit("/", 1)[-1]
+        if name == manifest.META_DIR:
+            continue
+        if name == DATA_DIR and fs.isdir(entry) and all(
+                _OWN_SHARD.fullmatch(p.rstrip("/").rsplit("/", 1)[-1]) for p in fs.ls(entry, detail=False)):
+            continue
+        raise ReadOnlyError(f"{url} holds files that are not a TensorGrid dataset ({name!r}, ...); foreign "
+                            "Parquet/CSV is opened read-only: write to a new or empty path")
+
+
+def _refuse_nested(fs: fsspec.AbstractFileSystem, root: str, url: str) -> None:
+    """No dataset inside another one's folders: its vacuum would delete it."""
+    path = root.rstrip("/")
+    while True:
+        parent = posixpath.dirname(path)
+        if not parent or parent == path:
+            return
+        if manifest.is_dataset(fs, parent):
+            raise TensorGridError(f"{url} is inside the dataset {tgfs.to_url(fs, parent)}; write it elsewhere")
+        path = parent
+
+
+def _remove_empty_dirs(fs: fsspec.AbstractFileSystem, root: str, existed: bool) -> None:
+    """After a failed first write: the folders it made, if nothing else has appeared in them."""
+    if manifest.list_versions(fs, root):
+        return  # another writer committed meanwhile
+    meta = tgfs.join(root, manifest.META_DIR)
+    candidates = [tgfs.join(root, DATA_DIR), meta] + ([] if existed else [root])
+    try:
+        if [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(meta, detail=False)] == ["format"]:
+            fs.rm_file(tgfs.join(meta, "format"))
+    except (FileNotFoundError, OSError):
+        pass
+    for d in candidates:
+        try:
+            if fs.exists(d) and not fs.ls(d, detail=False):
+                fs.rmdir(d)
+        except (FileNotFoundError, OSError):
+            pass
 
 
 def _latest(fs: fsspec.AbstractFileSystem, root: str) -> Manifest | None:

@@ -75,12 +75,62 @@ def test_unsupported_python_objects_name_the_column(tmp_path):
         tg.write(str(tmp_path / "o"), [{"a": Thing()}])
 
 
-def test_rows_changing_type_midstream(tmp_path):
+@pytest.mark.parametrize("where", ["new", "existing"])
+def test_rows_changing_type_midstream_leave_nothing(tmp_path, where):
+    rows = [{"a": i} for i in range(5000)] + [{"a": "text"}]
+    url = str(tmp_path / "m")
+    if where == "existing":
+        tg.write(url, pa.table({"a": [1, 2]}))
+    before = _listing(tmp_path)
+    with pytest.raises(tg.SchemaMismatchError):  # after dozens of shards were written
+        tg.write(url, iter(rows), mode="append", shard_rows=100)
+    assert _listing(tmp_path) == before and os.listdir(tmp_path) == (["m"] if where == "existing" else [])
+    if where == "existing":
+        assert tg.open(url).num_rows == 2
+
+
+def test_failed_first_write_on_memory_url_leaves_nothing(mem_url):
+    import fsspec
+
     rows = [{"a": i} for i in range(5000)] + [{"a": "text"}]
     with pytest.raises(tg.SchemaMismatchError):
-        tg.write(str(tmp_path / "m"), iter(rows))
-    with pytest.raises(tg.DatasetNotFoundError):  # nothing committed
-        tg.open(str(tmp_path / "m"))
+        tg.write(mem_url, iter(rows), shard_rows=500)
+    fs = fsspec.filesystem("memory")
+    assert not fs.exists(mem_url.removeprefix("memory://")) or not fs.find(mem_url.removeprefix("memory://"))
+
+
+def test_writing_over_foreign_files_is_refused(tmp_path):
+    import pyarrow.parquet as pq
+
+    spark_out = tmp_path / "spark_out"
+    spark_out.mkdir()
+    pq.write_table(pa.table({"a": [1, 2, 3]}), spark_out / "part-0.parquet")
+    before = _listing(tmp_path)
+    for mode in ("create", "append", "overwrite"):
+        with pytest.raises(tg.ReadOnlyError, match="spark_out"):
+            tg.write(str(spark_out), pa.table({"a": [9]}), mode=mode)
+    assert _listing(tmp_path) == before
+    assert tg.open(str(spark_out)).num_rows == 3
+
+
+def test_no_dataset_inside_another(tmp_path):
+    ds = tg.write(str(tmp_path / "d"), pa.table({"a": [1, 2]}))
+    before = _listing(tmp_path)
+    for inner in ("d/data", "d/_tensorgrid/x", "d/sub/deeper"):
+        with pytest.raises(tg.TensorGridError, match="inside the dataset"):
+            tg.write(str(tmp_path / inner), pa.table({"a": [1]}))
+    assert _listing(tmp_path) == before
+    ds.verify()  # raises CorruptShardError if anything of it went missing
+    assert tg.open(str(tmp_path / "d")).to_pandas()["a"].tolist() == [1, 2]
+
+
+def test_manifest_that_is_not_an_object(tmp_path):
+    url = str(tmp_path / "d")
+    tg.write(url, pa.table({"a": [1]}))
+    (manifest,) = (tmp_path / "d" / "_tensorgrid").glob("v*.json")
+    manifest.write_text("[1, 2]")
+    with pytest.raises(tg.CorruptShardError, match="unreadable"):
+        tg.open(url)
 
 
 def test_bad_mode_and_sizes(tmp_path):
