@@ -17,7 +17,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from .. import fs as tgfs
-from ..errors import ColumnNotFoundError, CorruptShardError, ReadOnlyError
+from ..errors import ColumnNotFoundError, CorruptShardError, ReadOnlyError, TensorGridError
 from . import encoding, manifest
 from .manifest import DATA_DIR, META_DIR, Manifest, Shard
 
@@ -87,9 +87,26 @@ class Dataset:
                                       f"columns: {self.schema.names}")
         return list(columns)
 
+    def _check_filter(self, filter) -> None:
+        """A filter must be a pyarrow compute expression over this dataset's columns, of fitting types."""
+        if filter is None:
+            return
+        if not isinstance(filter, pc.Expression):
+            raise TensorGridError(f"filter must be a pyarrow.compute expression such as pc.field('label') == 3, "
+                                  f"got {type(filter).__name__}")
+        try:
+            self.schema.empty_table().filter(filter)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as e:
+            msg = str(e).splitlines()[0]
+            if "No match for FieldRef" in msg:
+                raise ColumnNotFoundError(f"filter {filter} names a column {self.url or 'the dataset'} does not "
+                                          f"have; columns: {self.schema.names}") from None
+            raise TensorGridError(f"filter {filter} does not fit the columns' types: {msg}") from None
+
     def to_arrow(self, columns: list[str] | None = None, filter: pc.Expression | None = None) -> pa.Table:
         """All rows (of ``columns``, matching ``filter``, a pyarrow compute expression pushed down) as Arrow."""
         columns = self._check_columns(columns)
+        self._check_filter(filter)
         n = self.num_shards
         if n == 0:
             schema = self.schema if columns is None else pa.schema([self.schema.field(c) for c in columns])
@@ -387,6 +404,7 @@ class ArrowDataset(Dataset):
 
     def to_arrow(self, columns: list[str] | None = None, filter: pc.Expression | None = None) -> pa.Table:
         columns = self._check_columns(columns)
+        self._check_filter(filter)
         t = self._table if filter is None else self._table.filter(filter)
         return t.select(columns) if columns is not None else t
 

@@ -8,7 +8,13 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from .. import fs as tgfs
-from ..errors import CorruptShardError, DatasetNotFoundError, ReadOnlyError, UnsupportedFormatError
+from ..errors import (
+    CorruptShardError,
+    DatasetNotFoundError,
+    ReadOnlyError,
+    SchemaMismatchError,
+    UnsupportedFormatError,
+)
 from . import encoding
 from .dataset import _PARSE_ERRORS, Dataset, _arrow_fs
 
@@ -80,6 +86,7 @@ class ForeignDataset(Dataset):
             raise UnsupportedFormatError(f"cannot read {url} as {fmt}: {e}") from None
         self._schema = encoding.logical_schema(self._ds.schema)
         self._rows: list[int] | None = None
+        self._checked: set[int] = set()
 
     @property
     def schema(self) -> pa.Schema:
@@ -95,11 +102,27 @@ class ForeignDataset(Dataset):
         return [tgfs.to_url(self.fs, p) for p in self.files]
 
     def _guard(self, i: int, fn):
+        if i not in self._checked:
+            self._check_columns_of(i)
         try:
             return fn(self._fragments[i])
         except _PARSE_ERRORS as e:
             where = tgfs.to_url(self.fs, self.files[i])
             raise CorruptShardError(f"{where} cannot be read as {self.format}: {e}", [where]) from None
+
+    def _check_columns_of(self, i: int) -> None:
+        """Files of one foreign dataset must have the same columns (pyarrow would silently take the first
+        file's and fill the others' with nulls)."""
+        try:
+            names = self._fragments[i].physical_schema.names
+        except _PARSE_ERRORS as e:
+            where = tgfs.to_url(self.fs, self.files[i])
+            raise CorruptShardError(f"{where} cannot be read as {self.format}: {e}", [where]) from None
+        if sorted(names) != sorted(self._ds.schema.names):
+            first, this = tgfs.to_url(self.fs, self.files[0]), tgfs.to_url(self.fs, self.files[i])
+            raise SchemaMismatchError(f"{this} has columns {names}, but {first} has {self._ds.schema.names}: "
+                                      "files read as one dataset must share their columns")
+        self._checked.add(i)
 
     def read_shard(self, i: int, columns: list[str] | None = None, filter: pc.Expression | None = None) -> pa.Table:
         table = self._guard(i, lambda f: f.to_table(schema=self._ds.schema, columns=columns, filter=filter))
@@ -107,6 +130,9 @@ class ForeignDataset(Dataset):
 
     def to_arrow(self, columns: list[str] | None = None, filter: pc.Expression | None = None) -> pa.Table:
         columns = self._check_columns(columns)
+        self._check_filter(filter)
+        for i in range(len(self._fragments)):
+            self._guard(i, lambda f: None)
         try:
             table = self._ds.to_table(columns=columns, filter=filter)
         except _PARSE_ERRORS as e:

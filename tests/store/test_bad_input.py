@@ -144,3 +144,19 @@ def test_duplicate_columns(tmp_path):
     t = pa.Table.from_arrays([pa.array([1]), pa.array([2])], names=["a", "a"])
     with pytest.raises(tg.UnsupportedDataError, match="duplicate"):
         tg.write(str(tmp_path / "d"), t)
+
+
+def test_bad_filters_are_named_not_taken_for_corruption(tmp_path):
+    import pyarrow.compute as pc
+
+    ds = tg.write(str(tmp_path / "d"), pd.DataFrame({"x": [1, 2, 3], "s": ["a", "b", "c"]}))
+    for d in (ds, tg.from_arrow(ds.to_arrow()), tg.open(ds.shard_urls()[0])):
+        with pytest.raises(tg.ColumnNotFoundError, match="nope"):
+            d.to_arrow(filter=pc.field("nope") == 3)
+        with pytest.raises(tg.TensorGridError, match="types") as e:
+            d.to_pandas(filter=pc.field("x") == "a")
+        assert not isinstance(e.value, tg.CorruptShardError)
+        for bad in ("x > 3", True):
+            with pytest.raises(tg.TensorGridError, match="pyarrow.compute expression"):
+                d.to_arrow(filter=bad)
+        assert d.to_arrow(filter=pc.field("x") > 1).num_rows == 2

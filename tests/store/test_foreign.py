@@ -82,3 +82,16 @@ def test_store_shards_are_plain_parquet_for_duckdb_and_pandas(tmp_path):
     # and tg.open on the shard folder itself restores the tensor type from the field metadata
     reopened = tg.open(files[0])
     assert isinstance(reopened.schema.field("image").type, pa.FixedShapeTensorType)
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_files_with_different_columns_are_refused(tmp_path, fmt):
+    (tmp_path / "two").mkdir()
+    for i, cols in enumerate((["a", "b"], ["a", "c"])):
+        df = pd.DataFrame({c: [i] for c in cols})
+        path = tmp_path / "two" / f"{i}.{fmt}"
+        df.to_csv(path, index=False) if fmt == "csv" else df.to_parquet(path)
+    ds = tg.open(str(tmp_path / "two"))
+    for read in (ds.to_arrow, ds.head, lambda: list(ds.to_torch(batch_size=1))):
+        with pytest.raises(tg.SchemaMismatchError, match=rf"1\.{fmt} has columns \['a', 'c'\]"):
+            read()
