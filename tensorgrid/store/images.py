@@ -15,7 +15,7 @@ import pyarrow as pa
 from PIL import Image, UnidentifiedImageError
 
 from .. import fs as tgfs
-from ..errors import EmptyDataError, TensorGridError
+from ..errors import ColumnNotFoundError, DatasetNotFoundError, EmptyDataError, TensorGridError
 from .writer import write
 
 BATCH_FILES = 2048
@@ -49,7 +49,8 @@ def ingest_images(folder: str, url: str, label: str | None = "folder", mode: str
     """Pack every image under ``folder`` into the dataset at ``url``.
 
     Columns: image (bytes), path (relative to folder), label (first sub-folder name) and label_index
-    (its position among the sorted labels) when ``label="folder"``, width, height, format.
+    (its position among the sorted labels of folders holding images; appends keep the dataset's
+    numbering and number new labels after it) when ``label="folder"``, width, height, format.
     Files that are not decodable images are skipped and reported in a SkippedFilesWarning
     (count and first paths); ``Dataset.skipped`` lists them all.
     """
@@ -66,8 +67,7 @@ def ingest_images(folder: str, url: str, label: str | None = "folder", mode: str
     rel = [p[len(root) + 1:] for p in files]
     labelled = label == "folder"
     labels = [r.split("/", 1)[0] if "/" in r else "" for r in rel]
-    classes = sorted(set(labels))
-    index = {c: i for i, c in enumerate(classes)}
+    index = _label_index(fs, files, labels, url, mode) if labelled else {}
     schema = _schema(labelled)
     skipped: list[tuple[str, str]] = []
 
@@ -87,6 +87,8 @@ def ingest_images(folder: str, url: str, label: str | None = "folder", mode: str
                     cols["path"].append(rel[i])
                     if labelled:
                         cols["label"].append(labels[i])
+                        if labels[i] not in index:  # a header Pillow could not name, a body it could decode
+                            index[labels[i]] = max(index.values(), default=-1) + 1
                         cols["label_index"].append(index[labels[i]])
                     cols["width"].append(probe[0])
                     cols["height"].append(probe[1])
@@ -108,6 +110,36 @@ def ingest_images(folder: str, url: str, label: str | None = "folder", mode: str
         warnings.warn(SkippedFilesWarning(f"skipped {len(skipped)} of {len(files)} files that are not readable "
                                           f"images: {first}{', ...' if len(skipped) > 5 else ''}"), stacklevel=2)
     return ds
+
+
+def _label_index(fs, files: list[str], labels: list[str], url: str, mode: str) -> dict[str, int]:
+    """label -> label_index: positions among the sorted labels of the files whose header is an image's
+    (a header probe, no decode: folders of notes or stray files get no index). Appending to a dataset
+    keeps its mapping and numbers new labels after it."""
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        is_image = list(pool.map(lambda p: _is_image_header(fs, p), files))
+    found = sorted({lab for lab, ok in zip(labels, is_image) if ok})
+    index: dict[str, int] = {}
+    if mode == "append":
+        from . import open as open_dataset
+
+        try:
+            old = open_dataset(url).to_arrow(columns=["label", "label_index"])
+            index = dict(zip(old.column("label").to_pylist(), old.column("label_index").to_pylist()))
+        except (DatasetNotFoundError, ColumnNotFoundError):
+            index = {}
+    for lab in found:
+        if lab not in index:
+            index[lab] = max(index.values(), default=-1) + 1
+    return index
+
+
+def _is_image_header(fs, path: str) -> bool:
+    try:
+        with fs.open(path, "rb") as f, Image.open(f):
+            return True
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return False
 
 
 def _read_local(path: str) -> bytes:

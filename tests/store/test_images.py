@@ -71,3 +71,20 @@ def test_unlabelled_and_no_images(tmp_path):
         with pytest.raises(tg.EmptyDataError, match="none of the 1 files"):
             tg.ingest_images(str(tmp_path / "junk"), str(tmp_path / "o2"))
     assert not (tmp_path / "o2" / "_tensorgrid").exists() or not list((tmp_path / "o2" / "_tensorgrid").glob("v*"))
+
+
+def test_label_index_counts_image_folders_only_and_appends_keep_it(image_tree, tmp_path):
+    (image_tree / "notes").mkdir()
+    (image_tree / "notes" / "readme.md").write_text("not an image")
+    (image_tree / "top.txt").write_text("a stray file at the root")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SkippedFilesWarning)
+        ds = tg.ingest_images(str(image_tree), str(tmp_path / "ds"))
+    pairs = lambda d: dict(zip(*(d.to_pandas()[c].tolist() for c in ("label", "label_index"))))  # noqa: E731
+    assert pairs(ds) == {"bird": 0, "cat": 1, "dog": 2}
+    more = tmp_path / "more"
+    for label in ("ant", "dog"):
+        (more / label).mkdir(parents=True)
+        (more / label / "0.png").write_bytes(_img("PNG", 5, 5, 7))
+    ds = tg.ingest_images(str(more), str(tmp_path / "ds"), mode="append")
+    assert pairs(ds) == {"bird": 0, "cat": 1, "dog": 2, "ant": 3}
