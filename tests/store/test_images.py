@@ -74,6 +74,7 @@ def test_unlabelled_and_no_images(tmp_path):
 
 
 def test_label_index_counts_image_folders_only_and_appends_keep_it(image_tree, tmp_path):
+    image_tree, _ = image_tree
     (image_tree / "notes").mkdir()
     (image_tree / "notes" / "readme.md").write_text("not an image")
     (image_tree / "top.txt").write_text("a stray file at the root")
