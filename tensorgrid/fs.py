@@ -19,6 +19,8 @@ _memory_lock = threading.Lock()
 
 def resolve(url: str | os.PathLike) -> tuple[fsspec.AbstractFileSystem, str]:
     """Split a URL or path into (filesystem, path inside it). Unknown schemes raise UnsupportedURLError."""
+    if not isinstance(url, (str, os.PathLike)):
+        raise UnsupportedURLError(f"expected a URL or path, got {type(url).__name__} {url!r}")
     url = os.fspath(url)
     if not isinstance(url, str) or not url:
         raise UnsupportedURLError(f"expected a URL or path, got {url!r}")

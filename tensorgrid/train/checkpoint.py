@@ -76,3 +76,21 @@ def check_fits(state: dict, model: torch.nn.Module, url: str) -> None:
             f"missing {missing[:3]}" if missing else "", f"unexpected {extra[:3]}" if extra else "",
             "shapes differ: " + ", ".join(shapes[:3]) if shapes else ""]))
         raise CheckpointError(f"checkpoint {url} is from a different model ({detail})")
+
+
+def type_name(obj) -> str:
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
+def check_optimizer_fits(state: dict, optimizer: torch.optim.Optimizer, url: str) -> None:
+    """Raise CheckpointError unless the checkpoint's optimizer state can continue in ``optimizer``: the
+    same optimizer type (another one's state fails only at its first step) and the same parameter groups."""
+    saved = state.get("optimizer_type")
+    if saved is not None and saved != type_name(optimizer):
+        raise CheckpointError(f"checkpoint {url} was trained with {saved}, this trainer's optimizer is "
+                              f"{type_name(optimizer)}: resume with the same optimizer, or start a new run")
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {url} holds optimizer state that does not fit this trainer's "
+                              f"optimizer: {e}") from None

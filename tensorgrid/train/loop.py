@@ -264,6 +264,7 @@ def _train(spec: Spec, rank: int, world: int, device, restarted: bool) -> dict |
         if rank != 0 or not spec.checkpoint_dir:
             return None
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "optimizer_type": ckpt.type_name(optimizer),
                  "scheduler": scheduler.state_dict() if scheduler else None, "rng": _rng_state(),
                  "loader": loader.state_dict(), "history": history, "step": step, "epoch_sums": epoch_sums}
         return ckpt.save(spec.checkpoint_dir, loader.state_dict()["epoch"], step, state, spec.keep_checkpoints)

@@ -136,6 +136,11 @@ class Trainer:
         train_ds = self._dataset(train_ds, "train")
         val_ds = self._dataset(val, "val") if val is not None else None
         self._check_urls()
+        try:  # before anything is built from them: a non-picklable model fails here, by name
+            cloudpickle.dumps((self.model, self.loss, self.optimizer, self.scheduler, self.transform, self.step))
+        except Exception as e:  # noqa: BLE001
+            raise TrainingConfigError(f"the model, loss, optimizer or transform cannot be sent to workers: "
+                                      f"{type(e).__name__}: {e}") from None
         if train_ds.num_rows < self.workers:
             raise TrainingConfigError(f"{train_ds.num_rows} rows cannot feed {self.workers} workers")
         resume_from = None
@@ -150,7 +155,9 @@ class Trainer:
             if resume_from is None:
                 raise CheckpointError(f"resume=True but {self.checkpoint_dir} holds no checkpoint")
             state = ckpt.load(resume_from)
-            ckpt.check_fits(state, build_model(self._spec(train_ds, None, None)), resume_from)
+            model = build_model(self._spec(train_ds, None, None))
+            ckpt.check_fits(state, model, resume_from)
+            ckpt.check_optimizer_fits(state, self.optimizer(model.parameters()), resume_from)
             if state["loader"].get("global_batch") not in (None, self.batch_size):
                 raise CheckpointError(f"checkpoint {resume_from} was trained with global batch "
                                       f"{state['loader']['global_batch']}, this trainer uses {self.batch_size}")

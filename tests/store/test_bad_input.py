@@ -160,3 +160,17 @@ def test_bad_filters_are_named_not_taken_for_corruption(tmp_path):
             with pytest.raises(tg.TensorGridError, match="pyarrow.compute expression"):
                 d.to_arrow(filter=bad)
         assert d.to_arrow(filter=pc.field("x") > 1).num_rows == 2
+
+
+def test_bad_url_and_version_types(tmp_path):
+    for bad in (None, 123):
+        with pytest.raises(tg.UnsupportedURLError, match="expected a URL or path"):
+            tg.open(bad)
+        with pytest.raises(tg.UnsupportedURLError, match="expected a URL or path"):
+            tg.write(bad, pa.table({"a": [1]}))
+    url = str(tmp_path / "d")
+    tg.write(url, pa.table({"a": [1]}))
+    for bad in (1.0, "1", True, 0):
+        with pytest.raises(tg.TensorGridError, match="version must be an int"):
+            tg.open(url, version=bad)
+    assert tg.open(url, version=np.int64(1)).num_rows == 1

@@ -161,6 +161,10 @@ def test_bad_input_fails_before_any_worker(digits, tmp_path):
     lock = threading.Lock()
     with pytest.raises(tg.TrainingConfigError, match="cannot be sent to workers"):
         trainer(model=lambda: (lock, models.mlp())[1], workers=2).fit(train)
+    locked = models.mlp()
+    locked.guard = lock  # an nn.Module instance (copied to workers) that cannot be copied
+    with pytest.raises(tg.TrainingConfigError, match="cannot be sent to workers"):
+        trainer(model=locked).fit(train)
     with pytest.raises(tg.TrainingConfigError, match="global batch"):
         trainer(batch_size=65, workers=2)
     with pytest.raises(tg.TrainingConfigError, match="memory://"):
@@ -169,6 +173,8 @@ def test_bad_input_fails_before_any_worker(digits, tmp_path):
     trainer(epochs=1, checkpoint_dir=ck).fit(train)
     with pytest.raises(tg.CheckpointError, match="different model"):
         trainer(model=models.cnn, epochs=2, checkpoint_dir=ck).fit(train, resume=True)
+    with pytest.raises(tg.CheckpointError, match="trained with torch.optim.sgd.SGD"):
+        trainer(epochs=2, checkpoint_dir=ck, optimizer=lambda p: torch.optim.Adam(p)).fit(train, resume=True)
     with pytest.raises(tg.TrainingConfigError, match="already holds checkpoints"):
         trainer(epochs=1, checkpoint_dir=ck).fit(train)  # a fresh run never mixes with an old one
     with pytest.raises(tg.CheckpointError, match="no checkpoint"):
