@@ -51,7 +51,8 @@ def test_ingest_csv_parquet_jsonl_and_images(tmp_path):
     pd.DataFrame({"a": range(10)}).to_parquet(tmp_path / "in.parquet")
     assert run("ingest", str(tmp_path / "in.parquet"), str(tmp_path / "p"))[0] == 0
     assert tg.open(str(tmp_path / "p")).num_rows == 10
-    assert run("ingest", str(tmp_path / "in.parquet"), str(tmp_path / "p"), "--mode", "append")[0] == 0
+    code, out, _ = run("ingest", str(tmp_path / "in.parquet"), str(tmp_path / "p"), "--mode", "append")
+    assert code == 0 and "ingested 10 rows" in out and "(20 in all)" in out
     assert tg.open(str(tmp_path / "p")).num_rows == 20
 
     (tmp_path / "in.jsonl").write_text("\n".join(json.dumps({"k": i, "v": [i, i]}) for i in range(5)))

@@ -186,6 +186,12 @@ class _Chunks(IterableDataset):
             yield pending.result()
 
 
+def _last_line(message: str, marker: str) -> str:
+    """The original error's own message out of the traceback text torch puts around a worker's error."""
+    lines = [ln for ln in message.splitlines() if marker in ln]
+    return lines[-1].split(marker, 1)[1] if lines else message
+
+
 def _identity(x):
     return x
 
@@ -296,6 +302,8 @@ class Loader:
                     chunk = next(it)
                 except StopIteration:
                     break
+                except TransformError as e:  # from a worker: torch wraps the message in its traceback
+                    raise TransformError(_last_line(str(e), "TransformError: ")) from None
                 except RuntimeError as e:
                     if "exited unexpectedly" in str(e) or "killed by signal" in str(e):
                         raise LoaderWorkerError(f"a loader worker died: {e}") from None
