@@ -9,6 +9,7 @@ tensors once, and sliced into batches; ``transform`` runs per batch inside the w
 from __future__ import annotations
 
 import multiprocessing as mp
+import numbers
 import os
 import pickle
 from concurrent.futures import ThreadPoolExecutor
@@ -213,6 +214,10 @@ class Loader:
         for name, v, lo in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0), ("prefetch", prefetch, 1)):
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 raise TensorGridError(f"{name} must be an int >= {lo}, got {v!r}")
+        if memory_budget is not None and (not isinstance(memory_budget, numbers.Integral) or memory_budget < 1):
+            raise TensorGridError(f"memory_budget must be a number of bytes >= 1, got {memory_budget!r}")
+        if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
+            raise TensorGridError(f"seed must be an int, got {seed!r}")
         if shuffle_buffer is not None and shuffle_buffer < 1:
             raise TensorGridError(f"shuffle_buffer must be >= 1 row, got {shuffle_buffer}")
         if transform is not None and not callable(transform):
@@ -272,6 +277,8 @@ class Loader:
                 "drop_last": self.drop_last, "version": self.dataset.version, "url": self.dataset.url}
 
     def load_state_dict(self, state: dict) -> None:
+        if not isinstance(state, dict) or not {"epoch", "batch"} <= state.keys():
+            raise ResumeError(f"not a loader state (a dict from state_dict() with 'epoch' and 'batch'): {state!r}"[:200])
         mine = self.state_dict()
         for key in ("seed", "shuffle", "global_batch", "num_rows", "drop_last"):
             if key in state and state[key] != mine[key]:

@@ -124,6 +124,8 @@ class Dataset:
         return table_to_pandas(self.to_arrow(columns, filter))
 
     def head(self, n: int = 5) -> pd.DataFrame:
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise TensorGridError(f"head(n) needs an int n >= 0, got {n!r}")
         parts, got = [], 0
         for i in range(self.num_shards):
             if got >= n:
@@ -326,6 +328,8 @@ class StoreDataset(Dataset):
 
         Files younger than ``min_age_s`` are kept: they may belong to a writer still at work.
         """
+        if not isinstance(min_age_s, (int, float)) or isinstance(min_age_s, bool) or min_age_s < 0:
+            raise TensorGridError(f"min_age_s must be a number of seconds >= 0, got {min_age_s!r}")
         referenced = set()
         for v in manifest.list_versions(self.fs, self.root):
             referenced.update(s.path for s in manifest.load(self.fs, self.root, v).shards)

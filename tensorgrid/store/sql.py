@@ -27,6 +27,8 @@ def _source(value):
 
 def sql(query: str, **tables) -> ArrowDataset:
     """Run a DuckDB query; each keyword names a table. Returns the result as an in-memory Dataset."""
+    if not isinstance(query, str) or not query.strip():
+        raise SQLError(f"the query must be a non-empty SQL string, got {query!r}")
     con = duckdb.connect()
     tensors: dict[str, pa.FixedShapeTensorType] = {}
     try:

@@ -44,9 +44,11 @@ class Trainer:
             raise TrainingConfigError("give a loss (with features= and label=) or step=fn(model, batch) -> loss")
         if engine not in ENGINES:
             raise TrainingConfigError(f"engine must be one of {ENGINES}, got {engine!r}")
-        for name, v in (("batch_size", batch_size), ("epochs", epochs), ("workers", workers)):
-            if not isinstance(v, int) or v < 1:
-                raise TrainingConfigError(f"{name} must be an int >= 1, got {v!r}")
+        for name, v, lo in (("batch_size", batch_size, 1), ("epochs", epochs, 1), ("workers", workers, 1),
+                            ("keep_checkpoints", keep_checkpoints, 1), ("max_restarts", max_restarts, 0),
+                            ("loader_workers", loader_workers, 0)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+                raise TrainingConfigError(f"{name} must be an int >= {lo}, got {v!r}")
         if batch_size % workers:
             raise TrainingConfigError(f"batch_size ({batch_size}) is the global batch: it must divide evenly "
                                       f"across {workers} workers")
@@ -196,6 +198,8 @@ class Trainer:
 
         from ..store.writer import write
 
+        if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1):
+            raise TrainingConfigError(f"batch_size must be an int >= 1, got {batch_size!r}")
         model = model or (self.result.model if self.result else None)
         if model is None:
             raise TensorGridError("predict needs a trained model: call fit first or pass model=")

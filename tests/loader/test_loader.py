@@ -385,3 +385,13 @@ def test_cached_and_parquet_loaders_deliver_the_same_batches(tmp_path, shuffle_b
             assert a["name"] == b["name"] == [f"row-{i}" for i in a["id"].tolist()]
             assert torch.equal(a["id"], b["id"]) and torch.equal(a["w"], b["w"]) and torch.equal(a["x"], b["x"])
             assert torch.equal(b["x"], torch.from_numpy(np.stack(df["x"].to_numpy()[b["id"].numpy()])))
+
+
+def test_bad_values_are_named(ds):
+    for kw, needle in ((dict(memory_budget=-1), "memory_budget"), (dict(seed="a"), "seed")):
+        with pytest.raises(tg.TensorGridError, match=needle):
+            ds.to_torch(batch_size=4, **kw)
+    for state in ({}, None, {"epoch": 0}):
+        with pytest.raises(tg.errors.ResumeError, match="not a loader state"):
+            ds.to_torch(batch_size=4).load_state_dict(state)
+    assert len(ds.to_torch(batch_size=4, seed=np.int64(3), memory_budget=np.int64(1 << 20))) > 0

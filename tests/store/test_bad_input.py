@@ -174,3 +174,15 @@ def test_bad_url_and_version_types(tmp_path):
         with pytest.raises(tg.TensorGridError, match="version must be an int"):
             tg.open(url, version=bad)
     assert tg.open(url, version=np.int64(1)).num_rows == 1
+
+
+def test_bad_counts_are_named(tmp_path):
+    ds = tg.write(str(tmp_path / "d"), pa.table({"a": [1, 2]}))
+    with pytest.raises(tg.TensorGridError, match="head"):
+        ds.head(-3)
+    with pytest.raises(tg.TensorGridError, match="min_age_s"):
+        ds.vacuum(min_age_s=-1)
+    for q in ("", "   "):
+        with pytest.raises(tg.SQLError, match="non-empty"):
+            tg.sql(q)
+    assert len(ds.head(0)) == 0

@@ -165,6 +165,9 @@ def test_bad_input_fails_before_any_worker(digits, tmp_path):
     locked.guard = lock  # an nn.Module instance (copied to workers) that cannot be copied
     with pytest.raises(tg.TrainingConfigError, match="cannot be sent to workers"):
         trainer(model=locked).fit(train)
+    for kw in (dict(keep_checkpoints=0), dict(max_restarts=-1), dict(loader_workers=True)):
+        with pytest.raises(tg.TrainingConfigError, match=next(iter(kw))):
+            trainer(**kw)
     with pytest.raises(tg.TrainingConfigError, match="global batch"):
         trainer(batch_size=65, workers=2)
     with pytest.raises(tg.TrainingConfigError, match="memory://"):
