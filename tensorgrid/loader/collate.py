@@ -67,6 +67,10 @@ def take_to_torch(table: pa.Table, indices: np.ndarray) -> dict:
     col0 = table.column(0)
     if col0.num_chunks <= 1:
         return gather_groups([table], [(0, None, indices)], len(indices))
+    bounds0 = [len(c) for c in col0.chunks]
+    if any([len(c) for c in col.chunks] != bounds0 for col in table.columns[1:]):
+        table = pa.Table.from_batches(table.to_batches(), table.schema)  # align the columns' chunks (zero-copy)
+        col0 = table.column(0)
     starts = np.cumsum([0] + [len(c) for c in col0.chunks])
     owner = np.searchsorted(starts, indices, side="right") - 1
     order = np.argsort(owner, kind="stable")

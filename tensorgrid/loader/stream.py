@@ -27,6 +27,7 @@ from .source import Source, is_remote
 
 VALID = "_valid"
 DEFAULT_MEMORY_BUDGET = 512 << 20
+WINDOWS_IN_FLIGHT = 4  # in process: the window being consumed, the next being built, their gather copies
 
 
 def gather(source: Source, layout: Layout, gids: np.ndarray) -> pa.Table:
@@ -236,11 +237,13 @@ class Loader:
         self.transform, self.num_workers, self.drop_last, self.prefetch = transform, num_workers, drop_last, prefetch
         self.context = multiprocessing_context
         self.timeout = timeout
-        if shuffle_buffer:
-            self.window_rows = shuffle_buffer
-        else:  # chunks in flight: prefetch per worker, one being consumed, one being built; x2 for gather copies
-            inflight = max(1, num_workers) * prefetch + 2
-            self.window_rows = max(1, int(self.memory_budget / inflight / 2 / max(1.0, self.source.row_bytes)))
+        row_bytes = max(1.0, self.source.row_bytes)
+        # The window decides the order, so it depends on the budget and the data only, never on workers or
+        # prefetch (a run resumed with other workers continues the same order). Workers split it into chunks:
+        # prefetch per worker, one being consumed, one being built; x2 for gather copies.
+        self.window_rows = shuffle_buffer or max(1, int(self.memory_budget / WINDOWS_IN_FLIGHT / 2 / row_bytes))
+        inflight = max(1, num_workers) * prefetch + 2
+        self.chunk_rows = max(1, int(self.memory_budget / inflight / 2 / row_bytes))
         if num_workers and transform is not None and self._start_method() != "fork":
             try:
                 pickle.dumps(transform)
@@ -259,7 +262,8 @@ class Loader:
     def plan(self, epoch: int | None = None) -> Plan:
         return Plan(self.source.layout, self.batch_size, self.world_size, self.rank, self.shuffle, self.seed,
                     self.epoch if epoch is None else epoch, self.drop_last, self.window_rows,
-                    chunk_size=1 if self.transform is not None and self.num_workers else None)
+                    chunk_size=(1 if self.transform is not None else max(1, self.chunk_rows // self.batch_size))
+                    if self.num_workers else None)
 
     def __len__(self) -> int:
         return self.plan().num_batches
@@ -274,12 +278,23 @@ class Loader:
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "batch": self._pos, "seed": self.seed, "shuffle": self.shuffle,
                 "global_batch": self.batch_size * self.world_size, "num_rows": self.source.layout.num_rows,
-                "drop_last": self.drop_last, "version": self.dataset.version, "url": self.dataset.url}
+                "drop_last": self.drop_last, "version": self.dataset.version, "url": self.dataset.url,
+                "layout": self._layout_digest()}
+
+    def _layout_digest(self) -> str:
+        """The blocks the order is built from (Parquet row groups, Arrow cache blocks, in-memory slices):
+        another layout gives another order for the same seed, so a state cannot move between them."""
+        import xxhash
+
+        return xxhash.xxh3_64_hexdigest(np.ascontiguousarray(self.source.layout.block_array, dtype=np.int64).tobytes())
 
     def load_state_dict(self, state: dict) -> None:
         if not isinstance(state, dict) or not {"epoch", "batch"} <= state.keys():
             raise ResumeError(f"not a loader state (a dict from state_dict() with 'epoch' and 'batch'): {state!r}"[:200])
         mine = self.state_dict()
+        if self.shuffle and state.get("layout", mine["layout"]) != mine["layout"]:
+            raise ResumeError("cannot resume: the state comes from a loader over another block layout (cache_dir "
+                              "on or off, or another kind of dataset), whose shuffle order differs")
         for key in ("seed", "shuffle", "global_batch", "num_rows", "drop_last"):
             if key in state and state[key] != mine[key]:
                 raise ResumeError(f"cannot resume: the state has {key}={state[key]!r}, this loader {mine[key]!r}"

@@ -395,3 +395,36 @@ def test_bad_values_are_named(ds):
         with pytest.raises(tg.errors.ResumeError, match="not a loader state"):
             ds.to_torch(batch_size=4).load_state_dict(state)
     assert len(ds.to_torch(batch_size=4, seed=np.int64(3), memory_budget=np.int64(1 << 20))) > 0
+
+
+def test_columns_chunked_differently_in_memory():
+    t = pa.concat_tables([pa.table({"id": [0]}), pa.table({"id": [1, 2, 3, 4, 5, 6]})])
+    t = t.append_column("f", pa.array(np.arange(7.0)))  # one chunk, against id's two
+    got = [(i, f) for r in range(3) for b in tg.from_arrow(t).to_torch(batch_size=1, world_size=3, rank=r)
+           for i, f, v in zip(b["id"].tolist(), b["f"].tolist(), b["_valid"].tolist()) if v]
+    assert sorted(got) == [(i, float(i)) for i in range(7)]
+
+
+def test_order_and_resume_do_not_depend_on_workers_under_a_memory_budget(tmp_path):
+    ds = tg.write(str(tmp_path / "d"), pd.DataFrame({"id": np.arange(300)}), shard_rows=100)
+    kw = dict(batch_size=4, shuffle=True, memory_budget=4096)  # windows of a few dozen rows
+    full = ids(ds.to_torch(**kw))
+    for workers in (1, 3):
+        assert ids(ds.to_torch(num_workers=workers, **kw)) == full
+    first = ds.to_torch(**kw)
+    it = iter(first)
+    for _ in range(7):
+        next(it)
+    resumed = ds.to_torch(num_workers=2, **kw)
+    resumed.load_state_dict(first.state_dict())
+    assert ids(resumed) == full[7:]
+
+
+def test_a_state_does_not_move_between_block_layouts(tmp_path):
+    df = pd.DataFrame({"id": np.arange(300), "a": [np.zeros(400, np.float32)] * 300})
+    ds = tg.write(str(tmp_path / "d"), df, shard_rows=200)  # shards larger than one cached block
+    plain = ds.to_torch(batch_size=4, shuffle=True)
+    next(iter(plain))
+    cached = ds.to_torch(batch_size=4, shuffle=True, cache_dir=str(tmp_path / "c"))
+    with pytest.raises(tg.errors.ResumeError, match="block layout"):
+        cached.load_state_dict(plain.state_dict())
