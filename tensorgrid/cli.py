@@ -135,12 +135,17 @@ def cmd_ls(a) -> None:
 
 
 def cmd_sql(a) -> None:
-    tables = {}
+    urls: dict[str, str] = {}
     for spec in a.ds or []:
         name, sep, url = spec.partition("=")
         if not sep or not name.isidentifier():
             raise TensorGridError(f"--ds takes name=url, got {spec!r}")
-        tables[name] = store.open(url)
+        if name in urls:
+            raise TensorGridError(f"--ds names the table {name!r} twice")
+        urls[name] = url
+    tables = {name: store.open(url) for name, url in urls.items()}
+    if a.limit < 0:
+        raise TensorGridError(f"--limit must be >= 0, got {a.limit}")
     result = store.sql(a.query, **tables)
     df = result.head(a.limit)
     print_frame(df, title=f"{result.num_rows:,} rows" + (f" (first {a.limit})" if result.num_rows > a.limit else ""))
@@ -164,6 +169,8 @@ def _source_kind(src: str) -> str:
 
 
 def cmd_ingest(a) -> None:
+    if a.shard_mb is not None and a.shard_mb <= 0:
+        raise TensorGridError(f"--shard-mb must be > 0, got {a.shard_mb:g}")
     kind = _source_kind(a.src)
     shard_bytes = int(a.shard_mb * (1 << 20)) if a.shard_mb else None
     t0 = time.perf_counter()

@@ -98,6 +98,10 @@ def test_info_head_versions_verify_ls_sql_vacuum(tmp_path):
     (("sql", "SELECT 1", "--ds", "bad"), "name=url"),
     (("ingest", "/no/such.csv", "/tmp/x"), "nothing at"),
     (("head", "{tmp}", "-n", "1"), "neither Parquet nor CSV"),
+    (("sql", "SELECT 1", "--ds", "d={tmp}/a", "--ds", "d={tmp}/b"), "twice"),
+    (("sql", "SELECT 1", "--limit", "-1"), "--limit"),
+    (("sql", ""), "non-empty"),
+    (("ingest", "{tmp}/notes.txt", "{tmp}/x", "--shard-mb", "0"), "--shard-mb"),
 ])
 def test_bad_input_is_one_line_without_traceback(args, needle, tmp_path):
     (tmp_path / "notes.txt").write_text("not data")
