@@ -24,6 +24,9 @@ def _configurable(fn):
     def wrapper(batch=None, **opts):
         if batch is None:
             return functools.partial(fn, **opts)
+        if not isinstance(batch, dict):
+            raise TypeError(f"{wrapper.__name__}() takes a batch dict, or keyword options to configure it "
+                            f"(e.g. {wrapper.__name__}(column='image')); got {type(batch).__name__} {batch!r}"[:300])
         return fn(batch, **opts)
 
     wrapper.__name__ = wrapper.__qualname__ = fn.__name__.lstrip("_")  # pickled by its public name

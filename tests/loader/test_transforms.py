@@ -61,3 +61,9 @@ def test_decode_splits_a_batch_over_threads_with_the_same_result():
     odd = batch["image"][:50] + [_png(np.zeros((3, 3, 3), np.uint8))] + batch["image"][50:]
     with pytest.raises(ValueError, match="different sizes"):  # raised in a decode thread, surfaces here
         T.decode_image({"image": odd}, threads=4)
+
+
+def test_positional_options_are_refused_by_name():
+    with pytest.raises(TypeError, match=r"resize\(\) takes a batch dict"):
+        T.resize(8)
+    assert T.resize(size=(2, 2))({"image": torch.zeros(1, 1, 4, 4)})["image"].shape == (1, 1, 2, 2)
