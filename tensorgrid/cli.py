@@ -12,7 +12,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from . import store
-from .errors import TensorGridError, UnsupportedFormatError
+from .errors import EmptyDataError, TensorGridError, UnsupportedFormatError
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -161,7 +161,9 @@ def _source_kind(src: str) -> str:
     if fsys.isdir(path) and not store.manifest.is_dataset(fsys, path):
         try:
             return store.foreign.find_files(src)[1]
-        except UnsupportedFormatError:
+        except UnsupportedFormatError as e:
+            if "mixes Parquet" in str(e):
+                raise  # tabular files, just not one kind: say so rather than look for images
             return "images"
     if not fsys.exists(path):
         raise TensorGridError(f"nothing at {src}")
@@ -200,6 +202,8 @@ def cmd_ingest(a) -> None:
         ds = store.write(a.dest, table, mode=a.mode, shard_bytes=shard_bytes)
     else:  # parquet, csv or a dataset: stream it batch by batch
         src = store.open(a.src)
+        if src.num_rows == 0:
+            raise EmptyDataError(f"{a.src} holds no rows to ingest (columns: {', '.join(src.schema.names)})")
         ds = store.write(a.dest, (b for i in range(src.num_shards) for b in src.read_shard(i).to_batches()),
                          mode=a.mode, shard_bytes=shard_bytes)
     dt = time.perf_counter() - t0

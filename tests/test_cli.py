@@ -102,9 +102,17 @@ def test_info_head_versions_verify_ls_sql_vacuum(tmp_path):
     (("sql", "SELECT 1", "--limit", "-1"), "--limit"),
     (("sql", ""), "non-empty"),
     (("ingest", "{tmp}/notes.txt", "{tmp}/x", "--shard-mb", "0"), "--shard-mb"),
+    (("ingest", "{tmp}/mixed", "{tmp}/x"), "mixes Parquet"),
+    (("ingest", "{tmp}/header.csv", "{tmp}/x"), "header.csv holds no rows"),
 ])
 def test_bad_input_is_one_line_without_traceback(args, needle, tmp_path):
     (tmp_path / "notes.txt").write_text("not data")
+    if "{tmp}/header.csv" in args:
+        (tmp_path / "header.csv").write_text("a,b\n")
+    if "{tmp}/mixed" in args:
+        (tmp_path / "mixed").mkdir()
+        pd.DataFrame({"a": [1]}).to_csv(tmp_path / "mixed" / "a.csv", index=False)
+        pd.DataFrame({"a": [1]}).to_parquet(tmp_path / "mixed" / "b.parquet")
     code, out, err = run(*(a.format(tmp=tmp_path) for a in args))
     assert code != 0
     assert needle in err

@@ -7,6 +7,7 @@ as a few large sequential shards.
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -33,7 +34,7 @@ def _probe(data: bytes) -> tuple[int, int, str] | str:
             im.load()  # decode fully: truncated files fail here, not at training time
         return size[0], size[1], (fmt or "").lower()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        return f"{type(e).__name__}: {e}"
+        return f"{type(e).__name__}: " + re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(e))
 
 
 def _schema(labelled: bool) -> pa.Schema:

@@ -133,6 +133,8 @@ class _ShardWriter:
 
 
 def _schema_diff(old: pa.Schema, new: pa.Schema) -> str:
+    """The differences, in logical types (a tensor column as its tensor type, not its storage)."""
+    old, new = encoding.logical_schema(old), encoding.logical_schema(new)
     old_t = {f.name: f.type for f in old}
     new_t = {f.name: f.type for f in new}
     parts = []
