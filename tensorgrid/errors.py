@@ -26,8 +26,15 @@ class ConflictError(TensorGridError):
     def retry(self):
         """Commit the already-written shards on top of the current latest version; returns the Dataset."""
         if self._retry is None:
-            raise TensorGridError("this conflict cannot be retried")
-        return self._retry()
+            raise TensorGridError("this conflict cannot be retried (its shards were already committed by a retry)")
+        retry, self._retry = self._retry, None  # the shards are committed at most once
+        try:
+            return retry()
+        except ConflictError:
+            raise  # a new conflict, with its own retry
+        except BaseException:
+            self._retry = retry  # nothing committed: may be retried again
+            raise
 
 
 class SchemaMismatchError(TensorGridError, ValueError):

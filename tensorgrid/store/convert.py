@@ -38,7 +38,16 @@ def _has_ndarray(rows: list[dict]) -> bool:
 
 
 def _pylist(rows: list[dict], schema: pa.Schema | None) -> pa.RecordBatch:
+    """Rows -> a batch whose columns are every key seen (a row without a key holds null there); keys that
+    first appear after the first rows are an error, never silently dropped."""
+    names = list(dict.fromkeys(k for r in rows for k in r))
     try:
+        if schema is None:
+            return pa.RecordBatch.from_pydict({k: [r.get(k) for r in rows] for k in names})
+        extra = [k for k in names if k not in schema.names]
+        if extra:
+            raise SchemaMismatchError(f"rows have key(s) {extra} that the first rows did not have "
+                                      f"(columns: {schema.names})")
         return pa.RecordBatch.from_pylist(rows, schema=schema)
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
         if schema is not None:

@@ -95,7 +95,7 @@ class Dataset:
             raise TensorGridError(f"filter must be a pyarrow.compute expression such as pc.field('label') == 3, "
                                   f"got {type(filter).__name__}")
         try:
-            self.schema.empty_table().filter(filter)
+            pa.Table.from_batches([], schema=self.schema).filter(filter)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as e:
             msg = str(e).splitlines()[0]
             if "No match for FieldRef" in msg:
@@ -110,7 +110,7 @@ class Dataset:
         n = self.num_shards
         if n == 0:
             schema = self.schema if columns is None else pa.schema([self.schema.field(c) for c in columns])
-            return schema.empty_table()
+            return pa.Table.from_batches([], schema=schema)
         if n == 1:
             if isinstance(self, StoreDataset) and filter is None:
                 return self.read_shard(0, columns, parallel=True)
@@ -133,7 +133,7 @@ class Dataset:
             t = self.read_shard(i).slice(0, n - got)
             parts.append(t)
             got += t.num_rows
-        table = pa.concat_tables(parts) if parts else self.schema.empty_table()
+        table = pa.concat_tables(parts) if parts else pa.Table.from_batches([], schema=self.schema)
         return table_to_pandas(table)
 
     def to_torch(self, batch_size: int, columns: list[str] | None = None, shuffle: bool = False, seed: int = 0,

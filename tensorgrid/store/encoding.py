@@ -160,6 +160,11 @@ def tensor_to_numpy(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
     Rows that are null hold whatever bytes their slot has (zeros when written by TensorGrid)."""
     chunks = col.chunks if isinstance(col, pa.ChunkedArray) else [col]
     t = col.type
+    if t.permutation is not None and list(t.permutation) != list(range(len(t.shape))):
+        # a permuted layout: pyarrow's own conversion defines the numpy shape and strides
+        parts = [c.to_numpy_ndarray() for c in chunks if len(c)]
+        return np.concatenate(parts) if parts else np.empty((0, *[t.shape[p] for p in t.permutation]),
+                                                            dtype=t.value_type.to_pandas_dtype())
     n = int(np.prod(t.shape))
     parts = []
     for c in chunks:

@@ -132,6 +132,12 @@ class _ShardWriter:
                 pass
 
 
+def _same_schema(a: pa.Schema, b: pa.Schema) -> bool:
+    """Equal as the user sees them: names, logical types (a tensor's dtype and shape live in its field
+    metadata) and nullability; other metadata may differ."""
+    return encoding.logical_schema(a).equals(encoding.logical_schema(b))
+
+
 def _schema_diff(old: pa.Schema, new: pa.Schema) -> str:
     """The differences, in logical types (a tensor column as its tensor type, not its storage)."""
     old, new = encoding.logical_schema(old), encoding.logical_schema(new)
@@ -143,6 +149,9 @@ def _schema_diff(old: pa.Schema, new: pa.Schema) -> str:
             parts.append(f"missing column {name!r} ({old_t[name]})")
         elif not old_t[name].equals(new_t[name]):
             parts.append(f"column {name!r} is {new_t[name]}, dataset has {old_t[name]}")
+        elif old.field(name).nullable != new.field(name).nullable:
+            parts.append(f"column {name!r} is {'' if new.field(name).nullable else 'not '}nullable, in the dataset "
+                         f"it is {'' if old.field(name).nullable else 'not '}nullable")
     parts += [f"extra column {n!r} ({new_t[n]})" for n in new.names if n not in old_t]
     if not parts and old.names != new.names:
         parts.append(f"column order {new.names} differs from {old.names}")
@@ -175,7 +184,7 @@ def write(url: str, data, mode: str = "create", shard_rows: int | None = None,
                                  "use mode='append' or mode='overwrite'")
     schema, batches = to_batches(data)
     physical = encoding.physical_schema(schema)
-    if mode == "append" and base is not None and not base.schema.equals(physical):
+    if mode == "append" and base is not None and not _same_schema(base.schema, physical):
         raise SchemaMismatchError(f"cannot append to {url}: {_schema_diff(base.schema, physical)}")
 
     if base is None:  # mark the directory as a dataset first, so orphans are never taken for foreign Parquet
@@ -207,11 +216,12 @@ def _commit(fs, root: str, url: str, mode: str, base: Manifest | None, physical:
     def attempt(base: Manifest | None) -> StoreDataset:
         if mode == "create" and base is not None:
             raise DatasetExistsError(f"another writer created {url} first (version {base.version})")
-        if mode == "append" and base is not None and not base.schema.equals(physical):
+        if mode == "append" and base is not None and not _same_schema(base.schema, physical):
             raise SchemaMismatchError(f"cannot append to {url}: {_schema_diff(base.schema, physical)}")
         kept = base.shards if (mode == "append" and base is not None) else []
         version = 1 if base is None else base.version + 1
-        new = Manifest(version, mode if base is not None else "create", physical, kept + shards, added)
+        schema = base.schema if (mode == "append" and base is not None) else physical  # appends keep its metadata
+        new = Manifest(version, mode if base is not None else "create", schema, kept + shards, added)
         if _before_commit is not None:
             _before_commit(fs, root, version)
         if not manifest.commit(fs, root, new):

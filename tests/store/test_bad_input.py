@@ -186,3 +186,53 @@ def test_bad_counts_are_named(tmp_path):
         with pytest.raises(tg.SQLError, match="non-empty"):
             tg.sql(q)
     assert len(ds.head(0)) == 0
+
+
+def test_append_of_another_tensor_dtype_or_shape_is_refused(tmp_path):
+    url = str(tmp_path / "t")
+    tg.write(url, pd.DataFrame({"x": [np.ones((2, 3), np.float32)]}))
+    for other in (np.arange(6, dtype=np.int32), np.ones((3, 2), np.float32)):  # same byte width, other tensor
+        with pytest.raises(tg.SchemaMismatchError, match="fixed_shape_tensor"):
+            tg.write(url, pd.DataFrame({"x": [other]}), mode="append")
+    assert tg.open(url).to_pandas()["x"][0].shape == (2, 3)  # still readable, one version
+
+
+def test_dict_rows_with_later_keys(tmp_path):
+    rows = tg.write(str(tmp_path / "a"), [{"a": 1}, {"a": 2, "b": 3}]).to_arrow().to_pylist()
+    assert rows == [{"a": 1, "b": None}, {"a": 2, "b": 3}]  # every key kept, missing ones null
+    with pytest.raises(tg.SchemaMismatchError, match=r"key\(s\) \['b'\]"):  # after the first chunk of rows
+        tg.write(str(tmp_path / "b"), iter([{"a": i} for i in range(5000)] + [{"a": 1, "b": 2}]))
+    assert not (tmp_path / "b").exists()
+
+
+def test_conflict_retry_commits_once(tmp_path):
+    url = str(tmp_path / "c")
+    tg.write(url, pa.table({"a": [0]}))
+    from tensorgrid.store import writer
+
+    def race(fs, root, version):  # another writer commits this version first, once
+        writer._before_commit = None
+        tg.write(url, pa.table({"a": [1]}), mode="append")
+
+    writer._before_commit = race
+    try:
+        with pytest.raises(tg.ConflictError) as e:
+            tg.write(url, pa.table({"a": [2]}), mode="append")
+    finally:
+        writer._before_commit = None
+    assert sorted(e.value.retry().to_pandas()["a"]) == [0, 1, 2]
+    with pytest.raises(tg.TensorGridError, match="already committed"):
+        e.value.retry()
+    assert tg.open(url).num_rows == 3
+
+
+def test_permuted_tensor_columns(tmp_path):
+    import pyarrow.compute as pc
+
+    x = pa.FixedShapeTensorArray.from_numpy_ndarray(np.arange(12, dtype=np.float32).reshape(2, 2, 3))
+    ds = tg.write(str(tmp_path / "p"), pa.table({"i": [1, 2], "x": x}))
+    assert ds.to_arrow(filter=pc.field("i") > 1).num_rows == 1 and len(ds.head(0)) == 0
+    tt = pa.fixed_shape_tensor(pa.int16(), [3, 4], permutation=[1, 0])
+    a = pa.ExtensionArray.from_storage(tt, pa.FixedSizeListArray.from_arrays(pa.array(np.arange(12, dtype=np.int16)), 12))
+    got = tg.write(str(tmp_path / "q"), pa.table({"x": a})).to_pandas()["x"][0]
+    assert np.array_equal(got, a.to_numpy_ndarray()[0])
