@@ -144,7 +144,7 @@ class Source:
         if isinstance(ds, StoreDataset):
             pf = self._handle(shard, self._store_file)
             return self._read_row_groups(pf, start, stop, shard)
-        if isinstance(ds, ForeignDataset) and ds.format == "parquet":
+        if isinstance(ds, ForeignDataset) and ds.format == "parquet" and not ds.partition_columns:
             pf = self._handle(shard, lambda i: pq.ParquetFile(ds.files[i], filesystem=ds._ds.filesystem))
             return self._read_row_groups(pf, start, stop, shard)
         table = self._handle(shard, lambda i: ds.read_shard(i, self.columns))

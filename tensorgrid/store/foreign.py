@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
+
 import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.csv as pacsv
 import pyarrow.dataset as pads
 
 from .. import fs as tgfs
@@ -71,6 +74,21 @@ def find_files(url: str) -> tuple[fsspec.AbstractFileSystem, str, list[str]]:
                                  "`tensorgrid ingest`)")
 
 
+_HIVE = re.compile(r"^[^=/]+=[^/]*$")
+
+
+def _castable(src: pa.DataType, dst: pa.DataType) -> bool:
+    """Differences pyarrow reads through safely: numeric widths, dictionary encoding, string sizes."""
+    if pa.types.is_dictionary(src):
+        src = src.value_type
+    if pa.types.is_dictionary(dst):
+        dst = dst.value_type
+    numeric = (pa.types.is_integer, pa.types.is_floating)
+    return src.equals(dst) or any(k(src) and k(dst) for k in numeric) or (
+        pa.types.is_integer(src) and pa.types.is_floating(dst)) or (
+        {str(src), str(dst)} <= {"string", "large_string"}) or ({str(src), str(dst)} <= {"binary", "large_binary"})
+
+
 class ForeignDataset(Dataset):
     """Parquet or CSV files read in place through pyarrow.dataset; each file is a shard."""
 
@@ -79,9 +97,18 @@ class ForeignDataset(Dataset):
         self.fs, self.format, self.files = fs, fmt, files
         self.url = url
         self.version = None
+        fs_, base = tgfs.resolve(url)
+        options: dict = {}
+        if fmt == "csv" and all(p.lower().endswith((".tsv", ".tsv.gz")) for p in files):
+            options["format"] = pads.CsvFileFormat(parse_options=pacsv.ParseOptions(delimiter="\t"))
+        if fs_.isdir(base) and any(_HIVE.match(part) for p in files for part in p[len(base):].split("/")[:-1]):
+            # Hive-style folders (key=value/...): the keys are columns, as Spark and DuckDB wrote them
+            options.update(partitioning="hive", partition_base_dir=base)
         try:
-            self._ds = pads.dataset(files, format=fmt, filesystem=_arrow_fs(fs))
+            self._ds = pads.dataset(files, **{"format": fmt, **options}, filesystem=_arrow_fs(fs))
             self._fragments = list(self._ds.get_fragments())
+            self.partition_columns = set(self._ds.schema.names) - set(self._fragments[0].physical_schema.names) \
+                if options.get("partitioning") else set()
         except _PARSE_ERRORS as e:
             raise UnsupportedFormatError(f"cannot read {url} as {fmt}: {e}") from None
         self._schema = encoding.logical_schema(self._ds.schema)
@@ -118,10 +145,17 @@ class ForeignDataset(Dataset):
         except _PARSE_ERRORS as e:
             where = tgfs.to_url(self.fs, self.files[i])
             raise CorruptShardError(f"{where} cannot be read as {self.format}: {e}", [where]) from None
-        if sorted(names) != sorted(self._ds.schema.names):
-            first, this = tgfs.to_url(self.fs, self.files[0]), tgfs.to_url(self.fs, self.files[i])
-            raise SchemaMismatchError(f"{this} has columns {names}, but {first} has {self._ds.schema.names}: "
+        expected = [n for n in self._ds.schema.names if n not in self.partition_columns]
+        first, this = tgfs.to_url(self.fs, self.files[0]), tgfs.to_url(self.fs, self.files[i])
+        if sorted(names) != sorted(expected):
+            raise SchemaMismatchError(f"{this} has columns {names}, but {first} has {expected}: "
                                       "files read as one dataset must share their columns")
+        mine = self._fragments[i].physical_schema
+        for name in names:
+            a, b = self._ds.schema.field(name).type, mine.field(name).type
+            if not a.equals(b) and not _castable(b, a):
+                raise SchemaMismatchError(f"column {name!r} is {b} in {this} but {a} in {first}: "
+                                          "files read as one dataset must share their column types")
         self._checked.add(i)
 
     def read_shard(self, i: int, columns: list[str] | None = None, filter: pc.Expression | None = None) -> pa.Table:

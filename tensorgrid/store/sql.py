@@ -30,14 +30,18 @@ def sql(query: str, **tables) -> ArrowDataset:
     if not isinstance(query, str) or not query.strip():
         raise SQLError(f"the query must be a non-empty SQL string, got {query!r}")
     con = duckdb.connect()
-    tensors: dict[str, pa.FixedShapeTensorType] = {}
+    tensors: dict[str, pa.FixedShapeTensorType | None] = {}
     try:
         for name, value in tables.items():
             src, schema = _source(value)
-            con.register(name, src)
+            try:
+                con.register(name, src)
+            except duckdb.Error as e:
+                raise SQLError(f"cannot use {name!r} as an SQL table: {str(e).splitlines()[0]}") from None
             for f in schema or []:
                 if isinstance(f.type, pa.FixedShapeTensorType):
-                    tensors[f.name] = f.type
+                    # a name with two different tensor types is ambiguous: its bytes are left as they are
+                    tensors[f.name] = f.type if tensors.get(f.name, f.type) == f.type else None
         try:
             result = con.sql(query)
             if result is None:  # a statement without a result (e.g. SET)

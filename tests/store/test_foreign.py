@@ -95,3 +95,34 @@ def test_files_with_different_columns_are_refused(tmp_path, fmt):
     for read in (ds.to_arrow, ds.head, lambda: list(ds.to_torch(batch_size=1))):
         with pytest.raises(tg.SchemaMismatchError, match=rf"1\.{fmt} has columns \['a', 'c'\]"):
             read()
+
+
+def test_hive_partitioned_folder_keeps_its_key_columns(tmp_path):
+    for k in (1, 2):
+        (tmp_path / "h" / f"k={k}").mkdir(parents=True)
+        pq.write_table(pa.table({"v": [k * 10, k * 10 + 1]}), tmp_path / "h" / f"k={k}" / "p.parquet")
+    ds = tg.open(str(tmp_path / "h"))
+    assert ds.schema.names == ["v", "k"]
+    assert sorted(zip(*(ds.to_pandas()[c].tolist() for c in ("v", "k")))) == [(10, 1), (11, 1), (20, 2), (21, 2)]
+    got = sorted((int(v), int(k)) for b in ds.to_torch(batch_size=3, shuffle=True) for v, k in zip(b["v"], b["k"]))
+    assert got == [(10, 1), (11, 1), (20, 2), (21, 2)]
+    duck = duckdb.sql(f"SELECT sum(v) FROM read_parquet('{tmp_path}/h/**/*.parquet', hive_partitioning=true) "
+                      "WHERE k = 2").fetchall()[0][0]
+    assert ds.sql("SELECT sum(v) AS s FROM ds WHERE k = 2").to_pandas()["s"][0] == duck == 41
+
+
+def test_tsv_is_split_on_tabs(tmp_path):
+    (tmp_path / "t.tsv").write_text("a\tb\n1\tx y\n")
+    assert tg.open(str(tmp_path / "t.tsv")).to_pandas().to_dict("records") == [{"a": 1, "b": "x y"}]
+
+
+def test_files_with_different_column_types_are_named(tmp_path):
+    (tmp_path / "m").mkdir()
+    pq.write_table(pa.table({"a": [1]}), tmp_path / "m" / "0.parquet")
+    pq.write_table(pa.table({"a": ["x"]}), tmp_path / "m" / "1.parquet")
+    with pytest.raises(tg.SchemaMismatchError, match=r"'a' is string in .*1\.parquet but int64 in .*0\.parquet"):
+        tg.open(str(tmp_path / "m")).to_arrow()
+    (tmp_path / "w").mkdir()  # widths pyarrow reads through are fine
+    pq.write_table(pa.table({"a": pa.array([1], pa.int32())}), tmp_path / "w" / "0.parquet")
+    pq.write_table(pa.table({"a": pa.array([2], pa.int64())}), tmp_path / "w" / "1.parquet")
+    assert sorted(tg.open(str(tmp_path / "w")).to_pandas()["a"]) == [1, 2]

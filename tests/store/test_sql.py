@@ -43,3 +43,18 @@ def test_sql_verifies_checksums_first(tmp_path):
     open(path, "wb").write(bytes(data))
     with pytest.raises(tg.CorruptShardError):
         tg.open(str(tmp_path / "d")).sql("SELECT sum(x) FROM ds")
+
+
+def test_same_named_tensors_of_other_types_are_never_reinterpreted(tmp_path):
+    a = tg.write(str(tmp_path / "a"), pd.DataFrame({"id": [0], "x": [np.array([1.5, 2.5], np.float32)]}))
+    b = tg.write(str(tmp_path / "b"), pd.DataFrame({"id": [0], "x": [np.array([7, 8], np.int32)]}))
+    x = tg.sql("SELECT a.x FROM a JOIN b USING (id)", a=a, b=b).to_arrow().column("x")
+    assert not isinstance(x.type, pa.FixedShapeTensorType)  # ambiguous: the stored bytes, untouched
+    assert np.frombuffer(x[0].as_py(), np.float32).tolist() == [1.5, 2.5]
+
+
+def test_tables_duckdb_cannot_take_are_sql_errors():
+    with pytest.raises(tg.SQLError, match="cannot use 't'"):
+        tg.sql("SELECT * FROM t", t=pa.table({"h": pa.array(np.ones(1, np.float16))}))
+    with pytest.raises(tg.SQLError, match="cannot use ''"):
+        tg.sql("SELECT 1", **{"": pa.table({"a": [1]})})
