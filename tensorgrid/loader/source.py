@@ -165,7 +165,8 @@ class Source:
             key = (shard, i)
             t = self._groups.get(key)
             if t is None:
-                t = encoding.decode(pf.read_row_group(i, columns=self.columns))
+                t = encoding.decode(pf.read_row_group(i, columns=self.columns),
+                                    like=self.dataset._m.schema if isinstance(self.dataset, StoreDataset) else None)
                 self._groups[key] = t
                 limit = max(self.memory_budget // 4, 2 * t.nbytes)
                 while sum(g.nbytes for g in self._groups.values()) > limit and len(self._groups) > 1:

@@ -16,6 +16,9 @@ DICT_CHUNK_ROWS = 4096
 
 
 def _from_pandas(df: pd.DataFrame) -> pa.Table:
+    dup = df.columns[df.columns.duplicated()].tolist()
+    if dup:
+        raise UnsupportedDataError(f"duplicate column names: {sorted(set(map(str, dup)))}")
     arrays, names = [], []
     for name in df.columns:
         s = df[name]

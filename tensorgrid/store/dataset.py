@@ -3,6 +3,7 @@ opened in place, or an in-memory Arrow table such as a SQL result)."""
 
 from __future__ import annotations
 
+import numbers
 import os
 import threading
 import time
@@ -81,6 +82,8 @@ class Dataset:
             return None
         if isinstance(columns, str):
             columns = [columns]
+        if not isinstance(columns, (list, tuple)) or not all(isinstance(c, str) for c in columns):
+            raise ColumnNotFoundError(f"columns must be a list of column names, got {columns!r}")
         missing = [c for c in columns if c not in self.schema.names]
         if missing:
             raise ColumnNotFoundError(f"no column {missing[0]!r} in {self.url or 'dataset'}; "
@@ -124,8 +127,9 @@ class Dataset:
         return table_to_pandas(self.to_arrow(columns, filter))
 
     def head(self, n: int = 5) -> pd.DataFrame:
-        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        if not isinstance(n, numbers.Integral) or isinstance(n, bool) or n < 0:
             raise TensorGridError(f"head(n) needs an int n >= 0, got {n!r}")
+        n = int(n)
         parts, got = [], 0
         for i in range(self.num_shards):
             if got >= n:
@@ -297,7 +301,7 @@ class StoreDataset(Dataset):
         except _PARSE_ERRORS as e:
             where = tgfs.to_url(self.fs, tgfs.join(self.root, shard.path))
             raise CorruptShardError(f"shard {where} cannot be decoded: {e}", [where]) from None
-        return encoding.decode(table)
+        return encoding.decode(table, like=self._m.schema)
 
     def verify(self) -> dict:
         bad, nbytes = [], 0

@@ -14,6 +14,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ..errors import UnsupportedDataError
+
 TENSOR_KEY = b"tensorgrid.tensor"
 
 
@@ -97,6 +99,9 @@ def physical_schema(schema: pa.Schema) -> pa.Schema:
     for f in schema:
         if _encodable(f.type):
             width = int(np.prod(f.type.shape)) * _byte_width(f.type.value_type)
+            if width == 0:
+                raise UnsupportedDataError(f"column {f.name!r} holds empty tensors (shape {f.type.shape}): "
+                                           "each row needs at least one element")
             meta = dict(f.metadata or {})
             meta[TENSOR_KEY] = _tensor_meta(f.type)
             fields.append(pa.field(f.name, pa.binary(width), f.nullable, meta))
@@ -140,8 +145,20 @@ def encode(batch: pa.RecordBatch | pa.Table, physical: pa.Schema) -> pa.RecordBa
     return type(batch).from_arrays(cols, schema=physical)
 
 
-def decode(table: pa.Table) -> pa.Table:
-    """Physical table -> logical table (tensor columns rebuilt zero-copy)."""
+def decode(table: pa.Table, like: pa.Schema | None = None) -> pa.Table:
+    """Physical table -> logical table (tensor columns rebuilt zero-copy). ``like``, the physical schema
+    written, restores types Parquet stores coarser (timestamp[s] as [ms], date64 as date32, time32[s])."""
+    if like is not None:
+        targets = {f.name: f.type for f in like}
+        differ = [i for i, f in enumerate(table.schema) if f.name in targets and not f.type.equals(targets[f.name])]
+        if differ:
+            cols = list(table.columns)
+            for i in differ:
+                try:
+                    cols[i] = cols[i].cast(targets[table.schema.field(i).name])
+                except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                    pass
+            table = pa.Table.from_arrays(cols, names=table.schema.names)
     if not any(tensor_type_of(f) is not None for f in table.schema):
         return table
     schema = logical_schema(table.schema)

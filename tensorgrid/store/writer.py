@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import numbers
 import posixpath
 import re
 import uuid
@@ -22,6 +23,7 @@ from ..errors import (
     ReadOnlyError,
     SchemaMismatchError,
     TensorGridError,
+    UnsupportedDataError,
 )
 from . import encoding, manifest
 from .convert import to_batches
@@ -167,10 +169,9 @@ def write(url: str, data, mode: str = "create", shard_rows: int | None = None,
     """
     if mode not in MODES:
         raise TensorGridError(f"mode must be one of {MODES}, got {mode!r}")
-    if shard_rows is not None and shard_rows < 1:
-        raise TensorGridError(f"shard_rows must be >= 1, got {shard_rows}")
-    if shard_bytes is not None and shard_bytes < 1:
-        raise TensorGridError(f"shard_bytes must be >= 1, got {shard_bytes}")
+    for name, v in (("shard_rows", shard_rows), ("shard_bytes", shard_bytes)):
+        if v is not None and (not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < 1):
+            raise TensorGridError(f"{name} must be an int >= 1, got {v!r}")
     fs, root = tgfs.resolve(url)
     existed = fs.exists(root)
     if not manifest.is_dataset(fs, root):
@@ -182,7 +183,10 @@ def write(url: str, data, mode: str = "create", shard_rows: int | None = None,
     if mode == "create" and base is not None:
         raise DatasetExistsError(f"a dataset already exists at {url} (version {base.version}); "
                                  "use mode='append' or mode='overwrite'")
-    schema, batches = to_batches(data)
+    try:
+        schema, batches = to_batches(data)
+    except _ARROW_ERRORS as e:
+        raise UnsupportedDataError(f"cannot store this data: {str(e).splitlines()[0]}") from None
     physical = encoding.physical_schema(schema)
     if mode == "append" and base is not None and not _same_schema(base.schema, physical):
         raise SchemaMismatchError(f"cannot append to {url}: {_schema_diff(base.schema, physical)}")
@@ -201,10 +205,12 @@ def write(url: str, data, mode: str = "create", shard_rows: int | None = None,
         return _commit(fs, root, url, mode, base, physical, shards)
     except ConflictError:
         raise  # its shards stay for .retry()
-    except BaseException:
+    except BaseException as e:
         writer.remove_files()
         if base is None:
             _remove_empty_dirs(fs, root, existed)
+        if isinstance(e, _ARROW_ERRORS):  # a type or value Parquet cannot hold: the user's data, named
+            raise UnsupportedDataError(f"cannot store this data in Parquet: {str(e).splitlines()[0]}") from None
         raise
 
 
@@ -234,6 +240,7 @@ def _commit(fs, root: str, url: str, mode: str, base: Manifest | None, physical:
     return attempt(base)
 
 
+_ARROW_ERRORS = (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError)
 _OWN_SHARD = re.compile(r"part-[0-9a-f]{12}-\d{5}\.parquet")
 
 

@@ -236,3 +236,35 @@ def test_permuted_tensor_columns(tmp_path):
     a = pa.ExtensionArray.from_storage(tt, pa.FixedSizeListArray.from_arrays(pa.array(np.arange(12, dtype=np.int16)), 12))
     got = tg.write(str(tmp_path / "q"), pa.table({"x": a})).to_pandas()["x"][0]
     assert np.array_equal(got, a.to_numpy_ndarray()[0])
+
+
+def test_data_parquet_cannot_hold_is_named_and_leaves_nothing(tmp_path):
+    cases = {
+        "interval": pa.table({"a": pa.array([(1, 2, 3)], pa.month_day_nano_interval())}),
+        "big-endian": pd.DataFrame({"x": [np.zeros(2, ">f4")]}),
+        "empty tensors": pd.DataFrame({"x": [np.zeros((0, 3))]}),
+        "duplicate columns": pd.DataFrame([[1, 2]], columns=["a", "a"]),
+    }
+    for name, data in cases.items():
+        with pytest.raises(tg.UnsupportedDataError):
+            tg.write(str(tmp_path / name), data)
+    for bad in ("10", 2.5, True):
+        with pytest.raises(tg.TensorGridError, match="shard_rows must be an int"):
+            tg.write(str(tmp_path / "s"), pa.table({"a": [1]}), shard_rows=bad)
+    assert os.listdir(tmp_path) == []
+    ds = tg.write(str(tmp_path / "ok"), pa.table({"a": [1]}))
+    with pytest.raises(tg.ColumnNotFoundError, match="list of column names"):
+        ds.to_arrow(columns=5)
+    assert len(ds.head(np.int64(1))) == 1
+
+
+def test_types_parquet_stores_coarser_come_back_exactly(tmp_path):
+    import datetime as dt
+
+    t = pa.table({"ts": pa.array([dt.datetime(2020, 1, 1, 12)], pa.timestamp("s")),
+                  "d64": pa.array([dt.date(2020, 1, 2)], pa.date64()),
+                  "t32": pa.array([3], pa.time32("s"))})
+    ds = tg.write(str(tmp_path / "t"), t)
+    assert ds.to_arrow().equals(t)
+    batch = next(iter(ds.to_torch(batch_size=1, columns=["t32"])))  # the loader's own reader
+    assert batch["t32"] == [dt.time(0, 0, 3)]
