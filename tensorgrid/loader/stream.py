@@ -172,8 +172,12 @@ class _Chunks(IterableDataset):
         self.source.reset(keep_decoded=info is None and self.plan.shuffle)
         c0 = self.plan.chunk_of(self.first) if self.plan.num_batches else 0
         mine = range(c0 + wid, self.plan.num_chunks, nw)
-        build = lambda c: build_chunk(self.plan, self.source, c, self.first, self.transform,  # noqa: E731
-                                      self.add_valid, eager=info is not None)
+        def build(c: int) -> Chunk:
+            if info is not None and self.transform is not None:
+                _seed_chunk(self.plan, c)  # a worker's random transform depends on the chunk only
+            return build_chunk(self.plan, self.source, c, self.first, self.transform, self.add_valid,
+                               eager=info is not None)
+
         if not is_remote(self.source.dataset) or len(mine) < 2:
             for c in mine:
                 yield build(c)
@@ -186,6 +190,17 @@ class _Chunks(IterableDataset):
                 pending = pool.submit(build, c)
                 yield ready
             yield pending.result()
+
+
+def _seed_chunk(plan: Plan, c: int) -> None:
+    """Seed a DataLoader worker's RNGs for chunk c from (seed, epoch, rank, c): random augmentations then
+    repeat exactly for any number of workers, and after a resume in the middle of an epoch."""
+    import random
+
+    s = int(np.random.SeedSequence([plan.seed & 0xFFFFFFFF, plan.epoch, plan.rank, c]).generate_state(1)[0])
+    torch.manual_seed(s)
+    np.random.seed(s)
+    random.seed(s)
 
 
 def _last_line(message: str, marker: str) -> str:

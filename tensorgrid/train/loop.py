@@ -85,6 +85,23 @@ def _rng_state() -> dict:
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
 
 
+def _seed_rank(seed: int, rank: int) -> None:
+    """Each rank its own random streams (dropout masks, augmentations), all fixed by ``seed``."""
+    s = int(np.random.SeedSequence([seed & 0xFFFFFFFF, rank]).generate_state(1)[0])
+    torch.manual_seed(s)
+    np.random.seed(s)
+    random.seed(s)
+
+
+def _gather_rng(world: int) -> list[dict]:
+    """Every rank's RNG state, rank by rank (a collective: every rank calls it)."""
+    if world == 1:
+        return [_rng_state()]
+    out: list = [None] * world
+    dist.all_gather_object(out, _rng_state())
+    return out
+
+
 def _set_rng_state(s: dict) -> None:
     torch.set_rng_state(s["torch"])
     np.random.set_state(s["numpy"])
@@ -104,10 +121,22 @@ class Batches:
         """Loss to back-propagate (scaled for DDP's average), and (loss_sum, correct, count) of real rows."""
         spec = self.spec
         valid = batch.get("_valid")
+        padded = valid is not None and not bool(valid.all())  # only in an epoch's last global batch
+        # rows of global batch k that are real (only the last global batch is short or padded)
+        real = min(self.global_batch, self.rows - k * self.global_batch)
         if spec.step is not None:
-            loss = spec.step(self.model, {key: _to(v, self.device) for key, v in batch.items()})
             n = int(valid.sum()) if valid is not None else _rows(batch)
-            return loss, (loss.detach().double() * n, 0, n)
+            if valid is None:  # one process: the user's loss as it is
+                loss = spec.step(self.model, {key: _to(v, self.device) for key, v in batch.items()})
+                return loss, (loss.detach().double() * n, 0, n)
+            if not n:  # nothing real here: take part in the all-reduce with zero gradients
+                loss = spec.step(self.model, {key: _to(v, self.device) for key, v in batch.items()}) * 0.0
+                return loss, (loss.detach().double(), 0, 0)
+            rows = _rows_of(batch, valid) if padded else batch
+            # the user's loss is a mean over this rank's real rows; weighted so that DDP's average of the
+            # ranks' gradients is the mean over the global batch, as in one process (uneven last batches too)
+            loss = spec.step(self.model, {key: _to(v, self.device) for key, v in rows.items()}) * (n * self.world / real)
+            return loss, (loss.detach().double() * (real / self.world), 0, n)
         x = _to(batch[spec.features], self.device)
         y = _to(batch[spec.label], self.device)
         out = self.model(x)
@@ -117,11 +146,19 @@ class Batches:
             mask = _to(valid, self.device).to(per.dtype) if valid is not None else None
             if mask is not None:
                 per = per * mask
-            # rows of global batch k that are real (only the last global batch is short or padded)
-            real = min(self.global_batch, self.rows - k * self.global_batch)
             total = per.sum(dtype=torch.float32) if per.dtype in (torch.float16, torch.bfloat16) else per.sum()
             loss = total * (self.world / real)
             loss_sum = total.detach()
+        elif valid is not None:  # a loss without per-row values, several ranks: weighted as for step
+            m = int(valid.sum())
+            if m:
+                keep = _to(valid, self.device)
+                o, t = (out[keep], y[keep]) if padded else (out, y)
+                loss = spec.loss(o, t) * (m * self.world / real)
+                loss_sum = loss.detach().double() * (real / self.world)
+            else:
+                loss = out.sum() * 0.0
+                loss_sum = loss.detach().double()
         else:
             loss = spec.loss(out, y)
             loss_sum = loss.detach().double() * len(y)
@@ -131,6 +168,12 @@ class Batches:
             hit = out.detach().argmax(dim=1) == y
             correct = (hit & _to(valid, self.device)).sum() if valid is not None else hit.sum()
         return loss, (loss_sum, correct, n)
+
+
+def _rows_of(batch: dict, keep: torch.Tensor) -> dict:
+    """The rows of a batch where ``keep`` (a CPU bool tensor) is True."""
+    idx = keep.nonzero().flatten().tolist()
+    return {k: v[keep] if isinstance(v, torch.Tensor) else [v[i] for i in idx] for k, v in batch.items()}
 
 
 class Sums:
@@ -227,6 +270,7 @@ def train(spec: Spec, rank: int = 0, world: int = 1, restarted: bool = False) ->
 
 def _train(spec: Spec, rank: int, world: int, device, restarted: bool) -> dict | None:
     model = build_model(spec).to(device)
+    _seed_rank(spec.seed, rank)  # after the model's init (DDP copies rank 0's weights to every rank anyway)
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     optimizer = spec.optimizer(net.parameters())
     scheduler = spec.scheduler(optimizer) if spec.scheduler else None
@@ -243,7 +287,11 @@ def _train(spec: Spec, rank: int, world: int, device, restarted: bool) -> dict |
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None and state.get("scheduler") is not None:
             scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
+        rngs = state.get("rngs") or []
+        if len(rngs) == world:  # each rank continues its own streams
+            _set_rng_state(rngs[rank])
+        elif rank == 0:  # another world size: rank 0 continues its streams, the others start afresh
+            _set_rng_state(state["rng"])
         loader.load_state_dict(state["loader"])
         history, step, epoch0 = state["history"], state["step"], state["loader"]["epoch"]
         # the checkpoint holds the epoch's sums so far over all ranks: rank 0 carries them on
@@ -260,12 +308,15 @@ def _train(spec: Spec, rank: int, world: int, device, restarted: bool) -> dict |
     last_ckpt = resume
     every = spec.checkpoint_every if isinstance(spec.checkpoint_every, int) else None
 
-    def save(epoch_sums: list[float]) -> str | None:
-        if rank != 0 or not spec.checkpoint_dir:
+    def save(epoch_sums: list[float]) -> str | None:  # every rank calls it
+        if not spec.checkpoint_dir:
+            return None
+        rngs = _gather_rng(world)
+        if rank != 0:
             return None
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                  "optimizer_type": ckpt.type_name(optimizer),
-                 "scheduler": scheduler.state_dict() if scheduler else None, "rng": _rng_state(),
+                 "scheduler": scheduler.state_dict() if scheduler else None, "rng": rngs[0], "rngs": rngs,
                  "loader": loader.state_dict(), "history": history, "step": step, "epoch_sums": epoch_sums}
         return ckpt.save(spec.checkpoint_dir, loader.state_dict()["epoch"], step, state, spec.keep_checkpoints)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass, field
 
 import cloudpickle
@@ -93,15 +94,22 @@ class Trainer:
         if not isinstance(model, torch.nn.Module):
             raise TrainingConfigError(f"the model factory returned a {type(model).__name__}, not an nn.Module")
         cols = None if self.step else [self.features, self.label]
-        batch = next(iter(ds.to_torch(batch_size=min(2, ds.num_rows), columns=cols, transform=self.transform)))
+        # one real batch (a shuffled one, so its labels are a sample of all of them), in this process only
+        batch = next(iter(ds.to_torch(batch_size=min(self.batch_size, 256, ds.num_rows), columns=cols, shuffle=True,
+                                      seed=self.seed, transform=self.transform, rank=0, world_size=1)))
         model.eval()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), warnings.catch_warnings():
+                # torch only warns when a loss broadcasts an output against labels of another shape
+                warnings.filterwarnings("error", message=".*target size.*different to the input size")
                 if self.step is not None:
                     loss = self.step(model, batch)
                 else:
                     out = model(batch[self.features])
                     loss = self.loss(out, batch[self.label])
+            self._check_optimizer(model)
+        except TrainingConfigError:
+            raise
         except Exception as e:  # noqa: BLE001 - reported with what was tried
             if self.step is not None:
                 raise TrainingConfigError(f"step(model, batch) fails on the first batch: {type(e).__name__}: {e}") from None
@@ -114,6 +122,19 @@ class Trainer:
         if not (isinstance(loss, torch.Tensor) and loss.numel() == 1):
             raise TrainingConfigError(f"the loss must be a scalar tensor, got {type(loss).__name__} "
                                       f"{tuple(getattr(loss, 'shape', ()))}")
+
+    def _check_optimizer(self, model: torch.nn.Module) -> None:
+        try:
+            opt = self.optimizer(model.parameters())
+        except Exception as e:  # noqa: BLE001
+            raise TrainingConfigError(f"optimizer(params) fails: {type(e).__name__}: {e}") from None
+        if not isinstance(opt, torch.optim.Optimizer):
+            raise TrainingConfigError(f"optimizer(params) must return a torch.optim.Optimizer, got {type(opt).__name__}")
+        if self.scheduler is not None:
+            try:
+                self.scheduler(opt)
+            except Exception as e:  # noqa: BLE001
+                raise TrainingConfigError(f"scheduler(optimizer) fails: {type(e).__name__}: {e}") from None
 
     def _spec(self, train_ds, val_ds, resume_from) -> Spec:
         return Spec(model=self.model, loss=self.loss, optimizer=self.optimizer, scheduler=self.scheduler,
@@ -205,7 +226,7 @@ class Trainer:
             raise TensorGridError("predict needs a trained model: call fit first or pass model=")
         ds = self._dataset(ds, "predict", need_label=False)  # inference data need not have labels
         keep = [c for c in ds.schema.names if c != self.features]
-        loader = ds.to_torch(batch_size=batch_size or self.batch_size, transform=self.transform)
+        loader = ds.to_torch(batch_size=batch_size or self.batch_size, transform=self.transform, rank=0, world_size=1)
         classifier = is_classifier(self.loss)
         model = copy.deepcopy(model).eval()
 

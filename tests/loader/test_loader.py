@@ -224,6 +224,26 @@ def test_random_transform_stays_reproducible_in_process(ds):
     assert run() == run()
 
 
+def test_random_transform_in_workers_repeats_for_any_workers_and_after_resume(ds):
+    kw = dict(batch_size=10, shuffle=True, transform=helpers.add_noise)
+    ref = [b["x"] for b in ds.to_torch(num_workers=1, **kw)]
+    for workers in (2, 3):
+        assert all(torch.equal(a, b) for a, b in zip(ref, (b["x"] for b in ds.to_torch(num_workers=workers, **kw))))
+    first = ds.to_torch(num_workers=2, **kw)
+    it = iter(first)
+    for _ in range(4):
+        next(it)
+    state = first.state_dict()
+    del it
+    resumed = ds.to_torch(num_workers=1, **kw)
+    resumed.load_state_dict(state)
+    rest = [b["x"] for b in resumed]
+    assert len(rest) == len(ref) - 4 and all(torch.equal(a, b) for a, b in zip(ref[4:], rest))
+    second = ds.to_torch(num_workers=1, **kw)
+    second.set_epoch(1)
+    assert not torch.equal(ref[0], next(iter(second))["x"])  # another epoch, other draws
+
+
 def test_killed_worker_is_a_clear_error_not_a_hang(ds):
     loader = ds.to_torch(batch_size=10, transform=helpers.die_on_id_13, num_workers=2, shuffle_buffer=10)
     t0 = time.time()

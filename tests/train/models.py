@@ -37,3 +37,37 @@ def paced_to_float(batch):
 
     time.sleep(0.02)
     return T.to_float(batch)
+
+
+def ce(out, y):
+    """Cross-entropy as a plain function: no per-row values for the trainer to mask."""
+    return torch.nn.functional.cross_entropy(out, y)
+
+
+def ce_step(model, batch):
+    return torch.nn.functional.cross_entropy(model(batch["image"]), batch["label"])
+
+
+def noisy_high_labels(batch):
+    """A random augmentation whose number of draws depends on the data: noise on rows labelled 5 or more."""
+    batch = T.to_float(batch)
+    high = batch["label"] >= 5
+    batch["image"][high] += 0.1 * torch.rand(int(high.sum()), *batch["image"].shape[1:])
+    return batch
+
+
+class RankOneFails(torch.nn.Module):
+    """Fails in forward on rank 1 of a multi-worker run only."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = mlp()
+
+    def forward(self, x):
+        if torch.distributed.is_initialized() and torch.distributed.get_rank() == 1:
+            raise RuntimeError("rank one refuses")
+        return self.net(x)
+
+
+def rank_one_fails():
+    return RankOneFails()

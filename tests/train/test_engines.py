@@ -50,11 +50,17 @@ def test_spark_engine_needs_a_session_and_ray_needs_ray(digits):  # noqa: F811
         tg.Trainer(model=models.mlp, loss=torch.nn.CrossEntropyLoss(), engine="dask")
 
 
+def test_ray_worker_error_names_the_worker_and_its_cause(ray_cluster, digits):  # noqa: F811
+    with pytest.raises(tg.WorkerFailedError, match="Ray training worker 1 failed: RuntimeError: rank one refuses") as e:
+        trainer(workers=2, engine="ray", model=models.rank_one_fails).fit(digits[0])
+    assert "\x1b" not in str(e.value) and "\n" not in str(e.value)
+
+
 def test_ray_worker_killed_then_resumed(ray_cluster, digits, tmp_path):  # noqa: F811
     full = trainer(workers=2, engine="ray", epochs=4).fit(digits[0])
     ck = str(tmp_path / "ck")
     with KillAfterFirstCheckpoint(ck, lambda: processes_running(b"ray::_Worker.train")) as killer, \
-            pytest.raises(tg.WorkerFailedError, match="Ray training worker failed.*last checkpoint"):
+            pytest.raises(tg.WorkerFailedError, match=r"Ray training worker \d failed.*last checkpoint"):
         trainer(workers=2, engine="ray", epochs=4, checkpoint_dir=ck, checkpoint_every=5, timeout_s=60,
                 transform=models.paced_to_float).fit(digits[0])
     assert killer.killed

@@ -62,6 +62,18 @@ def test_two_workers_follow_the_same_loss_curve_as_one(digits):
     assert same(weights(one.model), weights(two.model), atol=1e-4)
 
 
+@pytest.mark.parametrize("how", ["loss function", "step"])
+def test_padding_never_counts_whatever_computes_the_loss(digits, how):
+    """1,499 rows: the last global batch splits unevenly over 2 workers, so one rank gets a padding row."""
+    train = tg.from_arrow(digits[0].to_arrow().slice(0, 1499))
+    kw = dict(loss=models.ce) if how == "loss function" else dict(loss=None, step=models.ce_step)
+    one = trainer(**kw).fit(train)
+    two = trainer(workers=2, **kw).fit(train)
+    for a, b in zip(one.history, two.history):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6)
+    assert same(weights(one.model), weights(two.model), atol=1e-4)
+
+
 def test_checkpoints_and_exact_resume(digits, tmp_path):
     train, _ = digits
     full = trainer(epochs=3).fit(train)
@@ -72,6 +84,22 @@ def test_checkpoints_and_exact_resume(digits, tmp_path):
     assert same(weights(resumed.model), weights(full.model))
     assert [round(h["loss"], 6) for h in resumed.history] == [round(h["loss"], 6) for h in full.history]
     assert len(glob.glob(f"{ck}/ckpt-*.pt")) == 2  # keep_checkpoints
+
+
+@pytest.mark.parametrize("workers, loader_workers", [(2, 0), (1, 1)])
+def test_resume_is_exact_with_random_augmentations(digits, tmp_path, workers, loader_workers):
+    """Every rank's random streams are checkpointed (ranks draw different numbers when the draws depend on
+    their data), and loader workers seed a transform by batch: resuming mid-epoch repeats the same draws."""
+    train = tg.from_arrow(digits[0].to_arrow().slice(0, 640))
+    kw = dict(transform=models.noisy_high_labels, workers=workers, loader_workers=loader_workers, epochs=2)
+    full = trainer(**kw).fit(train)
+    ck = str(tmp_path / "ck")
+    trainer(checkpoint_dir=ck, checkpoint_every=3, keep_checkpoints=20, **kw).fit(train)
+    for f in glob.glob(f"{ck}/ckpt-*.pt"):  # stop after step 12: mid-epoch 2 (10 steps an epoch)
+        if int(f.rsplit("-s", 1)[1][:9]) > 12:
+            os.remove(f)
+    resumed = trainer(checkpoint_dir=ck, checkpoint_every=3, **kw).fit(train, resume=True)
+    assert same(weights(resumed.model), weights(full.model), atol=1e-6)
 
 
 def test_resume_mid_epoch_from_step_checkpoints(digits, tmp_path):

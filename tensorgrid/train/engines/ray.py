@@ -50,6 +50,7 @@ def run(payload: bytes, workers: int, max_restarts: int, timeout_s: float, check
     attempt = 0
     while True:
         actors = [remote.remote() for _ in range(workers)]
+        failed = None
         try:
             addr, port = ray.get(actors[0].address.remote(), timeout=timeout_s)
             placement = ray.get([a.node.remote() for a in actors], timeout=timeout_s)
@@ -57,6 +58,7 @@ def run(payload: bytes, workers: int, max_restarts: int, timeout_s: float, check
             pending = list(futures)
             while pending:  # fail fast: the first error stops everyone
                 done, pending = ray.wait(pending, num_returns=1)
+                failed = futures.index(done[0])
                 ray.get(done)
             return {**ray.get(futures[0]), "placement": placement}
         except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError, ray.exceptions.GetTimeoutError) as e:
@@ -66,12 +68,22 @@ def run(payload: bytes, workers: int, max_restarts: int, timeout_s: float, check
                 attempt += 1
                 continue
             last = ckpt.latest(checkpoint_dir)
-            first = str(e).strip().splitlines()[0][:300]
             where = f"last checkpoint: {last}; fit(resume=True) continues from it" if last else "no checkpoint was written"
-            raise WorkerFailedError(f"a Ray training worker failed: {first} ({where})", checkpoint=last) from None
+            who = f"worker {failed}" if isinstance(e, ray.exceptions.RayError) and failed is not None else "a worker"
+            raise WorkerFailedError(f"Ray training {who} failed: {_cause(e)} ({where})", checkpoint=last) from None
         finally:
             for a in actors:
                 try:
                     ray.kill(a, no_restart=True)
                 except Exception:  # noqa: BLE001 - already gone
                     pass
+
+
+def _cause(e: Exception) -> str:
+    """The user's own exception inside a Ray error (its type and message), without Ray's colour codes."""
+    import re
+
+    cause = getattr(e, "cause", None)
+    text = f"{type(cause).__name__}: {cause}" if isinstance(cause, BaseException) else str(e)
+    text = re.sub(r"\x1b\[[0-9;]*m", "", text).strip()
+    return (text.splitlines() or [type(e).__name__])[0][:300]
