@@ -152,13 +152,15 @@ def decode(table: pa.Table, like: pa.Schema | None = None) -> pa.Table:
         targets = {f.name: f.type for f in like}
         differ = [i for i, f in enumerate(table.schema) if f.name in targets and not f.type.equals(targets[f.name])]
         if differ:
-            cols = list(table.columns)
+            cols, schema = list(table.columns), table.schema
             for i in differ:
+                target = targets[schema.field(i).name]
                 try:
-                    cols[i] = cols[i].cast(targets[table.schema.field(i).name])
+                    cols[i] = cols[i].cast(target)
                 except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-                    pass
-            table = pa.Table.from_arrays(cols, names=table.schema.names)
+                    continue
+                schema = schema.set(i, schema.field(i).with_type(target))  # keeps the field's metadata
+            table = pa.Table.from_arrays(cols, schema=schema)
     if not any(tensor_type_of(f) is not None for f in table.schema):
         return table
     schema = logical_schema(table.schema)

@@ -78,15 +78,16 @@ _HIVE = re.compile(r"^[^=/]+=[^/]*$")
 
 
 def _castable(src: pa.DataType, dst: pa.DataType) -> bool:
-    """Differences pyarrow reads through safely: numeric widths, dictionary encoding, string sizes."""
-    if pa.types.is_dictionary(src):
-        src = src.value_type
-    if pa.types.is_dictionary(dst):
-        dst = dst.value_type
-    numeric = (pa.types.is_integer, pa.types.is_floating)
-    return src.equals(dst) or any(k(src) and k(dst) for k in numeric) or (
-        pa.types.is_integer(src) and pa.types.is_floating(dst)) or (
-        {str(src), str(dst)} <= {"string", "large_string"}) or ({str(src), str(dst)} <= {"binary", "large_binary"})
+    """Whether pyarrow reads a column of type ``src`` as ``dst`` (numeric widths, units, nulls...). Text
+    into another type would be parsed value by value, and fail on the first that is not a number."""
+    text = (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary, pa.types.is_large_binary)
+    if any(t(src) for t in text) and not any(t(dst) for t in text):
+        return False
+    try:
+        pa.array([], src).cast(dst)
+        return True
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+        return False
 
 
 class ForeignDataset(Dataset):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import numbers
+import os
 import posixpath
 import re
 import uuid
@@ -93,6 +94,7 @@ class _ShardWriter:
         self.inflight: list[Future] = []
         self.shards: list[Shard] = []
         self.paths: list[str] = []
+        self.committing = False  # set once a manifest naming these shards may exist: never delete them then
         self.seq = 0
         fs.makedirs(tgfs.join(root, DATA_DIR), exist_ok=True)
 
@@ -111,6 +113,7 @@ class _ShardWriter:
         data = _encode_shard(table, rg_rows)
         path = tgfs.join(self.root, rel)
         if tgfs.is_local(self.fs):
+            os.makedirs(os.path.dirname(path), exist_ok=True)  # a concurrent failed first write may have removed it
             with open(path, "wb") as f:
                 f.write(data)
         else:
@@ -202,19 +205,21 @@ def write(url: str, data, mode: str = "create", shard_rows: int | None = None,
                 writer.add(group)
         finally:
             shards = writer.finish()
-        return _commit(fs, root, url, mode, base, physical, shards)
+        return _commit(fs, root, url, mode, base, physical, shards, writer)
     except ConflictError:
         raise  # its shards stay for .retry()
     except BaseException as e:
-        writer.remove_files()
-        if base is None:
-            _remove_empty_dirs(fs, root, existed)
+        if not writer.committing:  # else the outcome is unknown: the shards stay for vacuum
+            writer.remove_files()
+            if base is None:
+                _remove_empty_dirs(fs, root, existed)
         if isinstance(e, _ARROW_ERRORS):  # a type or value Parquet cannot hold: the user's data, named
             raise UnsupportedDataError(f"cannot store this data in Parquet: {str(e).splitlines()[0]}") from None
         raise
 
 
-def _commit(fs, root: str, url: str, mode: str, base: Manifest | None, physical: pa.Schema, shards: list[Shard]):
+def _commit(fs, root: str, url: str, mode: str, base: Manifest | None, physical: pa.Schema, shards: list[Shard],
+            writer: _ShardWriter):
     from .dataset import StoreDataset
 
     added = sum(s.rows for s in shards)
@@ -230,6 +235,7 @@ def _commit(fs, root: str, url: str, mode: str, base: Manifest | None, physical:
         new = Manifest(version, mode if base is not None else "create", schema, kept + shards, added)
         if _before_commit is not None:
             _before_commit(fs, root, version)
+        writer.committing = True
         if not manifest.commit(fs, root, new):
             raise ConflictError(
                 f"another writer committed version {version} of {url} first; this write's {len(shards)} "
@@ -280,8 +286,10 @@ def _remove_empty_dirs(fs: fsspec.AbstractFileSystem, root: str, existed: bool) 
         return  # another writer committed meanwhile
     meta = tgfs.join(root, manifest.META_DIR)
     candidates = [tgfs.join(root, DATA_DIR), meta] + ([] if existed else [root])
-    try:
-        if [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(meta, detail=False)] == ["format"]:
+    try:  # the marker only while no other writer has shards here (it keeps their orphans from looking foreign)
+        data = tgfs.join(root, DATA_DIR)
+        if [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(meta, detail=False)] == ["format"] and \
+                not (fs.exists(data) and fs.ls(data, detail=False)):
             fs.rm_file(tgfs.join(meta, "format"))
     except (FileNotFoundError, OSError):
         pass

@@ -182,3 +182,29 @@ def test_vacuum_keeps_every_versions_shards(any_url):
     r = tg.open(any_url).vacuum(min_age_s=0)
     assert r["removed"] == 0
     assert tg.open(any_url, version=1).to_arrow().column("a").to_pylist() == [1]
+
+
+def test_a_failed_first_write_never_breaks_a_concurrent_one(tmp_path):
+    """Writer B has made the dataset's folders and is between shards when writer A, creating the same
+    dataset, fails and cleans up after itself: B still commits."""
+    import threading
+
+    url = str(tmp_path / "d")
+    started, go = threading.Event(), threading.Event()
+
+    def slow_rows():  # B's folders exist, its first shard (10 rows) does not yet
+        yield pa.record_batch({"a": list(range(5))})
+        started.set()
+        go.wait(30)
+        yield pa.record_batch({"a": list(range(5, 20))})
+
+    result = {}
+    b = threading.Thread(target=lambda: result.setdefault("b", tg.write(url, slow_rows(), shard_rows=10)))
+    b.start()
+    assert started.wait(30)
+    with pytest.raises(tg.SchemaMismatchError):
+        tg.write(url, iter([{"a": i} for i in range(5000)] + [{"a": "x"}]), shard_rows=1000)
+    go.set()
+    b.join(60)
+    assert sorted(tg.open(url).to_pandas()["a"]) == list(range(20))
+    tg.open(url).verify()

@@ -126,3 +126,8 @@ def test_files_with_different_column_types_are_named(tmp_path):
     pq.write_table(pa.table({"a": pa.array([1], pa.int32())}), tmp_path / "w" / "0.parquet")
     pq.write_table(pa.table({"a": pa.array([2], pa.int64())}), tmp_path / "w" / "1.parquet")
     assert sorted(tg.open(str(tmp_path / "w")).to_pandas()["a"]) == [1, 2]
+    (tmp_path / "n").mkdir()  # an all-null column in one file, another time unit in the next
+    pq.write_table(pa.table({"a": pa.array(["x"]), "t": pa.array([1], pa.timestamp("us"))}), tmp_path / "n" / "0.parquet")
+    pq.write_table(pa.table({"a": pa.array([None], pa.null()), "t": pa.array([2], pa.timestamp("ms"))}),
+                   tmp_path / "n" / "1.parquet")
+    assert tg.open(str(tmp_path / "n")).num_rows == 2 and len(tg.open(str(tmp_path / "n")).to_arrow()) == 2
