@@ -26,7 +26,8 @@ class ConflictError(TensorGridError):
     def retry(self):
         """Commit the already-written shards on top of the current latest version; returns the Dataset."""
         if self._retry is None:
-            raise TensorGridError("this conflict cannot be retried (its shards were already committed by a retry)")
+            raise TensorGridError("this conflict was already retried: its shards were committed, or the retry "
+                                  "raised a newer ConflictError to retry instead")
         retry, self._retry = self._retry, None  # the shards are committed at most once
         try:
             return retry()

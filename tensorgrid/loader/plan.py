@@ -38,6 +38,13 @@ class Layout:
         return np.asarray(self.blocks, dtype=np.int64).reshape(-1, 3)
 
     @cached_property
+    def digest(self) -> str:
+        """A short fingerprint of the blocks (orders built on other blocks differ)."""
+        import hashlib
+
+        return hashlib.blake2b(np.ascontiguousarray(self.block_array).tobytes(), digest_size=8).hexdigest()
+
+    @cached_property
     def block_gstart(self) -> np.ndarray:
         """Global row id of each block's first row."""
         b = self.block_array

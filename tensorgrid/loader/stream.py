@@ -1,9 +1,10 @@
 """``Dataset.to_torch``: the epoch plan executed by torch's own DataLoader workers, chunk by chunk.
 
-A chunk is one shuffle window of this rank's batches. Worker w builds chunks w, w+n, w+2n, ... and
+A chunk is this rank's batches of one shuffle window (in this process), or of a budget-sized part of one
+(in workers; a single batch when a transform runs there). Worker w builds chunks w, w+n, w+2n, ... and
 torch's DataLoader hands them back round-robin, so batches come out in plan order whatever the number of
-workers or the start method. Each chunk is gathered with one Arrow take (or a zero-copy slice), turned into
-tensors once, and sliced into batches; ``transform`` runs per batch inside the workers.
+workers or the start method. A chunk's rows are gathered once per column (or sliced, zero-copy), turned
+into tensors once, and sliced into batches; ``transform`` runs per batch.
 """
 
 from __future__ import annotations
@@ -228,8 +229,9 @@ class Loader:
                  memory_budget: int | None = None, cache_dir: str | None = None, cache_limit: int | None = None,
                  multiprocessing_context: str | None = None, timeout: float = 0):
         for name, v, lo in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0), ("prefetch", prefetch, 1)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+            if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < lo:
                 raise TensorGridError(f"{name} must be an int >= {lo}, got {v!r}")
+        batch_size, num_workers, prefetch = int(batch_size), int(num_workers), int(prefetch)
         if memory_budget is not None and (not isinstance(memory_budget, numbers.Integral) or memory_budget < 1):
             raise TensorGridError(f"memory_budget must be a number of bytes >= 1, got {memory_budget!r}")
         if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
@@ -244,7 +246,7 @@ class Loader:
         if not (isinstance(self.world_size, int) and self.world_size >= 1 and 0 <= self.rank < self.world_size):
             raise TensorGridError(f"need 0 <= rank < world_size, got rank={self.rank}, world_size={self.world_size}")
         self.dataset = dataset
-        self.memory_budget = memory_budget or DEFAULT_MEMORY_BUDGET
+        self.memory_budget = int(memory_budget or DEFAULT_MEMORY_BUDGET)
         self.source = Source(dataset, columns, cache_dir, cache_limit, self.memory_budget)
         if self.source.layout.num_rows == 0:
             raise EmptyDataError(f"{dataset.url or 'dataset'} has no rows to load")
@@ -277,8 +279,14 @@ class Loader:
     def plan(self, epoch: int | None = None) -> Plan:
         return Plan(self.source.layout, self.batch_size, self.world_size, self.rank, self.shuffle, self.seed,
                     self.epoch if epoch is None else epoch, self.drop_last, self.window_rows,
-                    chunk_size=(1 if self.transform is not None else max(1, self.chunk_rows // self.batch_size))
-                    if self.num_workers else None)
+                    chunk_size=None if self.in_process else (
+                        1 if self.transform is not None else max(1, self.chunk_rows // self.batch_size)))
+
+    @property
+    def in_process(self) -> bool:
+        """Whether chunks are built in this process. Zero-copy views of the Arrow cache cannot cross into
+        another process without a copy: without a transform to run, workers would only add copies."""
+        return self.num_workers == 0 or (self.transform is None and self.source.cache_dir is not None)
 
     def __len__(self) -> int:
         return self.plan().num_batches
@@ -294,14 +302,8 @@ class Loader:
         return {"epoch": self.epoch, "batch": self._pos, "seed": self.seed, "shuffle": self.shuffle,
                 "global_batch": self.batch_size * self.world_size, "num_rows": self.source.layout.num_rows,
                 "drop_last": self.drop_last, "version": self.dataset.version, "url": self.dataset.url,
-                "layout": self._layout_digest()}
+                "layout": self.source.layout.digest}  # the blocks the order is built from
 
-    def _layout_digest(self) -> str:
-        """The blocks the order is built from (Parquet row groups, Arrow cache blocks, in-memory slices):
-        another layout gives another order for the same seed, so a state cannot move between them."""
-        import xxhash
-
-        return xxhash.xxh3_64_hexdigest(np.ascontiguousarray(self.source.layout.block_array, dtype=np.int64).tobytes())
 
     def load_state_dict(self, state: dict) -> None:
         if not isinstance(state, dict) or not {"epoch", "batch"} <= state.keys():
@@ -324,10 +326,7 @@ class Loader:
             self.epoch, self._pos = self.epoch + 1, 0
             return
         chunks = _Chunks(plan, self.source, first, self.transform, self.add_valid)
-        # Zero-copy views of the Arrow cache cannot cross into another process without a copy: without a
-        # transform to run, workers would only add copies, so such chunks are built here.
-        in_process = self.num_workers == 0 or (self.transform is None and self.source.cache_dir is not None)
-        if in_process:
+        if self.in_process:
             it = iter(chunks)
         else:
             it = iter(DataLoader(chunks, batch_size=None, num_workers=self.num_workers, collate_fn=_identity,

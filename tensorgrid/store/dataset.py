@@ -332,7 +332,7 @@ class StoreDataset(Dataset):
 
         Files younger than ``min_age_s`` are kept: they may belong to a writer still at work.
         """
-        if not isinstance(min_age_s, (int, float)) or isinstance(min_age_s, bool) or min_age_s < 0:
+        if not isinstance(min_age_s, numbers.Real) or isinstance(min_age_s, bool) or min_age_s < 0:
             raise TensorGridError(f"min_age_s must be a number of seconds >= 0, got {min_age_s!r}")
         referenced = set()
         for v in manifest.list_versions(self.fs, self.root):

@@ -82,7 +82,10 @@ def per_row_loss(loss):
 
 
 def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():  # dropout on a GPU draws from the device's generators
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def _seed_rank(seed: int, rank: int) -> None:
@@ -106,6 +109,8 @@ def _set_rng_state(s: dict) -> None:
     torch.set_rng_state(s["torch"])
     np.random.set_state(s["numpy"])
     random.setstate(s["python"])
+    if s.get("cuda") is not None and torch.cuda.is_available() and len(s["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(s["cuda"])
 
 
 class Batches:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import numbers
 import warnings
 from dataclasses import dataclass, field
 
@@ -48,8 +49,10 @@ class Trainer:
         for name, v, lo in (("batch_size", batch_size, 1), ("epochs", epochs, 1), ("workers", workers, 1),
                             ("keep_checkpoints", keep_checkpoints, 1), ("max_restarts", max_restarts, 0),
                             ("loader_workers", loader_workers, 0)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+            if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < lo:
                 raise TrainingConfigError(f"{name} must be an int >= {lo}, got {v!r}")
+        batch_size, epochs, workers, keep_checkpoints, max_restarts, loader_workers = (
+            int(v) for v in (batch_size, epochs, workers, keep_checkpoints, max_restarts, loader_workers))
         if batch_size % workers:
             raise TrainingConfigError(f"batch_size ({batch_size}) is the global batch: it must divide evenly "
                                       f"across {workers} workers")
@@ -123,7 +126,8 @@ class Trainer:
             raise TrainingConfigError(f"the loss must be a scalar tensor, got {type(loss).__name__} "
                                       f"{tuple(getattr(loss, 'shape', ()))}")
 
-    def _check_optimizer(self, model: torch.nn.Module) -> None:
+    def _check_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
+        """The optimizer the factory builds for ``model`` (and the scheduler factory runs on it)."""
         try:
             opt = self.optimizer(model.parameters())
         except Exception as e:  # noqa: BLE001
@@ -135,6 +139,7 @@ class Trainer:
                 self.scheduler(opt)
             except Exception as e:  # noqa: BLE001
                 raise TrainingConfigError(f"scheduler(optimizer) fails: {type(e).__name__}: {e}") from None
+        return opt
 
     def _spec(self, train_ds, val_ds, resume_from) -> Spec:
         return Spec(model=self.model, loss=self.loss, optimizer=self.optimizer, scheduler=self.scheduler,
@@ -180,7 +185,7 @@ class Trainer:
             state = ckpt.load(resume_from)
             model = build_model(self._spec(train_ds, None, None))
             ckpt.check_fits(state, model, resume_from)
-            ckpt.check_optimizer_fits(state, self.optimizer(model.parameters()), resume_from)
+            ckpt.check_optimizer_fits(state, self._check_optimizer(model), resume_from)
             if state["loader"].get("global_batch") not in (None, self.batch_size):
                 raise CheckpointError(f"checkpoint {resume_from} was trained with global batch "
                                       f"{state['loader']['global_batch']}, this trainer uses {self.batch_size}")
@@ -219,8 +224,10 @@ class Trainer:
 
         from ..store.writer import write
 
-        if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1):
+        if batch_size is not None and (not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool)
+                                       or batch_size < 1):
             raise TrainingConfigError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        batch_size = None if batch_size is None else int(batch_size)
         model = model or (self.result.model if self.result else None)
         if model is None:
             raise TensorGridError("predict needs a trained model: call fit first or pass model=")

@@ -227,8 +227,10 @@ def test_random_transform_stays_reproducible_in_process(ds):
 def test_random_transform_in_workers_repeats_for_any_workers_and_after_resume(ds):
     kw = dict(batch_size=10, shuffle=True, transform=helpers.add_noise)
     ref = [b["x"] for b in ds.to_torch(num_workers=1, **kw)]
+    assert len(ref) == len(ds.to_torch(**kw)) > 4
     for workers in (2, 3):
-        assert all(torch.equal(a, b) for a, b in zip(ref, (b["x"] for b in ds.to_torch(num_workers=workers, **kw))))
+        got = [b["x"] for b in ds.to_torch(num_workers=workers, **kw)]
+        assert len(got) == len(ref) and all(torch.equal(a, b) for a, b in zip(ref, got))
     first = ds.to_torch(num_workers=2, **kw)
     it = iter(first)
     for _ in range(4):

@@ -221,7 +221,7 @@ def test_conflict_retry_commits_once(tmp_path):
     finally:
         writer._before_commit = None
     assert sorted(e.value.retry().to_pandas()["a"]) == [0, 1, 2]
-    with pytest.raises(tg.TensorGridError, match="already committed"):
+    with pytest.raises(tg.TensorGridError, match="already retried"):
         e.value.retry()
     assert tg.open(url).num_rows == 3
 
