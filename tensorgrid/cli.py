@@ -207,7 +207,7 @@ def cmd_ingest(a) -> None:
         ds = store.write(a.dest, (b for i in range(src.num_shards) for b in src.read_shard(i).to_batches()),
                          mode=a.mode, shard_bytes=shard_bytes)
     dt = time.perf_counter() - t0
-    added = ds.versions()[-1].added_rows
+    added = ds.added_rows
     total = f" ({ds.num_rows:,} in all)" if added != ds.num_rows else ""
     out.print(f"ingested {added:,} rows from {a.src} ({kind}) into {ds.url} version {ds.version}{total} "
               f"in {dt:.1f} s")

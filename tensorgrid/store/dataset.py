@@ -238,6 +238,11 @@ class StoreDataset(Dataset):
     def shard_urls(self) -> list[str]:
         return [tgfs.to_url(self.fs, tgfs.join(self.root, s.path)) for s in self._m.shards]
 
+    @property
+    def added_rows(self) -> int:
+        """Rows this version added (all of them for a create or an overwrite)."""
+        return self._m.added_rows
+
     def versions(self) -> list[VersionInfo]:
         out = []
         for v in manifest.list_versions(self.fs, self.root):

@@ -114,19 +114,21 @@ def ingest_images(folder: str, url: str, label: str | None = "folder", mode: str
 
 
 def _label_index(fs, files: list[str], labels: list[str], url: str, mode: str) -> dict[str, int]:
-    """label -> label_index: positions among the sorted labels of the files whose header is an image's
-    (a header probe, no decode: folders of notes or stray files get no index). Appending to a dataset
+    """label -> label_index: positions among the sorted labels of the files that are images (by their
+    extension, else by a header probe without decoding: folders of notes or stray files get no index). Appending to a dataset
     keeps its mapping and numbers new labels after it."""
+    known = Image.registered_extensions()  # an image extension counts as is; other files get a header probe
     with ThreadPoolExecutor(max_workers=4) as pool:
-        is_image = list(pool.map(lambda p: _is_image_header(fs, p), files))
+        is_image = list(pool.map(lambda p: p[p.rfind("."):].lower() in known or _is_image_header(fs, p), files))
     found = sorted({lab for lab, ok in zip(labels, is_image) if ok})
     index: dict[str, int] = {}
     if mode == "append":
         from . import open as open_dataset
 
         try:
-            old = open_dataset(url).to_arrow(columns=["label", "label_index"])
-            index = dict(zip(old.column("label").to_pylist(), old.column("label_index").to_pylist()))
+            pairs = open_dataset(url).to_arrow(columns=["label", "label_index"]).group_by(
+                ["label", "label_index"]).aggregate([])
+            index = dict(zip(pairs.column("label").to_pylist(), pairs.column("label_index").to_pylist()))
         except (DatasetNotFoundError, ColumnNotFoundError):
             index = {}
     for lab in found:
