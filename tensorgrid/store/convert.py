@@ -8,6 +8,7 @@ from collections.abc import Iterable, Iterator, Mapping
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from ..errors import EmptyDataError, SchemaMismatchError, UnsupportedDataError
 from .encoding import normalize_schema, pandas_tensors_to_arrow
@@ -149,10 +150,20 @@ def to_batches(data) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
 
 def _cast_normal(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
     try:
-        return pa.RecordBatch.from_arrays([c.cast(f.type) if not c.type.equals(f.type) else c
+        return pa.RecordBatch.from_arrays([_list_views_as_lists(c).cast(f.type) if not c.type.equals(f.type) else c
                                            for c, f in zip(batch.columns, schema)], schema=schema)
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
         raise SchemaMismatchError(f"a batch does not match the data's schema: {e}") from None
+
+
+def _list_views_as_lists(col: pa.Array) -> pa.Array:
+    """A list_view column as a plain list column (pyarrow 26's cast between them builds invalid arrays)."""
+    if not (pa.types.is_list_view(col.type) or pa.types.is_large_list_view(col.type)):
+        return col
+    sizes = pc.fill_null(col.sizes, 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(sizes)]), pa.int64())
+    lists = pa.LargeListArray.from_arrays(offsets, pc.list_flatten(col), mask=col.is_null())
+    return lists
 
 
 def _bad_item(item):

@@ -31,6 +31,8 @@ def _byte_width(t: pa.DataType) -> int | None:
 
 
 def _normalize_type(t: pa.DataType) -> pa.DataType:
+    if pa.types.is_decimal(t) and t.scale < 0:
+        raise UnsupportedDataError(f"Parquet cannot store {t} (a negative scale): cast it to a scale >= 0 first")
     if pa.types.is_large_string(t) or pa.types.is_string_view(t):
         return pa.string()
     if pa.types.is_large_binary(t) or pa.types.is_binary_view(t):

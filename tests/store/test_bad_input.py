@@ -271,3 +271,13 @@ def test_types_parquet_stores_coarser_come_back_exactly(tmp_path):
     assert np.array_equal(got.column("x").chunk(0).to_numpy_ndarray(), x.to_numpy_ndarray())  # still a tensor
     batch = next(iter(ds.to_torch(batch_size=1, columns=["t32", "x"])))  # the loader's own reader
     assert batch["t32"] == [dt.time(0, 0, 3)] and batch["x"].shape == (1, 2, 3)
+
+
+def test_list_views_store_and_negative_decimal_scales_are_named(tmp_path):
+    from decimal import Decimal
+
+    a = pa.array([[1], None, [2, 3], []], pa.list_view(pa.int32()))
+    assert tg.write(str(tmp_path / "lv"), pa.table({"a": a})).to_arrow().column("a").to_pylist() == a.to_pylist()
+    with pytest.raises(tg.UnsupportedDataError, match="negative scale"):
+        tg.write(str(tmp_path / "dec"), pa.table({"a": pa.array([Decimal("100")], pa.decimal128(5, -2))}))
+    assert not (tmp_path / "dec").exists()
