@@ -9,9 +9,11 @@ global batch (padding rows of the last batch weigh nothing).
 from __future__ import annotations
 
 import copy
+import math
 import os
 import random
 import time
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -377,6 +379,9 @@ def _train(spec: Spec, rank: int, world: int, device, restarted: bool) -> dict |
             if spec.val is not None:
                 row.update({f"val_{k2}": v for k2, v in evaluate(spec, net, spec.val, device, rank, world).items()})
             history.append(row)
+            if rank == 0 and not math.isfinite(row["loss"]):
+                warnings.warn(f"epoch {epoch}: the training loss is {row['loss']} (diverged: lower the learning "
+                              "rate, or check the data for NaN/inf)", RuntimeWarning, stacklevel=2)
             if log is not None:
                 log.scalars(step, {f"epoch/{k2}": v for k2, v in row.items() if k2 != "epoch"})
                 log.flush()

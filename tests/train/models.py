@@ -71,3 +71,9 @@ class RankOneFails(torch.nn.Module):
 
 def rank_one_fails():
     return RankOneFails()
+
+
+def nan_images(batch):
+    batch = T.to_float(batch)
+    batch["image"][:] = float("nan")
+    return batch

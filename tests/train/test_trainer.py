@@ -219,3 +219,9 @@ def test_predict_on_data_without_labels(digits):
     unlabelled = tg.from_arrow(val.to_arrow().drop_columns(["label"]))
     pred = t.predict(unlabelled)
     assert pred.num_rows == val.num_rows and set(pred.schema.names) == {"prediction", "probabilities"}
+
+
+def test_a_diverged_loss_is_reported(digits):
+    train = tg.from_arrow(digits[0].to_arrow().slice(0, 128))
+    with pytest.warns(RuntimeWarning, match="epoch 0: the training loss is nan"):
+        trainer(transform=models.nan_images, epochs=1).fit(train)
