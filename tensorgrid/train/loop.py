@@ -366,7 +366,8 @@ def _train(spec: Spec, rank: int, world: int, device, restarted: bool) -> dict |
                     log.scalars(step, {"train/loss": step_loss, "train/samples_per_s": samples_s,
                                        "train/data_wait_fraction": wait / max(t2 - t0, 1e-9),
                                        "train/lr": optimizer.param_groups[0]["lr"]})
-                if every and step % every == 0 and spec.checkpoint_dir:
+                # (an epoch's last step is saved by the epoch's own checkpoint just below)
+                if every and step % every == 0 and spec.checkpoint_dir and k < len(loader):
                     last_ckpt = save(_allreduce(sums.values(), world, device)) or last_ckpt  # every rank reduces
             if scheduler is not None:
                 scheduler.step()

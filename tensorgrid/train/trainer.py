@@ -186,6 +186,10 @@ class Trainer:
             model = build_model(self._spec(train_ds, None, None))
             ckpt.check_fits(state, model, resume_from)
             ckpt.check_optimizer_fits(state, self._check_optimizer(model), resume_from)
+            done = state["loader"]["epoch"] + (1 if state["loader"].get("batch") else 0)
+            if done > self.epochs:
+                raise CheckpointError(f"checkpoint {resume_from} is past this run's end: it trained {done} epochs "
+                                      f"(or part of the last), this trainer has epochs={self.epochs}")
             if state["loader"].get("global_batch") not in (None, self.batch_size):
                 raise CheckpointError(f"checkpoint {resume_from} was trained with global batch "
                                       f"{state['loader']['global_batch']}, this trainer uses {self.batch_size}")
