@@ -1,8 +1,9 @@
 """This process's share of the machine's cores, and one thread pool per process to use it.
 
-Pillow's decoders release the GIL, so a batch of images split over threads decodes on several cores. A process gets the cores it may run on (its CPU affinity, e.g. a container's limit) divided by the
-training processes on this machine (``LOCAL_WORLD_SIZE``) and, inside a DataLoader worker, by that
-loader's workers: several processes never oversubscribe the machine between them.
+Pillow's decoders release the GIL, so a batch of images split over threads decodes on several cores. A
+process gets the cores it may run on (its CPU affinity, e.g. a container's limit) divided by the training
+processes on this machine (``LOCAL_WORLD_SIZE``) and, inside a DataLoader worker, by that loader's
+workers: several processes never oversubscribe the machine between them.
 """
 
 from __future__ import annotations

@@ -46,6 +46,11 @@ def join(*parts: str) -> str:
     return "/".join(p.rstrip("/") if i == 0 else p.strip("/") for i, p in enumerate(parts) if p)
 
 
+def name(path: str) -> str:
+    """The last part of a path as listings return it (directories may end in "/")."""
+    return path.rstrip("/").rsplit("/", 1)[-1]
+
+
 def to_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
     """The full URL of a path (plain path for local files, so other tools can use it as is)."""
     return path if is_local(fs) else fs.unstrip_protocol(path)

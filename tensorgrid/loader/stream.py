@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..errors import EmptyDataError, LoaderWorkerError, ResumeError, TensorGridError, TransformError
+from ..rng import seed_all
 from ..store.dataset import ArrowDataset, Dataset
 from .collate import concat_take, gather_groups, slice_batch, table_to_torch, take_to_torch
 from .plan import Layout, Plan
@@ -175,7 +176,9 @@ class _Chunks(IterableDataset):
         mine = range(c0 + wid, self.plan.num_chunks, nw)
         def build(c: int) -> Chunk:
             if info is not None and self.transform is not None:
-                _seed_chunk(self.plan, c)  # a worker's random transform depends on the chunk only
+                # a worker's random transform depends on (seed, epoch, rank, chunk) only: its draws repeat for
+                # any number of workers and after a resume in the middle of an epoch
+                seed_all(self.plan.seed, self.plan.epoch, self.plan.rank, c)
             return build_chunk(self.plan, self.source, c, self.first, self.transform, self.add_valid,
                                eager=info is not None)
 
@@ -191,17 +194,6 @@ class _Chunks(IterableDataset):
                 pending = pool.submit(build, c)
                 yield ready
             yield pending.result()
-
-
-def _seed_chunk(plan: Plan, c: int) -> None:
-    """Seed a DataLoader worker's RNGs for chunk c from (seed, epoch, rank, c): random augmentations then
-    repeat exactly for any number of workers, and after a resume in the middle of an epoch."""
-    import random
-
-    s = int(np.random.SeedSequence([plan.seed & 0xFFFFFFFF, plan.epoch, plan.rank, c]).generate_state(1)[0])
-    torch.manual_seed(s)
-    np.random.seed(s)
-    random.seed(s)
 
 
 def _last_line(message: str, marker: str) -> str:

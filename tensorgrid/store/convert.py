@@ -162,8 +162,7 @@ def _list_views_as_lists(col: pa.Array) -> pa.Array:
         return col
     sizes = pc.fill_null(col.sizes, 0).to_numpy(zero_copy_only=False).astype(np.int64)
     offsets = pa.array(np.concatenate([[0], np.cumsum(sizes)]), pa.int64())
-    lists = pa.LargeListArray.from_arrays(offsets, pc.list_flatten(col), mask=col.is_null())
-    return lists
+    return pa.LargeListArray.from_arrays(offsets, pc.list_flatten(col), mask=col.is_null())
 
 
 def _bad_item(item):

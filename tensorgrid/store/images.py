@@ -115,8 +115,8 @@ def ingest_images(folder: str, url: str, label: str | None = "folder", mode: str
 
 def _label_index(fs, files: list[str], labels: list[str], url: str, mode: str) -> dict[str, int]:
     """label -> label_index: positions among the sorted labels of the files that are images (by their
-    extension, else by a header probe without decoding: folders of notes or stray files get no index). Appending to a dataset
-    keeps its mapping and numbers new labels after it."""
+    extension, else by a header probe without decoding: folders of notes or stray files get no index).
+    Appending to a dataset keeps its mapping and numbers new labels after it."""
     known = Image.registered_extensions()  # an image extension counts as is; other files get a header probe
     with ThreadPoolExecutor(max_workers=4) as pool:
         is_image = list(pool.map(lambda p: p[p.rfind("."):].lower() in known or _is_image_header(fs, p), files))

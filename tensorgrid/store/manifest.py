@@ -94,7 +94,7 @@ def list_versions(fs: fsspec.AbstractFileSystem, root: str) -> list[int]:
         names = fs.ls(tgfs.join(root, META_DIR), detail=False)
     except FileNotFoundError:
         return []
-    found = (_NAME.match(n.rstrip("/").rsplit("/", 1)[-1]) for n in names)
+    found = (_NAME.match(tgfs.name(n)) for n in names)
     return sorted(int(m.group(1)) for m in found if m)
 
 

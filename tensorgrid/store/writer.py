@@ -258,11 +258,11 @@ def _refuse_foreign(fs: fsspec.AbstractFileSystem, root: str, url: str) -> None:
     except (FileNotFoundError, NotADirectoryError):
         return
     for entry in entries:
-        name = entry.rstrip("/").rsplit("/", 1)[-1]
+        name = tgfs.name(entry)
         if name == manifest.META_DIR:
             continue
         if name == DATA_DIR and fs.isdir(entry) and all(
-                _OWN_SHARD.fullmatch(p.rstrip("/").rsplit("/", 1)[-1]) for p in fs.ls(entry, detail=False)):
+                _OWN_SHARD.fullmatch(tgfs.name(p)) for p in fs.ls(entry, detail=False)):
             continue
         raise ReadOnlyError(f"{url} holds files that are not a TensorGrid dataset ({name!r}, ...); foreign "
                             "Parquet/CSV is opened read-only: write to a new or empty path")
@@ -284,16 +284,14 @@ def _remove_empty_dirs(fs: fsspec.AbstractFileSystem, root: str, existed: bool) 
     """After a failed first write: the folders it made, if nothing else has appeared in them."""
     if manifest.list_versions(fs, root):
         return  # another writer committed meanwhile
-    meta = tgfs.join(root, manifest.META_DIR)
-    candidates = [tgfs.join(root, DATA_DIR), meta] + ([] if existed else [root])
+    meta, data = tgfs.join(root, manifest.META_DIR), tgfs.join(root, DATA_DIR)
     try:  # the marker only while no other writer has shards here (it keeps their orphans from looking foreign)
-        data = tgfs.join(root, DATA_DIR)
-        if [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(meta, detail=False)] == ["format"] and \
+        if [tgfs.name(p) for p in fs.ls(meta, detail=False)] == ["format"] and \
                 not (fs.exists(data) and fs.ls(data, detail=False)):
             fs.rm_file(tgfs.join(meta, "format"))
     except (FileNotFoundError, OSError):
         pass
-    for d in candidates:
+    for d in [data, meta] + ([] if existed else [root]):
         try:
             if fs.exists(d) and not fs.ls(d, detail=False):
                 fs.rmdir(d)

@@ -22,7 +22,7 @@ def _list(url: str) -> list[tuple[int, int, str]]:
         return []
     out = []
     for n in names:
-        m = _NAME.match(n.rstrip("/").rsplit("/", 1)[-1])
+        m = _NAME.match(tgfs.name(n))
         if m:
             out.append((int(m.group(1)), int(m.group(2)), tgfs.to_url(fs, n)))
     return sorted(out)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..rng import seed_all
 from ..store.dataset import Dataset
 from . import checkpoint as ckpt
 from .allocator import tune_malloc
@@ -88,14 +89,6 @@ def _rng_state() -> dict:
     if torch.cuda.is_available():  # dropout on a GPU draws from the device's generators
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
-
-
-def _seed_rank(seed: int, rank: int) -> None:
-    """Each rank its own random streams (dropout masks, augmentations), all fixed by ``seed``."""
-    s = int(np.random.SeedSequence([seed & 0xFFFFFFFF, rank]).generate_state(1)[0])
-    torch.manual_seed(s)
-    np.random.seed(s)
-    random.seed(s)
 
 
 def _gather_rng(world: int) -> list[dict]:
@@ -277,7 +270,9 @@ def train(spec: Spec, rank: int = 0, world: int = 1, restarted: bool = False) ->
 
 def _train(spec: Spec, rank: int, world: int, device, restarted: bool) -> dict | None:
     model = build_model(spec).to(device)
-    _seed_rank(spec.seed, rank)  # after the model's init (DDP copies rank 0's weights to every rank anyway)
+    # each rank its own random streams (dropout masks, augmentations), all fixed by the seed; after the
+    # model's init (DDP copies rank 0's weights to every rank anyway)
+    seed_all(spec.seed, rank)
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     optimizer = spec.optimizer(net.parameters())
     scheduler = spec.scheduler(optimizer) if spec.scheduler else None
