@@ -93,7 +93,7 @@ class Trainer:
         return ds
 
     def _check_model_on_one_batch(self, ds: Dataset) -> None:
-        model = build_model(self._spec(ds, None, None))
+        model = self._build_model(ds)
         if not isinstance(model, torch.nn.Module):
             raise TrainingConfigError(f"the model factory returned a {type(model).__name__}, not an nn.Module")
         cols = None if self.step else [self.features, self.label]
@@ -125,6 +125,16 @@ class Trainer:
         if not (isinstance(loss, torch.Tensor) and loss.numel() == 1):
             raise TrainingConfigError(f"the loss must be a scalar tensor, got {type(loss).__name__} "
                                       f"{tuple(getattr(loss, 'shape', ()))}")
+
+    def _build_model(self, ds: Dataset) -> torch.nn.Module:
+        """The model as a worker builds it: a copy of the given module, or what the factory returns."""
+        try:
+            return build_model(self._spec(ds, None, None))
+        except Exception as e:  # noqa: BLE001
+            if isinstance(self.model, torch.nn.Module):  # copied to every worker, so it must copy here
+                raise TrainingConfigError(f"the model, loss, optimizer or transform cannot be sent to workers: "
+                                          f"{type(e).__name__}: {e}") from None
+            raise TrainingConfigError(f"the model factory fails: {type(e).__name__}: {e}") from None
 
     def _check_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
         """The optimizer the factory builds for ``model`` (and the scheduler factory runs on it)."""
@@ -164,11 +174,6 @@ class Trainer:
         train_ds = self._dataset(train_ds, "train")
         val_ds = self._dataset(val, "val") if val is not None else None
         self._check_urls()
-        try:  # before anything is built from them: a non-picklable model fails here, by name
-            cloudpickle.dumps((self.model, self.loss, self.optimizer, self.scheduler, self.transform, self.step))
-        except Exception as e:  # noqa: BLE001
-            raise TrainingConfigError(f"the model, loss, optimizer or transform cannot be sent to workers: "
-                                      f"{type(e).__name__}: {e}") from None
         if train_ds.num_rows < self.workers:
             raise TrainingConfigError(f"{train_ds.num_rows} rows cannot feed {self.workers} workers")
         resume_from = None
@@ -183,7 +188,7 @@ class Trainer:
             if resume_from is None:
                 raise CheckpointError(f"resume=True but {self.checkpoint_dir} holds no checkpoint")
             state = ckpt.load(resume_from)
-            model = build_model(self._spec(train_ds, None, None))
+            model = self._build_model(train_ds)
             ckpt.check_fits(state, model, resume_from)
             ckpt.check_optimizer_fits(state, self._check_optimizer(model), resume_from)
             done = state["loader"]["epoch"] + (1 if state["loader"].get("batch") else 0)
