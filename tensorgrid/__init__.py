@@ -8,6 +8,7 @@
 
 from . import errors, transforms
 from .errors import (
+    ArgumentError,
     CheckpointError,
     ColumnNotFoundError,
     ConflictError,
@@ -32,7 +33,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "write", "open", "sql", "from_arrow", "ingest_images", "Dataset", "Trainer", "FitResult", "errors", "transforms",
-    "TensorGridError", "ConflictError", "CorruptShardError", "DatasetExistsError", "DatasetNotFoundError",
+    "TensorGridError", "ArgumentError", "ConflictError", "CorruptShardError", "DatasetExistsError", "DatasetNotFoundError",
     "EmptyDataError", "ReadOnlyError", "SchemaMismatchError", "SQLError", "UnsupportedDataError",
     "UnsupportedFormatError", "UnsupportedURLError", "ColumnNotFoundError", "TrainingConfigError",
     "WorkerFailedError", "CheckpointError",

@@ -7,6 +7,10 @@ class TensorGridError(Exception):
     """Base class of every error TensorGrid raises on purpose."""
 
 
+class ArgumentError(TensorGridError, ValueError):
+    """An argument of the wrong type or out of range (checked by ``tensorgrid.args``)."""
+
+
 class DatasetNotFoundError(TensorGridError, FileNotFoundError):
     """No dataset (and no Parquet/CSV data) at the URL, or no such version."""
 
