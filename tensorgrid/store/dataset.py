@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
+import xxhash
 
 from .. import fs as tgfs
 from ..errors import ColumnNotFoundError, CorruptShardError, ReadOnlyError, TensorGridError
@@ -56,6 +57,13 @@ class Dataset:
 
     def _arrow_source(self):
         """Something DuckDB can scan with projection and filter pushdown (pyarrow dataset or table)."""
+        raise NotImplementedError
+
+    @property
+    def fingerprint(self) -> str:
+        """The identity of the rows this dataset holds, the same from any URL spelling or process: two
+        datasets with equal fingerprints hold the same rows in the same shards (a loader state or a
+        checkpoint resumes only over its own data)."""
         raise NotImplementedError
 
     # --- shared API ----------------------------------------------------------------------------
@@ -217,6 +225,7 @@ class StoreDataset(Dataset):
         self.url = tgfs.to_url(fs, root)
         self.version = m.version
         self._schema = encoding.logical_schema(m.schema)
+        self._fingerprint: str | None = None
 
     @classmethod
     def open(cls, url: str, version: int | None = None) -> StoreDataset:
@@ -237,6 +246,16 @@ class StoreDataset(Dataset):
 
     def shard_urls(self) -> list[str]:
         return [tgfs.to_url(self.fs, tgfs.join(self.root, s.path)) for s in self._m.shards]
+
+    @property
+    def fingerprint(self) -> str:
+        """A digest of the schema and every shard's rows and checksum: the content, whatever its URL."""
+        if self._fingerprint is None:
+            h = xxhash.xxh3_64(self._m.schema.serialize().to_pybytes())
+            for s in self._m.shards:
+                h.update(f"{s.rows}:{s.checksum};".encode())
+            self._fingerprint = "store:" + h.hexdigest()
+        return self._fingerprint
 
     @property
     def added_rows(self) -> int:
@@ -399,6 +418,7 @@ class ArrowDataset(Dataset):
         row_bytes = max(1, self._table.nbytes // max(1, rows))
         step = max(1, shard_bytes // row_bytes)
         self._bounds = [(s, min(step, rows - s)) for s in range(0, rows, step)]
+        self._fingerprint: str | None = None
 
     @property
     def schema(self) -> pa.Schema:
@@ -420,6 +440,20 @@ class ArrowDataset(Dataset):
         self._check_filter(filter)
         t = self._table if filter is None else self._table.filter(filter)
         return t.select(columns) if columns is not None else t
+
+    @property
+    def fingerprint(self) -> str:
+        """A digest of the table's schema and bytes (xxh3 over every buffer: ~25 GB/s, computed once)."""
+        if self._fingerprint is None:
+            h = xxhash.xxh3_64(self._table.schema.serialize().to_pybytes())
+            h.update(repr(self._bounds).encode())
+            for batch in self._table.to_batches():
+                for col in batch.columns:
+                    for buf in col.buffers():
+                        if buf is not None:
+                            h.update(memoryview(buf))
+            self._fingerprint = "arrow:" + h.hexdigest()
+        return self._fingerprint
 
     def verify(self) -> dict:
         self._table.validate(full=True)

@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.dataset as pads
+import xxhash
 
 from .. import fs as tgfs
 from ..errors import (
@@ -128,6 +129,15 @@ class ForeignDataset(Dataset):
 
     def shard_urls(self) -> list[str]:
         return [tgfs.to_url(self.fs, p) for p in self.files]
+
+    @property
+    def fingerprint(self) -> str:
+        """Foreign files carry no checksums: a digest of each file's absolute path, size and mtime."""
+        h = xxhash.xxh3_64(self._ds.schema.serialize().to_pybytes())
+        for path in self.files:
+            info = self.fs.info(path)
+            h.update(f"{path}:{info.get('size')}:{info.get('mtime') or info.get('LastModified') or ''};".encode())
+        return "files:" + h.hexdigest()
 
     def _guard(self, i: int, fn):
         if i not in self._checked:
