@@ -21,14 +21,18 @@ class DatasetExistsError(TensorGridError, FileExistsError):
 
 class ConflictError(TensorGridError):
     """Another writer committed the version this writer wanted. Nothing was lost:
-    the shards this writer wrote are kept, and ``retry()`` commits them on the new latest version."""
+    the shards this writer wrote are kept, and ``retry()`` commits them on the new latest version.
+    (A conflict with a vacuum that removed this write's shards has no retry: ``retryable`` is False.)"""
 
     def __init__(self, message: str, retry=None):
         super().__init__(message)
         self._retry = retry
+        self.retryable = retry is not None
 
     def retry(self):
         """Commit the already-written shards on top of the current latest version; returns the Dataset."""
+        if not self.retryable:
+            raise TensorGridError(f"this conflict cannot be retried: {self}")
         if self._retry is None:
             raise TensorGridError("this conflict was already retried: its shards were committed, or the retry "
                                   "raised a newer ConflictError to retry instead")
@@ -52,6 +56,10 @@ class CorruptShardError(TensorGridError):
     def __init__(self, message: str, shards: list[str] | None = None):
         super().__init__(message)
         self.shards = list(shards or [])
+
+
+class CorruptManifestError(CorruptShardError):
+    """A version's manifest fails its checksum or its checks (types, counts, paths, version); names it."""
 
 
 class UnsupportedURLError(TensorGridError, ValueError):

@@ -56,13 +56,28 @@ def to_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return path if is_local(fs) else fs.unstrip_protocol(path)
 
 
-def create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool:
+def fsync_dir(path: str) -> None:
+    """Make a local directory's entries (files created, linked or renamed in it) durable."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on directories; their entries are durable by other means
+    finally:
+        os.close(fd)
+
+
+def create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes, durable: bool = True) -> bool:
     """Create ``path`` holding ``data`` only if it does not exist; True if this call created it.
 
     The file appears whole or not at all. Race-free on local disks (hard link of a complete temporary
     file), on memory:// (one lock per process, which is all that can share it) and on filesystems whose
     fsspec driver implements exclusive "xb" opens (object stores with conditional writes). Elsewhere it
-    falls back to check-then-write, which two simultaneous writers can race.
+    falls back to check-then-write, which two simultaneous writers can race. ``durable``: on local disks
+    the file and its directory entry are fsynced, so a created file survives a power loss.
     """
     if is_local(fs):
         directory = os.path.dirname(path)
@@ -70,15 +85,18 @@ def create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> b
         tmp = os.path.join(directory, f".tmp-{uuid.uuid4().hex}")
         with open(tmp, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         try:
             os.link(tmp, path)
-            return True
         except FileExistsError:
             return False
         finally:
             os.unlink(tmp)
+        if durable:
+            fsync_dir(directory)
+        return True
     if isinstance(fs, MemoryFileSystem):
         with _memory_lock:
             if fs.exists(path):
@@ -113,6 +131,7 @@ def put_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_dir(parent)
         return
     if isinstance(fs, MemoryFileSystem):
         fs.pipe_file(path, data)  # a single dict assignment: atomic

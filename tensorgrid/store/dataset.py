@@ -6,9 +6,9 @@ from __future__ import annotations
 import numbers
 import os
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import lru_cache
 
 import fsspec
 import pandas as pd
@@ -19,9 +19,15 @@ import pyarrow.parquet as pq
 import xxhash
 
 from .. import fs as tgfs
-from ..errors import ColumnNotFoundError, CorruptShardError, ReadOnlyError, TensorGridError
+from ..errors import (
+    ColumnNotFoundError,
+    CorruptManifestError,
+    CorruptShardError,
+    ReadOnlyError,
+    TensorGridError,
+)
 from . import encoding, manifest
-from .manifest import DATA_DIR, META_DIR, Manifest, Shard
+from .manifest import Manifest, Shard
 
 _PARSE_ERRORS = (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError, OSError, ValueError, IndexError)
 
@@ -275,6 +281,23 @@ class StoreDataset(Dataset):
             raise CorruptShardError(f"shard {where} has {size} bytes, the manifest says {shard.bytes}", [where])
         if manifest.checksum(data) != shard.checksum:
             raise CorruptShardError(f"shard {where} fails its checksum (bytes changed on storage)", [where])
+        self._check_footer(shard, data, where)
+
+    def _check_footer(self, shard: Shard, data, where: str) -> None:
+        """The shard's own footer must agree with the manifest's rows and column types: a manifest edited
+        consistently (its checksum recomputed) still cannot make a shard read as other data."""
+        try:
+            meta = pq.read_metadata(pa.BufferReader(data))
+            theirs = meta.schema.to_arrow_schema()
+        except _PARSE_ERRORS as e:
+            raise CorruptShardError(f"shard {where} cannot be decoded: {e}", [where]) from None
+        if meta.num_rows != shard.rows:
+            raise CorruptManifestError(f"the manifest of {self.url} version {self.version} says shard {where} holds "
+                                       f"{shard.rows} rows; the shard holds {meta.num_rows}", [where])
+        ours = _footer_types(self._m.schema)
+        if [(f.name, f.type) for f in theirs] != ours:
+            raise CorruptManifestError(f"the manifest of {self.url} version {self.version} gives another schema "
+                                       f"than shard {where} holds", [where])
 
     def _shard_buffer(self, shard: Shard, force: bool = False) -> pa.Buffer:
         """The shard's bytes, size- and checksum-checked (local files memory-mapped, checked once per process
@@ -354,48 +377,20 @@ class StoreDataset(Dataset):
     def vacuum(self, min_age_s: float = 600.0) -> dict:
         """Delete files that no version references (shards of killed or failed writers).
 
-        Files younger than ``min_age_s`` are kept: they may belong to a writer still at work.
+        Files younger than ``min_age_s`` are kept: they may belong to a writer still at work. Committed
+        versions never lose a file, whatever the timing (see ``store/vacuum.py``).
         """
-        if not isinstance(min_age_s, numbers.Real) or isinstance(min_age_s, bool) or min_age_s < 0:
-            raise TensorGridError(f"min_age_s must be a number of seconds >= 0, got {min_age_s!r}")
-        referenced = set()
-        for v in manifest.list_versions(self.fs, self.root):
-            referenced.update(s.path for s in manifest.load(self.fs, self.root, v).shards)
-        removed, kept, freed = [], 0, 0
-        now = time.time()
-        for sub in (DATA_DIR, META_DIR):
-            base = tgfs.join(self.root, sub)
-            try:
-                entries = self.fs.find(base, detail=True)
-            except FileNotFoundError:
-                continue
-            for path, info in entries.items():
-                rel = path[len(self.root.rstrip("/")) + 1:] if path.startswith(self.root.rstrip("/")) else path
-                name = rel.rsplit("/", 1)[-1]
-                orphan = (sub == DATA_DIR and rel not in referenced) or (sub == META_DIR and name.startswith(".tmp-"))
-                if not orphan:
-                    continue
-                if now - _mtime(info, now) < min_age_s:
-                    kept += 1
-                    continue
-                self.fs.rm_file(path)
-                removed.append(rel)
-                freed += int(info.get("size") or 0)
-        return {"removed": len(removed), "bytes": freed, "kept_young": kept, "files": removed}
+        from .vacuum import vacuum_root
+
+        return vacuum_root(self.fs, self.root, min_age_s)
 
 
-def _mtime(info: dict, default: float) -> float:
-    for key in ("mtime", "created", "LastModified", "last_modified", "updated"):
-        v = info.get(key)
-        if v is None:
-            continue
-        if hasattr(v, "timestamp"):
-            return v.timestamp()
-        try:
-            return float(v)
-        except (TypeError, ValueError):
-            continue
-    return default
+@lru_cache(maxsize=64)
+def _footer_types(schema: pa.Schema) -> list:
+    """The (name, type) pairs a Parquet footer of shards written with ``schema`` reads back as."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(schema.empty_table(), sink, store_schema=True)
+    return [(f.name, f.type) for f in pq.read_metadata(pa.BufferReader(sink.getvalue())).schema.to_arrow_schema()]
 
 
 def _arrow_fs(fs: fsspec.AbstractFileSystem):

@@ -18,17 +18,29 @@ import pyarrow as pa
 import xxhash
 
 from .. import fs as tgfs
-from ..errors import CorruptShardError, DatasetNotFoundError
+from ..errors import CorruptManifestError, DatasetNotFoundError, UnsupportedFormatError
 
 META_DIR = "_tensorgrid"
 DATA_DIR = "data"
-FORMAT = "tensorgrid/1"
+CLAIMS_DIR = "claims"  # under META_DIR: one file per transaction being committed or vacuumed
+FORMAT = "tensorgrid/2"  # v2: a checksum over the manifest's content
+_READABLE = {"tensorgrid/1": 1, "tensorgrid/2": 2}
 _NAME = re.compile(r"^v(\d{10})\.json$")
+SHARD_NAME = re.compile(r"part-([0-9a-f]{12})-\d{5}\.parquet")
+_SHARD_PATH = re.compile(DATA_DIR + "/" + SHARD_NAME.pattern)
+_CHECKSUM = re.compile(r"xxh3_64:[0-9a-f]{16}")
+OPERATIONS = ("create", "append", "overwrite")
 
 
 def checksum(data) -> str:
     """Checksum of a shard's bytes (xxh3: ~25 GB/s, so verifying on read costs little)."""
     return "xxh3_64:" + xxhash.xxh3_64_hexdigest(data)
+
+
+def txn_of(path: str) -> str | None:
+    """The transaction (one write) a shard file belongs to, from its name."""
+    m = SHARD_NAME.fullmatch(tgfs.name(path))
+    return m.group(1) if m else None
 
 
 @dataclass(frozen=True)
@@ -48,13 +60,14 @@ class Manifest:
     shards: list[Shard]
     added_rows: int
     timestamp: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="milliseconds"))
+    format: str = FORMAT  # what the file said when read (a v1 manifest is rewritten as v2 by the next commit)
 
     @property
     def num_rows(self) -> int:
         return sum(s.rows for s in self.shards)
 
     def to_json(self) -> bytes:
-        return json.dumps({
+        body = {
             "format": FORMAT,
             "version": self.version,
             "timestamp": self.timestamp,
@@ -64,21 +77,95 @@ class Manifest:
             "schema": base64.b64encode(self.schema.serialize().to_pybytes()).decode(),
             "schema_text": self.schema.to_string(show_schema_metadata=False),
             "shards": [[s.path, s.rows, s.bytes, s.checksum, s.row_group_rows] for s in self.shards],
-        }, indent=1).encode()
+        }
+        body["checksum"] = _content_checksum(body)
+        return json.dumps(body, indent=1).encode()
 
     @classmethod
-    def from_json(cls, data: bytes, where: str) -> Manifest:
+    def from_json(cls, data: bytes, where: str, version: int | None = None) -> Manifest:
+        """Parse and validate a manifest; ``version`` is the one its file name says. Any damage or
+        inconsistency is CorruptManifestError naming the file; a newer format, UnsupportedFormatError."""
         try:
-            m = json.loads(data)
-            if not isinstance(m, dict):
-                raise ValueError(f"expected a JSON object, found {type(m).__name__}")
-            if m.get("format") != FORMAT:
-                raise ValueError(f"unknown format {m.get('format')!r}")
-            schema = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(m["schema"])))
-            shards = [Shard(s[0], int(s[1]), int(s[2]), s[3], int(s[4]) if len(s) > 4 else 0) for s in m["shards"]]
-            return cls(int(m["version"]), m["operation"], schema, shards, int(m["added_rows"]), m["timestamp"])
-        except (ValueError, KeyError, TypeError, pa.ArrowInvalid) as e:
-            raise CorruptShardError(f"manifest {where} is unreadable: {e}", [where]) from None
+            return _parse(data, version)
+        except _Invalid as e:
+            raise CorruptManifestError(f"manifest {where} is corrupt or unreadable: {e}", [where]) from None
+        except (ValueError, TypeError, RecursionError, pa.ArrowInvalid, OverflowError) as e:
+            raise CorruptManifestError(f"manifest {where} is corrupt or unreadable: {type(e).__name__}: {e}", [where]) from None
+        except _NewerFormat as e:
+            raise UnsupportedFormatError(f"manifest {where} has format {e}, written by a newer TensorGrid; this "
+                                         f"version reads {sorted(_READABLE)}: upgrade tensorgrid") from None
+
+
+class _Invalid(Exception):
+    pass
+
+
+class _NewerFormat(Exception):
+    pass
+
+
+def _content_checksum(body: dict) -> str:
+    """xxh3 over the canonical JSON of every field but the checksum itself."""
+    canon = json.dumps({k: v for k, v in body.items() if k != "checksum"}, sort_keys=True, separators=(",", ":"))
+    return "xxh3_64:" + xxhash.xxh3_64_hexdigest(canon.encode())
+
+
+def _need(ok: bool, what: str) -> None:
+    if not ok:
+        raise _Invalid(what)
+
+
+def _int(value, name: str, lo: int = 0) -> int:
+    _need(type(value) is int and value >= lo, f"{name} must be an int >= {lo}, found {value!r}")
+    return value
+
+
+def _parse(data: bytes, expected_version: int | None) -> Manifest:
+    m = json.loads(data)
+    _need(isinstance(m, dict), f"expected a JSON object, found {type(m).__name__}")
+    fmt = m.get("format")
+    if fmt not in _READABLE:
+        if isinstance(fmt, str) and re.fullmatch(r"tensorgrid/\d+", fmt) and int(fmt.split("/")[1]) > 2:
+            raise _NewerFormat(fmt)
+        raise _Invalid(f"unknown format {fmt!r}")
+    keys = {"format", "version", "timestamp", "operation", "added_rows", "num_rows", "schema", "schema_text",
+            "shards"} | ({"checksum"} if _READABLE[fmt] >= 2 else set())
+    _need(set(m) == keys, f"fields {sorted(set(m) ^ keys)} are missing or unexpected")
+    if _READABLE[fmt] >= 2:
+        _need(m["checksum"] == _content_checksum(m), "its checksum does not match its content (bytes changed)")
+    version = _int(m["version"], "version", 1)
+    _need(expected_version is None or version == expected_version,
+          f"it says version {version} but is the file of version {expected_version}")
+    _need(m["operation"] in OPERATIONS, f"unknown operation {m['operation']!r}")
+    _need((version == 1) == (m["operation"] == "create"), f"operation {m['operation']!r} at version {version}")
+    _need(isinstance(m["timestamp"], str), "timestamp must be a string")
+    datetime.fromisoformat(m["timestamp"])
+    _need(isinstance(m["schema"], str) and isinstance(m["schema_text"], str), "schema must be a string")
+    schema = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(m["schema"], validate=True)))
+    _need(len(set(schema.names)) == len(schema.names), "the schema has duplicate column names")
+    _need(isinstance(m["shards"], list), "shards must be a list")
+    shards = [_shard(entry, i) for i, entry in enumerate(m["shards"])]
+    _need(len({s.path for s in shards}) == len(shards), "a shard is listed twice")
+    num_rows = _int(m["num_rows"], "num_rows")
+    _need(num_rows == sum(s.rows for s in shards), f"num_rows {num_rows} is not the sum of its shards' rows")
+    added = _int(m["added_rows"], "added_rows")
+    _need(added <= num_rows and (m["operation"] == "append" or added == num_rows),
+          f"added_rows {added} does not fit a {m['operation']} of {num_rows} rows")
+    return Manifest(version, m["operation"], schema, shards, added, m["timestamp"], fmt)
+
+
+def _shard(entry, i: int) -> Shard:
+    _need(isinstance(entry, list) and len(entry) in (4, 5), f"shard entry {i} is not [path, rows, bytes, checksum, "
+                                                              "row_group_rows]")
+    path, rows, size, digest = entry[:4]
+    _need(isinstance(path, str) and _SHARD_PATH.fullmatch(path) is not None,
+          f"shard entry {i} has path {path!r}, not a shard of this dataset's {DATA_DIR}/ folder")
+    _need(isinstance(digest, str) and _CHECKSUM.fullmatch(digest) is not None,
+          f"shard entry {i} has checksum {digest!r}")
+    rows, size = _int(rows, f"shard {path} rows"), _int(size, f"shard {path} bytes", 1)
+    rg = _int(entry[4], f"shard {path} row_group_rows") if len(entry) > 4 else 0
+    _need(rg <= max(rows, 1), f"shard {path} has row groups of {rg} rows but {rows} rows")
+    return Shard(path, rows, size, digest, rg)
 
 
 def manifest_path(root: str, version: int) -> str:
@@ -107,7 +194,12 @@ def load(fs: fsspec.AbstractFileSystem, root: str, version: int | None = None) -
     elif version not in versions:
         raise DatasetNotFoundError(f"{tgfs.to_url(fs, root)} has no version {version}; it has {versions}")
     path = manifest_path(root, version)
-    return Manifest.from_json(fs.cat_file(path), tgfs.to_url(fs, path))
+    try:
+        data = fs.cat_file(path)
+    except FileNotFoundError:
+        raise DatasetNotFoundError(f"{tgfs.to_url(fs, root)} has no version {version} (its manifest is gone)") \
+            from None
+    return Manifest.from_json(data, tgfs.to_url(fs, path), version)
 
 
 def commit(fs: fsspec.AbstractFileSystem, root: str, manifest: Manifest) -> bool:

@@ -7,6 +7,7 @@ import numbers
 import os
 import posixpath
 import re
+import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -26,7 +27,7 @@ from ..errors import (
     TensorGridError,
     UnsupportedDataError,
 )
-from . import encoding, manifest
+from . import claims, encoding, manifest
 from .convert import to_batches
 from .manifest import DATA_DIR, Manifest, Shard
 
@@ -116,6 +117,8 @@ class _ShardWriter:
             os.makedirs(os.path.dirname(path), exist_ok=True)  # a concurrent failed first write may have removed it
             with open(path, "wb") as f:
                 f.write(data)
+                f.flush()
+                os.fsync(f.fileno())  # a manifest naming it must never outlive it on a power loss
         else:
             self.fs.pipe_file(path, data.to_pybytes())
         return Shard(rel, table.num_rows, data.size, manifest.checksum(data), rg_rows)
@@ -127,6 +130,25 @@ class _ShardWriter:
         finally:
             self.pool.shutdown(wait=True)
         return self.shards
+
+    def missing(self) -> list[str]:
+        """Shards of this write that are gone or changed size (a vacuum removed them): checked under the
+        claim, right before the manifest is published."""
+        out = []
+        for shard in self.shards:
+            path = tgfs.join(self.root, shard.path)
+            try:
+                size = os.stat(path).st_size if tgfs.is_local(self.fs) else self.fs.size(path)
+            except FileNotFoundError:
+                size = None
+            if size != shard.bytes:
+                out.append(shard.path)
+        return out
+
+    def sync(self) -> None:
+        """Make the shards' directory entries durable (local disks) before a manifest names them."""
+        if tgfs.is_local(self.fs):
+            tgfs.fsync_dir(tgfs.join(self.root, DATA_DIR))
 
     def remove_files(self) -> None:
         """Delete every shard this write started (after ``finish``): a failed write leaves nothing."""
@@ -223,6 +245,7 @@ def _commit(fs, root: str, url: str, mode: str, base: Manifest | None, physical:
     from .dataset import StoreDataset
 
     added = sum(s.rows for s in shards)
+    writer.sync()
 
     def attempt(base: Manifest | None) -> StoreDataset:
         if mode == "create" and base is not None:
@@ -235,15 +258,39 @@ def _commit(fs, root: str, url: str, mode: str, base: Manifest | None, physical:
         new = Manifest(version, mode if base is not None else "create", schema, kept + shards, added)
         if _before_commit is not None:
             _before_commit(fs, root, version)
-        writer.committing = True
-        if not manifest.commit(fs, root, new):
-            raise ConflictError(
-                f"another writer committed version {version} of {url} first; this write's {len(shards)} "
-                f"shard(s) are kept: call .retry() on this error to commit them on the new latest version",
-                retry=lambda: attempt(_latest(fs, root)))
-        return StoreDataset(fs, root, new)
+        if _publish(fs, root, url, new, writer):
+            return StoreDataset(fs, root, new)
+        if mode == "create":  # the loser of a create race: a retry could only fail
+            writer.remove_files()
+            raise DatasetExistsError(f"another writer created {url} at the same moment (version 1 is theirs); "
+                                     "nothing of this write was kept: write again with mode='append' to add to it")
+        raise ConflictError(
+            f"another writer committed version {version} of {url} first; this write's {len(shards)} "
+            f"shard(s) are kept: call .retry() on this error to commit them on the new latest version",
+            retry=lambda: attempt(_latest(fs, root)))
 
     return attempt(base)
+
+
+def _publish(fs, root: str, url: str, new: Manifest, writer: _ShardWriter) -> bool:
+    """Publish ``new`` under the claim on this write's transaction (see vacuum.py for why a vacuum can then
+    never delete a shard a published manifest names); False if another writer has that version."""
+    if not claims.take(fs, root, writer.txn, "commit"):
+        raise ConflictError(f"a vacuum of {url} is deleting this write's shards (it ran with a min_age_s shorter "
+                            "than the write took); nothing was committed: write the data again")
+    taken = time.time()
+    try:
+        missing = writer.missing()
+        if missing:
+            raise ConflictError(f"a vacuum of {url} removed {len(missing)} of this write's shards ({missing[0]}, "
+                                "...) before it committed; nothing was committed: write the data again")
+        if time.time() - taken > claims.STALE_S:  # a vacuum may take the claim for stale from now on
+            raise ConflictError(f"committing to {url} stalled for over {claims.STALE_S:.0f} s (a vacuum may "
+                                "take it for a dead writer's); nothing was committed: write the data again")
+        writer.committing = True
+        return manifest.commit(fs, root, new)
+    finally:
+        claims.release(fs, root, writer.txn)
 
 
 _ARROW_ERRORS = (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError)

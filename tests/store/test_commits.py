@@ -96,19 +96,24 @@ def test_conflict_in_process_keeps_shards_and_retries(any_url):
     assert sorted(tg.open(any_url).to_arrow().column("a").to_pylist()) == [0, 1, 2]
 
 
-def test_conflicting_create_is_exists_error_on_retry(any_url):
+def test_losing_a_create_race_is_exists_error_and_keeps_nothing(any_url):
+    """The loser of two creates can never commit: it is told the dataset now exists (not to retry), and
+    its shards are gone."""
     def sneak_in(fs, root, version):
         writer._before_commit = None
         tg.write(any_url, pa.table({"a": [1]}))
 
     writer._before_commit = sneak_in
     try:
-        with pytest.raises(tg.ConflictError) as exc:
+        with pytest.raises(tg.DatasetExistsError, match="at the same moment.*mode='append'"):
             tg.write(any_url, pa.table({"a": [2]}))
     finally:
         writer._before_commit = None
-    with pytest.raises(tg.DatasetExistsError):
-        exc.value.retry()
+    ds = tg.open(any_url)
+    assert ds.to_arrow().column("a").to_pylist() == [1]
+    fs, root = ds.fs, ds.root
+    names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(root + "/data", detail=False))
+    assert names == sorted(s.path.rsplit("/", 1)[-1] for s in ds.shards)
 
 
 KILLED_WRITER = textwrap.dedent("""

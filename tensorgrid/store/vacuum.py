@@ -1,0 +1,150 @@
+"""Vacuum: delete the files no version references (shards of killed or failed writes, stale temporaries).
+
+Why a committed version never loses a file, whatever the timing:
+  * A manifest only names shards of the form ``data/part-<txn>-<seq>.parquet`` (the validator refuses
+    anything else), so every file a version can reference belongs to a transaction ``txn``.
+  * A writer publishes a manifest only while it holds the claim on its ``txn`` (claims.py), and only after
+    checking, under the claim, that every one of its shards is still there with its size.
+  * A vacuum deletes a transaction's files only while it holds the same claim, and only the files that no
+    manifest names when listed *after* the claim was taken.
+  Claims are created exclusively, so the writer's hold and the vacuum's hold never overlap. If the vacuum
+  held it first, it deleted before the writer's check, which then fails: no manifest is published (the
+  write raises ConflictError). If the writer held it first, its manifest was published before the vacuum
+  took the claim, so the vacuum's listing sees it and keeps the files.
+  The one timing assumption left is on a claim, not on a write: a claim older than ``claims.STALE_S``
+  (or ``min_age_s`` if longer) is taken to be a dead process's and may be broken, and a writer that held
+  its claim that long gives up instead of publishing. ``min_age_s`` itself only spares writes in progress
+  (their shards are not yet committed); it is not what keeps committed data safe.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+import fsspec
+
+from .. import fs as tgfs
+from ..args import check_number
+from ..errors import DatasetNotFoundError
+from . import claims, manifest
+from .manifest import DATA_DIR, META_DIR
+
+# Test hook: called as _after_scan(fs, root) once the manifests have been read.
+_after_scan = None
+
+
+def vacuum(url: str, min_age_s: float = 600.0) -> dict:
+    """Delete files under the dataset at ``url`` that no version references and that are older than
+    ``min_age_s`` seconds (younger ones may belong to a write in progress). Also cleans a folder holding
+    only an interrupted first write (no version yet)."""
+    fs, root = tgfs.resolve(url)
+    if not manifest.is_dataset(fs, root):
+        raise DatasetNotFoundError(f"no TensorGrid dataset at {url} (vacuum only cleans datasets it wrote)")
+    return vacuum_root(fs, root, min_age_s)
+
+
+def vacuum_root(fs: fsspec.AbstractFileSystem, root: str, min_age_s: float = 600.0) -> dict:
+    min_age_s = check_number("min_age_s", min_age_s, 0)
+    start = time.time()  # before the scan: a file must be old at the start to be a candidate
+    cutoff = start - min_age_s
+    versions = set(manifest.list_versions(fs, root))
+    referenced = _referenced(fs, root, versions)
+    if _after_scan is not None:
+        _after_scan(fs, root)
+    by_txn, loose, kept = _candidates(fs, root, referenced, cutoff)
+    removed, freed = _remove(fs, loose)
+    stale_before = start - max(min_age_s, claims.STALE_S)
+    for txn, files in by_txn.items():
+        if not _claim(fs, root, txn, stale_before):
+            kept += len(files)  # a commit of these shards is under way
+            continue
+        try:
+            newer = set(manifest.list_versions(fs, root)) - versions  # listed after the claim was taken
+            versions |= newer
+            referenced |= _referenced(fs, root, newer)
+            r, f = _remove(fs, [(p, rel, size) for p, rel, size in files if rel not in referenced])
+            removed += r
+            freed += f
+        finally:
+            claims.release(fs, root, txn)
+    _break_stale_claims(fs, root, stale_before, set(by_txn))
+    return {"removed": len(removed), "bytes": freed, "kept_young": kept, "files": removed}
+
+
+def _referenced(fs: fsspec.AbstractFileSystem, root: str, versions) -> set[str]:
+    out: set[str] = set()
+    for v in sorted(versions):
+        out.update(s.path for s in manifest.load(fs, root, v).shards)
+    return out
+
+
+def _candidates(fs, root: str, referenced: set[str], cutoff: float):
+    """Unreferenced files older than ``cutoff``: shards grouped by transaction, and loose files (names no
+    manifest can reference: stray files in data/, manifest temporaries) that need no claim."""
+    by_txn: dict[str, list] = defaultdict(list)
+    loose, young = [], 0
+    prefix = root.rstrip("/") + "/"
+    for sub in (DATA_DIR, META_DIR):
+        try:
+            entries = fs.find(tgfs.join(root, sub), detail=True)
+        except FileNotFoundError:
+            continue
+        for path, info in entries.items():
+            rel = path[len(prefix):] if path.startswith(prefix) else path
+            name = tgfs.name(rel)
+            if sub == DATA_DIR and rel in referenced:
+                continue
+            if sub == META_DIR and not name.startswith(".tmp-"):
+                continue  # manifests, claims, the format marker
+            if _mtime(info, start_default=cutoff) >= cutoff:
+                young += 1
+                continue
+            txn = manifest.txn_of(rel) if sub == DATA_DIR and "/" not in rel[len(DATA_DIR) + 1:] else None
+            (by_txn[txn] if txn else loose).append((path, rel, int(info.get("size") or 0)))
+    return by_txn, loose, young
+
+
+def _claim(fs, root: str, txn: str, stale_before: float) -> bool:
+    if claims.take(fs, root, txn, "vacuum"):
+        return True
+    since = claims.taken_at(fs, root, txn)
+    if since is None:  # released in the meantime
+        return claims.take(fs, root, txn, "vacuum")
+    if since < stale_before:  # its holder died holding it
+        claims.release(fs, root, txn)
+        return claims.take(fs, root, txn, "vacuum")
+    return False
+
+
+def _break_stale_claims(fs, root: str, stale_before: float, done: set[str]) -> None:
+    """Claims left by processes killed while holding them, on writes that have nothing left to vacuum."""
+    for txn in claims.held(fs, root):
+        if txn not in done and (claims.taken_at(fs, root, txn) or 0) < stale_before:
+            claims.release(fs, root, txn)
+
+
+def _remove(fs, files) -> tuple[list[str], int]:
+    removed, freed = [], 0
+    for path, rel, size in files:
+        try:
+            fs.rm_file(path)
+        except FileNotFoundError:
+            continue
+        removed.append(rel)
+        freed += size
+    return removed, freed
+
+
+def _mtime(info: dict, start_default: float) -> float:
+    for key in ("mtime", "created", "LastModified", "last_modified", "updated"):
+        v = info.get(key)
+        if v is None:
+            continue
+        if hasattr(v, "timestamp"):
+            return v.timestamp()
+        try:
+            return float(v)
+        except (TypeError, ValueError):
+            continue
+    return start_default  # unknown age: young
