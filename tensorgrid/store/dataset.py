@@ -232,6 +232,7 @@ class StoreDataset(Dataset):
         self.version = m.version
         self._schema = encoding.logical_schema(m.schema)
         self._fingerprint: str | None = None
+        self._schema_key = hash(m.schema)  # a verified shard is re-checked under a manifest of another schema
 
     @classmethod
     def open(cls, url: str, version: int | None = None) -> StoreDataset:
@@ -313,7 +314,7 @@ class StoreDataset(Dataset):
                 raise CorruptShardError(f"shard {where} has {st.st_size} bytes, the manifest says {shard.bytes}",
                                         [where])
             buf = pa.memory_map(path).read_buffer() if st.st_size else pa.py_buffer(b"")
-            key = (path, st.st_size, st.st_mtime_ns, shard.checksum)
+            key = (path, st.st_size, st.st_mtime_ns, shard.checksum, shard.rows, self._schema_key)
             if force or key not in _verified:
                 self._check(shard, buf, where)
                 with _verified_lock:

@@ -146,12 +146,31 @@ def _parse(data: bytes, expected_version: int | None) -> Manifest:
     _need(isinstance(m["shards"], list), "shards must be a list")
     shards = [_shard(entry, i) for i, entry in enumerate(m["shards"])]
     _need(len({s.path for s in shards}) == len(shards), "a shard is listed twice")
+    _check_order(shards)
     num_rows = _int(m["num_rows"], "num_rows")
     _need(num_rows == sum(s.rows for s in shards), f"num_rows {num_rows} is not the sum of its shards' rows")
     added = _int(m["added_rows"], "added_rows")
     _need(added <= num_rows and (m["operation"] == "append" or added == num_rows),
           f"added_rows {added} does not fit a {m['operation']} of {num_rows} rows")
     return Manifest(version, m["operation"], schema, shards, added, m["timestamp"], fmt)
+
+
+def _check_order(shards: list[Shard]) -> None:
+    """A write adds its shards as one run numbered 0, 1, 2...: a shard moved, or a run split, is damage."""
+    seen, prev, last = set(), None, -1
+    for s in shards:
+        txn, seq = _txn_seq(s.path)
+        if txn != prev:
+            _need(txn not in seen and seq == 0, f"shard {s.path} is out of its write's order")
+            seen.add(txn)
+        else:
+            _need(seq == last + 1, f"shard {s.path} is out of its write's order")
+        prev, last = txn, seq
+
+
+def _txn_seq(path: str) -> tuple[str, int]:
+    name = tgfs.name(path)
+    return name[5:17], int(name[18:23])
 
 
 def _shard(entry, i: int) -> Shard:
