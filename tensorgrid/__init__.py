@@ -26,7 +26,8 @@ from .errors import (
     UnsupportedURLError,
     WorkerFailedError,
 )
-from .store import Dataset, from_arrow, ingest_images, open, sql, vacuum, write
+from .store import Dataset, from_arrow, ingest_images, open, sql, write
+from .store.vacuum import vacuum
 from .train import FitResult, Trainer
 
 __version__ = "0.1.0"

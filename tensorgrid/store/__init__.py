@@ -11,11 +11,10 @@ from .dataset import ArrowDataset, Dataset, StoreDataset, VersionInfo, from_arro
 from .foreign import ForeignDataset
 from .images import SkippedFilesWarning, ingest_images
 from .sql import sql
-from .vacuum import vacuum
 from .writer import write
 
 __all__ = ["Dataset", "StoreDataset", "ForeignDataset", "ArrowDataset", "VersionInfo", "SkippedFilesWarning",
-           "open", "write", "from_arrow", "sql", "ingest_images", "vacuum"]
+           "open", "write", "from_arrow", "sql", "ingest_images"]
 
 
 def open(url: str, version: int | None = None) -> Dataset:  # noqa: A001 - the one obvious name
