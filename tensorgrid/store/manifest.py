@@ -89,7 +89,7 @@ class Manifest:
             return _parse(data, version)
         except _Invalid as e:
             raise CorruptManifestError(f"manifest {where} is corrupt or unreadable: {e}", [where]) from None
-        except (ValueError, TypeError, RecursionError, pa.ArrowInvalid, OverflowError) as e:
+        except (ValueError, TypeError, RecursionError, OverflowError, OSError, pa.ArrowException) as e:
             raise CorruptManifestError(f"manifest {where} is corrupt or unreadable: {type(e).__name__}: {e}", [where]) from None
         except _NewerFormat as e:
             raise UnsupportedFormatError(f"manifest {where} has format {e}, written by a newer TensorGrid; this "
