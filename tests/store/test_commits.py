@@ -213,3 +213,25 @@ def test_a_failed_first_write_never_breaks_a_concurrent_one(tmp_path):
     b.join(60)
     assert sorted(tg.open(url).to_pandas()["a"]) == list(range(20))
     tg.open(url).verify()
+
+
+def test_a_commit_fsyncs_shards_and_directories_before_and_after_the_manifest(tmp_path, monkeypatch):
+    """On a power loss a manifest must never outlive the shards it names, nor vanish after commit
+    returned: shards, data/ and the manifest's folder are fsynced, in that order."""
+    synced = []
+    real_fsync = os.fsync
+
+    def spy(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    url = tmp_path / "d"
+    tg.write(str(url), pa.table({"a": [0]}))
+    monkeypatch.setattr(os, "fsync", spy)
+    ds = tg.write(str(url), pa.table({"a": list(range(100))}), mode="append", shard_rows=40)
+    new_shards = [str(url / s.path) for s in ds.shards[1:]]
+    assert len(new_shards) == 3 and all(p in synced for p in new_shards)
+    data_dir, meta_dir = synced.index(str(url / "data")), len(synced) - 1 - synced[::-1].index(str(url / "_tensorgrid"))
+    assert max(synced.index(p) for p in new_shards) < data_dir < meta_dir
+    manifest_tmp = [i for i, p in enumerate(synced) if "/_tensorgrid/.tmp-" in p]
+    assert manifest_tmp and data_dir < manifest_tmp[-1] < meta_dir
