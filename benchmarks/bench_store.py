@@ -126,6 +126,65 @@ def small_files(n: int, root: str, url: str) -> dict:
     return out
 
 
+def integrity_costs(root: str, rows: int = 1000, versions: int = 300) -> dict:
+    """What durability and manifest integrity cost: 1 MB-row writes with and without fsync (os.fsync made
+    a no-op for the comparison), small commits, a manifest's checksum + validation, a vacuum's scan."""
+    out: dict = {}
+    real_fsync = os.fsync
+    url = os.path.join(root, "small")
+    for label, fsync in (("fsync", real_fsync), ("no fsync", lambda fd: None)):
+        os.fsync = fsync
+        try:
+            times = []
+            for _ in range(3):
+                times.append(big_rows_write_only(rows, os.path.join(root, "fs")))
+            out[f"write {label}"] = sorted(times)[1]
+            shutil.rmtree(url, ignore_errors=True)
+            tg.write(url, pa.table({"a": [0]}))
+            out[f"commit {label}"] = median_time(
+                lambda: tg.write(url, pa.table({"a": [1]}), mode="append"), repeat=50, warmup=3)
+        finally:
+            os.fsync = real_fsync
+    # ~54 versions from the commits above; grow to `versions`
+    while tg.open(url).version < versions:
+        tg.write(url, pa.table({"a": [1]}), mode="append")
+    m = tg.open(url)._m
+    data = m.to_json()
+    out["manifest_shards"] = len(m.shards)
+    out["manifest_bytes"] = len(data)
+    out["manifest_load"] = median_time(lambda: manifest.Manifest.from_json(data, "bench", m.version), repeat=20)
+    out["manifest_checksum"] = median_time(lambda: manifest._content_checksum(__import__("json").loads(data)),
+                                           repeat=20) - median_time(lambda: __import__("json").loads(data), repeat=20)
+    out["disk"] = disk_write_gbs(os.path.join(root, "disk.bin"))
+    out["vacuum_versions"] = versions
+    out["vacuum"] = median_time(lambda: tg.vacuum(url, min_age_s=0), repeat=3)
+    shutil.rmtree(root, ignore_errors=True)
+    return out
+
+
+def disk_write_gbs(path: str, nbytes: int = 1 << 30) -> float:
+    """The disk's durable write ceiling: write ``nbytes`` and fsync (what dd conv=fdatasync measures)."""
+    buf = np.ones(nbytes, dtype=np.uint8)
+
+    def once():
+        with open(path, "wb") as f:
+            f.write(memoryview(buf))
+            f.flush()
+            os.fsync(f.fileno())
+        os.unlink(path)
+
+    return nbytes / 1e9 / median_time(once, repeat=3, warmup=0)
+
+
+def big_rows_write_only(rows: int, url: str) -> float:
+    block = np.random.default_rng(0).integers(0, 255, (64, 1024, 1024), dtype=np.uint8)
+    shutil.rmtree(url, ignore_errors=True)
+    t0 = time.perf_counter()
+    tg.write(url, (pa.record_batch({"x": pa.FixedShapeTensorArray.from_numpy_ndarray(block[:min(64, rows - s)])})
+                   for s in range(0, rows, 64)))
+    return time.perf_counter() - t0
+
+
 def _cold(fn) -> float:
     times = []
     for _ in range(3):
@@ -158,6 +217,20 @@ def main() -> None:
     print(f"\nverification cost on read: {r['verify_s'] / r['read_s']:.1%} of read time "
           f"(read {r['read_s']:.2f} s, verify {r['verify_s']:.2f} s)")
     shutil.rmtree(os.path.join(DATA, "rows1mb"), ignore_errors=True)
+
+    c = integrity_costs(os.path.join(DATA, "integrity"))
+    wgb = 1000 * ROW / 1e9
+    print("\n## What integrity costs (page cache warm; fsync timed against os.fsync made a no-op)\n")
+    print(table([
+        ("write 1,000 rows of 1 MB", f"{wgb / c['write fsync']:.2f} GB/s", f"{wgb / c['write no fsync']:.2f} GB/s",
+         f"{c['write fsync'] / c['write no fsync'] - 1:+.0%}"),
+        ("commit a 1-row append", f"{c['commit fsync'] * 1e3:.1f} ms", f"{c['commit no fsync'] * 1e3:.1f} ms",
+         f"{c['commit fsync'] / c['commit no fsync'] - 1:+.0%}"),
+        ("disk: write 1 GiB + fsync (durable ceiling)", f"{c['disk']:.2f} GB/s", "-", "-"),
+    ], ("operation", "with fsync", "without", "cost")))
+    print(f"\nmanifest of {c['manifest_shards']} shards ({c['manifest_bytes'] / 1e3:.0f} kB): parse + checksum + "
+          f"validate {c['manifest_load'] * 1e3:.2f} ms, of which the checksum {c['manifest_checksum'] * 1e3:.2f} ms; "
+          f"vacuum over {c['vacuum_versions']} versions: {c['vacuum']:.2f} s")
 
     s = small_files(a.files, os.path.join(DATA, "loose"), os.path.join(DATA, "packed"))
     n = s["files"]
