@@ -53,7 +53,9 @@ def taken_at(fs: fsspec.AbstractFileSystem, root: str, txn: str) -> float | None
 
 def held(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
     """Every transaction currently claimed."""
+    folder = tgfs.join(root, META_DIR, CLAIMS_DIR)
+    fs.invalidate_cache(folder)
     try:
-        return [tgfs.name(p) for p in fs.ls(tgfs.join(root, META_DIR, CLAIMS_DIR), detail=False)]
+        return [tgfs.name(p) for p in fs.ls(folder, detail=False)]
     except (FileNotFoundError, NotADirectoryError):
         return []

@@ -196,8 +196,11 @@ def is_dataset(fs: fsspec.AbstractFileSystem, root: str) -> bool:
 
 
 def list_versions(fs: fsspec.AbstractFileSystem, root: str) -> list[int]:
+    """Every committed version, from a fresh listing (fsspec's directory cache could hide a new one)."""
+    meta = tgfs.join(root, META_DIR)
+    fs.invalidate_cache(meta)
     try:
-        names = fs.ls(tgfs.join(root, META_DIR), detail=False)
+        names = fs.ls(meta, detail=False)
     except FileNotFoundError:
         return []
     found = (_NAME.match(tgfs.name(n)) for n in names)

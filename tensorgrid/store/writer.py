@@ -135,6 +135,7 @@ class _ShardWriter:
         """Shards of this write that are gone or changed size (a vacuum removed them): checked under the
         claim, right before the manifest is published."""
         out = []
+        self.fs.invalidate_cache(tgfs.join(self.root, DATA_DIR))  # a cached listing would hide a deletion
         for shard in self.shards:
             path = tgfs.join(self.root, shard.path)
             try:
