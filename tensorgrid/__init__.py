@@ -26,14 +26,14 @@ from .errors import (
     UnsupportedURLError,
     WorkerFailedError,
 )
-from .store import Dataset, from_arrow, ingest_images, open, sql, write
+from .store import Dataset, from_arrow, ingest_images, list_datasets, open, sql, write
 from .store.vacuum import vacuum
 from .train import FitResult, Trainer
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "write", "open", "sql", "from_arrow", "ingest_images", "vacuum", "Dataset", "Trainer", "FitResult", "errors", "transforms",
+    "write", "open", "sql", "from_arrow", "ingest_images", "vacuum", "list_datasets", "Dataset", "Trainer", "FitResult", "errors", "transforms",
     "TensorGridError", "ArgumentError", "ConflictError", "CorruptShardError", "DatasetExistsError", "DatasetNotFoundError",
     "EmptyDataError", "ReadOnlyError", "SchemaMismatchError", "SQLError", "UnsupportedDataError",
     "UnsupportedFormatError", "UnsupportedURLError", "ColumnNotFoundError", "TrainingConfigError",

@@ -7,6 +7,7 @@ import numbers
 from .. import fs as tgfs
 from ..errors import DatasetNotFoundError, TensorGridError
 from . import manifest
+from .catalog import DatasetEntry, list_datasets
 from .dataset import ArrowDataset, Dataset, StoreDataset, VersionInfo, from_arrow
 from .foreign import ForeignDataset
 from .images import SkippedFilesWarning, ingest_images
@@ -14,7 +15,7 @@ from .sql import sql
 from .writer import write
 
 __all__ = ["Dataset", "StoreDataset", "ForeignDataset", "ArrowDataset", "VersionInfo", "SkippedFilesWarning",
-           "open", "write", "from_arrow", "sql", "ingest_images"]
+           "open", "write", "from_arrow", "sql", "ingest_images", "list_datasets", "DatasetEntry"]
 
 
 def open(url: str, version: int | None = None) -> Dataset:  # noqa: A001 - the one obvious name

@@ -87,6 +87,11 @@ class Dataset:
     def versions(self) -> list:
         return []
 
+    @property
+    def size_bytes(self) -> int:
+        """Bytes the rows take where they are kept (shard files; memory for in-memory data)."""
+        return 0
+
     def shard_urls(self) -> list[str]:
         """The files holding this version's rows (give them to DuckDB, Spark or pandas to read in place)."""
         return []
@@ -253,6 +258,10 @@ class StoreDataset(Dataset):
 
     def shard_urls(self) -> list[str]:
         return [tgfs.to_url(self.fs, tgfs.join(self.root, s.path)) for s in self._m.shards]
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(s.bytes for s in self._m.shards)
 
     @property
     def fingerprint(self) -> str:
@@ -423,6 +432,10 @@ class ArrowDataset(Dataset):
     @property
     def shard_rows(self) -> list[int]:
         return [n for _, n in self._bounds]
+
+    @property
+    def size_bytes(self) -> int:
+        return self._table.nbytes
 
     def read_shard(self, i: int, columns: list[str] | None = None, filter: pc.Expression | None = None) -> pa.Table:
         start, n = self._bounds[i]

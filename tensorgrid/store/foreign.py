@@ -131,6 +131,10 @@ class ForeignDataset(Dataset):
         return [tgfs.to_url(self.fs, p) for p in self.files]
 
     @property
+    def size_bytes(self) -> int:
+        return sum(self.fs.size(p) for p in self.files)
+
+    @property
     def fingerprint(self) -> str:
         """Foreign files carry no checksums: a digest of each file's absolute path, size and mtime."""
         h = xxhash.xxh3_64(self._ds.schema.serialize().to_pybytes())
