@@ -4,23 +4,32 @@
     ds = tg.write("grid/digits", df)              # versioned, checksummed Parquet shards at any URL
     ds = tg.open("grid/digits")                   # or plain Parquet/CSV, in place
     tg.sql("SELECT label, count(*) FROM ds GROUP BY label", ds=ds).to_pandas()
+
+A process that only stores, queries or serves data never imports torch: the torch-side names (Trainer,
+FitResult, Loader, transforms) are loaded on first use (PEP 562).
 """
 
-from . import errors, transforms
+from importlib import import_module
+
+from . import errors
 from .errors import (
     ArgumentError,
     CheckpointError,
     ColumnNotFoundError,
     ConflictError,
+    CorruptManifestError,
     CorruptShardError,
     DatasetExistsError,
     DatasetNotFoundError,
     EmptyDataError,
+    LoaderWorkerError,
     ReadOnlyError,
+    ResumeError,
     SchemaMismatchError,
     SQLError,
     TensorGridError,
     TrainingConfigError,
+    TransformError,
     UnsupportedDataError,
     UnsupportedFormatError,
     UnsupportedURLError,
@@ -28,14 +37,32 @@ from .errors import (
 )
 from .store import Dataset, from_arrow, ingest_images, list_datasets, open, sql, write
 from .store.vacuum import vacuum
-from .train import FitResult, Trainer
 
 __version__ = "0.1.0"
 
+_LAZY = {"Trainer": ("tensorgrid.train", "Trainer"), "FitResult": ("tensorgrid.train", "FitResult"),
+         "Loader": ("tensorgrid.loader", "Loader"), "transforms": ("tensorgrid.transforms", None)}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'tensorgrid' has no attribute {name!r}")
+    module, attr = _LAZY[name]
+    value = import_module(module) if attr is None else getattr(import_module(module), attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
+
 __all__ = [
-    "write", "open", "sql", "from_arrow", "ingest_images", "vacuum", "list_datasets", "Dataset", "Trainer", "FitResult", "errors", "transforms",
-    "TensorGridError", "ArgumentError", "ConflictError", "CorruptShardError", "DatasetExistsError", "DatasetNotFoundError",
-    "EmptyDataError", "ReadOnlyError", "SchemaMismatchError", "SQLError", "UnsupportedDataError",
-    "UnsupportedFormatError", "UnsupportedURLError", "ColumnNotFoundError", "TrainingConfigError",
-    "WorkerFailedError", "CheckpointError",
+    "write", "open", "sql", "from_arrow", "ingest_images", "vacuum", "list_datasets", "Dataset", "Trainer",
+    "FitResult", "Loader", "errors", "transforms",
+    "TensorGridError", "ArgumentError", "ConflictError", "CorruptShardError", "CorruptManifestError",
+    "DatasetExistsError", "DatasetNotFoundError", "EmptyDataError", "ReadOnlyError", "SchemaMismatchError",
+    "SQLError", "UnsupportedDataError", "UnsupportedFormatError", "UnsupportedURLError", "ColumnNotFoundError",
+    "TrainingConfigError", "WorkerFailedError", "CheckpointError", "TransformError", "LoaderWorkerError",
+    "ResumeError",
 ]
