@@ -6,8 +6,11 @@ as a few large sequential shards.
 
 from __future__ import annotations
 
+import errno
 import io
+import os
 import re
+import stat
 import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -53,32 +56,39 @@ def ingest_images(folder: str, url: str, label: str | None = "folder", mode: str
     (its position among the sorted labels of folders holding images; appends keep the dataset's
     numbering and number new labels after it) when ``label="folder"``, width, height, format.
     Files that are not decodable images are skipped and reported in a SkippedFilesWarning
-    (count and first paths); ``Dataset.skipped`` lists them all.
+    (count and first paths); ``Dataset.skipped`` lists them all, with the reason. On a local disk,
+    symbolic links (to files and folders) are followed, each real folder walked once: links that loop
+    or lead to a folder already walked, dangling links, FIFOs, sockets and devices are skipped and
+    reported the same way (never opened, so nothing blocks).
     """
     if label not in ("folder", None):
         raise TensorGridError(f"label must be 'folder' or None, got {label!r}")
     fs, root = tgfs.resolve(folder)
     if not fs.isdir(root):
         raise TensorGridError(f"{folder} is not a folder")
-    root = root.rstrip("/")
-    files = sorted(p for p in fs.find(root) if not any(part.startswith(".")
-                                                          for part in p[len(root) + 1:].split("/")))
-    if not files:
+    root = root.rstrip("/") or "/"
+    local = tgfs.is_local(fs)
+    files, skipped = _walk_local(root) if local else _find(fs, root)
+    seen_files = len(files) + len(skipped)
+    if not files and not skipped:
         raise EmptyDataError(f"no files under {folder}")
-    rel = [p[len(root) + 1:] for p in files]
+    prefix = len(root.rstrip("/")) + 1
+    rel = [p[prefix:] for p in files]
     labelled = label == "folder"
     labels = [r.split("/", 1)[0] if "/" in r else "" for r in rel]
     index = _label_index(fs, files, labels, url, mode) if labelled else {}
     schema = _schema(labelled)
-    skipped: list[tuple[str, str]] = []
 
     def batches() -> Iterator[pa.RecordBatch]:
         with ThreadPoolExecutor(max_workers=4) as pool:
             for start in range(0, len(files), BATCH_FILES):
                 chunk = range(start, min(start + BATCH_FILES, len(files)))
-                blobs = fs.cat([files[i] for i in chunk]) if not tgfs.is_local(fs) else None
-                datas = [blobs[files[i]] if blobs else _read_local(files[i]) for i in chunk]
-                probes = list(pool.map(_probe, datas))
+                if local:  # regular files only, opened without blocking: a FIFO swapped in is skipped
+                    datas = list(pool.map(_read_local, (files[i] for i in chunk)))
+                else:
+                    blobs = fs.cat([files[i] for i in chunk])
+                    datas = [blobs[files[i]] for i in chunk]
+                probes = list(pool.map(lambda d: d if isinstance(d, str) else _probe(d), datas))
                 cols = {k: [] for k in schema.names}
                 for i, data, probe in zip(chunk, datas, probes):
                     if isinstance(probe, str):
@@ -100,15 +110,17 @@ def ingest_images(folder: str, url: str, label: str | None = "folder", mode: str
                     yield pa.RecordBatch.from_pydict(cols, schema=schema)
 
     try:
+        if not files:
+            raise EmptyDataError("only unreadable entries")
         ds = write(url, batches(), mode=mode, shard_bytes=shard_bytes)
     except EmptyDataError:
-        raise EmptyDataError(f"none of the {len(files)} files under {folder} is a readable image "
+        raise EmptyDataError(f"none of the {seen_files} files under {folder} is a readable image "
                              f"(first: {skipped[0][0]}: {skipped[0][1]})" if skipped else
                              f"no images under {folder}") from None
     ds.skipped = skipped
     if skipped:
         first = ", ".join(p for p, _ in skipped[:5])
-        warnings.warn(SkippedFilesWarning(f"skipped {len(skipped)} of {len(files)} files that are not readable "
+        warnings.warn(SkippedFilesWarning(f"skipped {len(skipped)} of {seen_files} files that are not readable "
                                           f"images: {first}{', ...' if len(skipped) > 5 else ''}"), stacklevel=2)
     return ds
 
@@ -139,12 +151,122 @@ def _label_index(fs, files: list[str], labels: list[str], url: str, mode: str) -
 
 def _is_image_header(fs, path: str) -> bool:
     try:
-        with fs.open(path, "rb") as f, Image.open(f):
+        with (_open_regular(path) if tgfs.is_local(fs) else fs.open(path, "rb")) as f, Image.open(f):
             return True
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
         return False
 
 
-def _read_local(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
+def _find(fs, root: str) -> tuple[list[str], list[tuple[str, str]]]:
+    """Files under ``root`` on a filesystem without links or special files (object stores, memory://)."""
+    files = sorted(p for p in fs.find(root) if not any(part.startswith(".")
+                                                          for part in p[len(root.rstrip("/")) + 1:].split("/")))
+    return files, []
+
+
+def _walk_local(root: str) -> tuple[list[str], list[tuple[str, str]]]:
+    """Regular files under the local folder ``root`` (sorted) and the entries skipped, with the reason.
+
+    Symbolic links are followed, to files and to folders, but every real folder is walked once: a link to a
+    folder above it (a loop) or to a folder already walked is reported, not entered, so a tree of links
+    can neither loop nor multiply the work. Dangling links, FIFOs, sockets and devices are reported and
+    never opened. The real tree is walked first, linked folders after it, so which path a file is
+    ingested under does not depend on the order of the listing. Hidden entries (".name") are left out.
+    """
+    prefix = len(root.rstrip("/")) + 1
+    files: list[str] = []
+    skipped: list[tuple[str, str]] = []
+    try:
+        st = os.stat(root)
+    except OSError as e:
+        raise TensorGridError(f"cannot read the folder {root}: {e.strerror or e}") from None
+    walked = {(st.st_dev, st.st_ino): root}  # real folder -> the path it was walked under
+    folders, links = [root], []  # folders to walk; linked folders, walked after the real tree
+
+    def rel(path: str) -> str:
+        return path[prefix:]
+
+    while folders or links:
+        if not folders:
+            path, st = links.pop(0)
+            key = (st.st_dev, st.st_ino)
+            if key in walked:
+                first = walked[key]
+                above = path.startswith(first.rstrip("/") + "/")
+                skipped.append((rel(path), f"symlink loop: links to {rel(first) or 'the root'}, a folder above it"
+                                if above else f"links to a folder already ingested as {rel(first)}"))
+                continue
+            walked[key] = path
+            folders.append(path)
+            continue
+        folder = folders.pop()
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as e:
+            skipped.append((rel(folder), f"cannot list this folder: {e.strerror or e}"))
+            continue
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            try:
+                st = os.stat(e.path)  # follows links
+            except OSError as err:
+                if e.is_symlink():
+                    reason = ("symlink loop" if err.errno == errno.ELOOP else
+                              f"dangling symlink (to {os.readlink(e.path)})" if err.errno == errno.ENOENT else
+                              f"unreadable symlink: {err.strerror or err}")
+                else:
+                    reason = f"cannot read it: {err.strerror or err}"
+                skipped.append((rel(e.path), reason))
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                if e.is_symlink():
+                    links.append((e.path, st))
+                elif (st.st_dev, st.st_ino) not in walked:  # a bind mount can make a real loop too
+                    walked[(st.st_dev, st.st_ino)] = e.path
+                    folders.append(e.path)
+                else:
+                    skipped.append((rel(e.path), f"a folder already ingested as {rel(walked[(st.st_dev, st.st_ino)])}"))
+            elif stat.S_ISREG(st.st_mode):
+                files.append(e.path)
+            else:
+                skipped.append((rel(e.path), f"not a regular file ({_kind(st.st_mode)})"))
+        if not folders:
+            links.sort(key=lambda x: x[0])
+    return sorted(files), skipped
+
+
+def _kind(mode: int) -> str:
+    for test, what in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return what
+    return "a special file"
+
+
+class _NotRegularFile(OSError):
+    pass
+
+
+def _open_regular(path: str):
+    """Open a local file for reading only if it is a regular file: opened without blocking (a FIFO put in
+    its place since the walk cannot hang the open), then checked on the open descriptor."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+    f = open(fd, "rb")  # noqa: SIM115 - owns fd; closed by the caller's with
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        f.close()
+        raise _NotRegularFile(f"not a regular file ({_kind(mode)})")
+    return f
+
+
+def _read_local(path: str) -> bytes | str:
+    """The bytes of a local regular file, or why it cannot be read (it changed since the walk)."""
+    try:
+        with _open_regular(path) as f:
+            return f.read()
+    except _NotRegularFile as e:
+        return str(e)
+    except OSError as e:
+        return f"cannot read it: {e.strerror or e}"

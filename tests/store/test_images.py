@@ -1,6 +1,9 @@
 """Small image files packed into shards; corrupt and non-image files reported, never silently dropped."""
 
 import io
+import os
+import threading
+import time
 import warnings
 
 import numpy as np
@@ -89,3 +92,98 @@ def test_label_index_counts_image_folders_only_and_appends_keep_it(image_tree, t
         (more / label / "0.png").write_bytes(_img("PNG", 5, 5, 7))
     ds = tg.ingest_images(str(more), str(tmp_path / "ds"), mode="append")
     assert pairs(ds) == {"bird": 0, "cat": 1, "dog": 2, "ant": 3}
+
+
+def _unblocked(fn, fifos):
+    """Run fn() in a thread; if it blocks (on a FIFO), unblock it by opening the FIFOs for writing and
+    closing them (a reader then sees end of file) and fail: a test never hangs, the library must not."""
+    out: dict = {}
+
+    def run():
+        try:
+            out["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the test's thread
+            out["error"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(30)
+    blocked = t.is_alive()
+    deadline = time.time() + 10
+    while t.is_alive() and time.time() < deadline:
+        for f in fifos:
+            try:
+                os.close(os.open(f, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:
+                pass
+        t.join(0.1)
+    assert not blocked, "blocked on a FIFO"
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
+def _ingest_in_thread(fifos, *args, **kw):
+    """ingest_images(*args, **kw) that cannot hang the test; returns the dataset and the skip warnings."""
+    def ingest():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ds = tg.ingest_images(*args, **kw)
+        return ds, [str(w.message) for w in caught if issubclass(w.category, SkippedFilesWarning)]
+
+    return _unblocked(ingest, fifos)
+
+
+def test_fifo_is_reported_and_never_opened(image_tree, tmp_path):
+    root, _ = image_tree
+    fifos = [str(root / "cat" / "pipe.png"), str(root / "dog" / "pipe")]  # an image name; no extension (probed)
+    for f in fifos:
+        os.mkfifo(f)
+    ds, caught = _ingest_in_thread(fifos, str(root), str(tmp_path / "out"))
+    assert ds.num_rows == 12
+    assert dict(ds.skipped) == {"cat/pipe.png": "not a regular file (a FIFO)", "dog/pipe": "not a regular file (a FIFO)"}
+    assert caught and "skipped 2 of 14" in caught[0] and "cat/pipe.png" in caught[0]
+
+
+def test_a_fifo_swapped_in_after_the_walk_is_not_read(tmp_path):
+    from tensorgrid.store import images
+
+    fifo = str(tmp_path / "late.png")
+    os.mkfifo(fifo)
+    assert _unblocked(lambda: images._read_local(fifo), [fifo]) == "not a regular file (a FIFO)"
+
+
+def test_symlink_loops_and_dangling_links_are_reported(image_tree, tmp_path):
+    root, _ = image_tree
+    os.symlink("..", root / "cat" / "up")  # a loop: the root again, from inside it
+    os.symlink("b", root / "cat" / "a")  # a -> b -> a: the OS says ELOOP
+    os.symlink("a", root / "cat" / "b")
+    os.symlink("missing.png", root / "dog" / "gone.png")
+    ds, caught = _ingest_in_thread([], str(root), str(tmp_path / "out"))
+    assert ds.num_rows == 12
+    reasons = dict(ds.skipped)
+    assert reasons["cat/up"].startswith("symlink loop") and "the root" in reasons["cat/up"]
+    assert reasons["cat/a"] == reasons["cat/b"] == "symlink loop"
+    assert reasons["dog/gone.png"] == "dangling symlink (to missing.png)"
+    assert "skipped 4 of 16" in caught[0]
+
+
+def test_symlinked_folders_and_files_are_followed_once(image_tree, tmp_path):
+    root, expected = image_tree
+    elsewhere = tmp_path / "elsewhere" / "fish"
+    elsewhere.mkdir(parents=True)
+    fish = _img("PNG", 3, 5, 9)
+    (elsewhere / "0.png").write_bytes(fish)
+    os.symlink(elsewhere, root / "fish")  # a folder outside the tree: followed, labelled by the link's name
+    os.symlink(root / "dog", root / "hound")  # a folder already in the tree: walked once, under its real name
+    os.symlink(root / "dog" / "0.png", root / "cat" / "also_dog.png")  # a linked file: read through the link
+    linked_root = tmp_path / "root_link"
+    os.symlink(root, linked_root)  # the folder given may itself be a link
+    ds, caught = _ingest_in_thread([], str(linked_root), str(tmp_path / "out"))
+    df = ds.to_pandas().set_index("path")
+    assert len(df) == 14
+    assert df.loc["fish/0.png", "image"] == fish and df.loc["fish/0.png", "label"] == "fish"
+    assert df.loc["cat/also_dog.png", "image"] == expected["dog/0.png"][0]
+    assert not any(p.startswith("hound/") for p in df.index)
+    assert dict(ds.skipped) == {"hound": "links to a folder already ingested as dog"}
+    assert sorted(set(df["label"])) == ["bird", "cat", "dog", "fish"]
