@@ -3,9 +3,11 @@ opened in place, or an in-memory Arrow table such as a SQL result)."""
 
 from __future__ import annotations
 
+import abc
 import numbers
 import os
 import threading
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
@@ -36,41 +38,82 @@ def _threads() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
 
-class Dataset:
-    """Rows in shards. Subclasses say how to list and read shards; reading, SQL and conversion live here."""
+BLOCK_BYTES = 4 << 20  # the default read unit of kinds without natural blocks (row groups)
+
+
+class Dataset(abc.ABC):
+    """Rows in shards: the one contract every dataset kind implements and the loader, SQL and the trainer
+    use. A kind must give its schema, its shards' row counts and a way to read a shard; everything else
+    has a default that works (and that a kind overrides to be faster: natural blocks, row-range reads)."""
 
     url: str = ""
     version: int | None = None
 
-    # --- what subclasses provide -------------------------------------------------------------
+    # --- what every kind provides ------------------------------------------------------------
     @property
+    @abc.abstractmethod
     def schema(self) -> pa.Schema:
         """The logical Arrow schema (fixed-shape tensor columns as Arrow's tensor type)."""
-        raise NotImplementedError
 
     @property
+    @abc.abstractmethod
     def shard_rows(self) -> list[int]:
         """Rows in each shard, in storage order."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def read_shard(self, i: int, columns: list[str] | None = None, filter: pc.Expression | None = None) -> pa.Table:
         """Shard ``i`` as a logical Arrow table (verified when the storage keeps checksums)."""
-        raise NotImplementedError
 
-    def verify(self) -> dict:
-        """Check every shard; raise CorruptShardError listing every bad one."""
-        raise NotImplementedError
+    # --- what the loader uses (defaults work for any kind) -----------------------------------
+    def blocks(self) -> list[tuple[int, int, int]]:
+        """The natural read units as (shard, start, stop) row ranges, in storage order: the loader
+        shuffles blocks, and reads a range through the blocks holding it. Default: ~4 MiB ranges."""
+        step = max(1, int(BLOCK_BYTES // max(1.0, self.bytes_per_row())))
+        return [(s, a, min(a + step, n)) for s, n in enumerate(self.shard_rows) for a in range(0, n, step)]
 
-    def _arrow_source(self):
-        """Something DuckDB can scan with projection and filter pushdown (pyarrow dataset or table)."""
-        raise NotImplementedError
+    def read_rows(self, shard: int, start: int, stop: int, columns: list[str] | None = None) -> pa.Table:
+        """Rows [start, stop) of a shard (the loader asks for whole blocks). Default: the shard, sliced."""
+        return self.read_shard(shard, columns).slice(start, stop - start)
+
+    def bytes_per_row(self) -> float:
+        """Average bytes per row once in memory (for memory budgets). Default: from the first shard."""
+        for i, n in enumerate(self.shard_rows):
+            if n:
+                return max(1.0, self.read_shard(i).nbytes / n)
+        return 1.0
+
+    @property
+    def is_remote(self) -> bool:
+        """Whether reads cross a network (the loader then prefetches a chunk ahead)."""
+        return False
+
+    def cache_key(self, shard: int) -> str | None:
+        """A name for shard ``shard``'s content that changes whenever its bytes do, or None: the loader's
+        Arrow cache (``cache_dir=``) keeps only shards with a key."""
+        return None
 
     @property
     def fingerprint(self) -> str:
         """The identity of the rows this dataset holds, the same from any URL spelling or process: two
         datasets with equal fingerprints hold the same rows in the same shards (a loader state or a
-        checkpoint resumes only over its own data)."""
-        raise NotImplementedError
+        checkpoint resumes only over its own data). Default: kind, URL, schema and row counts."""
+        h = xxhash.xxh3_64(f"{type(self).__qualname__}|{self.url}|{self.shard_rows}".encode())
+        h.update(self.schema.serialize().to_pybytes())
+        return "dataset:" + h.hexdigest()
+
+    # --- what storage-backed kinds provide ---------------------------------------------------
+    def verify(self) -> dict:
+        """Check every shard; raise CorruptShardError listing every bad one. Default: every shard reads."""
+        for i in range(self.num_shards):
+            self.read_shard(i).validate(full=True)
+        return {"shards": self.num_shards, "bytes": self.size_bytes, "rows": self.num_rows}
+
+    def _arrow_source(self):
+        """Something DuckDB can scan with projection and filter pushdown (pyarrow dataset or table)."""
+        return encoding.encode(self.to_arrow(), encoding.physical_schema(self.schema))
+
+    def vacuum(self, min_age_s: float = 600.0) -> dict:
+        raise ReadOnlyError(f"{self.url or 'this dataset'} is not a versioned TensorGrid dataset: nothing to vacuum")
 
     # --- shared API ----------------------------------------------------------------------------
     @property
@@ -263,6 +306,45 @@ class StoreDataset(Dataset):
     def size_bytes(self) -> int:
         return sum(s.bytes for s in self._m.shards)
 
+    # --- the loader's contract: row groups are the blocks, read through the verified buffer ------
+    def blocks(self) -> list[tuple[int, int, int]]:
+        out = []
+        for i, s in enumerate(self._m.shards):
+            rg = s.row_group_rows or s.rows
+            out += [(i, a, min(a + rg, s.rows)) for a in range(0, s.rows, max(1, rg))]
+        return out
+
+    def read_rows(self, shard: int, start: int, stop: int, columns: list[str] | None = None) -> pa.Table:
+        pf = _cached_handle(self, shard, lambda: pq.ParquetFile(pa.BufferReader(self._shard_buffer(self._m.shards[shard]))))
+        return decode_row_range(pf, start, stop, columns, like=self._m.schema)
+
+    def bytes_per_row(self) -> float:
+        """Uncompressed bytes per row from the first shard's footer (a tail read)."""
+        n = max(1, self.num_rows)
+        if not self._m.shards:
+            return 1.0
+        try:
+            with self.fs.open(tgfs.join(self.root, self._m.shards[0].path), "rb") as f:
+                md = pq.read_metadata(f)
+        except (OSError, pa.ArrowInvalid):  # a damaged shard is reported by the verified read itself
+            md = None
+        if md is not None and md.num_rows:
+            return max(1.0, sum(md.row_group(i).total_byte_size for i in range(md.num_row_groups)) / md.num_rows)
+        return max(1.0, self.size_bytes / n)
+
+    @property
+    def is_remote(self) -> bool:
+        return not tgfs.is_local(self.fs)
+
+    def cache_key(self, shard: int) -> str | None:
+        s = self._m.shards[shard]
+        return s.checksum.replace(":", "-") + f"-{s.bytes}"
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_handles", None)  # open files never cross a fork or a spawn
+        return state
+
     @property
     def fingerprint(self) -> str:
         """A digest of the schema and every shard's rows and checksum: the content, whatever its URL."""
@@ -395,6 +477,41 @@ class StoreDataset(Dataset):
         return vacuum_root(self.fs, self.root, min_age_s)
 
 
+_MAX_HANDLES = 8  # open shard files per process and dataset: their touched pages count in RSS
+
+
+def _cached_handle(ds: Dataset, shard: int, make):
+    """A per-process, per-dataset LRU of open shard handles (never pickled: see ``__getstate__``)."""
+    handles = ds.__dict__.setdefault("_handles", OrderedDict())
+    h = handles.get(shard)
+    if h is None:
+        h = handles[shard] = make()
+        if len(handles) > (2 if ds.is_remote else _MAX_HANDLES):  # remote shards are held in memory
+            handles.popitem(last=False)
+    else:
+        handles.move_to_end(shard)
+    return h
+
+
+def decode_row_range(pf: pq.ParquetFile, start: int, stop: int, columns: list[str] | None,
+                     like: pa.Schema | None = None) -> pa.Table:
+    """Rows [start, stop) of a Parquet file: only the row groups holding them are decoded."""
+    md = pf.metadata
+    first, offset, parts, pos = None, 0, [], 0
+    for g in range(md.num_row_groups):
+        n = md.row_group(g).num_rows
+        if pos + n > start and pos < stop:
+            if first is None:
+                first, offset = g, pos
+            parts.append(g)
+        pos += n
+    if not parts:
+        return encoding.decode(pf.schema_arrow.empty_table().select(columns) if columns else
+                               pf.schema_arrow.empty_table(), like=like)
+    table = pf.read_row_groups(parts, columns=columns) if len(parts) > 1 else pf.read_row_group(parts[0], columns=columns)
+    return encoding.decode(table, like=like).slice(start - offset, stop - start)
+
+
 @lru_cache(maxsize=64)
 def _footer_types(schema: pa.Schema) -> list:
     """The (name, type) pairs a Parquet footer of shards written with ``schema`` reads back as."""
@@ -436,6 +553,13 @@ class ArrowDataset(Dataset):
     @property
     def size_bytes(self) -> int:
         return self._table.nbytes
+
+    def read_rows(self, shard: int, start: int, stop: int, columns: list[str] | None = None) -> pa.Table:
+        t = self._table.slice(self._bounds[shard][0] + start, stop - start)  # zero copy
+        return t.select(columns) if columns is not None else t
+
+    def bytes_per_row(self) -> float:
+        return max(1.0, self._table.nbytes / max(1, self._table.num_rows))
 
     def read_shard(self, i: int, columns: list[str] | None = None, filter: pc.Expression | None = None) -> pa.Table:
         start, n = self._bounds[i]

@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 import xxhash
 
 from .. import fs as tgfs
@@ -20,7 +21,7 @@ from ..errors import (
     UnsupportedFormatError,
 )
 from . import encoding
-from .dataset import _PARSE_ERRORS, Dataset, _arrow_fs
+from .dataset import _PARSE_ERRORS, Dataset, _arrow_fs, _cached_handle, decode_row_range
 
 PARQUET_EXT = (".parquet", ".parq", ".pq")
 CSV_EXT = (".csv", ".tsv", ".csv.gz", ".tsv.gz", ".csv.bz2")
@@ -133,6 +134,39 @@ class ForeignDataset(Dataset):
     @property
     def size_bytes(self) -> int:
         return sum(self.fs.size(p) for p in self.files)
+
+    # --- the loader's contract: Parquet row groups are the blocks; a CSV file is one ------------
+    def blocks(self) -> list[tuple[int, int, int]]:
+        if self.format != "parquet":  # CSV: a file is read whole anyway
+            return [(i, 0, n) for i, n in enumerate(self.shard_rows) if n]
+        out = []
+        for i, frag in enumerate(self._fragments):
+            self._guard(i, lambda f: f.ensure_complete_metadata())
+            a = 0
+            for rg in frag.row_groups:
+                if rg.num_rows:
+                    out.append((i, a, a + rg.num_rows))
+                a += rg.num_rows
+        return out
+
+    def read_rows(self, shard: int, start: int, stop: int, columns: list[str] | None = None) -> pa.Table:
+        if self.format != "parquet" or self.partition_columns:  # Hive keys are added by pyarrow.dataset
+            return super().read_rows(shard, start, stop, columns)
+        pf = _cached_handle(self, shard, lambda: self._guard(
+            shard, lambda f: pq.ParquetFile(self.files[shard], filesystem=self._ds.filesystem)))
+        return self._guard(shard, lambda f: decode_row_range(pf, start, stop, columns))
+
+    def bytes_per_row(self) -> float:
+        return max(1.0, self.size_bytes / max(1, self.num_rows) * (3 if self.format == "csv" else 1))
+
+    @property
+    def is_remote(self) -> bool:
+        return not tgfs.is_local(self.fs)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_handles", None)
+        return state
 
     @property
     def fingerprint(self) -> str:
