@@ -17,12 +17,13 @@ DICT_CHUNK_ROWS = 4096
 
 
 def _from_pandas(df: pd.DataFrame) -> pa.Table:
+    """A DataFrame as a table: its index first when it carries data (see ``_index_levels``), then its
+    columns; object columns of equal-shape arrays become tensors."""
     dup = df.columns[df.columns.duplicated()].tolist()
     if dup:
         raise UnsupportedDataError(f"duplicate column names: {sorted(set(map(str, dup)))}")
     arrays, names = [], []
-    for name in df.columns:
-        s = df[name]
+    for name, s in [*_index_levels(df), *df.items()]:
         if s.dtype == object:
             tensor = pandas_tensors_to_arrow(s.tolist())
             if tensor is not None:
@@ -33,17 +34,67 @@ def _from_pandas(df: pd.DataFrame) -> pa.Table:
             arrays.append(pa.Array.from_pandas(s))
         except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
             raise UnsupportedDataError(f"column {name!r}: cannot store its values ({e})") from None
+        except UnicodeEncodeError:
+            raise UnsupportedDataError(f"column {name!r}: {_bad_text_where(s.tolist())}") from None
         names.append(str(name))
     return pa.Table.from_arrays(arrays, names=names)
+
+
+def _index_levels(df: pd.DataFrame) -> list[tuple[str, pd.Series]]:
+    """The index levels stored as columns, as ``df.reset_index()`` would name them: a named index, every
+    level of a MultiIndex (an unnamed one as level_<i>). An unnamed single index (the default RangeIndex,
+    or what filtering left) holds positions, not data, and is not stored. A level named like a column is
+    left out when it holds the same values (``set_index(..., drop=False)``), else refused."""
+    idx = df.index
+    if isinstance(idx, pd.MultiIndex):
+        names = [n if n is not None else f"level_{i}" for i, n in enumerate(idx.names)]
+    elif idx.name is not None:
+        names = [idx.name]
+    else:
+        return []
+    out = []
+    for i, name in enumerate(names):
+        level = pd.Series(idx.get_level_values(i), name=name)
+        if name in df.columns:
+            if level.reset_index(drop=True).equals(df[name].reset_index(drop=True)):
+                continue  # the column already holds it
+            raise UnsupportedDataError(f"the index level {name!r} has the name of a column with other values: "
+                                       f"rename one of them (df.rename_axis / df.rename) or drop the index "
+                                       f"(df.reset_index(drop=True))")
+        out.append((name, level))
+    return out
+
+
+def _bad_text(v) -> bool:
+    """Whether ``v`` (a string, or a list/dict/array holding strings) has text UTF-8 cannot encode."""
+    if isinstance(v, str):
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(v, Mapping):
+        return any(_bad_text(k) or _bad_text(x) for k, x in v.items())
+    if isinstance(v, (list, tuple, np.ndarray)) and (not isinstance(v, np.ndarray) or v.dtype == object):
+        return any(_bad_text(x) for x in v)
+    return False
+
+
+def _bad_text_where(values: list, first_row: int = 0) -> str:
+    row = next((i for i, v in enumerate(values) if _bad_text(v)), None)
+    where = f" (row {first_row + row}: {values[row]!r})" if row is not None else ""
+    return (f"holds text that is not valid Unicode{where}: a lone surrogate such as '\\ud800' has no UTF-8 "
+            "form; fix or drop it, e.g. text.encode('utf-8', 'replace').decode('utf-8')")
 
 
 def _has_ndarray(rows: list[dict]) -> bool:
     return any(isinstance(v, np.ndarray) for v in rows[0].values())
 
 
-def _pylist(rows: list[dict], schema: pa.Schema | None) -> pa.RecordBatch:
+def _pylist(rows: list[dict], schema: pa.Schema | None, first_row: int = 0) -> pa.RecordBatch:
     """Rows -> a batch whose columns are every key seen (a row without a key holds null there); keys that
-    first appear after the first rows are an error, never silently dropped."""
+    first appear after the first rows are an error, never silently dropped. ``first_row``: the position
+    of ``rows[0]`` in the input (for messages)."""
     names = list(dict.fromkeys(k for r in rows for k in r))
     try:
         if schema is None:
@@ -57,11 +108,18 @@ def _pylist(rows: list[dict], schema: pa.Schema | None) -> pa.RecordBatch:
         if schema is not None:
             raise SchemaMismatchError(f"rows do not match the schema of the first rows: {e}") from None
         raise UnsupportedDataError(f"cannot store these rows: {e}") from None
+    except UnicodeEncodeError:
+        bad = next((k for k in names if _bad_text(k)), None)
+        if bad is not None:
+            raise UnsupportedDataError(f"the column name {bad!r} is not valid Unicode (a lone surrogate)") from None
+        name = next(k for k in names if any(_bad_text(r.get(k)) for r in rows))
+        raise UnsupportedDataError(f"column {name!r}: {_bad_text_where([r.get(name) for r in rows], first_row)}") \
+            from None
 
 
 def _dict_batches(rows: Iterator[Mapping]) -> Iterator[pa.RecordBatch]:
     schema = None
-    while True:
+    for first_row in itertools.count(0, DICT_CHUNK_ROWS):
         chunk = list(itertools.islice(rows, DICT_CHUNK_ROWS))
         if not chunk:
             return
@@ -70,14 +128,14 @@ def _dict_batches(rows: Iterator[Mapping]) -> Iterator[pa.RecordBatch]:
             raise UnsupportedDataError(f"an iterable of rows must yield dicts, got {type(bad).__name__}")
         if schema is None:
             frame = pd.DataFrame.from_records(chunk) if _has_ndarray(chunk) else None
-            batch = _from_pandas(frame).to_batches()[0] if frame is not None else _pylist(chunk, None)
+            batch = _from_pandas(frame).to_batches()[0] if frame is not None else _pylist(chunk, None, first_row)
             schema = batch.schema
         else:
             if _has_ndarray(chunk):
                 batch = _from_pandas(pd.DataFrame.from_records(chunk)).to_batches()[0]
                 batch = _cast(batch, schema)
             else:
-                batch = _pylist(chunk, schema)
+                batch = _pylist(chunk, schema, first_row)
         yield batch
 
 

@@ -281,3 +281,52 @@ def test_list_views_store_and_negative_decimal_scales_are_named(tmp_path):
     with pytest.raises(tg.UnsupportedDataError, match="negative scale"):
         tg.write(str(tmp_path / "dec"), pa.table({"a": pa.array([Decimal("100")], pa.decimal128(5, -2))}))
     assert not (tmp_path / "dec").exists()
+
+
+@pytest.mark.parametrize("data", [
+    pd.DataFrame({"a": [1, 2], "s": pd.Series(["ok", "\ud800"], dtype=object)}),
+    pd.DataFrame({"a": [1, 2], "s": pd.Series([["ok"], ["x", "\ud800"]], dtype=object)}),
+    [{"a": 1, "s": "ok"}, {"a": 2, "s": "\ud800"}],
+    [{"a": 1, "s": {"k": "\ud800"}}, {"a": 2, "s": {"k": "ok"}}],
+], ids=["pandas", "pandas-lists", "dicts", "dicts-nested"])
+def test_lone_surrogate_is_unsupported_data_naming_the_column(tmp_path, data):
+    url = str(tmp_path / "u")
+    with pytest.raises(tg.UnsupportedDataError, match=r"column 's'.*not valid Unicode \(row \d"):
+        tg.write(url, data)
+    assert not os.path.exists(url)
+
+
+def test_lone_surrogate_after_the_first_rows_leaves_no_version(tmp_path):
+    url = str(tmp_path / "u")
+    rows = ({"a": i, "s": "ok" if i != 5000 else "\ud800"} for i in range(6000))  # past the first chunk
+    with pytest.raises(tg.UnsupportedDataError, match=r"column 's'.*row 5000"):
+        tg.write(url, rows)
+    with pytest.raises(tg.DatasetNotFoundError):
+        tg.open(url)
+    assert not any(f.endswith(".parquet") for f in _listing(url))  # the writer removed its shards
+    with pytest.raises(tg.UnsupportedDataError, match="column name"):
+        tg.write(url, [{"\ud800": 1}])
+
+
+def test_named_index_and_multiindex_are_stored_as_columns(tmp_path):
+    df = pd.DataFrame({"a": [3, 1, 2], "b": ["x", "y", "z"], "v": [0.5, 1.5, 2.5]})
+    named = df.set_index("b")
+    got = tg.write(str(tmp_path / "named"), named).to_pandas()
+    assert list(got.columns) == ["b", "a", "v"]  # as df.reset_index() would lay them out
+    pd.testing.assert_frame_equal(got.set_index("b"), named)
+    multi = df.set_index(["a", "b"])
+    got = tg.write(str(tmp_path / "multi"), multi).to_pandas()
+    pd.testing.assert_frame_equal(got.set_index(["a", "b"]), multi)
+    times = pd.DataFrame({"v": [1.0, 2.0]}, index=pd.date_range("2026-01-01", periods=2, name="t"))
+    got = tg.write(str(tmp_path / "times"), times).to_pandas()
+    pd.testing.assert_frame_equal(got.set_index("t"), times, check_freq=False)
+    # a default (or filtered) unnamed index holds positions, not data: not stored
+    assert tg.write(str(tmp_path / "plain"), df).schema.names == ["a", "b", "v"]
+    assert tg.write(str(tmp_path / "filtered"), df[df.a > 1]).schema.names == ["a", "b", "v"]
+    # set_index(drop=False): the column already holds the index
+    assert tg.write(str(tmp_path / "kept"), df.set_index("b", drop=False)).schema.names == ["a", "b", "v"]
+    clash = df.set_index("b")
+    clash["b"] = 0
+    with pytest.raises(tg.UnsupportedDataError, match="index level 'b' has the name of a column"):
+        tg.write(str(tmp_path / "clash"), clash)
+    assert not (tmp_path / "clash").exists()
