@@ -5,20 +5,38 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import unicodedata
 import warnings
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from . import store
+from .args import check_int, check_number
 from .errors import EmptyDataError, TensorGridError, UnsupportedFormatError
 
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+INT64_MAX = (1 << 63) - 1  # the largest count Arrow and DuckDB take
+MAX_SHARD_MB = float(1 << 20)  # 1 TiB
+
+out = Console(highlight=False, soft_wrap=True, emoji=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
 for _c in (out, err):
     if not _c.is_terminal:  # pipes and logs: do not fold paths at 80 columns
         _c.width = 200
+
+
+def safe(text: object) -> str:
+    """``text`` fit for one terminal line: control and format characters (newlines, escape sequences,
+    bidi overrides) and lone surrogates (undecodable bytes of a path) shown as escapes, never acted on."""
+    return "".join(ch.encode("unicode_escape").decode("ascii") if unicodedata.category(ch) in ("Cc", "Cf", "Cs")
+                   else ch for ch in str(text))
+
+
+def _t(text: object) -> Text:
+    """User data or a path as literal text in a table (rich would read "[...]" in it as markup)."""
+    return Text(safe(text))
 
 
 def human_bytes(n: float) -> str:
@@ -39,21 +57,21 @@ def _shard_bytes(ds) -> int:
 
 
 def print_info(ds) -> None:
-    t = Table(title=f"{ds.url}", show_header=False, title_justify="left")
+    t = Table(title=_t(ds.url), show_header=False, title_justify="left")
     t.add_row("version", "-" if ds.version is None else str(ds.version))
     t.add_row("rows", f"{ds.num_rows:,}")
     t.add_row("shards", f"{ds.num_shards:,}" + (f" ({human_bytes(_shard_bytes(ds))})" if _shard_bytes(ds) else ""))
     for f in ds.schema:
-        t.add_row(f"  {f.name}", str(f.type).replace("extension<arrow.fixed_shape_tensor", "tensor<"))
+        t.add_row(_t(f"  {f.name}"), _t(str(f.type).replace("extension<arrow.fixed_shape_tensor", "tensor<")))
     out.print(t)
 
 
 def print_frame(df, title: str | None = None) -> None:
-    t = Table(title=title, title_justify="left")
+    t = Table(title=None if title is None else _t(title), title_justify="left")
     for c in df.columns:
-        t.add_column(str(c), overflow="fold", max_width=40)
+        t.add_column(_t(c), overflow="fold", max_width=40)
     for row in df.itertuples(index=False):
-        t.add_row(*(_cell(v) for v in row))
+        t.add_row(*(_t(_cell(v)) for v in row))
     out.print(t)
 
 
@@ -66,18 +84,24 @@ def _cell(v) -> str:
     return s if len(s) <= 60 else s[:57] + "..."
 
 
+def _version(a) -> int | None:
+    return check_int("--version", a.version, 1, INT64_MAX, none=True)
+
+
 def cmd_info(a) -> None:
-    print_info(store.open(a.ds, version=a.version))
+    print_info(store.open(a.ds, version=_version(a)))
 
 
 def cmd_head(a) -> None:
-    ds = store.open(a.ds, version=a.version)
-    print_frame(ds.head(a.n), title=f"{ds.url}: first {a.n} of {ds.num_rows:,} rows")
+    n = check_int("-n", a.n, 0, INT64_MAX)
+    ds = store.open(a.ds, version=_version(a))
+    print_frame(ds.head(n), title=f"{ds.url}: first {n} of {ds.num_rows:,} rows")
 
 
 def cmd_versions(a) -> None:
     ds = store.open(a.ds)
-    t = Table("version", "time (UTC)", "operation", "rows", "added", "shards", title=ds.url, title_justify="left")
+    t = Table("version", "time (UTC)", "operation", "rows", "added", "shards", title=_t(ds.url),
+              title_justify="left")
     for v in ds.versions():
         t.add_row(str(v.version), v.timestamp[:23].replace("T", " "), v.operation, f"{v.rows:,}",
                   f"{v.added_rows:,}", str(v.shards))
@@ -85,22 +109,24 @@ def cmd_versions(a) -> None:
 
 
 def cmd_verify(a) -> None:
-    ds = store.open(a.ds, version=a.version)
+    ds = store.open(a.ds, version=_version(a))
     t0 = time.perf_counter()
     r = ds.verify()
     dt = time.perf_counter() - t0
-    out.print(f"ok: {r['shards']} shards, {r['rows']:,} rows, {human_bytes(r['bytes'])} verified in {dt:.2f} s")
+    out.print(f"ok: {r['shards']} shards, {r['rows']:,} rows, {human_bytes(r['bytes'])} verified in {dt:.2f} s",
+              markup=False)
 
 
 def cmd_vacuum(a) -> None:
+    min_age = check_number("--min-age", a.min_age, 0)
     ds = store.open(a.ds)
     if not hasattr(ds, "vacuum") or ds.version is None:
         raise TensorGridError(f"{a.ds} is not a TensorGrid dataset; vacuum only cleans datasets it wrote")
-    r = ds.vacuum(min_age_s=a.min_age)
+    r = ds.vacuum(min_age_s=min_age)
     msg = f"removed {r['removed']} unreferenced file(s), {human_bytes(r['bytes'])}"
     if r["kept_young"]:
-        msg += f"; kept {r['kept_young']} younger than {a.min_age:g} s (a writer may be at work; see --min-age)"
-    out.print(msg)
+        msg += f"; kept {r['kept_young']} younger than {min_age:g} s (a writer may be at work; see --min-age)"
+    out.print(msg, markup=False)
 
 
 def cmd_ls(a) -> None:
@@ -109,7 +135,7 @@ def cmd_ls(a) -> None:
     fsys, root = tgfs.resolve(a.root)
     if not fsys.exists(root):
         raise TensorGridError(f"nothing at {a.root}")
-    t = Table("dataset", "version", "rows", "shards", "size", title=a.root, title_justify="left")
+    t = Table("dataset", "version", "rows", "shards", "size", title=_t(a.root), title_justify="left")
     found = 0
     datasets: list[str] = []
     for path in [root] + sorted(fsys.find(root, withdirs=True, maxdepth=4)):
@@ -123,18 +149,19 @@ def cmd_ls(a) -> None:
         try:
             ds = store.open(tgfs.to_url(fsys, path))
         except TensorGridError as e:
-            t.add_row(path, "?", "?", "?", str(e))
+            t.add_row(_t(path), "?", "?", "?", _t(e))
             continue
         found += 1
-        t.add_row(tgfs.to_url(fsys, path), str(ds.version), f"{ds.num_rows:,}", str(ds.num_shards),
+        t.add_row(_t(tgfs.to_url(fsys, path)), str(ds.version), f"{ds.num_rows:,}", str(ds.num_shards),
                   human_bytes(_shard_bytes(ds)))
     if not found:
-        out.print(f"no datasets under {a.root}")
+        out.print(f"no datasets under {safe(a.root)}", markup=False)
         return
     out.print(t)
 
 
 def cmd_sql(a) -> None:
+    limit = check_int("--limit", a.limit, 0, INT64_MAX)
     urls: dict[str, str] = {}
     for spec in a.ds or []:
         name, sep, url = spec.partition("=")
@@ -144,11 +171,9 @@ def cmd_sql(a) -> None:
             raise TensorGridError(f"--ds names the table {name!r} twice")
         urls[name] = url
     tables = {name: store.open(url) for name, url in urls.items()}
-    if a.limit < 0:
-        raise TensorGridError(f"--limit must be >= 0, got {a.limit}")
     result = store.sql(a.query, **tables)
-    df = result.head(a.limit)
-    print_frame(df, title=f"{result.num_rows:,} rows" + (f" (first {a.limit})" if result.num_rows > a.limit else ""))
+    df = result.head(limit)
+    print_frame(df, title=f"{result.num_rows:,} rows" + (f" (first {limit})" if result.num_rows > limit else ""))
 
 
 def _source_kind(src: str) -> str:
@@ -171,10 +196,9 @@ def _source_kind(src: str) -> str:
 
 
 def cmd_ingest(a) -> None:
-    if a.shard_mb is not None and a.shard_mb <= 0:
-        raise TensorGridError(f"--shard-mb must be > 0, got {a.shard_mb:g}")
+    shard_mb = check_number("--shard-mb", a.shard_mb, 0.001, MAX_SHARD_MB, none=True)
+    shard_bytes = None if shard_mb is None else int(shard_mb * (1 << 20))
     kind = _source_kind(a.src)
-    shard_bytes = int(a.shard_mb * (1 << 20)) if a.shard_mb else None
     t0 = time.perf_counter()
     if kind == "images":
         from . import fs as tgfs
@@ -187,7 +211,7 @@ def cmd_ingest(a) -> None:
             ds = store.ingest_images(a.src, a.dest, mode=a.mode, shard_bytes=shard_bytes,
                                      progress=lambda n: bar.advance(task, n))
         for w in caught:
-            err.print(f"warning: {w.message}")
+            _stderr_line(f"warning: {w.message}")
     elif kind == "jsonl":
         import pyarrow.json as pj
 
@@ -209,8 +233,8 @@ def cmd_ingest(a) -> None:
     dt = time.perf_counter() - t0
     added = ds.added_rows
     total = f" ({ds.num_rows:,} in all)" if added != ds.num_rows else ""
-    out.print(f"ingested {added:,} rows from {a.src} ({kind}) into {ds.url} version {ds.version}{total} "
-              f"in {dt:.1f} s")
+    out.print(safe(f"ingested {added:,} rows from {a.src} ({kind}) into {ds.url} version {ds.version}{total} "
+                   f"in {dt:.1f} s"), markup=False)
     print_info(ds)
 
 
@@ -220,8 +244,17 @@ def cmd_quickstart(a) -> None:
     run(a.root, train=not a.no_train)
 
 
+class UsageError(Exception):
+    """A command line argparse cannot parse (reported in one line, exit code 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse prints the usage and exits; one line here instead
+        raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tensorgrid", description="Deep learning on big data: datasets, loader, "
+    p = _Parser(prog="tensorgrid", description="Deep learning on big data: datasets, loader, "
                                 "training. Datasets are URLs: paths, file://, memory://, s3://, gs://, hdfs://...")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -262,19 +295,51 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _stderr_line(text: str) -> None:
+    """One line on stderr: the message's lines joined, control characters escaped."""
+    sys.stderr.write(safe(" ".join(part.strip() for part in str(text).splitlines() if part.strip())) + "\n")
+    sys.stderr.flush()
+
+
+def _os_error(e: OSError) -> str:
+    """An OS error about a user's path as one sentence naming the path (errno numbers left out)."""
+    if e.strerror and e.filename is not None:
+        both = f" -> {e.filename2}" if e.filename2 is not None else ""
+        return f"{e.strerror}: {e.filename}{both}"
+    return str(e).strip() or type(e).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run the command; 0 on success, 1 on a user's error, 2 on a command line that does not parse, one
+    line on stderr for every failure (never a traceback)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        if any("\0" in str(arg) for arg in argv):  # no real process can pass one (C strings)
+            raise UsageError("an argument holds a NUL character")
+        args = build_parser().parse_args(argv)
+    except UsageError as e:
+        _stderr_line(f"error: {e}")
+        return 2
+    except SystemExit as e:  # --help
+        return e.code if isinstance(e.code, int) else 0
     try:
         args.fn(args)
         return 0
-    except (TensorGridError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
-        err.print(f"error: {str(e).strip() or type(e).__name__}", markup=False)
+    except TensorGridError as e:
+        _stderr_line(f"error: {str(e).strip() or type(e).__name__}")
         return 1
     except KeyboardInterrupt:
-        err.print("interrupted")
+        _stderr_line("interrupted")
         return 130
-    except BrokenPipeError:
+    except BrokenPipeError:  # the reader went away (| head): nothing more to say
         return 0
+    except OSError as e:  # a path that is too long, a folder where a file was expected, no permission...
+        _stderr_line(f"error: {_os_error(e)}")
+        return 1
+    except Exception as e:  # noqa: BLE001 - a bug: still one line, never a traceback
+        _stderr_line(f"error: internal error {type(e).__name__}: {e} (a bug in tensorgrid: please report it "
+                     "with the command that caused it)")
+        return 1
 
 
 if __name__ == "__main__":

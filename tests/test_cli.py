@@ -128,3 +128,102 @@ def test_verify_fails_with_nonzero_exit_on_corruption(tmp_path):
     open(p, "wb").write(bytes(data))
     code, out, err = run("verify", url)
     assert code == 1 and "corrupt" in err and os.path.basename(p) in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("args, needle", [
+    (("head", "{tmp}/d", "-n", "99999999999999999999999"), "-n must be an int in [0, 9223372036854775807]"),
+    (("head", "{tmp}/d", "-n", "-1"), "-n must be an int"),
+    (("info", "{tmp}/d", "--version", "99999999999999999999"), "--version must be an int"),
+    (("sql", "SELECT 1", "--limit", "99999999999999999999"), "--limit must be an int"),
+    (("ingest", "{tmp}/in.csv", "{tmp}/x", "--shard-mb", "nan"), "--shard-mb must be a finite number"),
+    (("ingest", "{tmp}/in.csv", "{tmp}/x", "--shard-mb", "inf"), "--shard-mb must be a finite number"),
+    (("ingest", "{tmp}/in.csv", "{tmp}/x", "--shard-mb", "1e300"), "--shard-mb must be a finite number"),
+    (("vacuum", "{tmp}/d", "--min-age", "nan"), "--min-age must be a finite number"),
+    (("ingest", "{tmp}/in.csv", "{tmp}/" + "n" * 300), "File name too long: {tmp}/nnn"),
+    (("ingest", "{tmp}/in.csv", "{tmp}/in.csv/sub"), "Not a directory: {tmp}/in.csv/sub"),
+    (("head", "{tmp}/d", "-n"), "argument -n: expected one argument"),
+    (("head",), "the following arguments are required: ds"),
+    (("ingest", "{tmp}/in.csv", "{tmp}/x", "--mode", "upsert"), "invalid choice: 'upsert'"),
+    (("nosuchcommand",), "invalid choice: 'nosuchcommand'"),
+    (("info", "{tmp}/a\nb\x1b[31m"), " at {tmp}/a b\\x1b[31m"),  # a newline and an escape sequence: one line
+])
+def test_hostile_arguments_are_one_line_errors(args, needle, tmp_path):
+    pd.DataFrame({"a": [1, 2]}).to_csv(tmp_path / "in.csv", index=False)
+    tg.write(str(tmp_path / "d"), pd.DataFrame({"x": [1, 2]}))
+    code, out, err = run(*(a.format(tmp=tmp_path) for a in args))
+    assert code != 0, out
+    assert err.startswith("error: ") and needle.format(tmp=tmp_path) in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and "\x1b" not in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_data_and_paths_are_printed_literally(tmp_path):
+    """Brackets in values, column names and paths are text, not rich markup (which raised MarkupError)."""
+    url = str(tmp_path / "[/]ds")
+    tg.write(url, pd.DataFrame({"[bold]col": ["[/]value", "[red]x"]}))
+    code, out, err = run("head", url)
+    assert code == 0, err
+    assert "[/]value" in out and "[red]x" in out and "[bold]col" in out and url in out
+    code, out, err = run("ls", str(tmp_path))
+    assert code == 0 and url in out, err
+
+
+def test_any_command_line_gives_exit_0_or_one_error_line(tmp_path_factory, monkeypatch, capsys):
+    """Random and hostile argument lists, in process: exit code 0, or a one-line ``error:`` and a non-zero
+    exit; never a traceback, an escaping exception or a message that says it is a bug."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from tensorgrid.cli import main
+
+    ws = tmp_path_factory.mktemp("cli-fuzz")
+    monkeypatch.chdir(ws)  # every relative path (and every dataset ingest writes) stays in here
+    tg.write("d", pd.DataFrame({"x": np.arange(10), "s": ["[/]a"] * 10, "img": list(np.zeros((10, 2, 2), np.uint8))}))
+    pd.DataFrame({"a": [1, 2]}).to_csv("in.csv", index=False)
+    pd.DataFrame({"a": [1, 2]}).to_parquet("in.parquet")
+    (ws / "imgs" / "c").mkdir(parents=True)
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(buf, format="PNG")
+    (ws / "imgs" / "c" / "0.png").write_bytes(buf.getvalue())
+    (ws / "notes.txt").write_text("x")
+
+    # free text never holds "/" or "~" and is never "." or "..": nothing outside the workspace is touched
+    text = st.text(st.characters(blacklist_characters="/~"), max_size=30).filter(lambda t: t not in (".", ".."))
+    num = st.one_of(st.sampled_from(["nan", "inf", "-inf", "1e300", "-1", "0", "1", "3", "99999999999999999999999",
+                                     "0x10", "1_000", "", "1.5", "-0"]), text)
+    path = st.one_of(st.sampled_from(["d", "in.csv", "in.parquet", "imgs", "notes.txt", "missing", "n" * 300, "[/]",
+                                      "\udcff", "a\x00b", "memory://cli-fuzz/ds", f"file://{ws}/d", ""]), text)
+
+    def opt(flag, values):
+        return st.one_of(st.just([]), values.map(lambda v: [flag, v]))
+
+    def command(name, *parts):
+        return st.tuples(*parts).map(lambda ps: [name] + [x for p in ps for x in (p if isinstance(p, list) else [p])])
+
+    tokens = st.one_of(st.sampled_from(["-n", "--limit", "--version", "--shard-mb", "--min-age", "--mode", "--ds",
+                                        "--", "-", "-h", "d", "imgs"]), num, path)
+    argv = st.one_of(
+        command("info", path, opt("--version", num)), command("verify", path, opt("--version", num)),
+        command("head", path, opt("-n", num), opt("--version", num)), command("versions", path),
+        command("ls", path), command("vacuum", path, opt("--min-age", num)),
+        command("sql", st.one_of(st.sampled_from(["SELECT * FROM d", "SELECT s, img FROM d", "SELECT 1/0", "SELECT",
+                                                  "SELECT '[/]'", "SELECT * FROM t", "SELECT '\udcff'"]), text),
+                st.lists(st.one_of(path.map("d={}".format), path.map("t={}".format), text), max_size=2).map(
+                    lambda ds: [x for v in ds for x in ("--ds", v)]), opt("--limit", num)),
+        command("ingest", path, st.one_of(st.sampled_from(["out1", "out2", "n" * 300, "d", "in.csv", "[/]o"]), text),
+                opt("--mode", st.sampled_from(["create", "append", "overwrite", "upsert"])), opt("--shard-mb", num)),
+        st.tuples(st.sampled_from(["info", "head", "sql", "ingest", "ls", "vacuum", "bogus", "", "--help"]),
+                  st.lists(tokens, max_size=6)).map(lambda t: [t[0], *t[1]]))
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(argv)
+    def check(args):
+        code = main(args)
+        err = capsys.readouterr().err
+        assert "Traceback" not in err, (args, err)
+        if code != 0:
+            lines = err.strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith("error: "), (args, err)
+            assert "internal error" not in err, (args, err)
+
+    check()
