@@ -16,7 +16,6 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
-from PIL import Image, UnidentifiedImageError
 
 from .. import fs as tgfs
 from ..errors import ColumnNotFoundError, DatasetNotFoundError, EmptyDataError, TensorGridError
@@ -31,6 +30,8 @@ class SkippedFilesWarning(UserWarning):
 
 def _probe(data: bytes) -> tuple[int, int, str] | str:
     """(width, height, format) of a decodable image, or the reason it is not one."""
+    from PIL import Image, UnidentifiedImageError  # on use: a process that only reads data never loads PIL
+
     try:
         with Image.open(io.BytesIO(data)) as im:
             size, fmt = im.size, im.format
@@ -129,6 +130,8 @@ def _label_index(fs, files: list[str], labels: list[str], url: str, mode: str) -
     """label -> label_index: positions among the sorted labels of the files that are images (by their
     extension, else by a header probe without decoding: folders of notes or stray files get no index).
     Appending to a dataset keeps its mapping and numbers new labels after it."""
+    from PIL import Image
+
     known = Image.registered_extensions()  # an image extension counts as is; other files get a header probe
     with ThreadPoolExecutor(max_workers=4) as pool:
         is_image = list(pool.map(lambda p: p[p.rfind("."):].lower() in known or _is_image_header(fs, p), files))
@@ -150,6 +153,8 @@ def _label_index(fs, files: list[str], labels: list[str], url: str, mode: str) -
 
 
 def _is_image_header(fs, path: str) -> bool:
+    from PIL import Image, UnidentifiedImageError
+
     try:
         with (_open_regular(path) if tgfs.is_local(fs) else fs.open(path, "rb")) as f, Image.open(f):
             return True
