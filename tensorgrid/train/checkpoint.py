@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import re
+from collections.abc import Mapping
 
 import torch
 
@@ -58,9 +59,32 @@ def load(url: str) -> dict:
     except FileNotFoundError:
         raise CheckpointError(f"no checkpoint at {url}") from None
     try:
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001 - torch raises many kinds for a damaged file
         raise CheckpointError(f"checkpoint {url} cannot be read: {e}") from None
+    _check_state(state, url)
+    return state
+
+
+# what the trainer reads from every checkpoint, and its type
+_FIELDS = {"model": Mapping, "optimizer": Mapping, "loader": Mapping, "history": list, "step": int}
+
+
+def _check_state(state, url: str) -> None:
+    """Raise CheckpointError unless ``state`` has the shape of a training checkpoint (a file that torch
+    reads but something else wrote fails here, named, not as an AttributeError deep in the trainer)."""
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"checkpoint {url} is not a TensorGrid checkpoint: it holds a {type(state).__name__}, "
+                              "not a dict of training state")
+    missing = [k for k in _FIELDS if k not in state]
+    wrong = [f"{k} is a {type(state[k]).__name__}" for k, t in _FIELDS.items()
+             if k in state and (not isinstance(state[k], t) or isinstance(state[k], bool))]
+    loader = state.get("loader")
+    if isinstance(loader, Mapping) and (not isinstance(loader.get("epoch"), int) or isinstance(loader.get("epoch"), bool)):
+        wrong.append("loader has no epoch")
+    if missing or wrong:
+        detail = "; ".join(filter(None, [f"missing {missing}" if missing else "", ", ".join(wrong)]))
+        raise CheckpointError(f"checkpoint {url} is not a TensorGrid checkpoint ({detail})")
 
 
 def check_fits(state: dict, model: torch.nn.Module, url: str) -> None:

@@ -55,6 +55,7 @@ class Spec:
     train: Dataset = None
     val: Dataset | None = None
     resume_from: str | None = None
+    data_fingerprint: str | None = None  # of ``train``, recorded in checkpoints (resume only on the same data)
 
 
 def build_model(spec: Spec) -> torch.nn.Module:
@@ -319,7 +320,8 @@ def _train(spec: Spec, rank: int, world: int, device, restarted: bool) -> dict |
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                  "optimizer_type": ckpt.type_name(optimizer),
                  "scheduler": scheduler.state_dict() if scheduler else None, "rng": rngs[0], "rngs": rngs,
-                 "loader": loader.state_dict(), "history": history, "step": step, "epoch_sums": epoch_sums}
+                 "loader": loader.state_dict(), "history": history, "step": step, "epoch_sums": epoch_sums,
+                 "data_fingerprint": spec.data_fingerprint}
         return ckpt.save(spec.checkpoint_dir, loader.state_dict()["epoch"], step, state, spec.keep_checkpoints)
 
     try:

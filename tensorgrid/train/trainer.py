@@ -3,18 +3,54 @@
 from __future__ import annotations
 
 import copy
-import numbers
+import inspect
 import warnings
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import cloudpickle
 import torch
 
+from ..args import check_choice, check_int, check_number
 from ..errors import CheckpointError, TensorGridError, TrainingConfigError
 from ..store.dataset import Dataset, from_arrow
 from . import checkpoint as ckpt
 from .engines import ENGINES
 from .loop import Spec, build_model, is_classifier, train
+
+METRICS = ("accuracy",)  # computed for classifiers (CrossEntropyLoss / NLLLoss)
+MAX_TIMEOUT_S = 7 * 24 * 3600.0
+MAX_SEED = (1 << 63) - 1
+
+
+def _metrics(metrics) -> tuple[str, ...]:
+    """``metrics`` as a tuple of known names: None (or ()) means none, a string one metric."""
+    if metrics is None:
+        return ()
+    if isinstance(metrics, str):
+        metrics = (metrics,)
+    if not isinstance(metrics, Iterable):
+        raise TrainingConfigError(f"metrics must be None or a list of names from {METRICS}, got {metrics!r}")
+    return tuple(check_choice("each of metrics", m, METRICS, error=TrainingConfigError) for m in metrics)
+
+
+def _engine_options(engine: str, options) -> dict:
+    """``options`` if the engine's ``run`` takes every key (an engine that forwards the rest, as Ray's to
+    ``ray.init``, checks them itself before it starts anything)."""
+    if options is None:
+        return {}
+    if not isinstance(options, Mapping):
+        raise TrainingConfigError(f"engine_options must be a dict, got {type(options).__name__}")
+    from .engines import get
+
+    params = list(inspect.signature(get(engine)).parameters.values())[5:]  # after the common five
+    accepted = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    if not any(p.kind == p.VAR_KEYWORD for p in params):
+        unknown = [k for k in options if k not in accepted]
+        if unknown:
+            raise TrainingConfigError(f"engine_options: engine={engine!r} has no option {unknown[0]!r}; it accepts "
+                                      + (", ".join(accepted) if accepted else "none"))
+    return dict(options)
 
 
 @dataclass
@@ -31,7 +67,8 @@ class Trainer:
 
     ``batch_size`` is the GLOBAL batch, split evenly across ``workers``. ``engine``: "local" (processes
     on this machine; workers=1 runs in the calling process), "ray" or "spark". Give ``features``/``label``
-    columns with a ``loss``, or ``step=fn(model, batch) -> loss`` for anything else.
+    columns with a ``loss``, or ``step=fn(model, batch) -> loss`` for anything else. ``metrics``: names
+    from ``METRICS`` (None: none). ``timeout_s``: how long a collective waits for a slow or hung rank.
     """
 
     def __init__(self, model, loss=None, optimizer=None, scheduler=None, features: str | None = "features",
@@ -44,28 +81,31 @@ class Trainer:
             raise TrainingConfigError("model must be an nn.Module or a zero-argument factory returning one")
         if step is None and loss is None:
             raise TrainingConfigError("give a loss (with features= and label=) or step=fn(model, batch) -> loss")
-        if engine not in ENGINES:
-            raise TrainingConfigError(f"engine must be one of {ENGINES}, got {engine!r}")
-        for name, v, lo in (("batch_size", batch_size, 1), ("epochs", epochs, 1), ("workers", workers, 1),
-                            ("keep_checkpoints", keep_checkpoints, 1), ("max_restarts", max_restarts, 0),
-                            ("loader_workers", loader_workers, 0)):
-            if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < lo:
-                raise TrainingConfigError(f"{name} must be an int >= {lo}, got {v!r}")
+        check_choice("engine", engine, ENGINES, error=TrainingConfigError)
         batch_size, epochs, workers, keep_checkpoints, max_restarts, loader_workers = (
-            int(v) for v in (batch_size, epochs, workers, keep_checkpoints, max_restarts, loader_workers))
+            check_int(name, v, lo, error=TrainingConfigError) for name, v, lo in (
+                ("batch_size", batch_size, 1), ("epochs", epochs, 1), ("workers", workers, 1),
+                ("keep_checkpoints", keep_checkpoints, 1), ("max_restarts", max_restarts, 0),
+                ("loader_workers", loader_workers, 0)))
+        seed = check_int("seed", seed, 0, MAX_SEED, error=TrainingConfigError)
+        # checked here, not by the first collective that times out after the workers started
+        timeout_s = check_number("timeout_s", timeout_s, 1, MAX_TIMEOUT_S, error=TrainingConfigError)
         if batch_size % workers:
             raise TrainingConfigError(f"batch_size ({batch_size}) is the global batch: it must divide evenly "
                                       f"across {workers} workers")
-        if not (checkpoint_every == "epoch" or (isinstance(checkpoint_every, int) and checkpoint_every > 0)):
-            raise TrainingConfigError(f"checkpoint_every must be 'epoch' or a number of steps, got {checkpoint_every!r}")
+        if not (isinstance(checkpoint_every, str) and checkpoint_every == "epoch"):
+            checkpoint_every = check_int("checkpoint_every ('epoch' or a number of steps)", checkpoint_every, 1,
+                                         error=TrainingConfigError)
+        metrics = _metrics(metrics)
+        engine_options = _engine_options(engine, engine_options)
         self.model, self.loss = model, loss
         self.optimizer = optimizer or (lambda params: torch.optim.Adam(params, lr=1e-3))
         self.scheduler, self.features, self.label, self.step = scheduler, features, label, step
         self.transform, self.batch_size, self.epochs, self.workers = transform, batch_size, epochs, workers
         self.engine, self.checkpoint_dir, self.checkpoint_every = engine, checkpoint_dir, checkpoint_every
-        self.keep_checkpoints, self.log_dir, self.metrics, self.seed = keep_checkpoints, log_dir, tuple(metrics), seed
+        self.keep_checkpoints, self.log_dir, self.metrics, self.seed = keep_checkpoints, log_dir, metrics, seed
         self.max_restarts, self.timeout_s, self.loader_workers = max_restarts, timeout_s, loader_workers
-        self.quiet, self.engine_options = quiet, dict(engine_options or {})
+        self.quiet, self.engine_options = quiet, engine_options
         self.result: FitResult | None = None
 
     # --- checks that run before any worker starts -------------------------------------------------
@@ -171,8 +211,10 @@ class Trainer:
     # --- fit / predict ----------------------------------------------------------------------------
     def fit(self, train_ds, val=None, resume: bool = False) -> FitResult:
         """Train; with ``resume=True`` continue exactly from the newest checkpoint in ``checkpoint_dir``."""
+        spark_input = type(train_ds).__module__.startswith("pyspark")
         train_ds = self._dataset(train_ds, "train")
         val_ds = self._dataset(val, "val") if val is not None else None
+        fingerprint = _fingerprint(train_ds)
         self._check_urls()
         if train_ds.num_rows < self.workers:
             raise TrainingConfigError(f"{train_ds.num_rows} rows cannot feed {self.workers} workers")
@@ -188,6 +230,14 @@ class Trainer:
             if resume_from is None:
                 raise CheckpointError(f"resume=True but {self.checkpoint_dir} holds no checkpoint")
             state = ckpt.load(resume_from)
+            saved = state.get("data_fingerprint")  # checkpoints written before it was recorded still resume
+            if saved is not None and fingerprint is not None and saved != fingerprint:
+                raise CheckpointError(
+                    f"checkpoint {resume_from} was trained on other data: the data changed since, or this is "
+                    f"another dataset (fingerprint {fingerprint}, the checkpoint's {saved}); resume on the same "
+                    "data, or start a new run in a new checkpoint_dir"
+                    + (". A Spark DataFrame is written anew by every fit: write it once with tg.write and train "
+                       "on that dataset to resume" if spark_input else ""))
             model = self._build_model(train_ds)
             ckpt.check_fits(state, model, resume_from)
             ckpt.check_optimizer_fits(state, self._check_optimizer(model), resume_from)
@@ -200,6 +250,7 @@ class Trainer:
                                       f"{state['loader']['global_batch']}, this trainer uses {self.batch_size}")
         self._check_model_on_one_batch(train_ds)
         spec = self._spec(train_ds, val_ds, resume_from)
+        spec.data_fingerprint = fingerprint
         try:
             payload = cloudpickle.dumps(spec)
         except Exception as e:  # noqa: BLE001
@@ -233,10 +284,7 @@ class Trainer:
 
         from ..store.writer import write
 
-        if batch_size is not None and (not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool)
-                                       or batch_size < 1):
-            raise TrainingConfigError(f"batch_size must be an int >= 1, got {batch_size!r}")
-        batch_size = None if batch_size is None else int(batch_size)
+        batch_size = check_int("batch_size", batch_size, 1, none=True, error=TrainingConfigError)
         model = model or (self.result.model if self.result else None)
         if model is None:
             raise TensorGridError("predict needs a trained model: call fit first or pass model=")
@@ -265,6 +313,14 @@ class Trainer:
         if out is None:
             return from_arrow(pa.Table.from_batches(list(batches())))
         return write(out, batches(), mode=mode)
+
+
+def _fingerprint(ds: Dataset) -> str | None:
+    """The dataset's fingerprint, recorded in checkpoints; None if its kind cannot say (no check then)."""
+    try:
+        return str(ds.fingerprint)
+    except Exception:  # noqa: BLE001 - a user's own Dataset kind
+        return None
 
 
 def _column(v):

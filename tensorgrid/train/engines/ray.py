@@ -41,6 +41,7 @@ def run(payload: bytes, workers: int, max_restarts: int, timeout_s: float, check
         import ray
     except ImportError:
         raise TrainingConfigError("engine='ray' needs Ray: pip install 'tensorgrid[ray]'") from None
+    _check_init_options(ray, init_options)
     if not ray.is_initialized():
         opts = {"include_dashboard": False, "log_to_driver": True, **init_options}
         if address is None:
@@ -77,6 +78,19 @@ def run(payload: bytes, workers: int, max_restarts: int, timeout_s: float, check
                     ray.kill(a, no_restart=True)
                 except Exception:  # noqa: BLE001 - already gone
                     pass
+
+
+def _check_init_options(ray, options: dict) -> None:
+    """Options beyond address and num_cpus_per_worker go to ``ray.init``: refuse a name it does not take
+    here, before anything starts (ray.init would raise a TypeError, or ignore it when Ray is running)."""
+    import inspect
+
+    params = inspect.signature(ray.init).parameters
+    accepted = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n != "address"]
+    unknown = [k for k in options if k not in accepted and not k.startswith("_")]  # ray.init takes _private ones
+    if unknown:
+        raise TrainingConfigError(f"engine_options: engine='ray' has no option {unknown[0]!r}; it accepts address, "
+                                  f"num_cpus_per_worker and ray.init's options: {', '.join(accepted)}")
 
 
 def _cause(e: Exception) -> str:
