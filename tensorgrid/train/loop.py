@@ -246,8 +246,9 @@ def _columns(spec: Spec, ds: Dataset) -> list[str] | None:
     return [c for c in (spec.features, spec.label) if c in ds.schema.names]
 
 
-def train(spec: Spec, rank: int = 0, world: int = 1, restarted: bool = False) -> dict | None:
-    """Train; rank 0 returns the final weights, history and metrics."""
+def train(spec: Spec, rank: int = 0, world: int = 1, restarted: bool = False, report=None) -> dict | None:
+    """Train; rank 0 returns the final weights, history and metrics. ``report``: a ``watch.Reporter`` that
+    tells the driver this rank's progress, its own error or its end (so a hang or an early exit is named)."""
     device, backend = device_and_backend()
     tune_malloc()
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
@@ -256,8 +257,13 @@ def train(spec: Spec, rank: int = 0, world: int = 1, restarted: bool = False) ->
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend, timeout=timedelta(seconds=spec.timeout_s))
     try:
-        return _train(spec, rank, world, device, restarted)
-    except Exception:
+        out = _train(spec, rank, world, device, restarted, report)
+        if report is not None:
+            report.done()
+        return out
+    except Exception as e:
+        if report is not None:
+            report.error(e)
         if world > 1:
             # When one worker dies, its peers fail next ("connection reset by peer"). Waiting a moment
             # before exiting lets the launcher see the first death (polled every 0.2 s) and report the
@@ -269,7 +275,7 @@ def train(spec: Spec, rank: int = 0, world: int = 1, restarted: bool = False) ->
             dist.destroy_process_group()
 
 
-def _train(spec: Spec, rank: int, world: int, device, restarted: bool) -> dict | None:
+def _train(spec: Spec, rank: int, world: int, device, restarted: bool, report=None) -> dict | None:
     model = build_model(spec).to(device)
     # each rank its own random streams (dropout masks, augmentations), all fixed by the seed; after the
     # model's init (DDP copies rank 0's weights to every rank anyway)
@@ -351,6 +357,8 @@ def _train(spec: Spec, rank: int, world: int, device, restarted: bool) -> dict |
                 step += 1
                 k += 1
                 sums.add(ls, c, n)
+                if report is not None:
+                    report.step(step)
                 t2 = time.perf_counter()
                 wait = t1 - t0
                 wait_total += wait

@@ -77,3 +77,26 @@ def nan_images(batch):
     batch = T.to_float(batch)
     batch["image"][:] = float("nan")
     return batch
+
+
+_steps = [0]
+
+
+def hang_on_rank_one(model, batch):
+    """A step that sleeps for an hour on rank 1's third step (a hung worker, alive but silent)."""
+    import time
+
+    _steps[0] += 1
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() == 1 and _steps[0] == 3:
+        time.sleep(3600)
+    return ce_step(model, batch)
+
+
+def exit_on_rank_one(model, batch):
+    """A step that ends rank 1's process with exit code 0 on its third step (no error, no result)."""
+    import os
+
+    _steps[0] += 1
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() == 1 and _steps[0] == 3:
+        os._exit(0)
+    return ce_step(model, batch)
