@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .. import fs as tgfs
+from ..errors import ArgumentError
 from ..store import encoding
 from ..store.dataset import ArrowDataset, Dataset, StoreDataset
 from ..store.foreign import ForeignDataset
@@ -49,12 +50,15 @@ class Source:
         self.dataset = dataset
         self.memory_budget = memory_budget
         self.columns = dataset._check_columns(columns)
-        self.cache_dir = os.path.abspath(os.path.expanduser(cache_dir)) if cache_dir else None
+        self.cache_dir = _checked_cache_dir(cache_dir)
         self.cache_limit = cache_limit
         if self.cache_dir and not isinstance(dataset, StoreDataset):
             self.cache_dir = None  # in-memory and foreign data: nothing to cache (foreign: no checksums to key on)
         if self.cache_dir:
-            os.makedirs(self.cache_dir, exist_ok=True)
+            try:
+                os.makedirs(self.cache_dir, exist_ok=True)
+            except OSError as e:
+                raise ArgumentError(f"cache_dir {self.cache_dir!r} cannot be created: {e}") from None
         self.layout = Layout(tuple(dataset.shard_rows), tuple(self._blocks()))
         self._open: OrderedDict = OrderedDict()
         self._groups: OrderedDict = OrderedDict()  # decoded row groups, bounded in bytes
@@ -221,6 +225,17 @@ class Source:
                     total -= size
                 except FileNotFoundError:
                     pass
+
+
+def _checked_cache_dir(cache_dir) -> str | None:
+    if cache_dir is None:
+        return None
+    if not isinstance(cache_dir, (str, os.PathLike)) or not os.fspath(cache_dir):
+        raise ArgumentError(f"cache_dir must be a folder path, got {cache_dir!r}")
+    path = os.path.abspath(os.path.expanduser(os.fspath(cache_dir)))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ArgumentError(f"cache_dir {path!r} is an existing file, not a folder")
+    return path
 
 
 def is_remote(ds: Dataset) -> bool:

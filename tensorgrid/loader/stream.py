@@ -10,7 +10,6 @@ into tensors once, and sliced into batches; ``transform`` runs per batch.
 from __future__ import annotations
 
 import multiprocessing as mp
-import numbers
 import os
 import pickle
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +19,8 @@ import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ..errors import EmptyDataError, LoaderWorkerError, ResumeError, TensorGridError, TransformError
+from ..args import check_choice, check_int, check_number
+from ..errors import ArgumentError, EmptyDataError, LoaderWorkerError, ResumeError, TransformError
 from ..rng import seed_all
 from ..store.dataset import ArrowDataset, Dataset
 from .collate import concat_take, gather_groups, slice_batch, table_to_torch, take_to_torch
@@ -206,10 +206,39 @@ def _identity(x):
     return x
 
 
-def _default_rank_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+def _rank_world(rank, world_size) -> tuple[int, int]:
+    """rank and world_size as given, else from torch.distributed, else $RANK and $WORLD_SIZE, else 0 and 1."""
+    names = ["rank", "world_size"]
+    if rank is None or world_size is None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            found, where = (torch.distributed.get_rank(), torch.distributed.get_world_size()), "torch.distributed"
+        else:
+            found, where = (_env_int("RANK", 0), _env_int("WORLD_SIZE", 1)), "the environment"
+        names = [n if given is not None else f"{n} (from {where})" for n, given in zip(names, (rank, world_size))]
+        rank, world_size = (found[0] if rank is None else rank), (found[1] if world_size is None else world_size)
+    world_size = check_int(names[1], world_size, 1)
+    return check_int(names[0], rank, 0, world_size - 1), world_size
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or not value.strip():
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ArgumentError(f"${name} must be an int, got {value!r}") from None
+
+
+def _flag(name: str, value) -> bool:
+    return bool(check_choice(name, value.item() if isinstance(value, np.bool_) else value, (False, True)))
+
+
+def _context(ctx):
+    """None, a start method's name, or a multiprocessing context."""
+    if ctx is None or callable(getattr(ctx, "get_start_method", None)):
+        return ctx
+    return check_choice("multiprocessing_context", ctx, mp.get_all_start_methods())
 
 
 class Loader:
@@ -220,32 +249,24 @@ class Loader:
                  drop_last: bool = False, prefetch: int = 2, shuffle_buffer: int | None = None,
                  memory_budget: int | None = None, cache_dir: str | None = None, cache_limit: int | None = None,
                  multiprocessing_context: str | None = None, timeout: float = 0):
-        for name, v, lo in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0), ("prefetch", prefetch, 1)):
-            if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < lo:
-                raise TensorGridError(f"{name} must be an int >= {lo}, got {v!r}")
-        batch_size, num_workers, prefetch = int(batch_size), int(num_workers), int(prefetch)
-        if memory_budget is not None and (not isinstance(memory_budget, numbers.Integral) or memory_budget < 1):
-            raise TensorGridError(f"memory_budget must be a number of bytes >= 1, got {memory_budget!r}")
-        if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
-            raise TensorGridError(f"seed must be an int, got {seed!r}")
-        if shuffle_buffer is not None and shuffle_buffer < 1:
-            raise TensorGridError(f"shuffle_buffer must be >= 1 row, got {shuffle_buffer}")
+        batch_size, num_workers = check_int("batch_size", batch_size, 1), check_int("num_workers", num_workers, 0)
+        prefetch, seed = check_int("prefetch", prefetch, 1), check_int("seed", seed)
+        memory_budget = check_int("memory_budget", memory_budget, 1, none=True)
+        shuffle_buffer = check_int("shuffle_buffer", shuffle_buffer, 1, none=True)
+        cache_limit = check_int("cache_limit", cache_limit, 0, none=True)
         if transform is not None and not callable(transform):
-            raise TensorGridError(f"transform must be callable, got {type(transform).__name__}")
-        drank, dworld = _default_rank_world()
-        self.rank = drank if rank is None else rank
-        self.world_size = dworld if world_size is None else world_size
-        if not (isinstance(self.world_size, int) and self.world_size >= 1 and 0 <= self.rank < self.world_size):
-            raise TensorGridError(f"need 0 <= rank < world_size, got rank={self.rank}, world_size={self.world_size}")
+            raise ArgumentError(f"transform must be callable, got {type(transform).__name__}")
+        self.shuffle, self.drop_last = _flag("shuffle", shuffle), _flag("drop_last", drop_last)
+        self.timeout = check_number("timeout", timeout, 0)
+        self.context = _context(multiprocessing_context)
+        self.rank, self.world_size = _rank_world(rank, world_size)
         self.dataset = dataset
-        self.memory_budget = int(memory_budget or DEFAULT_MEMORY_BUDGET)
+        self.memory_budget = memory_budget or DEFAULT_MEMORY_BUDGET
         self.source = Source(dataset, columns, cache_dir, cache_limit, self.memory_budget)
         if self.source.layout.num_rows == 0:
             raise EmptyDataError(f"{dataset.url or 'dataset'} has no rows to load")
-        self.batch_size, self.shuffle, self.seed = batch_size, bool(shuffle), int(seed)
-        self.transform, self.num_workers, self.drop_last, self.prefetch = transform, num_workers, drop_last, prefetch
-        self.context = multiprocessing_context
-        self.timeout = timeout
+        self.batch_size, self.seed, self.transform = batch_size, seed, transform
+        self.num_workers, self.prefetch = num_workers, prefetch
         row_bytes = max(1.0, self.source.row_bytes)
         # The window decides the order, so it depends on the budget and the data only, never on workers or
         # prefetch (a run resumed with other workers continues the same order). Workers split it into chunks:
@@ -257,7 +278,7 @@ class Loader:
             try:
                 pickle.dumps(transform)
             except Exception as e:  # noqa: BLE001
-                raise TensorGridError(f"transform must be picklable for {self._start_method()} workers "
+                raise ArgumentError(f"transform must be picklable for {self._start_method()} workers "
                                       f"(define it at module level): {e}") from None
         self.epoch = 0
         self._start = 0
@@ -288,27 +309,24 @@ class Loader:
         return self.world_size > 1 and not self.drop_last
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch, self._start, self._pos = int(epoch), 0, 0
+        self.epoch, self._start, self._pos = check_int("epoch", epoch, 0), 0, 0
 
     def state_dict(self) -> dict:
+        """Where this loader is (epoch, next batch) and what fixes its order, for load_state_dict anywhere."""
         return {"epoch": self.epoch, "batch": self._pos, "seed": self.seed, "shuffle": self.shuffle,
                 "global_batch": self.batch_size * self.world_size, "num_rows": self.source.layout.num_rows,
                 "drop_last": self.drop_last, "version": self.dataset.version, "url": self.dataset.url,
                 "layout": self.source.layout.digest}  # the blocks the order is built from
 
-
     def load_state_dict(self, state: dict) -> None:
+        """Continue where ``state`` (from state_dict(), in any process) left off. A state with another seed,
+        shuffle, global batch or block layout is refused with ResumeError."""
         if not isinstance(state, dict) or not {"epoch", "batch"} <= state.keys():
             raise ResumeError(f"not a loader state (a dict from state_dict() with 'epoch' and 'batch'): {state!r}"[:200])
-        mine = self.state_dict()
-        if self.shuffle and state.get("layout", mine["layout"]) != mine["layout"]:
-            raise ResumeError("cannot resume: the state comes from a loader over another block layout (cache_dir "
-                              "on or off, or another kind of dataset), whose shuffle order differs")
-        for key in ("seed", "shuffle", "global_batch", "num_rows", "drop_last"):
-            if key in state and state[key] != mine[key]:
-                raise ResumeError(f"cannot resume: the state has {key}={state[key]!r}, this loader {mine[key]!r}"
-                                  + (" (keep world_size * batch_size unchanged)" if key == "global_batch" else ""))
-        self.epoch, self._start, self._pos = int(state["epoch"]), int(state["batch"]), int(state["batch"])
+        _check_same_order(state, self.state_dict(), self.shuffle)
+        epoch = check_int("the state's epoch", state["epoch"], 0, error=ResumeError)
+        batch = check_int("the state's batch", state["batch"], 0, len(self), error=ResumeError)
+        self.epoch, self._start, self._pos = epoch, batch, batch
 
     def __iter__(self):
         plan = self.plan()
@@ -344,3 +362,26 @@ class Loader:
             if shutdown is not None:
                 shutdown()
         self.epoch, self._pos = self.epoch + 1, 0
+
+
+def _check_same_order(state: dict, mine: dict, shuffle: bool) -> None:
+    """Refuse a state whose order differs from this loader's, saying which and why."""
+    for key in ("seed", "shuffle", "global_batch", "num_rows", "drop_last"):
+        if key in state and not _same(state[key], mine[key]):
+            raise ResumeError(f"cannot resume: the state has {key}={_short(state[key])}, this loader {mine[key]!r}"
+                              + (" (keep world_size * batch_size unchanged)" if key == "global_batch" else ""))
+    if shuffle and "layout" in state and not _same(state["layout"], mine["layout"]):
+        raise ResumeError("cannot resume: the state comes from a loader over another block layout (cache_dir "
+                          "on or off, or another kind of dataset), whose shuffle order differs")
+
+
+def _same(a, b) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - anything a malformed state holds (arrays...) is simply not equal
+        return False
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
