@@ -283,6 +283,7 @@ class Loader:
         self.epoch = 0
         self._start = 0
         self._pos = 0
+        self._fingerprint: str | None = None
 
     def _start_method(self) -> str:
         if self.context is None:
@@ -311,16 +312,27 @@ class Loader:
     def set_epoch(self, epoch: int) -> None:
         self.epoch, self._start, self._pos = check_int("epoch", epoch, 0), 0, 0
 
+    @property
+    def fingerprint(self) -> str | None:
+        """The identity of the rows this loader reads (computed once); None for a Dataset kind without one."""
+        if self._fingerprint is None:
+            try:
+                self._fingerprint = self.dataset.fingerprint
+            except NotImplementedError:
+                self._fingerprint = ""
+        return self._fingerprint or None
+
     def state_dict(self) -> dict:
         """Where this loader is (epoch, next batch) and what fixes its order, for load_state_dict anywhere."""
         return {"epoch": self.epoch, "batch": self._pos, "seed": self.seed, "shuffle": self.shuffle,
                 "global_batch": self.batch_size * self.world_size, "num_rows": self.source.layout.num_rows,
                 "drop_last": self.drop_last, "version": self.dataset.version, "url": self.dataset.url,
-                "layout": self.source.layout.digest}  # the blocks the order is built from
+                "layout": self.source.layout.digest,  # the blocks the order is built from
+                "window": self.plan().window, "fingerprint": self.fingerprint}
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue where ``state`` (from state_dict(), in any process) left off. A state with another seed,
-        shuffle, global batch or block layout is refused with ResumeError."""
+        """Continue where ``state`` (from state_dict(), in any process) left off. A state over other rows, or
+        with another seed, shuffle, global batch or shuffle window, is refused with ResumeError."""
         if not isinstance(state, dict) or not {"epoch", "batch"} <= state.keys():
             raise ResumeError(f"not a loader state (a dict from state_dict() with 'epoch' and 'batch'): {state!r}"[:200])
         _check_same_order(state, self.state_dict(), self.shuffle)
@@ -365,14 +377,25 @@ class Loader:
 
 
 def _check_same_order(state: dict, mine: dict, shuffle: bool) -> None:
-    """Refuse a state whose order differs from this loader's, saying which and why."""
+    """Refuse a state whose rows or order differ from this loader's, saying which and why."""
+    compared = state.get("fingerprint") is not None and mine["fingerprint"] is not None  # older states: no field
+    if compared and not _same(state["fingerprint"], mine["fingerprint"]):
+        raise ResumeError("cannot resume: the state was saved over other data (another dataset, or this one "
+                          f"before an append/overwrite): it read {_short(state.get('url'))} version "
+                          f"{_short(state.get('version'))}, this loader reads {mine['url']!r} version {mine['version']!r}")
     for key in ("seed", "shuffle", "global_batch", "num_rows", "drop_last"):
         if key in state and not _same(state[key], mine[key]):
             raise ResumeError(f"cannot resume: the state has {key}={_short(state[key])}, this loader {mine[key]!r}"
                               + (" (keep world_size * batch_size unchanged)" if key == "global_batch" else ""))
     if shuffle and "layout" in state and not _same(state["layout"], mine["layout"]):
-        raise ResumeError("cannot resume: the state comes from a loader over another block layout (cache_dir "
-                          "on or off, or another kind of dataset), whose shuffle order differs")
+        raise ResumeError(
+            "cannot resume: the state comes from a loader over the same rows in another block layout (cache_dir on "
+            "in one, off in the other), whose shuffle order differs" if compared else
+            "cannot resume: the state comes from a loader over another block layout (cache_dir on or off, another "
+            "kind of dataset, or data changed since), whose shuffle order differs")
+    if shuffle and "window" in state and not _same(state["window"], mine["window"]):
+        raise ResumeError(f"cannot resume: the state's shuffle window holds {_short(state['window'])} rows, this "
+                          f"loader's {mine['window']} (keep memory_budget and shuffle_buffer as they were)")
 
 
 def _same(a, b) -> bool:

@@ -101,6 +101,7 @@ def test_good_values_of_every_type_still_work(ds):
     (dict(global_batch=[4]), "the state has global_batch=\\[4\\]"),
     (dict(num_rows=np.arange(3)), "the state has num_rows=array"),
     (dict(drop_last={}), "the state has drop_last={}"),
+    (dict(fingerprint=17), "saved over other data"),
 ])
 def test_malformed_states_are_resume_errors(ds, change, needle):
     loader = ds.to_torch(batch_size=4)
