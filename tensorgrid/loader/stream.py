@@ -20,12 +20,13 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..args import check_choice, check_int, check_number
-from ..errors import ArgumentError, EmptyDataError, LoaderWorkerError, ResumeError, TransformError
+from ..errors import ArgumentError, EmptyDataError, ResumeError, TransformError
 from ..rng import seed_all
 from ..store.dataset import ArrowDataset, Dataset
 from .collate import concat_take, gather_groups, slice_batch, table_to_torch, take_to_torch
 from .plan import Layout, Plan
 from .source import Source, is_remote
+from .workers import Watch
 
 VALID = "_valid"
 DEFAULT_MEMORY_BUDGET = 512 << 20
@@ -196,12 +197,6 @@ class _Chunks(IterableDataset):
             yield pending.result()
 
 
-def _last_line(message: str, marker: str) -> str:
-    """The original error's own message out of the traceback text torch puts around a worker's error."""
-    lines = [ln for ln in message.splitlines() if marker in ln]
-    return lines[-1].split(marker, 1)[1] if lines else message
-
-
 def _identity(x):
     return x
 
@@ -347,33 +342,26 @@ class Loader:
         if first >= plan.num_batches:
             self.epoch, self._pos = self.epoch + 1, 0
             return
-        chunks = _Chunks(plan, self.source, first, self.transform, self.add_valid)
-        if self.in_process:
-            it = iter(chunks)
-        else:
-            it = iter(DataLoader(chunks, batch_size=None, num_workers=self.num_workers, collate_fn=_identity,
-                                 prefetch_factor=self.prefetch, multiprocessing_context=self.context,
-                                 timeout=self.timeout, pin_memory=False))
-        try:
-            while True:
-                try:
-                    chunk = next(it)
-                except StopIteration:
-                    break
-                except TransformError as e:  # from a worker: torch wraps the message in its traceback
-                    raise TransformError(_last_line(str(e), "TransformError: ")) from None
-                except RuntimeError as e:
-                    if "exited unexpectedly" in str(e) or "killed by signal" in str(e):
-                        raise LoaderWorkerError(f"a loader worker died: {e}") from None
-                    raise
-                for k, batch in chunk:
-                    self._pos = k + 1
-                    yield batch
-        finally:
-            shutdown = getattr(it, "_shutdown_workers", None)
-            if shutdown is not None:
-                shutdown()
+        for chunk in self._chunks(_Chunks(plan, self.source, first, self.transform, self.add_valid)):
+            for k, batch in chunk:
+                self._pos = k + 1
+                yield batch
         self.epoch, self._pos = self.epoch + 1, 0
+
+    def _chunks(self, chunks: _Chunks):
+        """This epoch's chunks, built here or by DataLoader workers (watched: a dead one is LoaderWorkerError)."""
+        if self.in_process:
+            yield from chunks
+            return
+        watch = Watch.start(lambda: iter(DataLoader(
+            chunks, batch_size=None, num_workers=self.num_workers, collate_fn=_identity,
+            prefetch_factor=self.prefetch, multiprocessing_context=self.context, timeout=self.timeout,
+            pin_memory=False)))
+        try:
+            while (chunk := watch.next()) is not None:
+                yield chunk
+        finally:
+            watch.close()
 
 
 def _check_same_order(state: dict, mine: dict, shuffle: bool) -> None:
