@@ -5,18 +5,26 @@ it opens files lazily: nothing open crosses a fork or a spawn. Local store shard
 verified memory map; with ``cache_dir``, each shard is converted once to an uncompressed Arrow IPC file and
 mapped copy-on-write, so batches are views of the page cache (zero copy) and a user writing into a batch
 changes only that process's private pages, never the cache.
+
+The cache is as trustworthy as the store: each file's size and xxh3 are recorded when it is built (a
+``<file>.json`` beside it), checked the first time a process maps it (not again while its size and mtime
+stay the same), and a damaged file is rebuilt from the verified shard with a ``CacheRebuiltWarning``.
 """
 
 from __future__ import annotations
 
+import json
 import mmap
 import os
 import threading
+import time
 import uuid
+import warnings
 from collections import OrderedDict
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import xxhash
 
 from .. import fs as tgfs
 from ..errors import ArgumentError
@@ -28,6 +36,18 @@ from .plan import Layout
 BLOCK_BYTES = 4 << 20
 CACHED_BLOCK_BYTES = 256 << 10
 _MAX_OPEN = 8  # open shard maps per process: their touched pages count in RSS (as clean page cache)
+RECORD = ".json"  # beside each cache file: {"bytes": size, "xxh3": hex digest}, written when it is built
+
+# Cache files this process has checked: (path, size, mtime_ns, inode). Like the store's verified shards, a
+# file is hashed once per process while these stay the same, not every epoch.
+_verified: set[tuple] = set()
+_verified_lock = threading.Lock()
+checks = {"files": 0, "bytes": 0}  # cache files hashed by this process (read by tests and benchmarks)
+
+
+class CacheRebuiltWarning(UserWarning):
+    """A file of the loader's Arrow cache was damaged (bytes changed, truncated, emptied, or its checksum
+    record missing or unreadable) and was rebuilt from the verified shard."""
 
 
 def _fixed_blocks(shard_rows: list[int], row_bytes: float, block_bytes: int = BLOCK_BYTES) -> list[tuple[int, int, int]]:
@@ -69,9 +89,13 @@ class Source:
         state["_open"] = OrderedDict()
         state["_groups"] = OrderedDict()
         state["_lock"] = None
+        if self.cache_dir:  # spawned workers start with what this process checked (forked ones inherit it)
+            state["_checked"] = [k for k in _verified if os.path.dirname(k[0]) == self.cache_dir]
         return state
 
     def __setstate__(self, state):
+        with _verified_lock:
+            _verified.update(state.pop("_checked", ()))
         self.__dict__.update(state)
         self._lock = threading.Lock()
 
@@ -192,19 +216,42 @@ class Source:
 
     def _map_cached(self, shard: int) -> pa.Table:
         path = self._cache_path(shard)
-        if not os.path.exists(path):
-            table = self.dataset.read_shard(shard).combine_chunks()  # verified read
-            tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-            with pa.OSFile(tmp, "wb") as f, pa.ipc.new_file(f, table.schema) as w:
-                w.write_table(table, max_chunksize=max(1, table.num_rows))
-            os.replace(tmp, path)  # whole file or nothing; racing workers write identical bytes
-            self._enforce_limit(keep=path)
-        else:
-            os.utime(path)  # LRU order for eviction
-        with open(path, "rb") as f:
-            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # private copy-on-write pages
+        mm = _checked_map(path)
+        if mm is None:
+            mm = self._build_cache(shard, path)
         table = pa.ipc.open_file(pa.py_buffer(mm)).read_all()
         return table.select(self.columns) if self.columns else table
+
+    def _build_cache(self, shard: int, path: str) -> mmap.mmap:
+        """Convert the shard (a verified read) to Arrow IPC at ``path``; returns the new file mapped."""
+        table = self.dataset.read_shard(shard).combine_chunks()
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        try:
+            with pa.OSFile(tmp, "wb") as f, pa.ipc.new_file(f, table.schema) as w:
+                w.write_table(table, max_chunksize=max(1, table.num_rows))
+            with open(tmp, "rb") as f:
+                st = os.fstat(f.fileno())
+                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # private copy-on-write pages
+            digest = _digest(mm)
+            # the record first: whoever finds the file finds its record (racing builders write identical bytes)
+            _write_record(path, st.st_size, digest)
+            os.replace(tmp, path)  # whole file or nothing; the inode and mtime (the check's key) stay
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        _remember((path, st.st_size, st.st_mtime_ns, st.st_ino))
+        self._enforce_limit(keep=path)
+        return mm
+
+    def check_cache(self) -> None:
+        """Check the cache files that exist (once per process), rebuilding damaged ones here. Called before
+        workers start: they inherit what was checked, so they do not hash every file again each epoch."""
+        if not self.cache_dir:
+            return
+        for shard in range(len(self.dataset.shards)):
+            path = self._cache_path(shard)
+            if os.path.exists(path) and _checked_map(path) is None:
+                self._build_cache(shard, path)
 
     def _enforce_limit(self, keep: str) -> None:
         if not self.cache_limit:
@@ -213,16 +260,20 @@ class Source:
         for name in os.listdir(self.cache_dir):
             p = os.path.join(self.cache_dir, name)
             if name.endswith(".arrow"):
-                st = os.stat(p)
-                entries.append((st.st_mtime, st.st_size, p))
+                try:
+                    st = os.stat(p)
+                except FileNotFoundError:  # evicted by another process meanwhile
+                    continue
+                entries.append((st.st_atime, st.st_size, p))  # atime: last mapped (see _checked_map)
         total = sum(e[1] for e in entries)
         for _, size, p in sorted(entries):
             if total <= self.cache_limit:
                 break
             if p != keep:
                 try:
-                    os.remove(p)  # open maps stay valid until closed
+                    os.remove(p)  # open maps stay valid until closed; the file before its record
                     total -= size
+                    os.remove(p + RECORD)
                 except FileNotFoundError:
                     pass
 
@@ -236,6 +287,73 @@ def _checked_cache_dir(cache_dir) -> str | None:
     if os.path.exists(path) and not os.path.isdir(path):
         raise ArgumentError(f"cache_dir {path!r} is an existing file, not a folder")
     return path
+
+
+def _checked_map(path: str) -> mmap.mmap | None:
+    """The cache file mapped copy-on-write if its size and xxh3 match its record (read and hashed the first
+    time this process maps it); None if it is missing, or damaged (then with a CacheRebuiltWarning)."""
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        return None
+    with f:
+        st = os.fstat(f.fileno())
+        key = (path, st.st_size, st.st_mtime_ns, st.st_ino)
+        problem = None if key in _verified else _problem(f, st.st_size)
+        if problem is None:
+            _remember(key)
+            try:  # LRU order for cache_limit, in atime: the mtime is part of the check's key
+                os.utime(f.fileno(), ns=(time.time_ns(), st.st_mtime_ns))
+            except OSError:  # a read-only cache
+                pass
+            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # private copy-on-write pages
+    warnings.warn(CacheRebuiltWarning(f"Arrow cache file {path} {problem}: rebuilding it from the verified "
+                                      f"shard"), stacklevel=2)
+    return None
+
+
+def _problem(f, size: int) -> str | None:
+    """What is wrong with an open cache file, by its record (None: nothing)."""
+    record = _read_record(f.name)
+    if record is None:
+        return f"has no readable checksum record (its {RECORD} file is missing or garbled)"
+    if size != record["bytes"]:
+        return "is empty" if size == 0 else f"has {size} bytes, {record['bytes']} when it was built"
+    with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        if _digest(mm) != record["xxh3"]:
+            return "fails its checksum (bytes changed since it was built)"
+    return None
+
+
+def _read_record(path: str) -> dict | None:
+    try:
+        with open(path + RECORD, "rb") as f:
+            record = json.loads(f.read(4096))
+    except (OSError, ValueError):  # missing, unreadable, not JSON (UnicodeDecodeError is a ValueError)
+        return None
+    ok = (isinstance(record, dict) and type(record.get("bytes")) is int and record["bytes"] > 0
+          and isinstance(record.get("xxh3"), str))
+    return record if ok else None
+
+
+def _write_record(path: str, size: int, digest: str) -> None:
+    tmp = f"{path}{RECORD}.tmp-{uuid.uuid4().hex}"
+    with open(tmp, "w") as f:
+        json.dump({"bytes": size, "xxh3": digest}, f)
+    os.replace(tmp, path + RECORD)
+
+
+def _digest(buf) -> str:
+    checks["files"] += 1
+    checks["bytes"] += len(buf)
+    return xxhash.xxh3_64_hexdigest(buf)
+
+
+def _remember(key: tuple) -> None:
+    with _verified_lock:
+        if len(_verified) > 100_000:
+            _verified.clear()
+        _verified.add(key)
 
 
 def is_remote(ds: Dataset) -> bool:

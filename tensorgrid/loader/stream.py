@@ -353,6 +353,7 @@ class Loader:
         if self.in_process:
             yield from chunks
             return
+        self.source.check_cache()  # here, once: the workers inherit what was checked
         watch = Watch.start(lambda: iter(DataLoader(
             chunks, batch_size=None, num_workers=self.num_workers, collate_fn=_identity,
             prefetch_factor=self.prefetch, multiprocessing_context=self.context, timeout=self.timeout,
