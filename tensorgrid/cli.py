@@ -17,6 +17,7 @@ from . import store
 from .args import check_int, check_number
 from .errors import EmptyDataError, TensorGridError, UnsupportedFormatError
 
+TABULAR_EXT = store.foreign.PARQUET_EXT + store.foreign.CSV_EXT
 INT64_MAX = (1 << 63) - 1  # the largest count Arrow and DuckDB take
 MAX_SHARD_MB = float(1 << 20)  # 1 TiB
 
@@ -184,6 +185,11 @@ def _source_kind(src: str) -> str:
     if low.endswith((".jsonl", ".ndjson", ".json")):
         return "jsonl"
     if fsys.isdir(path) and not store.manifest.is_dataset(fsys, path):
+        files, odd = store.images.walk(src) if tgfs.is_local(fsys) else ([], [])  # (no special files elsewhere)
+        if odd and not any(f.lower().endswith(TABULAR_EXT) for f in files):
+            # FIFOs, sockets or links that loop: not a table, and sniffing the files for Parquet would open
+            # (and block on) them; ingest_images skips and reports them
+            return "images"
         try:
             return store.foreign.find_files(src)[1]
         except UnsupportedFormatError as e:
@@ -201,10 +207,7 @@ def cmd_ingest(a) -> None:
     kind = _source_kind(a.src)
     t0 = time.perf_counter()
     if kind == "images":
-        from . import fs as tgfs
-
-        fsys, path = tgfs.resolve(a.src)
-        total = sum(1 for _ in fsys.find(path))
+        total = len(store.images.walk(a.src)[0])
         with _progress(total, "packing images") as bar, warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", store.SkippedFilesWarning)
             task = bar.add_task("", total=total)

@@ -14,9 +14,9 @@ from PIL import Image
 import tensorgrid as tg
 
 
-def run(*args, cwd=None):
+def run(*args, cwd=None, timeout=120):
     p = subprocess.run([sys.executable, "-m", "tensorgrid.cli", *args], capture_output=True, text=True, cwd=cwd,
-                       timeout=120)
+                       timeout=timeout)
     return p.returncode, p.stdout, p.stderr
 
 
@@ -227,3 +227,21 @@ def test_any_command_line_gives_exit_0_or_one_error_line(tmp_path_factory, monke
             assert "internal error" not in err, (args, err)
 
     check()
+
+
+def test_ingest_of_an_image_folder_with_a_fifo_and_symlink_loops_never_blocks(tmp_path):
+    imgs = tmp_path / "imgs" / "a"
+    imgs.mkdir(parents=True)
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(buf, format="PNG")
+    (imgs / "0.png").write_bytes(buf.getvalue())
+    os.mkfifo(imgs / "pipe")  # no extension: sniffing it for Parquet would open it and wait for a writer
+    os.symlink("..", imgs / "up")
+    os.symlink("nowhere.png", imgs / "gone.png")
+    try:
+        code, out, err = run("ingest", str(tmp_path / "imgs"), str(tmp_path / "out"), timeout=60)
+    except subprocess.TimeoutExpired:  # (subprocess.run killed it)
+        pytest.fail("ingest blocked on a FIFO")
+    assert code == 0, err
+    assert "ingested 1 rows" in out and "(images)" in out
+    assert "skipped 3 of 4" in err and "a/pipe" in err and "a/up" in err and "a/gone.png" in err

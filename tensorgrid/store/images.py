@@ -162,6 +162,14 @@ def _is_image_header(fs, path: str) -> bool:
         return False
 
 
+def walk(folder: str) -> tuple[list[str], list[tuple[str, str]]]:
+    """The files ``ingest_images`` reads under ``folder`` (sorted) and the entries it skips with the reason
+    (links that loop or dangle, FIFOs, sockets, devices), found without opening any of them."""
+    fs, root = tgfs.resolve(folder)
+    root = root.rstrip("/") or "/"
+    return _walk_local(root) if tgfs.is_local(fs) else _find(fs, root)
+
+
 def _find(fs, root: str) -> tuple[list[str], list[tuple[str, str]]]:
     """Files under ``root`` on a filesystem without links or special files (object stores, memory://)."""
     files = sorted(p for p in fs.find(root) if not any(part.startswith(".")
