@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 
 import fsspec
 import pyarrow as pa
@@ -46,10 +48,19 @@ def _format_of(path: str, fs: fsspec.AbstractFileSystem) -> str | None:
     return "parquet" if head == b"PAR1" else None
 
 
+def _regular(path: str) -> bool:
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
 def find_files(url: str) -> tuple[fsspec.AbstractFileSystem, str, list[str]]:
     """The data files at a path, directory (recursive, hidden and _-prefixed entries skipped) or glob,
     and their common format. Raises when there are none or the format is not Parquet or CSV."""
     fs, path = tgfs.resolve(url)
+    if tgfs.is_local(fs) and fs.exists(path) and not fs.isdir(path) and not _regular(path):
+        raise UnsupportedFormatError(f"{url} is not a regular file (a FIFO, socket or device): nothing to read")
     if fsspec.core.has_magic(path):
         candidates = sorted(p for p in fs.glob(path) if fs.isfile(p))
     elif fs.isdir(path):
@@ -58,6 +69,8 @@ def find_files(url: str) -> tuple[fsspec.AbstractFileSystem, str, list[str]]:
         candidates = [path]
     else:
         raise DatasetNotFoundError(f"no dataset, Parquet or CSV at {url}")
+    if tgfs.is_local(fs):  # a FIFO, socket or device would block or fail a reader: never opened
+        candidates = [p for p in candidates if _regular(p)]
     if not candidates:
         raise DatasetNotFoundError(f"no files at {url}")
     formats = {p: _format_of(p, fs) for p in candidates}

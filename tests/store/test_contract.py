@@ -96,3 +96,10 @@ def test_a_kind_with_only_the_abstract_members_gets_working_defaults():
         ds.vacuum()
     with pytest.raises(TypeError, match="abstract"):
         type("Half", (Dataset,), {"schema": property(lambda self: None)})()
+
+
+def test_in_memory_fingerprints_tell_slices_of_one_table_apart():
+    t = _table(0, 1000)
+    a, b = tg.from_arrow(t.slice(0, 500)), tg.from_arrow(t.slice(500, 500))
+    assert a.fingerprint != b.fingerprint
+    assert a.fingerprint == tg.from_arrow(t.slice(0, 500)).fingerprint

@@ -1,5 +1,7 @@
 """Foreign data opened in place: Parquet by pyarrow and by DuckDB, Spark-style folders, CSV, globs."""
 
+import os
+
 import duckdb
 import numpy as np
 import pandas as pd
@@ -131,3 +133,20 @@ def test_files_with_different_column_types_are_named(tmp_path):
     pq.write_table(pa.table({"a": pa.array([None], pa.null()), "t": pa.array([2], pa.timestamp("ms"))}),
                    tmp_path / "n" / "1.parquet")
     assert tg.open(str(tmp_path / "n")).num_rows == 2 and len(tg.open(str(tmp_path / "n")).to_arrow()) == 2
+
+
+def test_a_fifo_among_foreign_files_is_never_opened(tmp_path):
+    """Opening a folder must not block on a FIFO (with or without a data extension), nor open one given directly."""
+    import threading
+
+    pq.write_table(pa.table({"a": [1, 2]}), tmp_path / "p.parquet")
+    os.mkfifo(tmp_path / "pipe")
+    os.mkfifo(tmp_path / "pipe.parquet")
+    result = {}
+    t = threading.Thread(target=lambda: result.setdefault("rows", tg.open(str(tmp_path)).to_arrow().num_rows),
+                         daemon=True)
+    t.start()
+    t.join(20)
+    assert result == {"rows": 2}
+    with pytest.raises(tg.UnsupportedFormatError, match="not a regular file"):
+        tg.open(str(tmp_path / "pipe.parquet"))
