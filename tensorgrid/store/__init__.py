@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import numbers
-
 from .. import fs as tgfs
+from ..args import check_int
 from ..errors import DatasetNotFoundError, TensorGridError
 from . import manifest
 from .catalog import DatasetEntry, list_datasets
@@ -21,8 +20,7 @@ __all__ = ["Dataset", "StoreDataset", "ForeignDataset", "ArrowDataset", "Version
 def open(url: str, version: int | None = None) -> Dataset:  # noqa: A001 - the one obvious name
     """Open a dataset written by ``tg.write`` (optionally an earlier ``version``), or Parquet/CSV files,
     a directory of them or a glob, in place."""
-    if version is not None and (isinstance(version, bool) or not isinstance(version, numbers.Integral) or version < 1):
-        raise TensorGridError(f"version must be an int >= 1, got {version!r}")
+    version = check_int("version", version, 1, none=True)
     fs, path = tgfs.resolve(url)
     if manifest.is_dataset(fs, path):
         return StoreDataset(fs, path, manifest.load(fs, path, version))

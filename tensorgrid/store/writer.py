@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import numbers
 import os
 import posixpath
 import re
@@ -18,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .. import fs as tgfs
+from ..args import check_choice, check_int
 from ..errors import (
     ConflictError,
     DatasetExistsError,
@@ -193,11 +193,9 @@ def write(url: str, data, mode: str = "create", shard_rows: int | None = None,
     mode: "create" (error if a dataset exists), "append" (adds rows; creates the dataset if missing) or
     "overwrite" (the new version holds only ``data``; older versions stay readable).
     """
-    if mode not in MODES:
-        raise TensorGridError(f"mode must be one of {MODES}, got {mode!r}")
-    for name, v in (("shard_rows", shard_rows), ("shard_bytes", shard_bytes)):
-        if v is not None and (not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < 1):
-            raise TensorGridError(f"{name} must be an int >= 1, got {v!r}")
+    check_choice("mode", mode, MODES)
+    shard_rows = check_int("shard_rows", shard_rows, 1, none=True)
+    shard_bytes = check_int("shard_bytes", shard_bytes, 1, none=True)
     fs, root = tgfs.resolve(url)
     existed = fs.exists(root)
     if not manifest.is_dataset(fs, root):
