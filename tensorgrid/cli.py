@@ -16,6 +16,7 @@ from rich.text import Text
 from . import store
 from .args import check_int, check_number
 from .errors import EmptyDataError, TensorGridError, UnsupportedFormatError
+from .store.vacuum import vacuum as store_vacuum
 
 TABULAR_EXT = store.foreign.PARQUET_EXT + store.foreign.CSV_EXT
 INT64_MAX = (1 << 63) - 1  # the largest count Arrow and DuckDB take
@@ -53,15 +54,13 @@ def _progress(total: int | None, what: str) -> Progress:
                     TimeRemainingColumn(), console=err, transient=True, disable=not err.is_terminal)
 
 
-def _shard_bytes(ds) -> int:
-    return sum(s.bytes for s in ds.shards) if hasattr(ds, "shards") else 0
 
 
 def print_info(ds) -> None:
     t = Table(title=_t(ds.url), show_header=False, title_justify="left")
     t.add_row("version", "-" if ds.version is None else str(ds.version))
     t.add_row("rows", f"{ds.num_rows:,}")
-    t.add_row("shards", f"{ds.num_shards:,}" + (f" ({human_bytes(_shard_bytes(ds))})" if _shard_bytes(ds) else ""))
+    t.add_row("shards", f"{ds.num_shards:,}" + (f" ({human_bytes(ds.size_bytes)})" if ds.size_bytes else ""))
     for f in ds.schema:
         t.add_row(_t(f"  {f.name}"), _t(str(f.type).replace("extension<arrow.fixed_shape_tensor", "tensor<")))
     out.print(t)
@@ -120,10 +119,7 @@ def cmd_verify(a) -> None:
 
 def cmd_vacuum(a) -> None:
     min_age = check_number("--min-age", a.min_age, 0)
-    ds = store.open(a.ds)
-    if not hasattr(ds, "vacuum") or ds.version is None:
-        raise TensorGridError(f"{a.ds} is not a TensorGrid dataset; vacuum only cleans datasets it wrote")
-    r = ds.vacuum(min_age_s=min_age)
+    r = store_vacuum(a.ds, min_age_s=min_age)  # also a folder holding only an interrupted first write
     msg = f"removed {r['removed']} unreferenced file(s), {human_bytes(r['bytes'])}"
     if r["kept_young"]:
         msg += f"; kept {r['kept_young']} younger than {min_age:g} s (a writer may be at work; see --min-age)"
@@ -131,33 +127,16 @@ def cmd_vacuum(a) -> None:
 
 
 def cmd_ls(a) -> None:
-    from . import fs as tgfs
-
-    fsys, root = tgfs.resolve(a.root)
-    if not fsys.exists(root):
-        raise TensorGridError(f"nothing at {a.root}")
-    t = Table("dataset", "version", "rows", "shards", "size", title=_t(a.root), title_justify="left")
-    found = 0
-    datasets: list[str] = []
-    for path in [root] + sorted(fsys.find(root, withdirs=True, maxdepth=4)):
-        # a dataset's own metadata and shard folders are not listed, nor anything inside them
-        inside = any((path + "/").startswith(f"{d.rstrip('/')}/{sub}/") for d in datasets
-                     for sub in (store.manifest.META_DIR, store.manifest.DATA_DIR))
-        if inside or not fsys.isdir(path) or not store.manifest.is_dataset(fsys, path):
-            continue
-        datasets.append(path)
-    for path in datasets:
-        try:
-            ds = store.open(tgfs.to_url(fsys, path))
-        except TensorGridError as e:
-            t.add_row(_t(path), "?", "?", "?", _t(e))
-            continue
-        found += 1
-        t.add_row(_t(tgfs.to_url(fsys, path)), str(ds.version), f"{ds.num_rows:,}", str(ds.num_shards),
-                  human_bytes(_shard_bytes(ds)))
-    if not found:
+    entries = store.list_datasets(a.root)
+    if not entries:
         out.print(f"no datasets under {safe(a.root)}", markup=False)
         return
+    t = Table("dataset", "version", "rows", "shards", "size", title=_t(a.root), title_justify="left")
+    for e in entries:
+        if e.error:
+            t.add_row(_t(e.url), "?", "?", "?", _t(e.error))
+        else:
+            t.add_row(_t(e.url), str(e.version), f"{e.rows:,}", str(e.shards), human_bytes(e.bytes))
     out.print(t)
 
 

@@ -245,3 +245,13 @@ def test_ingest_of_an_image_folder_with_a_fifo_and_symlink_loops_never_blocks(tm
     assert code == 0, err
     assert "ingested 1 rows" in out and "(images)" in out
     assert "skipped 3 of 4" in err and "a/pipe" in err and "a/up" in err and "a/gone.png" in err
+
+
+def test_vacuum_cleans_a_folder_holding_only_an_interrupted_first_write(tmp_path):
+    (tmp_path / "d" / "_tensorgrid").mkdir(parents=True)
+    (tmp_path / "d" / "data").mkdir()
+    (tmp_path / "d" / "data" / "part-0123456789ab-00000.parquet").write_bytes(b"half")
+    code, out, err = run("vacuum", str(tmp_path / "d"), "--min-age", "0")
+    assert code == 0 and "removed 1" in out, err
+    code, _, err = run("vacuum", str(tmp_path / "nothing"))
+    assert code != 0 and err.startswith("error:") and "no TensorGrid dataset" in err
