@@ -21,6 +21,8 @@ from functools import cached_property
 
 import numpy as np
 
+from ..args import check_int
+
 
 @dataclass(frozen=True)
 class Layout:
@@ -78,10 +80,9 @@ class Plan:
     _sigma: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if not 0 <= self.rank < self.world_size:
-            raise ValueError(f"rank must be in [0, {self.world_size}), got {self.rank}")
+        self.batch_size = check_int("batch_size", self.batch_size, 1)
+        self.world_size = check_int("world_size", self.world_size, 1)
+        self.rank = check_int("rank", self.rank, 0, self.world_size - 1)
 
     @property
     def global_batch(self) -> int:

@@ -182,3 +182,14 @@ def test_in_memory_data_checks_the_same(ds):
     loader = tg.from_arrow(pa.table({"id": np.arange(10)})).to_torch(batch_size=2)
     with pytest.raises(ResumeError, match="the state's batch"):
         loader.load_state_dict({**loader.state_dict(), "batch": -5})
+
+
+def test_the_plan_checks_its_counts_the_same_way():
+    from tensorgrid.loader import Layout, Plan
+
+    layout = Layout((10,), ((0, 0, 10),))
+    for kw, needle in ((dict(batch_size=0), "batch_size must be an int >= 1"),
+                       (dict(batch_size=2, rank=2, world_size=2), r"rank must be an int in \[0, 1\]"),
+                       (dict(batch_size=2.5), "batch_size must be an int")):
+        with pytest.raises(ArgumentError, match=needle):
+            Plan(layout, **kw)
