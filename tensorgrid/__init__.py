@@ -14,6 +14,7 @@ from importlib import import_module
 from . import errors
 from .errors import (
     ArgumentError,
+    CacheRebuiltWarning,
     CheckpointError,
     ColumnNotFoundError,
     ConflictError,
@@ -64,5 +65,5 @@ __all__ = [
     "DatasetExistsError", "DatasetNotFoundError", "EmptyDataError", "ReadOnlyError", "SchemaMismatchError",
     "SQLError", "UnsupportedDataError", "UnsupportedFormatError", "UnsupportedURLError", "ColumnNotFoundError",
     "TrainingConfigError", "WorkerFailedError", "CheckpointError", "TransformError", "LoaderWorkerError",
-    "ResumeError",
+    "ResumeError", "CacheRebuiltWarning",
 ]

@@ -119,3 +119,8 @@ class CheckpointError(TensorGridError):
 
 class TrainingConfigError(TensorGridError, ValueError):
     """Trainer input found wrong before any worker started (columns, shapes, pickling, empty data)."""
+
+
+class CacheRebuiltWarning(UserWarning):
+    """A file of the loader's Arrow cache was damaged (bytes changed, truncated, emptied, or its checksum
+    record missing or unreadable) and was rebuilt from the verified shard."""

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 import xxhash
 
 from .. import fs as tgfs
-from ..errors import ArgumentError
+from ..errors import ArgumentError, CacheRebuiltWarning
 from ..store import encoding
 from ..store.dataset import ArrowDataset, Dataset, StoreDataset
 from ..store.foreign import ForeignDataset
@@ -43,11 +43,6 @@ RECORD = ".json"  # beside each cache file: {"bytes": size, "xxh3": hex digest},
 _verified: set[tuple] = set()
 _verified_lock = threading.Lock()
 checks = {"files": 0, "bytes": 0}  # cache files hashed by this process (read by tests and benchmarks)
-
-
-class CacheRebuiltWarning(UserWarning):
-    """A file of the loader's Arrow cache was damaged (bytes changed, truncated, emptied, or its checksum
-    record missing or unreadable) and was rebuilt from the verified shard."""
 
 
 def _fixed_blocks(shard_rows: list[int], row_bytes: float, block_bytes: int = BLOCK_BYTES) -> list[tuple[int, int, int]]:
