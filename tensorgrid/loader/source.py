@@ -22,18 +22,14 @@ import uuid
 import warnings
 from collections import OrderedDict
 
+import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import xxhash
 
-from .. import fs as tgfs
 from ..errors import ArgumentError, CacheRebuiltWarning
-from ..store import encoding
-from ..store.dataset import ArrowDataset, Dataset, StoreDataset
-from ..store.foreign import ForeignDataset
+from ..store.dataset import Dataset
 from .plan import Layout
 
-BLOCK_BYTES = 4 << 20
 CACHED_BLOCK_BYTES = 256 << 10
 _MAX_OPEN = 8  # open shard maps per process: their touched pages count in RSS (as clean page cache)
 RECORD = ".json"  # beside each cache file: {"bytes": size, "xxh3": hex digest}, written when it is built
@@ -45,18 +41,9 @@ _verified_lock = threading.Lock()
 checks = {"files": 0, "bytes": 0}  # cache files hashed by this process (read by tests and benchmarks)
 
 
-def _fixed_blocks(shard_rows: list[int], row_bytes: float, block_bytes: int = BLOCK_BYTES) -> list[tuple[int, int, int]]:
+def _fixed_blocks(shard_rows: list[int], row_bytes: float, block_bytes: int) -> list[tuple[int, int, int]]:
     step = max(1, int(block_bytes // max(1.0, row_bytes)))
     return [(s, a, min(a + step, n)) for s, n in enumerate(shard_rows) for a in range(0, n, step)]
-
-
-def _rg_blocks(shard: int, rg_rows: list[int]) -> list[tuple[int, int, int]]:
-    out, a = [], 0
-    for n in rg_rows:
-        if n:
-            out.append((shard, a, a + n))
-        a += n
-    return out
 
 
 class Source:
@@ -64,17 +51,19 @@ class Source:
                  cache_limit: int | None = None, memory_budget: int = 512 << 20):
         self.dataset = dataset
         self.memory_budget = memory_budget
-        self.columns = dataset._check_columns(columns)
+        self.columns = dataset.check_columns(columns)
         self.cache_dir = _checked_cache_dir(cache_dir)
         self.cache_limit = cache_limit
-        if self.cache_dir and not isinstance(dataset, StoreDataset):
-            self.cache_dir = None  # in-memory and foreign data: nothing to cache (foreign: no checksums to key on)
+        if self.cache_dir and any(dataset.cache_key(i) is None for i in range(dataset.num_shards)):
+            self.cache_dir = None  # shards without a content key (in memory, foreign files): nothing to cache
         if self.cache_dir:
             try:
                 os.makedirs(self.cache_dir, exist_ok=True)
             except OSError as e:
                 raise ArgumentError(f"cache_dir {self.cache_dir!r} cannot be created: {e}") from None
+        self.row_bytes = float(dataset.bytes_per_row())  # average bytes per row in memory (for budgets)
         self.layout = Layout(tuple(dataset.shard_rows), tuple(self._blocks()))
+        self._starts = _block_starts(self.layout.blocks, dataset.num_shards)
         self._open: OrderedDict = OrderedDict()
         self._groups: OrderedDict = OrderedDict()  # decoded row groups, bounded in bytes
         self._lock = threading.Lock()
@@ -94,45 +83,10 @@ class Source:
         self.__dict__.update(state)
         self._lock = threading.Lock()
 
-    @property
-    def row_bytes(self) -> float:
-        """Average bytes per row in memory (for budgets)."""
-        ds = self.dataset
-        n = max(1, ds.num_rows)
-        if isinstance(ds, StoreDataset):  # uncompressed size, from the first shard's footer (a tail read)
-            try:
-                with ds.fs.open(tgfs.join(ds.root, ds.shards[0].path), "rb") as f:
-                    md = pq.read_metadata(f)
-            except (OSError, pa.ArrowInvalid):  # a damaged shard is reported by the verified read itself
-                md = None
-            if md is not None and md.num_rows:
-                return sum(md.row_group(i).total_byte_size for i in range(md.num_row_groups)) / md.num_rows
-            return sum(s.bytes for s in ds.shards) / n
-        if isinstance(ds, ArrowDataset):
-            return ds._table.nbytes / n
-        if isinstance(ds, ForeignDataset):
-            return sum(ds.fs.size(p) for p in ds.files) / n * (3 if ds.format == "csv" else 1)
-        return 1024.0
-
     def _blocks(self) -> list[tuple[int, int, int]]:
-        ds = self.dataset
         if self.cache_dir:  # memory-mapped Arrow: any row range is free to read, so small blocks shuffle best
-            return _fixed_blocks(ds.shard_rows, self.row_bytes, CACHED_BLOCK_BYTES)
-        if isinstance(ds, StoreDataset):
-            out = []
-            for i, s in enumerate(ds.shards):
-                rg = s.row_group_rows or s.rows
-                out += [(i, a, min(a + rg, s.rows)) for a in range(0, s.rows, max(1, rg))]
-            return out
-        if isinstance(ds, ForeignDataset) and ds.format == "parquet":
-            out = []
-            for i, frag in enumerate(ds._fragments):
-                frag.ensure_complete_metadata()
-                out += _rg_blocks(i, [rg.num_rows for rg in frag.row_groups])
-            return out
-        if isinstance(ds, ForeignDataset):  # CSV: a file is read whole anyway
-            return [(i, 0, n) for i, n in enumerate(ds.shard_rows) if n]
-        return _fixed_blocks(ds.shard_rows, self.row_bytes)
+            return _fixed_blocks(self.dataset.shard_rows, self.row_bytes, CACHED_BLOCK_BYTES)
+        return self.dataset.blocks()
 
     def reset(self, keep_decoded: bool = False) -> None:
         """Forget open files and maps (a new epoch maps the Arrow cache afresh, so no write into an
@@ -147,67 +101,49 @@ class Source:
         if h is None:
             h = make(shard)
             self._open[shard] = h
-            # remote shards are held in memory: keep two; local ones are maps of the page cache
-            if len(self._open) > (2 if is_remote(self.dataset) and not self.cache_dir else _MAX_OPEN):
+            if len(self._open) > _MAX_OPEN:
                 self._open.popitem(last=False)
         else:
             self._open.move_to_end(shard)
         return h
 
     def read(self, shard: int, start: int, stop: int) -> pa.Table:
-        """Rows [start, stop) of a shard, logical types, selected columns."""
-        ds = self.dataset
-        if isinstance(ds, ArrowDataset):
-            s0, _ = ds._bounds[shard]
-            t = ds._table.slice(s0 + start, stop - start)
-            return t.select(self.columns) if self.columns else t
+        """Rows [start, stop) of a shard, logical types, selected columns: a slice of the mapped Arrow
+        cache; or, through the dataset's contract, one read of views (in-memory kinds) or the blocks
+        holding the rows, each read once and kept while the budget allows."""
         if self.cache_dir:
-            table = self._handle(shard, self._map_cached)
-            return table.slice(start, stop - start)
-        if isinstance(ds, StoreDataset):
-            pf = self._handle(shard, self._store_file)
-            return self._read_row_groups(pf, start, stop, shard)
-        if isinstance(ds, ForeignDataset) and ds.format == "parquet" and not ds.partition_columns:
-            pf = self._handle(shard, lambda i: pq.ParquetFile(ds.files[i], filesystem=ds._ds.filesystem))
-            return self._read_row_groups(pf, start, stop, shard)
-        table = self._handle(shard, lambda i: ds.read_shard(i, self.columns))
-        return table.slice(start, stop - start)
-
-    def _read_row_groups(self, pf: pq.ParquetFile, start: int, stop: int, shard: int) -> pa.Table:
-        """Rows [start, stop) from the row groups holding them. Decoded row groups are kept (bounded in
-        bytes): consecutive shuffle windows share blocks, and a row group is decoded once, not per window."""
-        md = pf.metadata
-        sizes = [md.row_group(i).num_rows for i in range(md.num_row_groups)]
-        starts = [0]
-        for n in sizes:
-            starts.append(starts[-1] + n)
-        first = max(0, next(i for i in range(len(sizes)) if starts[i + 1] > start))
-        last = next(i for i in range(first, len(sizes)) if starts[i + 1] >= stop)
+            return self._handle(shard, self._map_cached).slice(start, stop - start)
+        if self.dataset.zero_copy_reads:
+            return self.dataset.read_rows(shard, start, stop, self.columns)
+        starts, stops = self._starts[shard]
+        if not len(starts):  # a shard without rows
+            return self.dataset.read_rows(shard, 0, 0, self.columns)
+        first = int(np.searchsorted(stops, start, side="right"))
         parts = []
-        for i in range(first, last + 1):
-            key = (shard, i)
-            t = self._groups.get(key)
-            if t is None:
-                t = encoding.decode(pf.read_row_group(i, columns=self.columns),
-                                    like=self.dataset._m.schema if isinstance(self.dataset, StoreDataset) else None)
-                self._groups[key] = t
-                limit = max(self.memory_budget // 4, 2 * t.nbytes)
-                while sum(g.nbytes for g in self._groups.values()) > limit and len(self._groups) > 1:
-                    self._groups.popitem(last=False)
-            else:
-                self._groups.move_to_end(key)
-            parts.append(t)
+        for b in range(first, len(starts)):
+            if starts[b] >= stop and parts:
+                break
+            parts.append(self._block(shard, int(starts[b]), int(stops[b])))
         table = parts[0] if len(parts) == 1 else pa.concat_tables(parts)
-        return table.slice(start - starts[first], stop - start)
+        return table.slice(start - int(starts[first]), stop - start)
 
-    def _store_file(self, shard: int):
-        ds: StoreDataset = self.dataset
-        return pq.ParquetFile(pa.BufferReader(ds._shard_buffer(ds.shards[shard])))
+    def _block(self, shard: int, a: int, b: int) -> pa.Table:
+        """A block, decoded once and kept (bounded in bytes): consecutive shuffle windows share blocks."""
+        key = (shard, a)
+        t = self._groups.get(key)
+        if t is not None:
+            self._groups.move_to_end(key)
+            return t
+        t = self.dataset.read_rows(shard, a, b, self.columns)
+        self._groups[key] = t
+        limit = max(self.memory_budget // 4, 2 * t.nbytes)
+        while sum(g.nbytes for g in self._groups.values()) > limit and len(self._groups) > 1:
+            self._groups.popitem(last=False)
+        return t
 
     # --- the Arrow IPC cache ----------------------------------------------------------------------
     def _cache_path(self, shard: int) -> str:
-        s = self.dataset.shards[shard]
-        return os.path.join(self.cache_dir, s.checksum.replace(":", "-") + f"-{s.bytes}.arrow")
+        return os.path.join(self.cache_dir, self.dataset.cache_key(shard) + ".arrow")
 
     def _map_cached(self, shard: int) -> pa.Table:
         path = self._cache_path(shard)
@@ -243,7 +179,7 @@ class Source:
         workers start: they inherit what was checked, so they do not hash every file again each epoch."""
         if not self.cache_dir:
             return
-        for shard in range(len(self.dataset.shards)):
+        for shard in range(self.dataset.num_shards):
             path = self._cache_path(shard)
             if os.path.exists(path) and _checked_map(path) is None:
                 self._build_cache(shard, path)
@@ -351,5 +287,12 @@ def _remember(key: tuple) -> None:
         _verified.add(key)
 
 
-def is_remote(ds: Dataset) -> bool:
-    return isinstance(ds, (StoreDataset, ForeignDataset)) and not tgfs.is_local(ds.fs)
+def _block_starts(blocks, shards: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per shard, the sorted starts and stops of its blocks (to find the blocks holding a row range)."""
+    arr = np.asarray(blocks, dtype=np.int64).reshape(-1, 3)
+    arr = arr[np.lexsort((arr[:, 1], arr[:, 0]))]
+    out = []
+    for s in range(shards):
+        mine = arr[arr[:, 0] == s]
+        out.append((mine[:, 1].copy(), mine[:, 2].copy()))
+    return out

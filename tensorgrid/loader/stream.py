@@ -22,10 +22,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ..args import check_choice, check_int, check_number
 from ..errors import ArgumentError, EmptyDataError, ResumeError, TransformError
 from ..rng import seed_all
-from ..store.dataset import ArrowDataset, Dataset
+from ..store.dataset import Dataset
 from .collate import concat_take, gather_groups, slice_batch, table_to_torch, take_to_torch
 from .plan import Layout, Plan
-from .source import Source, is_remote
+from .source import Source
 from .workers import Watch
 
 VALID = "_valid"
@@ -88,7 +88,7 @@ def window_rows(plan: Plan, source: Source, pos: np.ndarray) -> dict:
         cols = table_to_torch(table.slice(int(local[0]), n))
         # decoded row groups outlive a shuffled epoch, and an in-memory table is the user's own data:
         # hand out copies (the Arrow cache is mapped copy-on-write afresh each epoch instead)
-        if not source.cache_dir and (plan.shuffle or isinstance(source.dataset, ArrowDataset)):
+        if not source.cache_dir and (plan.shuffle or source.dataset.zero_copy_reads):
             cols = _copied(cols)
         return cols
     if 2 * n >= len(table):
@@ -183,7 +183,7 @@ class _Chunks(IterableDataset):
             return build_chunk(self.plan, self.source, c, self.first, self.transform, self.add_valid,
                                eager=info is not None)
 
-        if not is_remote(self.source.dataset) or len(mine) < 2:
+        if not self.source.dataset.is_remote or len(mine) < 2:
             for c in mine:
                 yield build(c)
             return

@@ -67,7 +67,11 @@ class Dataset(abc.ABC):
     # --- what the loader uses (defaults work for any kind) -----------------------------------
     def blocks(self) -> list[tuple[int, int, int]]:
         """The natural read units as (shard, start, stop) row ranges, in storage order: the loader
-        shuffles blocks, and reads a range through the blocks holding it. Default: ~4 MiB ranges."""
+        shuffles blocks, and reads a range through the blocks holding it. Default: ~4 MiB ranges when
+        the kind reads row ranges itself (overrides ``read_rows``), else whole shards (a shard is read
+        whole anyway)."""
+        if type(self).read_rows is Dataset.read_rows:
+            return [(s, 0, n) for s, n in enumerate(self.shard_rows) if n]
         step = max(1, int(BLOCK_BYTES // max(1.0, self.bytes_per_row())))
         return [(s, a, min(a + step, n)) for s, n in enumerate(self.shard_rows) for a in range(0, n, step)]
 
@@ -86,6 +90,11 @@ class Dataset(abc.ABC):
     def is_remote(self) -> bool:
         """Whether reads cross a network (the loader then prefetches a chunk ahead)."""
         return False
+
+    #: Whether ``read_rows`` may return views of memory the dataset keeps (in-memory tables): the loader
+    #: then reads ranges directly (no block cache) and hands out copies, so writing into a batch never
+    #: changes the data. Kinds that decode fresh buffers on every read (files, network) say False.
+    zero_copy_reads: bool = True
 
     def cache_key(self, shard: int) -> str | None:
         """A name for shard ``shard``'s content that changes whenever its bytes do, or None: the loader's
@@ -139,7 +148,9 @@ class Dataset(abc.ABC):
         """The files holding this version's rows (give them to DuckDB, Spark or pandas to read in place)."""
         return []
 
-    def _check_columns(self, columns: list[str] | None) -> list[str] | None:
+    def check_columns(self, columns: list[str] | None) -> list[str] | None:
+        """``columns`` as a list of this dataset's column names (None: all); ColumnNotFoundError names a
+        missing one."""
         if columns is None:
             return None
         if isinstance(columns, str):
@@ -170,7 +181,7 @@ class Dataset(abc.ABC):
 
     def to_arrow(self, columns: list[str] | None = None, filter: pc.Expression | None = None) -> pa.Table:
         """All rows (of ``columns``, matching ``filter``, a pyarrow compute expression pushed down) as Arrow."""
-        columns = self._check_columns(columns)
+        columns = self.check_columns(columns)
         self._check_filter(filter)
         n = self.num_shards
         if n == 0:
@@ -273,6 +284,8 @@ class VersionInfo:
 
 class StoreDataset(Dataset):
     """A version of a dataset written by ``tg.write``: Parquet shards listed in a manifest with checksums."""
+
+    zero_copy_reads = False  # every read decodes Parquet into new buffers
 
     def __init__(self, fs: fsspec.AbstractFileSystem, root: str, m: Manifest):
         self.fs, self.root, self._m = fs, root, m
@@ -569,7 +582,7 @@ class ArrowDataset(Dataset):
         return t.select(columns) if columns is not None else t
 
     def to_arrow(self, columns: list[str] | None = None, filter: pc.Expression | None = None) -> pa.Table:
-        columns = self._check_columns(columns)
+        columns = self.check_columns(columns)
         self._check_filter(filter)
         t = self._table if filter is None else self._table.filter(filter)
         return t.select(columns) if columns is not None else t

@@ -108,6 +108,8 @@ def _castable(src: pa.DataType, dst: pa.DataType) -> bool:
 class ForeignDataset(Dataset):
     """Parquet or CSV files read in place through pyarrow.dataset; each file is a shard."""
 
+    zero_copy_reads = False  # every read decodes the files into new buffers
+
     def __init__(self, url: str):
         fs, fmt, files = find_files(url)
         self.fs, self.format, self.files = fs, fmt, files
@@ -150,7 +152,7 @@ class ForeignDataset(Dataset):
 
     # --- the loader's contract: Parquet row groups are the blocks; a CSV file is one ------------
     def blocks(self) -> list[tuple[int, int, int]]:
-        if self.format != "parquet":  # CSV: a file is read whole anyway
+        if self.format != "parquet" or self.partition_columns:  # CSV, Hive folders: a file is read whole
             return [(i, 0, n) for i, n in enumerate(self.shard_rows) if n]
         out = []
         for i, frag in enumerate(self._fragments):
@@ -225,7 +227,7 @@ class ForeignDataset(Dataset):
         return encoding.decode(table)
 
     def to_arrow(self, columns: list[str] | None = None, filter: pc.Expression | None = None) -> pa.Table:
-        columns = self._check_columns(columns)
+        columns = self.check_columns(columns)
         self._check_filter(filter)
         for i in range(len(self._fragments)):
             self._guard(i, lambda f: None)
