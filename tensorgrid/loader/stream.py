@@ -237,7 +237,17 @@ def _context(ctx):
 
 
 class Loader:
-    """Batches of a Dataset as dicts of tensors; one epoch per iteration. See ``Dataset.to_torch``."""
+    """A PyTorch loader over a Dataset (``ds.to_torch(batch_size, ...)``): iterate it for one epoch of dict
+    batches (numeric and tensor columns as stacked tensors). Every row once per epoch across ranks and
+    workers, equal batch counts per rank, seeded shuffle, exact mid-epoch resume via
+    ``state_dict()``/``load_state_dict()``.
+
+    rank/world_size default to torch.distributed, else $RANK/$WORLD_SIZE, else 0/1. Unless drop_last, the
+    epoch is padded to a multiple of world_size by repeating rows, flagged False in a "_valid" column
+    (present when world_size > 1). ``cache_dir`` keeps shards as memory-mapped Arrow IPC for zero-copy
+    reads, each file checked once per process (``cache_limit`` bytes bounds it). Also:
+    ``multiprocessing_context`` ("fork"/"spawn"), ``timeout``, ``shuffle_buffer``, ``memory_budget``.
+    """
 
     def __init__(self, dataset: Dataset, batch_size: int, columns=None, shuffle: bool = False, seed: int = 0,
                  transform=None, num_workers: int = 0, rank: int | None = None, world_size: int | None = None,

@@ -213,26 +213,12 @@ class Dataset(abc.ABC):
         table = pa.concat_tables(parts) if parts else pa.Table.from_batches([], schema=self.schema)
         return table_to_pandas(table)
 
-    def to_torch(self, batch_size: int, columns: list[str] | None = None, shuffle: bool = False, seed: int = 0,
-                 transform=None, num_workers: int = 0, rank: int | None = None, world_size: int | None = None,
-                 drop_last: bool = False, prefetch: int = 2, shuffle_buffer: int | None = None,
-                 memory_budget: int | None = None, cache_dir: str | None = None, **options):
-        """A PyTorch loader over this dataset: iterate it for one epoch of dict batches (numeric and tensor
-        columns as stacked tensors). Every row once per epoch across ranks and workers, equal batch counts
-        per rank, seeded shuffle, exact mid-epoch resume via state_dict()/load_state_dict().
+    def to_torch(self, batch_size: int, **options):
+        """A PyTorch loader over this dataset (``tensorgrid.loader.Loader``: see its docstring for the
+        options). The one sanctioned upward reference from the store: imported on use."""
+        from ..loader import Loader
 
-        rank/world_size default to torch.distributed, else $RANK/$WORLD_SIZE, else 0/1. Unless drop_last,
-        the epoch is padded to a multiple of world_size by repeating rows, flagged False in a "_valid"
-        column (present when world_size > 1). cache_dir keeps shards as memory-mapped Arrow IPC for
-        zero-copy reads (cache_limit= bytes bounds it). Further options: cache_limit,
-        multiprocessing_context ("fork"/"spawn"), timeout.
-        """
-        from ..loader import Loader  # the loader layer sits above the store; imported on use
-
-        return Loader(self, batch_size, columns=columns, shuffle=shuffle, seed=seed, transform=transform,
-                      num_workers=num_workers, rank=rank, world_size=world_size, drop_last=drop_last,
-                      prefetch=prefetch, shuffle_buffer=shuffle_buffer, memory_budget=memory_budget,
-                      cache_dir=cache_dir, **options)
+        return Loader(self, batch_size, **options)
 
     def sql(self, query: str) -> Dataset:
         """Run DuckDB SQL with this dataset as the table ``ds``."""
