@@ -5,84 +5,19 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import unicodedata
 import warnings
 
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
-from rich.text import Text
 
 from . import store
 from .args import check_int, check_number
 from .errors import EmptyDataError, TensorGridError, UnsupportedFormatError
+from .show import human_bytes, out, print_frame, print_info, progress, safe, text
 from .store.vacuum import vacuum as store_vacuum
 
 TABULAR_EXT = store.foreign.PARQUET_EXT + store.foreign.CSV_EXT
 INT64_MAX = (1 << 63) - 1  # the largest count Arrow and DuckDB take
 MAX_SHARD_MB = float(1 << 20)  # 1 TiB
-
-out = Console(highlight=False, soft_wrap=True, emoji=False)
-err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
-for _c in (out, err):
-    if not _c.is_terminal:  # pipes and logs: do not fold paths at 80 columns
-        _c.width = 200
-
-
-def safe(text: object) -> str:
-    """``text`` fit for one terminal line: control and format characters (newlines, escape sequences,
-    bidi overrides) and lone surrogates (undecodable bytes of a path) shown as escapes, never acted on."""
-    return "".join(ch.encode("unicode_escape").decode("ascii") if unicodedata.category(ch) in ("Cc", "Cf", "Cs")
-                   else ch for ch in str(text))
-
-
-def _t(text: object) -> Text:
-    """User data or a path as literal text in a table (rich would read "[...]" in it as markup)."""
-    return Text(safe(text))
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} PB"
-
-
-def _progress(total: int | None, what: str) -> Progress:
-    return Progress(TextColumn(f"[bold]{what}"), BarColumn(), TextColumn("{task.completed:,}/{task.total:,}"),
-                    TimeRemainingColumn(), console=err, transient=True, disable=not err.is_terminal)
-
-
-
-
-def print_info(ds) -> None:
-    t = Table(title=_t(ds.url), show_header=False, title_justify="left")
-    t.add_row("version", "-" if ds.version is None else str(ds.version))
-    t.add_row("rows", f"{ds.num_rows:,}")
-    t.add_row("shards", f"{ds.num_shards:,}" + (f" ({human_bytes(ds.size_bytes)})" if ds.size_bytes else ""))
-    for f in ds.schema:
-        t.add_row(_t(f"  {f.name}"), _t(str(f.type).replace("extension<arrow.fixed_shape_tensor", "tensor<")))
-    out.print(t)
-
-
-def print_frame(df, title: str | None = None) -> None:
-    t = Table(title=None if title is None else _t(title), title_justify="left")
-    for c in df.columns:
-        t.add_column(_t(c), overflow="fold", max_width=40)
-    for row in df.itertuples(index=False):
-        t.add_row(*(_t(_cell(v)) for v in row))
-    out.print(t)
-
-
-def _cell(v) -> str:
-    if hasattr(v, "shape") and hasattr(v, "dtype"):
-        return f"{v.dtype}[{'x'.join(map(str, v.shape))}]"
-    if isinstance(v, bytes):
-        return f"<{human_bytes(len(v))}>"
-    s = str(v).replace("\n", " ")
-    return s if len(s) <= 60 else s[:57] + "..."
-
 
 def _version(a) -> int | None:
     return check_int("--version", a.version, 1, INT64_MAX, none=True)
@@ -100,7 +35,7 @@ def cmd_head(a) -> None:
 
 def cmd_versions(a) -> None:
     ds = store.open(a.ds)
-    t = Table("version", "time (UTC)", "operation", "rows", "added", "shards", title=_t(ds.url),
+    t = Table("version", "time (UTC)", "operation", "rows", "added", "shards", title=text(ds.url),
               title_justify="left")
     for v in ds.versions():
         t.add_row(str(v.version), v.timestamp[:23].replace("T", " "), v.operation, f"{v.rows:,}",
@@ -131,12 +66,12 @@ def cmd_ls(a) -> None:
     if not entries:
         out.print(f"no datasets under {safe(a.root)}", markup=False)
         return
-    t = Table("dataset", "version", "rows", "shards", "size", title=_t(a.root), title_justify="left")
+    t = Table("dataset", "version", "rows", "shards", "size", title=text(a.root), title_justify="left")
     for e in entries:
         if e.error:
-            t.add_row(_t(e.url), "?", "?", "?", _t(e.error))
+            t.add_row(text(e.url), "?", "?", "?", text(e.error))
         else:
-            t.add_row(_t(e.url), str(e.version), f"{e.rows:,}", str(e.shards), human_bytes(e.bytes))
+            t.add_row(text(e.url), str(e.version), f"{e.rows:,}", str(e.shards), human_bytes(e.bytes))
     out.print(t)
 
 
@@ -187,7 +122,7 @@ def cmd_ingest(a) -> None:
     t0 = time.perf_counter()
     if kind == "images":
         total = len(store.images.walk(a.src)[0])
-        with _progress(total, "packing images") as bar, warnings.catch_warnings(record=True) as caught:
+        with progress(total, "packing images") as bar, warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", store.SkippedFilesWarning)
             task = bar.add_task("", total=total)
             ds = store.ingest_images(a.src, a.dest, mode=a.mode, shard_bytes=shard_bytes,

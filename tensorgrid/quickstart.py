@@ -12,7 +12,7 @@ import torch
 
 from . import fs as tgfs
 from . import store
-from .cli import human_bytes, out, print_frame, print_info
+from .show import human_bytes, out, print_frame, print_info
 
 
 def digits_frame() -> pd.DataFrame:
