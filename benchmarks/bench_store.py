@@ -25,8 +25,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import DATA, drop_caches, machine, median_time, memcpy_gbs, table  # noqa: E402
 
 import tensorgrid as tg  # noqa: E402
-from tensorgrid.store import dataset as tgds  # noqa: E402
 from tensorgrid.store import manifest  # noqa: E402
+from tensorgrid.store import versioned as tgds  # noqa: E402
 
 ROW = 1 << 20
 

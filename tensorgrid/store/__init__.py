@@ -7,10 +7,12 @@ from ..args import check_int
 from ..errors import DatasetNotFoundError, TensorGridError
 from . import manifest
 from .catalog import DatasetEntry, list_datasets
-from .dataset import ArrowDataset, Dataset, StoreDataset, VersionInfo, from_arrow
+from .dataset import Dataset
 from .foreign import ForeignDataset
 from .images import SkippedFilesWarning, ingest_images
+from .memory import ArrowDataset, from_arrow
 from .sql import sql
+from .versioned import StoreDataset, VersionInfo
 from .writer import write
 
 __all__ = ["Dataset", "StoreDataset", "ForeignDataset", "ArrowDataset", "VersionInfo", "SkippedFilesWarning",

@@ -8,7 +8,7 @@ from .. import fs as tgfs
 from ..args import check_int
 from ..errors import DatasetNotFoundError, TensorGridError
 from . import manifest
-from .dataset import StoreDataset
+from .versioned import StoreDataset
 
 
 @dataclass(frozen=True)

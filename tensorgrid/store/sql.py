@@ -8,7 +8,8 @@ import pyarrow as pa
 
 from ..errors import SQLError, UnsupportedDataError
 from . import encoding
-from .dataset import ArrowDataset, Dataset
+from .dataset import Dataset
+from .memory import ArrowDataset
 
 
 def _source(value):

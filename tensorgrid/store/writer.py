@@ -241,7 +241,7 @@ def write(url: str, data, mode: str = "create", shard_rows: int | None = None,
 
 def _commit(fs, root: str, url: str, mode: str, base: Manifest | None, physical: pa.Schema, shards: list[Shard],
             writer: _ShardWriter):
-    from .dataset import StoreDataset
+    from .versioned import StoreDataset
 
     added = sum(s.rows for s in shards)
     writer.sync()

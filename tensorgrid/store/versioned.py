@@ -1,0 +1,255 @@
+"""Versioned store datasets: a version of a dataset written by ``tg.write``, its Parquet shards listed
+in a manifest with sizes and checksums, verified on read."""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import lru_cache
+
+import fsspec
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import xxhash
+
+from .. import fs as tgfs
+from ..errors import CorruptManifestError, CorruptShardError
+from . import encoding, manifest
+from .dataset import _PARSE_ERRORS, Dataset, _arrow_fs, _cached_handle, _threads, decode_row_range
+from .manifest import Manifest, Shard
+
+_verified: set[tuple] = set()
+_verified_lock = threading.Lock()
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    version: int
+    timestamp: str
+    operation: str
+    rows: int
+    added_rows: int
+    shards: int
+
+
+class StoreDataset(Dataset):
+    """A version of a dataset written by ``tg.write``: Parquet shards listed in a manifest with checksums."""
+
+    zero_copy_reads = False  # every read decodes Parquet into new buffers
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, root: str, m: Manifest):
+        self.fs, self.root, self._m = fs, root, m
+        self.url = tgfs.to_url(fs, root)
+        self.version = m.version
+        self._schema = encoding.logical_schema(m.schema)
+        self._fingerprint: str | None = None
+        self._schema_key = hash(m.schema)  # a verified shard is re-checked under a manifest of another schema
+
+    @classmethod
+    def open(cls, url: str, version: int | None = None) -> StoreDataset:
+        fs, root = tgfs.resolve(url)
+        return cls(fs, root, manifest.load(fs, root, version))
+
+    @property
+    def schema(self) -> pa.Schema:
+        return self._schema
+
+    @property
+    def shards(self) -> list[Shard]:
+        return list(self._m.shards)
+
+    @property
+    def shard_rows(self) -> list[int]:
+        return [s.rows for s in self._m.shards]
+
+    def shard_urls(self) -> list[str]:
+        return [tgfs.to_url(self.fs, tgfs.join(self.root, s.path)) for s in self._m.shards]
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(s.bytes for s in self._m.shards)
+
+    # --- the loader's contract: row groups are the blocks, read through the verified buffer ------
+    def blocks(self) -> list[tuple[int, int, int]]:
+        out = []
+        for i, s in enumerate(self._m.shards):
+            rg = s.row_group_rows or s.rows
+            out += [(i, a, min(a + rg, s.rows)) for a in range(0, s.rows, max(1, rg))]
+        return out
+
+    def read_rows(self, shard: int, start: int, stop: int, columns: list[str] | None = None) -> pa.Table:
+        pf = _cached_handle(self, shard, lambda: pq.ParquetFile(pa.BufferReader(self._shard_buffer(self._m.shards[shard]))))
+        return decode_row_range(pf, start, stop, columns, like=self._m.schema)
+
+    def bytes_per_row(self) -> float:
+        """Uncompressed bytes per row from the first shard's footer (a tail read)."""
+        n = max(1, self.num_rows)
+        if not self._m.shards:
+            return 1.0
+        try:
+            with self.fs.open(tgfs.join(self.root, self._m.shards[0].path), "rb") as f:
+                md = pq.read_metadata(f)
+        except (OSError, pa.ArrowInvalid):  # a damaged shard is reported by the verified read itself
+            md = None
+        if md is not None and md.num_rows:
+            return max(1.0, sum(md.row_group(i).total_byte_size for i in range(md.num_row_groups)) / md.num_rows)
+        return max(1.0, self.size_bytes / n)
+
+    @property
+    def is_remote(self) -> bool:
+        return not tgfs.is_local(self.fs)
+
+    def cache_key(self, shard: int) -> str | None:
+        s = self._m.shards[shard]
+        return s.checksum.replace(":", "-") + f"-{s.bytes}"
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_handles", None)  # open files never cross a fork or a spawn
+        return state
+
+    @property
+    def fingerprint(self) -> str:
+        """A digest of the schema and every shard's rows and checksum: the content, whatever its URL."""
+        if self._fingerprint is None:
+            h = xxhash.xxh3_64(self._m.schema.serialize().to_pybytes())
+            for s in self._m.shards:
+                h.update(f"{s.rows}:{s.checksum};".encode())
+            self._fingerprint = "store:" + h.hexdigest()
+        return self._fingerprint
+
+    @property
+    def added_rows(self) -> int:
+        """Rows this version added (all of them for a create or an overwrite)."""
+        return self._m.added_rows
+
+    def versions(self) -> list[VersionInfo]:
+        out = []
+        for v in manifest.list_versions(self.fs, self.root):
+            m = self._m if v == self._m.version else manifest.load(self.fs, self.root, v)
+            out.append(VersionInfo(m.version, m.timestamp, m.operation, m.num_rows, m.added_rows, len(m.shards)))
+        return out
+
+    def _check(self, shard: Shard, data, where: str) -> None:
+        size = data.size if isinstance(data, pa.Buffer) else len(data)
+        if size != shard.bytes:
+            raise CorruptShardError(f"shard {where} has {size} bytes, the manifest says {shard.bytes}", [where])
+        if manifest.checksum(data) != shard.checksum:
+            raise CorruptShardError(f"shard {where} fails its checksum (bytes changed on storage)", [where])
+        self._check_footer(shard, data, where)
+
+    def _check_footer(self, shard: Shard, data, where: str) -> None:
+        """The shard's own footer must agree with the manifest's rows and column types: a manifest edited
+        consistently (its checksum recomputed) still cannot make a shard read as other data."""
+        try:
+            meta = pq.read_metadata(pa.BufferReader(data))
+            theirs = meta.schema.to_arrow_schema()
+        except _PARSE_ERRORS as e:
+            raise CorruptShardError(f"shard {where} cannot be decoded: {e}", [where]) from None
+        if meta.num_rows != shard.rows:
+            raise CorruptManifestError(f"the manifest of {self.url} version {self.version} says shard {where} holds "
+                                       f"{shard.rows} rows; the shard holds {meta.num_rows}", [where])
+        ours = _footer_types(self._m.schema)
+        if [(f.name, f.type) for f in theirs] != ours:
+            raise CorruptManifestError(f"the manifest of {self.url} version {self.version} gives another schema "
+                                       f"than shard {where} holds", [where])
+
+    def _shard_buffer(self, shard: Shard, force: bool = False) -> pa.Buffer:
+        """The shard's bytes, size- and checksum-checked (local files memory-mapped, checked once per process
+        while their size and mtime stay the same)."""
+        path = tgfs.join(self.root, shard.path)
+        where = tgfs.to_url(self.fs, path)
+        if tgfs.is_local(self.fs):
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                raise CorruptShardError(f"shard {where} is missing", [where]) from None
+            if st.st_size != shard.bytes:
+                raise CorruptShardError(f"shard {where} has {st.st_size} bytes, the manifest says {shard.bytes}",
+                                        [where])
+            buf = pa.memory_map(path).read_buffer() if st.st_size else pa.py_buffer(b"")
+            key = (path, st.st_size, st.st_mtime_ns, shard.checksum, shard.rows, self._schema_key)
+            if force or key not in _verified:
+                self._check(shard, buf, where)
+                with _verified_lock:
+                    if len(_verified) > 100_000:
+                        _verified.clear()
+                    _verified.add(key)
+            return buf
+        try:
+            data = self.fs.cat_file(path)
+        except FileNotFoundError:
+            raise CorruptShardError(f"shard {where} is missing", [where]) from None
+        self._check(shard, data, where)
+        return pa.py_buffer(data)
+
+    def _read_only_shard(self, columns: list[str] | None, filter: pc.Expression | None) -> pa.Table:
+        return self.read_shard(0, columns, filter, parallel=filter is None)  # one shard: split its row groups
+
+    def read_shard(self, i: int, columns: list[str] | None = None, filter: pc.Expression | None = None,
+                   parallel: bool = False) -> pa.Table:
+        shard = self._m.shards[i]
+        buf = self._shard_buffer(shard)
+        try:
+            if filter is None:  # the direct reader: ~1 ms less per shard than the dataset machinery
+                pf = pq.ParquetFile(pa.BufferReader(buf))
+                groups = pf.metadata.num_row_groups
+                if parallel and groups > 1:  # Parquet decodes columns in parallel, not row groups: split them
+                    with ThreadPoolExecutor(min(groups, _threads())) as pool:
+                        parts = list(pool.map(lambda g: pq.ParquetFile(pa.BufferReader(buf)).read_row_group(
+                            g, columns=columns), range(groups)))
+                    table = pa.concat_tables(parts)
+                else:
+                    table = pf.read(columns=columns)
+            else:
+                table = pq.read_table(pa.BufferReader(buf), columns=columns, filters=filter, schema=self._m.schema)
+        except _PARSE_ERRORS as e:
+            where = tgfs.to_url(self.fs, tgfs.join(self.root, shard.path))
+            raise CorruptShardError(f"shard {where} cannot be decoded: {e}", [where]) from None
+        return encoding.decode(table, like=self._m.schema)
+
+    def verify(self) -> dict:
+        bad, nbytes = [], 0
+        for shard in self._m.shards:
+            try:
+                buf = self._shard_buffer(shard, force=True)
+                pq.read_metadata(pa.BufferReader(buf))  # the footer parses
+                nbytes += shard.bytes
+            except CorruptShardError as e:
+                bad.append((e.shards[0], str(e)))
+            except _PARSE_ERRORS as e:
+                where = tgfs.to_url(self.fs, tgfs.join(self.root, shard.path))
+                bad.append((where, f"shard {where} cannot be decoded: {e}"))
+        if bad:
+            lines = "\n  ".join(msg for _, msg in bad)
+            raise CorruptShardError(f"{len(bad)} of {len(self._m.shards)} shards of {self.url} "
+                                    f"(version {self.version}) are corrupt:\n  {lines}", [w for w, _ in bad])
+        return {"shards": len(self._m.shards), "bytes": nbytes, "rows": self.num_rows}
+
+    def _arrow_source(self):
+        for shard in self._m.shards:  # checksums first (cached per process), then DuckDB reads the files
+            self._shard_buffer(shard)
+        paths = [tgfs.join(self.root, s.path) for s in self._m.shards]
+        return pads.dataset(paths, schema=self._m.schema, format="parquet", filesystem=_arrow_fs(self.fs))
+
+    def vacuum(self, min_age_s: float = 600.0) -> dict:
+        """Delete files that no version references (shards of killed or failed writers).
+
+        Files younger than ``min_age_s`` are kept: they may belong to a writer still at work. Committed
+        versions never lose a file, whatever the timing (see ``store/vacuum.py``).
+        """
+        from .vacuum import vacuum_root
+
+        return vacuum_root(self.fs, self.root, min_age_s)
+
+
+@lru_cache(maxsize=64)
+def _footer_types(schema: pa.Schema) -> list:
+    """The (name, type) pairs a Parquet footer of shards written with ``schema`` reads back as."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(schema.empty_table(), sink, store_schema=True)
+    return [(f.name, f.type) for f in pq.read_metadata(pa.BufferReader(sink.getvalue())).schema.to_arrow_schema()]
