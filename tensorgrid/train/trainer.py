@@ -13,7 +13,7 @@ import torch
 
 from ..args import check_choice, check_int, check_number
 from ..errors import CheckpointError, TensorGridError, TrainingConfigError
-from ..store.dataset import Dataset, from_arrow
+from ..store import Dataset, from_arrow
 from . import checkpoint as ckpt
 from .engines import ENGINES
 from .loop import Spec, build_model, is_classifier, train
