@@ -11,7 +11,7 @@ from rich.table import Table
 
 from . import store
 from .args import check_int, check_number
-from .errors import EmptyDataError, TensorGridError, UnsupportedFormatError
+from .errors import ArgumentError, EmptyDataError, TensorGridError, UnsupportedFormatError
 from .show import human_bytes, out, print_frame, print_info, progress, safe, text
 from .store.vacuum import vacuum as store_vacuum
 
@@ -81,9 +81,9 @@ def cmd_sql(a) -> None:
     for spec in a.ds or []:
         name, sep, url = spec.partition("=")
         if not sep or not name.isidentifier():
-            raise TensorGridError(f"--ds takes name=url, got {spec!r}")
+            raise ArgumentError(f"--ds takes name=url, got {spec!r}")
         if name in urls:
-            raise TensorGridError(f"--ds names the table {name!r} twice")
+            raise ArgumentError(f"--ds names the table {name!r} twice")
         urls[name] = url
     tables = {name: store.open(url) for name, url in urls.items()}
     result = store.sql(a.query, **tables)

@@ -5,7 +5,6 @@ place); a user's own kind subclasses ``Dataset`` directly."""
 from __future__ import annotations
 
 import abc
-import numbers
 import os
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -18,11 +17,8 @@ import pyarrow.parquet as pq
 import xxhash
 
 from .. import fs as tgfs
-from ..errors import (
-    ColumnNotFoundError,
-    ReadOnlyError,
-    TensorGridError,
-)
+from ..args import check_int
+from ..errors import ArgumentError, ColumnNotFoundError, ReadOnlyError
 from . import encoding
 
 _PARSE_ERRORS = (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError, OSError, ValueError, IndexError)
@@ -162,7 +158,7 @@ class Dataset(abc.ABC):
         if filter is None:
             return
         if not isinstance(filter, pc.Expression):
-            raise TensorGridError(f"filter must be a pyarrow.compute expression such as pc.field('label') == 3, "
+            raise ArgumentError(f"filter must be a pyarrow.compute expression such as pc.field('label') == 3, "
                                   f"got {type(filter).__name__}")
         try:
             pa.Table.from_batches([], schema=self.schema).filter(filter)
@@ -171,7 +167,7 @@ class Dataset(abc.ABC):
             if "No match for FieldRef" in msg:
                 raise ColumnNotFoundError(f"filter {filter} names a column {self.url or 'the dataset'} does not "
                                           f"have; columns: {self.schema.names}") from None
-            raise TensorGridError(f"filter {filter} does not fit the columns' types: {msg}") from None
+            raise ArgumentError(f"filter {filter} does not fit the columns' types: {msg}") from None
 
     def to_arrow(self, columns: list[str] | None = None, filter: pc.Expression | None = None) -> pa.Table:
         """All rows (of ``columns``, matching ``filter``, a pyarrow compute expression pushed down) as Arrow."""
@@ -195,9 +191,7 @@ class Dataset(abc.ABC):
         return table_to_pandas(self.to_arrow(columns, filter))
 
     def head(self, n: int = 5) -> pd.DataFrame:
-        if not isinstance(n, numbers.Integral) or isinstance(n, bool) or n < 0:
-            raise TensorGridError(f"head(n) needs an int n >= 0, got {n!r}")
-        n = int(n)
+        n = check_int("head(n)", n, 0)
         parts, got = [], 0
         for i in range(self.num_shards):
             if got >= n:

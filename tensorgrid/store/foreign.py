@@ -244,10 +244,10 @@ class ForeignDataset(Dataset):
             try:
                 self._guard(i, lambda f: f.to_table(schema=self._ds.schema))
             except CorruptShardError as e:
-                bad.append(str(e))
+                bad.append((e.shards[0] if e.shards else tgfs.to_url(self.fs, self.files[i]), str(e)))
         if bad:
-            raise CorruptShardError(f"{len(bad)} of {len(self.files)} files are unreadable:\n  " + "\n  ".join(bad),
-                                    bad)
+            raise CorruptShardError(f"{len(bad)} of {len(self.files)} files are unreadable:\n  " +
+                                    "\n  ".join(msg for _, msg in bad), [url for url, _ in bad])
         return {"shards": len(self.files), "bytes": sum(self.fs.size(p) for p in self.files), "rows": self.num_rows}
 
     def _arrow_source(self):

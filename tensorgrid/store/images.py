@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pyarrow as pa
 
 from .. import fs as tgfs
-from ..errors import ColumnNotFoundError, DatasetNotFoundError, EmptyDataError, TensorGridError
+from ..errors import ArgumentError, ColumnNotFoundError, DatasetNotFoundError, EmptyDataError, TensorGridError
 from .writer import write
 
 BATCH_FILES = 2048
@@ -63,7 +63,7 @@ def ingest_images(folder: str, url: str, label: str | None = "folder", mode: str
     reported the same way (never opened, so nothing blocks).
     """
     if label not in ("folder", None):
-        raise TensorGridError(f"label must be 'folder' or None, got {label!r}")
+        raise ArgumentError(f"label must be 'folder' or None, got {label!r}")
     fs, root = tgfs.resolve(folder)
     if not fs.isdir(root):
         raise TensorGridError(f"{folder} is not a folder")

@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import xxhash
 
-from ..errors import ReadOnlyError, UnsupportedDataError
+from ..errors import CorruptShardError, ReadOnlyError, UnsupportedDataError
 from . import encoding
 from .dataset import Dataset
 
@@ -79,7 +79,10 @@ class ArrowDataset(Dataset):
         return self._fingerprint
 
     def verify(self) -> dict:
-        self._table.validate(full=True)
+        try:
+            self._table.validate(full=True)
+        except (pa.ArrowInvalid, pa.ArrowException) as e:
+            raise CorruptShardError(f"the in-memory table is invalid: {str(e).splitlines()[0]}", [self.url]) from None
         return {"shards": self.num_shards, "bytes": self._table.nbytes, "rows": self.num_rows}
 
     def _arrow_source(self):

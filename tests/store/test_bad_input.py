@@ -330,3 +330,22 @@ def test_named_index_and_multiindex_are_stored_as_columns(tmp_path):
     with pytest.raises(tg.UnsupportedDataError, match="index level 'b' has the name of a column"):
         tg.write(str(tmp_path / "clash"), clash)
     assert not (tmp_path / "clash").exists()
+
+
+def test_verify_of_foreign_files_names_the_bad_files_by_url(tmp_path):
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"a": [1, 2]}), tmp_path / "ok.parquet")
+    pq.write_table(pa.table({"a": [3, 4]}), tmp_path / "bad.parquet")
+    data = (tmp_path / "bad.parquet").read_bytes()
+    (tmp_path / "bad.parquet").write_bytes(data[:4] + b"\xff" * 24 + data[28:])  # its first page header
+    with pytest.raises(tg.CorruptShardError) as e:
+        tg.open(str(tmp_path)).verify()
+    assert e.value.shards == [str(tmp_path / "bad.parquet")]
+
+
+def test_verify_of_an_invalid_in_memory_table_is_corrupt_shard_error():
+    offsets = pa.py_buffer(pa.array([0, 2, 4], pa.int32()).buffers()[1])
+    bad = pa.Array.from_buffers(pa.string(), 2, [None, offsets, pa.py_buffer(b"a\xffcd")])  # not UTF-8
+    with pytest.raises(tg.CorruptShardError, match="invalid"):
+        tg.from_arrow(pa.table({"a": bad})).verify()
