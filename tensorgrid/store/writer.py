@@ -8,7 +8,7 @@ import posixpath
 import re
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import lru_cache
 
@@ -22,6 +22,7 @@ from ..errors import (
     ConflictError,
     DatasetExistsError,
     DatasetNotFoundError,
+    EmptyDataError,
     ReadOnlyError,
     SchemaMismatchError,
     TensorGridError,
@@ -196,6 +197,61 @@ def write(url: str, data, mode: str = "create", shard_rows: int | None = None,
     check_choice("mode", mode, MODES)
     shard_rows = check_int("shard_rows", shard_rows, 1, none=True)
     shard_bytes = check_int("shard_bytes", shard_bytes, 1, none=True)
+    fs, root, existed, base = _target(url, mode)
+    try:
+        schema, batches = to_batches(data)
+    except _ARROW_ERRORS as e:
+        raise UnsupportedDataError(f"cannot store this data: {str(e).splitlines()[0]}") from None
+    physical = encoding.physical_schema(schema)
+    writer = _begin(fs, root, url, mode, base, physical)
+    try:
+        shards = _fill(writer, batches, shard_rows, shard_bytes)
+        return _commit(fs, root, url, mode, base, physical, shards, writer)
+    except ConflictError:
+        raise  # its shards stay for .retry()
+    except BaseException as e:
+        _discard(fs, root, writer, base, existed)
+        if isinstance(e, _ARROW_ERRORS):  # a type or value Parquet cannot hold: the user's data, named
+            raise UnsupportedDataError(f"cannot store this data in Parquet: {str(e).splitlines()[0]}") from None
+        raise
+
+
+def write_with(url: str, mode: str, physical: pa.Schema, produce: Callable[[fsspec.AbstractFileSystem, str, str],
+                                                                         list[Shard]]):
+    """Commit shards written elsewhere (by Spark's executors: store/spark.py) as a new version of ``url``,
+    with ``write``'s checks, claim, conflict handling and clean-up. ``produce(fs, root, txn)`` returns the
+    Shards it put at ``data/part-<txn>-<seq>.parquet`` (seq 0, 1, ...) and leaves no file if it raises."""
+    check_choice("mode", mode, MODES)
+    fs, root, existed, base = _target(url, mode)
+    writer = _begin(fs, root, url, mode, base, physical)
+    writer.finish()  # its pool stays idle: produce writes the shards
+    try:
+        writer.shards = produce(fs, root, writer.txn)
+        writer.paths = [tgfs.join(root, s.path) for s in writer.shards]
+        if not writer.shards:
+            raise EmptyDataError("no rows to write")
+        return _commit(fs, root, url, mode, base, physical, writer.shards, writer)
+    except ConflictError:
+        raise  # its shards stay for .retry()
+    except BaseException:
+        _discard(fs, root, writer, base, existed)
+        raise
+
+
+def write_shards(fs: fsspec.AbstractFileSystem, root: str, physical: pa.Schema, batches: Iterator[pa.RecordBatch],
+                 shard_rows: int | None = None, shard_bytes: int | None = None) -> list[Shard]:
+    """Write logical ``batches`` as shards under ``root``/data/ without committing them (a Spark task's
+    partition, on an executor: store/spark.py); a failure deletes them."""
+    writer = _ShardWriter(fs, root, physical)
+    try:
+        return _fill(writer, batches, shard_rows, shard_bytes)
+    except BaseException:
+        writer.remove_files()
+        raise
+
+
+def _target(url: str, mode: str) -> tuple[fsspec.AbstractFileSystem, str, bool, Manifest | None]:
+    """Where a write goes (filesystem, root, whether it existed, latest version), refusing what it must."""
     fs, root = tgfs.resolve(url)
     existed = fs.exists(root)
     if not manifest.is_dataset(fs, root):
@@ -207,36 +263,35 @@ def write(url: str, data, mode: str = "create", shard_rows: int | None = None,
     if mode == "create" and base is not None:
         raise DatasetExistsError(f"a dataset already exists at {url} (version {base.version}); "
                                  "use mode='append' or mode='overwrite'")
-    try:
-        schema, batches = to_batches(data)
-    except _ARROW_ERRORS as e:
-        raise UnsupportedDataError(f"cannot store this data: {str(e).splitlines()[0]}") from None
-    physical = encoding.physical_schema(schema)
+    return fs, root, existed, base
+
+
+def _begin(fs, root: str, url: str, mode: str, base: Manifest | None, physical: pa.Schema) -> _ShardWriter:
     if mode == "append" and base is not None and not _same_schema(base.schema, physical):
         raise SchemaMismatchError(f"cannot append to {url}: {_schema_diff(base.schema, physical)}")
-
     if base is None:  # mark the directory as a dataset first, so orphans are never taken for foreign Parquet
         fs.makedirs(tgfs.join(root, manifest.META_DIR), exist_ok=True)
         if not tgfs.is_local(fs):
             fs.pipe_file(tgfs.join(root, manifest.META_DIR, "format"), manifest.FORMAT.encode())
-    writer = _ShardWriter(fs, root, physical)
+    return _ShardWriter(fs, root, physical)
+
+
+def _fill(writer: _ShardWriter, batches: Iterator[pa.RecordBatch], shard_rows: int | None,
+          shard_bytes: int | None) -> list[Shard]:
     try:
-        try:
-            for group in _split(batches, shard_rows, shard_bytes or DEFAULT_SHARD_BYTES):
-                writer.add(group)
-        finally:
-            shards = writer.finish()
-        return _commit(fs, root, url, mode, base, physical, shards, writer)
-    except ConflictError:
-        raise  # its shards stay for .retry()
-    except BaseException as e:
-        if not writer.committing:  # else the outcome is unknown: the shards stay for vacuum
-            writer.remove_files()
-            if base is None:
-                _remove_empty_dirs(fs, root, existed)
-        if isinstance(e, _ARROW_ERRORS):  # a type or value Parquet cannot hold: the user's data, named
-            raise UnsupportedDataError(f"cannot store this data in Parquet: {str(e).splitlines()[0]}") from None
-        raise
+        for group in _split(batches, shard_rows, shard_bytes or DEFAULT_SHARD_BYTES):
+            writer.add(group)
+    finally:
+        shards = writer.finish()
+    return shards
+
+
+def _discard(fs, root: str, writer: _ShardWriter, base: Manifest | None, existed: bool) -> None:
+    """After a failed write: its shards (and the folders a first write made) go."""
+    if not writer.committing:  # else the outcome is unknown: the shards stay for vacuum
+        writer.remove_files()
+        if base is None:
+            _remove_empty_dirs(fs, root, existed)
 
 
 def _commit(fs, root: str, url: str, mode: str, base: Manifest | None, physical: pa.Schema, shards: list[Shard],
