@@ -209,6 +209,12 @@ class Dataset(abc.ABC):
 
         return Loader(self, batch_size, **options)
 
+    def to_spark(self, spark=None):
+        """This dataset as a Spark DataFrame, read by the executors (``tensorgrid.store.spark.to_spark``)."""
+        from .spark import to_spark
+
+        return to_spark(self, spark)
+
     def sql(self, query: str) -> Dataset:
         """Run DuckDB SQL with this dataset as the table ``ds``."""
         from .sql import sql
