@@ -43,7 +43,7 @@ def column_to_torch(col: pa.ChunkedArray | pa.Array):
 def _from_numpy(a: np.ndarray) -> torch.Tensor:
     # Arrow memory is flagged read-only, but what reaches the user is private to this process and
     # epoch: a decoded copy dropped after the epoch, a copy-on-write map made afresh each epoch, or a
-    # copy (stream.window_rows copies views of kept row groups and of in-memory tables).
+    # copy (stream.window_columns copies views of kept row groups and of in-memory tables).
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         return torch.from_numpy(a)
@@ -66,7 +66,7 @@ def take_to_torch(table: pa.Table, indices: np.ndarray) -> dict:
     concatenated)."""
     col0 = table.column(0)
     if col0.num_chunks <= 1:
-        return gather_groups([table], [(0, None, indices)], len(indices))
+        return take_per_table([table], [(0, None, indices)], len(indices))
     bounds0 = [len(c) for c in col0.chunks]
     if any([len(c) for c in col.chunks] != bounds0 for col in table.columns[1:]):
         table = pa.Table.from_batches(table.to_batches(), table.schema)  # align the columns' chunks (zero-copy)
@@ -79,10 +79,10 @@ def take_to_torch(table: pa.Table, indices: np.ndarray) -> dict:
               for k in range(col0.num_chunks)]
     groups = [(k, order[bounds[k]:bounds[k + 1]], indices[order[bounds[k]:bounds[k + 1]]] - starts[k])
               for k in range(col0.num_chunks) if bounds[k + 1] > bounds[k]]
-    return gather_groups(pieces, groups, len(indices))
+    return take_per_table(pieces, groups, len(indices))
 
 
-def gather_groups(tables: list[pa.Table], groups: list, n: int) -> dict:
+def take_per_table(tables: list[pa.Table], groups: list, n: int) -> dict:
     """Batch columns of ``n`` rows assembled from several tables: group (t, out, rows) puts rows ``rows``
     of table t at output positions ``out`` (None: all of them, in order). Numeric and tensor columns are
     gathered with numpy (one pass, no per-row Python), the rest with Arrow take."""
@@ -110,7 +110,7 @@ def gather_groups(tables: list[pa.Table], groups: list, n: int) -> dict:
     return out
 
 
-def concat_take(tables: dict, pieces: list, indices: np.ndarray) -> dict:
+def concat_then_take(tables: dict, pieces: list, indices: np.ndarray) -> dict:
     """Rows ``indices`` of the concatenation of ``pieces`` (key, start, stop): slices of ``tables[key]``
     laid end to end. Numeric and tensor columns cost one sequential copy of the pieces and one gather in
     output order; scattering each table's rows to their output positions instead costs a random write per

@@ -76,7 +76,7 @@ class Plan:
     epoch: int = 0
     drop_last: bool = False
     window_rows: int = 1 << 16
-    chunk_size: int | None = None  # batches per chunk; default a whole window
+    max_chunk_batches: int | None = None  # batches per chunk at most; default a whole window
     _sigma: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -117,8 +117,8 @@ class Plan:
 
     @property
     def batches_per_chunk(self) -> int:
-        """A chunk (the unit a worker builds) is a whole window, or part of one (``chunk_batches``)."""
-        return min(self.chunk_size or self.batches_per_window, self.batches_per_window)
+        """A chunk (the unit a worker builds) is a whole window, or part of one (``max_chunk_batches``)."""
+        return min(self.max_chunk_batches or self.batches_per_window, self.batches_per_window)
 
     @property
     def _chunks_per_window(self) -> int:

@@ -23,7 +23,7 @@ from ..args import check_choice, check_int, check_number
 from ..errors import ArgumentError, EmptyDataError, ResumeError, TransformError
 from ..rng import seed_all
 from ..store.dataset import Dataset
-from .collate import concat_take, gather_groups, slice_batch, table_to_torch, take_to_torch
+from .collate import concat_then_take, slice_batch, table_to_torch, take_per_table, take_to_torch
 from .plan import Layout, Plan
 from .source import Source
 from .workers import Watch
@@ -33,14 +33,14 @@ DEFAULT_MEMORY_BUDGET = 512 << 20
 WINDOWS_IN_FLIGHT = 4  # in process: the window being consumed, the next being built, their gather copies
 
 
-def gather(source: Source, layout: Layout, gids: np.ndarray) -> pa.Table:
+def read_by_id(source: Source, layout: Layout, gids: np.ndarray) -> pa.Table:
     """Rows by global id, in the given order (any rows: used for the few padding rows)."""
     shard, row = layout.locate(gids)
     parts = [source.read(int(s), int(r), int(r) + 1) for s, r in zip(shard, row)]
     return pa.concat_tables(parts) if parts else source.read(0, 0, 0)
 
 
-def window_rows(plan: Plan, source: Source, pos: np.ndarray) -> dict:
+def window_columns(plan: Plan, source: Source, pos: np.ndarray) -> dict:
     """Columns of the rows at epoch positions ``pos`` (all in one window). The window's row ranges are
     read (decoded row groups, or zero-copy slices of the Arrow cache: then one range per shard, since
     cached blocks are small), then one zero-copy slice when the rows are a contiguous run. Otherwise,
@@ -61,7 +61,7 @@ def window_rows(plan: Plan, source: Source, pos: np.ndarray) -> dict:
             r0, r1 = ranges.get(sh, (s0, s1))
             ranges[sh] = (min(r0, s0), max(r1, s1))
         tables = {sh: source.read(sh, r0, r1) for sh, (r0, r1) in ranges.items()}
-        return concat_take(tables, [(sh, s0 - ranges[sh][0], s1 - ranges[sh][0]) for sh, s0, s1 in segs.tolist()],
+        return concat_then_take(tables, [(sh, s0 - ranges[sh][0], s1 - ranges[sh][0]) for sh, s0, s1 in segs.tolist()],
                            local)
     if source.cache_dir and len(segs) > 1 and not contiguous:
         lens = segs[:, 2] - segs[:, 1]
@@ -71,7 +71,7 @@ def window_rows(plan: Plan, source: Source, pos: np.ndarray) -> dict:
         shards = np.unique(segs[:, 0])
         if len(shards) == 1:
             r0, r1 = int(row.min()), int(row.max()) + 1
-            return gather_groups([source.read(int(shards[0]), r0, r1)], [(0, None, row - r0)], n)
+            return take_per_table([source.read(int(shards[0]), r0, r1)], [(0, None, row - r0)], n)
         shard = segs[seg, 0]
         tables, groups = [], []
         for s in shards:
@@ -81,7 +81,7 @@ def window_rows(plan: Plan, source: Source, pos: np.ndarray) -> dict:
                 r0, r1 = int(rows.min()), int(rows.max()) + 1
                 groups.append((len(tables), out, rows - r0))
                 tables.append(source.read(int(s), r0, r1))
-        return gather_groups(tables, groups, n)
+        return take_per_table(tables, groups, n)
     parts = [source.read(int(sh), int(s0), int(s1)) for sh, s0, s1 in segs]
     table = parts[0] if len(parts) == 1 else pa.concat_tables(parts)
     if contiguous:
@@ -92,7 +92,7 @@ def window_rows(plan: Plan, source: Source, pos: np.ndarray) -> dict:
             cols = _copied(cols)
         return cols
     if 2 * n >= len(table):
-        return concat_take({i: p for i, p in enumerate(parts)}, [(i, 0, p.num_rows) for i, p in enumerate(parts)],
+        return concat_then_take({i: p for i, p in enumerate(parts)}, [(i, 0, p.num_rows) for i, p in enumerate(parts)],
                            local)
     return take_to_torch(table, local)
 
@@ -144,9 +144,9 @@ def build_chunk(plan: Plan, source: Source, c: int, first: int, transform=None, 
     pos, bounds = plan.positions(ks)
     real = pos < plan.num_rows  # padding (repeated rows) only ever ends the epoch
     nreal = int(real.sum())
-    cols = window_rows(plan, source, pos[:nreal]) if nreal else None
+    cols = window_columns(plan, source, pos[:nreal]) if nreal else None
     if nreal < len(pos):
-        pad = table_to_torch(gather(source, plan.layout, plan.rows_at(pos[nreal:])))
+        pad = table_to_torch(read_by_id(source, plan.layout, plan.rows_at(pos[nreal:])))
         cols = _copied(pad) if cols is None else {k: _cat(cols[k], pad[k]) for k in cols}
     if add_valid:
         cols[VALID] = torch.from_numpy(real)
@@ -298,7 +298,7 @@ class Loader:
     def plan(self, epoch: int | None = None) -> Plan:
         return Plan(self.source.layout, self.batch_size, self.world_size, self.rank, self.shuffle, self.seed,
                     self.epoch if epoch is None else epoch, self.drop_last, self.window_rows,
-                    chunk_size=None if self.in_process else (
+                    max_chunk_batches=None if self.in_process else (
                         1 if self.transform is not None else max(1, self.chunk_rows // self.batch_size)))
 
     @property

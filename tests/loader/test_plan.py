@@ -24,7 +24,7 @@ plans = st.fixed_dictionaries({
     "epoch": st.integers(0, 5),
     "drop_last": st.booleans(),
     "window_rows": st.integers(1, 64),
-    "chunk_size": st.one_of(st.none(), st.integers(1, 5)),
+    "max_chunk_batches": st.one_of(st.none(), st.integers(1, 5)),
 })
 
 
