@@ -150,7 +150,8 @@ def _cast(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
         raise SchemaMismatchError(f"a batch does not match the first batch's schema: {e}") from None
 
 
-def _is_spark(data) -> bool:
+def is_spark_dataframe(data) -> bool:
+    """A pyspark DataFrame (classic or Spark Connect), told apart without importing pyspark."""
     mod = type(data).__module__ or ""
     return mod.startswith("pyspark.sql") and type(data).__name__ == "DataFrame"
 
@@ -167,8 +168,8 @@ def to_batches(data) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
         source, schema = [data], data.schema
     elif isinstance(data, pa.RecordBatchReader):
         source, schema = data, data.schema
-    elif _is_spark(data):
-        schema, source = _spark_batches(data)
+    elif is_spark_dataframe(data):  # its executors write it (store/spark.py): never streamed to this process
+        raise UnsupportedDataError("a Spark DataFrame is written by its executors: tg.write(url, df)")
     elif hasattr(data, "to_arrow") and hasattr(data, "schema") and hasattr(data, "num_rows"):
         table = data.to_arrow()  # a TensorGrid Dataset or SQL result
         source, schema = table.to_batches(), table.schema
@@ -226,11 +227,3 @@ def _list_views_as_lists(col: pa.Array) -> pa.Array:
 def _bad_item(item):
     raise UnsupportedDataError(f"an iterable of RecordBatches yielded a {type(item).__name__}")
 
-
-def _spark_batches(df) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
-    """Stream a Spark DataFrame to the driver as Arrow, one partition at a time."""
-    if hasattr(df, "toArrow"):  # pyspark >= 4
-        table = df.toArrow()
-        return table.schema, iter(table.to_batches())
-    table = pa.Table.from_batches(df._collect_as_arrow())  # pyspark 3.x
-    return table.schema, iter(table.to_batches())

@@ -29,7 +29,7 @@ from ..errors import (
     UnsupportedDataError,
 )
 from . import claims, encoding, manifest
-from .convert import to_batches
+from .convert import is_spark_dataframe, to_batches
 from .manifest import DATA_DIR, Manifest, Shard
 
 DEFAULT_SHARD_BYTES = 128 << 20
@@ -197,6 +197,10 @@ def write(url: str, data, mode: str = "create", shard_rows: int | None = None,
     check_choice("mode", mode, MODES)
     shard_rows = check_int("shard_rows", shard_rows, 1, none=True)
     shard_bytes = check_int("shard_bytes", shard_bytes, 1, none=True)
+    if is_spark_dataframe(data):  # written where it lives, by Spark's executors
+        from .spark import write_spark
+
+        return write_spark(url, data, mode, shard_rows, shard_bytes)
     fs, root, existed, base = _target(url, mode)
     try:
         schema, batches = to_batches(data)
