@@ -1,9 +1,26 @@
-"""Module-level functions so spawned workers can unpickle them."""
+"""Shared helpers of the loader tests: a small dataset maker, and module-level transforms that spawned
+workers can unpickle."""
 
 import os
 import signal
 
+import numpy as np
+import pandas as pd
 import torch
+
+import tensorgrid as tg
+
+
+def make(url, n=1000, shard_rows=137, dim=4):
+    """A dataset of ``n`` rows: id, a float vector x of ``dim``, a name."""
+    df = pd.DataFrame({"id": np.arange(n, dtype=np.int64),
+                       "x": list(np.arange(n * dim, dtype=np.float32).reshape(n, dim)),
+                       "name": [f"r{i}" for i in range(n)]})
+    return tg.write(url, df, mode="overwrite", shard_rows=shard_rows)
+
+
+def ids(loader):
+    return [b["id"].tolist() for b in loader]
 
 
 def add_pid(batch):

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import tensorgrid as tg
 from tensorgrid.errors import ArgumentError, ResumeError, TensorGridError
-from tests.loader.test_loader import make
+from tests.loader.helpers import make
 
 
 @pytest.fixture(scope="module")

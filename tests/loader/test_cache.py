@@ -13,7 +13,7 @@ import torch
 
 from tensorgrid.loader import CacheRebuiltWarning, source
 from tests.loader import helpers
-from tests.loader.test_loader import make
+from tests.loader.helpers import make
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -18,18 +18,8 @@ from hypothesis import strategies as st
 
 import tensorgrid as tg
 from tests.loader import helpers
+from tests.loader.helpers import ids, make
 from tests.procs import children_of
-
-
-def make(url, n=1000, shard_rows=137, dim=4):
-    df = pd.DataFrame({"id": np.arange(n, dtype=np.int64),
-                       "x": list(np.arange(n * dim, dtype=np.float32).reshape(n, dim)),
-                       "name": [f"r{i}" for i in range(n)]})
-    return tg.write(url, df, mode="overwrite", shard_rows=shard_rows)
-
-
-def ids(loader):
-    return [b["id"].tolist() for b in loader]
 
 
 def flat(batches):

@@ -10,7 +10,7 @@ import pytest
 
 import tensorgrid as tg
 from tensorgrid.errors import ResumeError
-from tests.loader.test_loader import ids, make
+from tests.loader.helpers import ids, make
 
 KW = dict(batch_size=16, shuffle=True, seed=3, shuffle_buffer=64)
 

@@ -10,7 +10,7 @@ import pytest
 
 import tensorgrid as tg
 from tests.loader import helpers
-from tests.loader.test_loader import make
+from tests.loader.helpers import make
 from tests.procs import _cmdline, children_of
 
 
