@@ -1,13 +1,12 @@
 """Spark engine: one barrier-mode task per worker on an existing SparkSession (all start together or
 none do), torch.distributed between them with rank 0's host as the rendezvous. A Spark DataFrame is
-written to Parquet by the executors (never collected to the driver) and read back per rank."""
+staged as a temporary dataset by the executors (store/spark.py: never collected to the driver), read
+per rank, and deleted after the fit."""
 
 from __future__ import annotations
 
 import os
 import socket
-import tempfile
-import uuid
 
 from ...errors import TrainingConfigError, WorkerFailedError
 from .. import checkpoint as ckpt
@@ -26,13 +25,11 @@ def _session():
 
 
 def dataset_of(sdf, where: str | None = None):
-    """A Spark DataFrame as a TensorGrid dataset: the executors write its partitions as Parquet."""
-    from ...store import open as open_dataset
+    """A Spark DataFrame as a temporary dataset its executors write under ``where`` (default
+    $TENSORGRID_SPARK_STAGING, else the temp dir: a local master only); ``run`` deletes it after the fit."""
+    from ...store.spark import stage
 
-    base = where or os.environ.get("TENSORGRID_SPARK_STAGING") or tempfile.gettempdir()
-    path = os.path.join(base, f"tensorgrid-spark-{uuid.uuid4().hex[:12]}")
-    sdf.write.parquet(path)
-    return open_dataset(path)
+    return stage(sdf, where)
 
 
 def _task(payload: bytes, world: int):
@@ -61,6 +58,19 @@ def _task(payload: bytes, world: int):
 
 
 def run(payload: bytes, workers: int, max_restarts: int, timeout_s: float, checkpoint_dir: str | None):
+    import cloudpickle
+
+    from ...store.spark import unstage
+
+    spec = cloudpickle.loads(payload)
+    try:
+        return _run(payload, workers, max_restarts, checkpoint_dir)
+    finally:  # a DataFrame staged for this fit (dataset_of) is not needed after it, whatever the outcome
+        for ds in (getattr(spec, "train", None), getattr(spec, "val", None)):
+            unstage(ds)
+
+
+def _run(payload: bytes, workers: int, max_restarts: int, checkpoint_dir: str | None):
     import cloudpickle
 
     spark = _session()
