@@ -32,7 +32,7 @@ from fsspec.implementations.memory import MemoryFileSystem
 
 from .. import errors
 from .. import fs as tgfs
-from ..errors import TensorGridError, UnsupportedDataError, UnsupportedURLError
+from ..errors import ConflictError, TensorGridError, UnsupportedDataError, UnsupportedURLError
 from . import encoding
 from .manifest import DATA_DIR, Shard
 
@@ -239,10 +239,14 @@ def _publish_names(fs, root: str, staging: str, txn: str, meta, moved: list[str]
     def rename(item: tuple[str, str]) -> None:
         src, rel = item
         dst = tgfs.join(root, rel)
-        if tgfs.is_local(fs):
-            os.rename(src, dst)
-        else:
-            fs.mv(src, dst)  # object stores: a copy inside the store, never through this process
+        try:
+            if tgfs.is_local(fs):
+                os.rename(src, dst)
+            else:
+                fs.mv(src, dst)  # object stores: a copy inside the store, never through this process
+        except FileNotFoundError:
+            raise ConflictError(f"a staged shard of this write is gone ({src}): a vacuum with a min_age_s shorter "
+                                "than the Spark job removed it; nothing was committed: write the data again") from None
         moved.append(dst)
 
     if tgfs.is_local(fs):

@@ -132,6 +132,16 @@ def test_a_failing_job_leaves_no_staging_and_no_shards(spark, tmp_path):
     assert not (tmp_path / "empty").exists()
 
 
+def test_a_staged_shard_removed_before_the_commit_is_a_conflict(tmp_path):
+    staging = tmp_path / "data" / ".spark-0123456789ab"
+    meta = [{"partition": 0, "path": "data/part-aaaaaaaaaaaa-00000.parquet", "rows": 1, "bytes": 1,
+             "checksum": "xxh3_64:" + 16 * "0", "row_group_rows": 1}]
+    moved = []
+    with pytest.raises(tg.ConflictError, match="vacuum") as e:
+        bridge._publish_names(*tg.fs.resolve(str(tmp_path)), str(staging), "0123456789ab", meta, moved)
+    assert not e.value.retryable and moved == []
+
+
 def test_an_executors_tensorgrid_error_comes_back_as_itself(spark, tmp_path):
     sdf = spark.createDataFrame(pd.DataFrame({"img": [bytes(6), bytes(5)]})).withMetadata("img", TENSOR)
     with pytest.raises(tg.errors.UnsupportedDataError, match="'img'.*6 bytes.*holds 5 bytes"):
