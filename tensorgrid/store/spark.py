@@ -6,7 +6,8 @@ the driver collects only per-shard metadata, renames the shards of the successfu
 ``data/part-<txn>-<seq>.parquet`` in partition order and commits them through the writer's commit path
 (claim, conflict, clean-up). Staging is deleted on success and failure; what a killed driver leaves is
 vacuumed like any orphan. Dataset -> Spark: Spark's own Parquet reader reads store shards and foreign
-Parquet; rows only this process holds go through Arrow.
+Parquet; the executors read other files through the Dataset contract; rows only this process holds go
+through Arrow.
 
 Spark has no tensor type. A BinaryType or ArrayType column whose field metadata holds ``"tensorgrid.tensor":
 {"dtype": ..., "shape": [...]}`` is stored as a fixed-shape tensor (binary: the row-major bytes; array:
@@ -75,14 +76,14 @@ def write_spark(url: str, sdf, mode: str = "create", shard_rows: int | None = No
     require_shared(url, master_of(sdf.sparkSession), "the dataset URL")
     logical = arrow_schema(sdf)
     physical = encoding.physical_schema(logical)
-    write_partition = _partition_writer(logical, physical, shard_rows, shard_bytes)
 
     def produce(fs, root: str, txn: str) -> list[Shard]:
         staging = tgfs.join(root, DATA_DIR, f".spark-{txn}")
         moved: list[str] = []
         try:
             try:
-                meta = sdf.mapInArrow(write_partition(tgfs.to_url(fs, staging)), _META_DDL).collect()
+                write = _partition_writer(tgfs.to_url(fs, staging), logical, physical, shard_rows, shard_bytes)
+                meta = sdf.mapInArrow(write, _META_DDL).collect()
             except Exception as e:  # noqa: BLE001 - py4j/pyspark wrap the executors' errors
                 raise _executor_error(e) from None
             return _publish_names(fs, root, staging, txn, meta, moved)
@@ -157,27 +158,25 @@ def _tensor_type(sfield, arrow_type: pa.DataType) -> pa.FixedShapeTensorType | N
     return tt
 
 
-def _partition_writer(logical: pa.Schema, physical: pa.Schema, shard_rows: int | None, shard_bytes: int | None):
-    """The function each task runs over its partition's Arrow batches (on an executor)."""
+def _partition_writer(staging_url: str, logical: pa.Schema, physical: pa.Schema, shard_rows: int | None,
+                      shard_bytes: int | None):
+    """The function each task runs over its partition's Arrow batches, on an executor: shards under
+    ``staging_url``/data/ (named by a transaction of the task attempt's own), their metadata returned."""
 
-    def for_staging(staging_url: str):
-        def write_partition(batches):
-            from pyspark import TaskContext
+    def write_partition(batches):
+        from pyspark import TaskContext
 
-            from .writer import write_shards
+        from .writer import write_shards
 
-            fs, root = tgfs.resolve(staging_url)
-            shards = write_shards(fs, root, physical, (as_logical(b, logical) for b in batches),
-                                  shard_rows, shard_bytes)
-            if shards:
-                part = TaskContext.get().partitionId()
-                yield pa.RecordBatch.from_pylist(
-                    [{"partition": part, "path": s.path, "rows": s.rows, "bytes": s.bytes, "checksum": s.checksum,
-                      "row_group_rows": s.row_group_rows} for s in shards], schema=_META)
+        fs, root = tgfs.resolve(staging_url)
+        shards = write_shards(fs, root, physical, (as_logical(b, logical) for b in batches), shard_rows, shard_bytes)
+        if shards:
+            part = TaskContext.get().partitionId()
+            yield pa.RecordBatch.from_pylist(
+                [{"partition": part, "path": s.path, "rows": s.rows, "bytes": s.bytes, "checksum": s.checksum,
+                  "row_group_rows": s.row_group_rows} for s in shards], schema=_META)
 
-        return write_partition
-
-    return for_staging
+    return write_partition
 
 
 def as_logical(batch: pa.RecordBatch, logical: pa.Schema) -> pa.RecordBatch:
