@@ -206,7 +206,7 @@ class Trainer:
                 url = getattr(self, name)
                 if url and str(url).startswith("memory://"):
                     raise TrainingConfigError(f"{name}={url!r}: memory:// lives inside one process, and training "
-                                              "runs in several; use a local path, an object store or grid://")
+                                              "runs in several; use a local path or an object store")
 
     # --- fit / predict ----------------------------------------------------------------------------
     def fit(self, train_ds, val=None, resume: bool = False) -> FitResult:

@@ -44,10 +44,17 @@ def test_spark_dataframe_trains_without_collecting(spark, digits, tmp_path):  # 
     assert r.history[-1]["accuracy"] > 0.8
 
 
-def test_spark_engine_needs_a_session_and_ray_needs_ray(digits):  # noqa: F811
-    assert tg.Trainer(model=models.mlp, loss=torch.nn.CrossEntropyLoss(), engine="spark").engine == "spark"
-    with pytest.raises(tg.TrainingConfigError, match="engine"):
+def test_unknown_engine_refused_spark_needs_a_session_and_ray_needs_ray(digits, monkeypatch):  # noqa: F811
+    with pytest.raises(tg.TrainingConfigError, match=r"engine must be one of \('local', 'ray', 'spark'\), got 'dask'"):
         tg.Trainer(model=models.mlp, loss=torch.nn.CrossEntropyLoss(), engine="dask")
+    pyspark_sql = pytest.importorskip("pyspark.sql")
+    # whatever session other tests started, fit sees none: the trainer asks for one before anything runs
+    monkeypatch.setattr(pyspark_sql.SparkSession, "getActiveSession", classmethod(lambda cls: None))
+    with pytest.raises(tg.TrainingConfigError, match="engine='spark' trains on the active SparkSession: create one"):
+        trainer(workers=2, engine="spark").fit(digits[0])
+    monkeypatch.setitem(__import__("sys").modules, "ray", None)  # `import ray` fails as when it is not installed
+    with pytest.raises(tg.TrainingConfigError, match=r"engine='ray' needs Ray: pip install 'tensorgrid\[ray\]'"):
+        trainer(workers=2, engine="ray").fit(digits[0])
 
 
 def test_ray_worker_error_names_the_worker_and_its_cause(ray_cluster, digits):  # noqa: F811

@@ -19,15 +19,15 @@ def test_a_hung_rank_is_named_not_the_peer_that_timed_out(halves):  # noqa: F811
     msg = str(e.value)
     assert msg.startswith("worker rank 1 (pid "), msg
     assert "stopped making progress" in msg and "it hung" in msg and "timeout_s=4" in msg
-    assert time.time() - t0 < 40
+    assert time.time() - t0 < 240  # the hung rank sleeps for an hour: the run ended without it
 
 
 def test_a_rank_that_exits_0_early_is_named(halves):  # noqa: F811
     a, _ = halves
     t0 = time.time()
     with pytest.raises(tg.WorkerFailedError) as e:
-        trainer(loss=None, step=models.exit_on_rank_one, workers=2, timeout_s=30).fit(a)
+        trainer(loss=None, step=models.exit_on_rank_one, workers=2, timeout_s=600).fit(a)
     msg = str(e.value)
     assert msg.startswith("worker rank 1 (pid "), msg
     assert "exited before the end of training without reporting an error" in msg
-    assert time.time() - t0 < 40  # its peer notices the closed connection: no wait for the timeout
+    assert time.time() - t0 < 240  # its peer notices the closed connection: no wait for timeout_s=600

@@ -128,9 +128,9 @@ def test_killed_worker_raises_then_resume_continues_exactly(digits, tmp_path):
     before = set(children_of(os.getpid()))  # e.g. a session-wide Ray's processes: not ours to kill
     with KillAfterFirstCheckpoint(ck, _our_workers(before)) as killer, \
             pytest.raises(tg.WorkerFailedError, match=r"worker rank \d \(pid \d+\) died with signal SIGKILL") as e:
-        trainer(epochs=4, workers=2, checkpoint_dir=ck, checkpoint_every=5, timeout_s=60,
+        trainer(epochs=4, workers=2, checkpoint_dir=ck, checkpoint_every=5, timeout_s=600,
                 transform=models.paced_to_float).fit(train)
-    assert killer.killed and time.time() - t0 < 120  # no hang
+    assert killer.killed and time.time() - t0 < 240  # no wait for timeout_s=600: the launcher stopped the group
     assert e.value.checkpoint and "last checkpoint" in str(e.value)
     resumed = trainer(epochs=4, workers=2, checkpoint_dir=ck, checkpoint_every=5).fit(train, resume=True)
     assert same(weights(resumed.model), weights(full.model), atol=1e-4)
