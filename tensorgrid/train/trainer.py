@@ -13,10 +13,12 @@ import torch
 
 from ..args import check_choice, check_int, check_number
 from ..errors import CheckpointError, TensorGridError, TrainingConfigError
+from ..loader import Loader
 from ..store import Dataset, from_arrow
 from . import checkpoint as ckpt
 from .engines import ENGINES
-from .loop import Spec, build_model, is_classifier, train
+from .loop import Spec, build_model, train
+from .losses import is_classifier
 
 METRICS = ("accuracy",)  # computed for classifiers (CrossEntropyLoss / NLLLoss)
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
@@ -138,8 +140,8 @@ class Trainer:
             raise TrainingConfigError(f"the model factory returned a {type(model).__name__}, not an nn.Module")
         cols = None if self.step else [self.features, self.label]
         # one real batch (a shuffled one, so its labels are a sample of all of them), in this process only
-        batch = next(iter(ds.to_torch(batch_size=min(self.batch_size, 256, ds.num_rows), columns=cols, shuffle=True,
-                                      seed=self.seed, transform=self.transform, rank=0, world_size=1)))
+        batch = next(iter(Loader(ds, min(self.batch_size, 256, ds.num_rows), columns=cols, shuffle=True,
+                                 seed=self.seed, transform=self.transform, rank=0, world_size=1)))
         model.eval()
         try:
             with torch.no_grad(), warnings.catch_warnings():

@@ -2,7 +2,7 @@
 
 import torch
 
-from tensorgrid.train.loop import Sums
+from tensorgrid.train.losses import Sums
 
 
 def test_sums_accumulate_like_python_and_read_once():
