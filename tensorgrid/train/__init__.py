@@ -1,5 +1,6 @@
-"""The trainer: data-parallel PyTorch training where the data lives."""
+"""The trainer: data-parallel PyTorch training where the data lives; batch inference of any model."""
 
+from .predict import predict
 from .trainer import FitResult, Trainer
 
-__all__ = ["Trainer", "FitResult"]
+__all__ = ["Trainer", "FitResult", "predict"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import inspect
 import warnings
 from collections.abc import Iterable, Mapping
@@ -14,11 +13,12 @@ import torch
 from ..args import check_choice, check_int, check_number
 from ..errors import CheckpointError, TensorGridError, TrainingConfigError
 from ..loader import Loader
-from ..store import Dataset, from_arrow
+from ..store import Dataset
 from . import checkpoint as ckpt
 from .engines import ENGINES
 from .loop import Spec, build_model, train
 from .losses import is_classifier
+from .predict import predict
 
 METRICS = ("accuracy",)  # computed for classifiers (CrossEntropyLoss / NLLLoss)
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
@@ -280,41 +280,15 @@ class Trainer:
 
     def predict(self, ds, out: str | None = None, batch_size: int | None = None, model=None, mode: str = "create"):
         """Run the trained model over ``ds``; returns a Dataset with its columns (but the features) plus
-        ``prediction`` (and ``probabilities`` for classifiers). Written to ``out`` when given."""
-        import numpy as np
-        import pyarrow as pa
-
-        from ..store.writer import write
-
+        ``prediction`` (and ``probabilities`` for classifiers). Written to ``out`` when given. The same as
+        ``tensorgrid.train.predict`` with this trainer's features, transform and batch size."""
         batch_size = check_int("batch_size", batch_size, 1, none=True, error=TrainingConfigError)
-        model = model or (self.result.model if self.result else None)
+        model = model if model is not None else (self.result.model if self.result else None)
         if model is None:
             raise TensorGridError("predict needs a trained model: call fit first or pass model=")
         ds = self._dataset(ds, "predict", need_label=False)  # inference data need not have labels
-        keep = [c for c in ds.schema.names if c != self.features]
-        loader = ds.to_torch(batch_size=batch_size or self.batch_size, transform=self.transform, rank=0, world_size=1)
-        classifier = is_classifier(self.loss)
-        model = copy.deepcopy(model).eval()
-
-        def batches():
-            with torch.no_grad():
-                for batch in loader:
-                    y = model(batch[self.features])
-                    cols = {c: _column(batch[c]) for c in keep}
-                    if classifier and y.ndim == 2:
-                        p = torch.softmax(y.float(), dim=1).numpy()
-                        cols["prediction"] = pa.array(p.argmax(axis=1).astype(np.int64))
-                        cols["probabilities"] = pa.FixedShapeTensorArray.from_numpy_ndarray(p.astype(np.float32))
-                    else:
-                        yn = y.detach().float().numpy()
-                        yn = yn.reshape(len(yn)) if yn.ndim == 2 and yn.shape[1] == 1 else yn
-                        cols["prediction"] = (pa.array(yn) if yn.ndim == 1 else
-                                              pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(yn)))
-                    yield pa.RecordBatch.from_pydict(cols)
-
-        if out is None:
-            return from_arrow(pa.Table.from_batches(list(batches())))
-        return write(out, batches(), mode=mode)
+        return predict(model, ds, self.features, transform=self.transform, batch_size=batch_size or self.batch_size,
+                       out=out, classifier=is_classifier(self.loss), mode=mode)
 
 
 def _fingerprint(ds: Dataset) -> str | None:
@@ -323,13 +297,3 @@ def _fingerprint(ds: Dataset) -> str | None:
         return str(ds.fingerprint)
     except Exception:  # noqa: BLE001 - a user's own Dataset kind
         return None
-
-
-def _column(v):
-    import numpy as np
-    import pyarrow as pa
-
-    if isinstance(v, torch.Tensor):
-        a = v.numpy()
-        return pa.array(a) if a.ndim == 1 else pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(a))
-    return pa.array(v)

@@ -1,0 +1,104 @@
+"""Batch inference: a model over every row of a dataset, in order, in this process -> a new Dataset."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from ..args import check_int
+from ..errors import ArgumentError, ColumnNotFoundError, TensorGridError
+from ..loader import Loader
+from ..store import Dataset, from_arrow, write
+
+
+def predict(model: torch.nn.Module, data, features: str = "features", *, transform=None, batch_size: int = 256,
+            out: str | None = None, classifier: bool = False, keep=None, mode: str = "create") -> Dataset:
+    """Run ``model`` over every row of ``data`` (a Dataset or a URL), in order, in this process (RANK and
+    WORLD_SIZE are ignored); returns a Dataset with the ``keep`` columns (default: all but ``features``) and
+    ``prediction``, written to ``out`` (with ``mode``) when given, else in memory.
+
+    ``transform`` runs on each batch as in training. ``classifier=True``: the model's 2-D outputs are class
+    scores (logits or log-probabilities): ``prediction`` is the argmax (int64) and ``probabilities`` the
+    softmax (float32 tensors). Otherwise ``prediction`` is the output itself (a scalar per row when it has one
+    value, else a tensor). A kept column named ``prediction`` or ``probabilities`` is replaced. A transform
+    gets every column; without one, only ``keep`` and ``features`` are read. The model runs in eval mode on
+    its own device under ``torch.no_grad()``; its train/eval flags are restored afterwards.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise ArgumentError(f"model must be an nn.Module, got {type(model).__name__}")
+    ds = _dataset(data)
+    batch_size = check_int("batch_size", batch_size, 1)
+    keep = _keep(ds, features, keep)
+    # a transform may read any column: it gets them all; else only what is kept and the features are read
+    columns = None if transform is not None else list(dict.fromkeys([*keep, features]))
+    loader = Loader(ds, batch_size, columns=columns, transform=transform, rank=0, world_size=1)
+    batches = _batches(model, loader, features, keep, bool(classifier))
+    if out is None:
+        return from_arrow(pa.Table.from_batches(list(batches)))
+    return write(out, batches, mode=mode)
+
+
+def _dataset(data) -> Dataset:
+    if isinstance(data, Dataset):
+        return data
+    if isinstance(data, str):
+        from ..store import open as open_dataset
+
+        return open_dataset(data)
+    raise ArgumentError(f"data must be a Dataset (tg.open/tg.write/tg.from_arrow/SQL) or a URL, got "
+                        f"{type(data).__name__}")
+
+
+def _keep(ds: Dataset, features: str, keep) -> list[str]:
+    names = ds.schema.names
+    if features not in names:
+        raise ColumnNotFoundError(f"predict: the dataset has no features column {features!r}; columns: {names}")
+    if keep is None:
+        return [c for c in names if c != features]
+    keep = [keep] if isinstance(keep, str) else list(keep)
+    missing = [c for c in keep if c not in names]
+    if missing:
+        raise ColumnNotFoundError(f"predict: keep names {missing[0]!r}, which the dataset does not have; "
+                                  f"columns: {names}")
+    return keep
+
+
+def _batches(model: torch.nn.Module, loader: Loader, features: str, keep: list[str],
+             classifier: bool) -> Iterator[pa.RecordBatch]:
+    """Record batches of the kept columns plus the model's predictions, one per loader batch."""
+    modes = [(m, m.training) for m in model.modules()]
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    model.eval()
+    try:
+        for batch in loader:
+            x = batch[features]
+            with torch.no_grad():
+                y = model(x.to(device) if isinstance(x, torch.Tensor) else x)
+            if not isinstance(y, torch.Tensor):
+                raise TensorGridError(f"predict: the model returned a {type(y).__name__}, not a tensor")
+            cols = {c: _column(batch[c]) for c in keep if c not in ("prediction", "probabilities")}
+            cols.update(_outputs(y.detach().cpu(), classifier))
+            yield pa.RecordBatch.from_pydict(cols)
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _outputs(y: torch.Tensor, classifier: bool) -> dict:
+    if classifier and y.ndim == 2:
+        p = torch.softmax(y.float(), dim=1).numpy()
+        return {"prediction": pa.array(p.argmax(axis=1).astype(np.int64)),
+                "probabilities": pa.FixedShapeTensorArray.from_numpy_ndarray(p.astype(np.float32))}
+    yn = y.float().numpy()
+    yn = yn.reshape(len(yn)) if yn.ndim == 2 and yn.shape[1] == 1 else yn
+    return {"prediction": _column(yn)}
+
+
+def _column(v):
+    a = v.numpy() if isinstance(v, torch.Tensor) else v
+    if isinstance(a, np.ndarray):
+        return pa.array(a) if a.ndim == 1 else pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(a))
+    return pa.array(v)

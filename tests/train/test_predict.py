@@ -1,0 +1,76 @@
+"""Batch inference without a trainer: any nn.Module over every row of a dataset, once, in order."""
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+import tensorgrid as tg
+from tensorgrid.train import predict
+
+
+@pytest.fixture
+def rows():
+    """1,001 rows (no batch size divides them): an id, 4 features as a tensor column, a text column."""
+    x = np.random.default_rng(0).normal(size=(1001, 4)).astype(np.float32)
+    return tg.from_arrow(pa.table({"id": np.arange(1001), "x": pa.FixedShapeTensorArray.from_numpy_ndarray(x),
+                                   "name": [f"row {i}" for i in range(1001)]})), x
+
+
+def test_a_plain_module_predicts_every_row_once_in_order_whatever_rank_says(rows, monkeypatch):
+    ds, x = rows
+    monkeypatch.setenv("RANK", "1")  # a launcher's variables: predict runs over all rows anyway
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    out = predict(model, ds, "x", batch_size=100).to_pandas()
+    assert list(out.columns) == ["id", "name", "prediction"]
+    assert out["id"].tolist() == list(range(1001)) and out["name"][1000] == "row 1000"
+    expected = model(torch.from_numpy(x)).detach().numpy().reshape(-1)
+    np.testing.assert_allclose(out["prediction"].to_numpy(), expected, rtol=1e-6)
+
+
+def test_several_outputs_per_row_come_back_as_a_tensor_column(rows):
+    ds, x = rows
+    model = torch.nn.Linear(4, 3)
+    out = predict(model, ds, "x", keep=["id"], batch_size=256)
+    assert out.schema.names == ["id", "prediction"]
+    pred = np.stack(out.to_pandas()["prediction"])
+    np.testing.assert_allclose(pred, model(torch.from_numpy(x)).detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_classifier_gets_argmax_and_probabilities_written_to_out(rows, tmp_path):
+    ds, x = rows
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Dropout(0.5))
+    model.train()
+    model[1].eval()  # flags that differ between submodules are put back as they were
+    url = str(tmp_path / "pred")
+    out = predict(model, ds, "x", transform=lambda b: {**b, "x": b["x"] * 2}, classifier=True, out=url, keep="id")
+    assert isinstance(out, tg.Dataset) and tg.open(url).num_rows == 1001
+    df = tg.open(url).to_pandas()
+    assert list(df.columns) == ["id", "prediction", "probabilities"]
+    logits = model.eval()(torch.from_numpy(x) * 2).detach()  # the transform ran; dropout was off
+    np.testing.assert_array_equal(df["prediction"].to_numpy(), logits.argmax(dim=1).numpy())
+    probs = np.stack(df["probabilities"])
+    assert probs.dtype == np.float32 and probs.shape == (1001, 5)
+    np.testing.assert_allclose(probs, torch.softmax(logits, dim=1).numpy(), rtol=1e-5, atol=1e-7)
+    model.train()
+    model[1].eval()
+    predict(model, ds, "x", classifier=True)
+    assert model.training and model[0].training and not model[1].training
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_bad_arguments_are_named(rows):
+    ds, _ = rows
+    model = torch.nn.Linear(4, 1)
+    with pytest.raises(tg.ColumnNotFoundError, match="no features column 'features'"):
+        predict(model, ds)
+    with pytest.raises(tg.ColumnNotFoundError, match="keep names 'label'"):
+        predict(model, ds, "x", keep=["id", "label"])
+    with pytest.raises(tg.ArgumentError, match="data must be a Dataset"):
+        predict(model, ds.to_arrow(), "x")
+    with pytest.raises(tg.ArgumentError, match="model must be an nn.Module"):
+        predict(lambda t: t, ds, "x")
+    with pytest.raises(tg.ArgumentError, match="batch_size"):
+        predict(model, ds, "x", batch_size=0)
