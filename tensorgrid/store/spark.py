@@ -324,8 +324,9 @@ def to_spark(ds, spark=None):
     to the next signed type (uint64 to decimal(20,0)), as Spark reads them from Parquet."""
     spark = spark or _active_session()
     how = _read_path(ds)
-    if how == "parquet":
+    if how != "arrow" and ds.shard_urls():  # the executors open the files
         require_shared(ds.url, master_of(spark), "the dataset URL")
+    if how == "parquet":
         df = spark.read.parquet(*[_hadoop_url(u) for u in ds.shard_urls()])
         df = df.select(*["`" + n.replace("`", "``") + "`" for n in ds.schema.names])
     else:

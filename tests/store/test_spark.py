@@ -177,6 +177,10 @@ def test_staging_must_be_reachable_by_every_executor(spark, tmp_path, monkeypatc
         tg.write(str(tmp_path / "d"), spark.range(3))
     with pytest.raises(tg.TensorGridError, match=bridge.STAGING_ENV):
         bridge.stage(spark.range(3))
+    (tmp_path / "t.csv").write_text("a\n1\n")
+    with pytest.raises(tg.TensorGridError, match="the dataset URL"):
+        tg.open(str(tmp_path / "t.csv")).to_spark(spark)
+    (tmp_path / "t.csv").unlink()
     assert _left_over(tmp_path) == []
 
 
