@@ -82,21 +82,28 @@ def create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes, dura
     if is_local(fs):
         directory = os.path.dirname(path)
         os.makedirs(directory, exist_ok=True)
-        tmp = os.path.join(directory, f".tmp-{uuid.uuid4().hex}")
-        with open(tmp, "wb") as f:
-            f.write(data)
+        for _ in range(3):  # a vacuum may remove a temporary it takes for a dead writer's: write it again
+            tmp = os.path.join(directory, f".tmp-{uuid.uuid4().hex}")
+            with open(tmp, "wb") as f:
+                f.write(data)
+                if durable:
+                    f.flush()
+                    os.fsync(f.fileno())
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
+            except FileNotFoundError:
+                continue  # the temporary is gone: nothing was created
+            finally:
+                try:
+                    os.unlink(tmp)
+                except FileNotFoundError:
+                    pass
             if durable:
-                f.flush()
-                os.fsync(f.fileno())
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            return False
-        finally:
-            os.unlink(tmp)
-        if durable:
-            fsync_dir(directory)
-        return True
+                fsync_dir(directory)
+            return True
+        raise FileNotFoundError(f"{path}: its temporary file kept vanishing before it could be linked")
     if isinstance(fs, MemoryFileSystem):
         with _memory_lock:
             if fs.exists(path):

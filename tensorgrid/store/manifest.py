@@ -218,9 +218,10 @@ def load(fs: fsspec.AbstractFileSystem, root: str, version: int | None = None) -
     path = manifest_path(root, version)
     try:
         data = fs.cat_file(path)
-    except FileNotFoundError:
-        raise DatasetNotFoundError(f"{tgfs.to_url(fs, root)} has no version {version} (its manifest is gone)") \
-            from None
+    except OSError as e:  # listed, yet gone, a folder, a dangling link...: never taken for "no such version"
+        where = tgfs.to_url(fs, path)
+        raise CorruptManifestError(f"manifest {where} of version {version} cannot be read: "
+                                   f"{getattr(e, 'strerror', None) or type(e).__name__}", [where]) from None
     return Manifest.from_json(data, tgfs.to_url(fs, path), version)
 
 

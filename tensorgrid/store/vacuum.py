@@ -12,8 +12,9 @@ Why a committed version never loses a file, whatever the timing:
   write raises ConflictError). If the writer held it first, its manifest was published before the vacuum
   took the claim, so the vacuum's listing sees it and keeps the files.
   The one timing assumption left is on a claim, not on a write: a claim older than ``claims.STALE_S``
-  (or ``min_age_s`` if longer) is taken to be a dead process's and may be broken, and a writer that held
-  its claim that long gives up instead of publishing. ``min_age_s`` itself only spares writes in progress
+  (or ``min_age_s`` if longer) is taken to be a dead process's and may be broken (exclusively, and only
+  if it is still that claim: see claims.py); a writer re-checks its claim's token before publishing and
+  its shards after, and a vacuum its token before deleting. ``min_age_s`` itself only spares writes in progress
   (their shards are not yet committed); it is not what keeps committed data safe.
 """
 
@@ -52,22 +53,26 @@ def vacuum_root(fs: fsspec.AbstractFileSystem, root: str, min_age_s: float = 600
     referenced = _referenced(fs, root, versions)
     if _after_scan is not None:
         _after_scan(fs, root)
-    by_txn, loose, kept = _candidates(fs, root, referenced, cutoff)
-    removed, freed = _remove(fs, loose)
     stale_before = start - max(min_age_s, claims.STALE_S)
+    by_txn, loose, kept = _candidates(fs, root, referenced, cutoff, stale_before)
+    removed, freed = _remove(fs, loose)
     for txn, files in by_txn.items():
-        if not _claim(fs, root, txn, stale_before):
+        token = _claim(fs, root, txn, stale_before)
+        if token is None:
             kept += len(files)  # a commit of these shards is under way
             continue
         try:
             newer = set(manifest.list_versions(fs, root)) - versions  # listed after the claim was taken
             versions |= newer
             referenced |= _referenced(fs, root, newer)
+            if not claims.holds(fs, root, txn, token):  # broken meanwhile (only if we looked dead): skip
+                kept += len(files)
+                continue
             r, f = _remove(fs, [(p, rel, size) for p, rel, size in files if rel not in referenced])
             removed += r
             freed += f
         finally:
-            claims.release(fs, root, txn)
+            claims.release(fs, root, txn, token)
     _break_stale_claims(fs, root, stale_before, set(by_txn))
     return {"removed": len(removed), "bytes": freed, "kept_young": kept, "files": removed}
 
@@ -79,9 +84,10 @@ def _referenced(fs: fsspec.AbstractFileSystem, root: str, versions) -> set[str]:
     return out
 
 
-def _candidates(fs, root: str, referenced: set[str], cutoff: float):
+def _candidates(fs, root: str, referenced: set[str], cutoff: float, tmp_cutoff: float):
     """Unreferenced files older than ``cutoff``: shards grouped by transaction, and loose files (names no
-    manifest can reference: stray files in data/, manifest temporaries) that need no claim."""
+    manifest can reference: stray files in data/; temporaries of manifests and claims older than
+    ``tmp_cutoff``, since a commit in progress still links and unlinks its own) that need no claim."""
     by_txn: dict[str, list] = defaultdict(list)
     loose, young = [], 0
     prefix = root.rstrip("/") + "/"
@@ -97,7 +103,7 @@ def _candidates(fs, root: str, referenced: set[str], cutoff: float):
                 continue
             if sub == META_DIR and not name.startswith(".tmp-"):
                 continue  # manifests, claims, the format marker
-            if _mtime(info, start_default=cutoff) >= cutoff:
+            if _mtime(info, start_default=cutoff) >= (tmp_cutoff if sub == META_DIR else cutoff):
                 young += 1
                 continue
             txn = manifest.txn_of(rel) if sub == DATA_DIR and "/" not in rel[len(DATA_DIR) + 1:] else None
@@ -105,23 +111,19 @@ def _candidates(fs, root: str, referenced: set[str], cutoff: float):
     return by_txn, loose, young
 
 
-def _claim(fs, root: str, txn: str, stale_before: float) -> bool:
-    if claims.take(fs, root, txn, "vacuum"):
-        return True
-    since = claims.taken_at(fs, root, txn)
-    if since is None:  # released in the meantime
-        return claims.take(fs, root, txn, "vacuum")
-    if since < stale_before:  # its holder died holding it
-        claims.release(fs, root, txn)
-        return claims.take(fs, root, txn, "vacuum")
-    return False
+def _claim(fs, root: str, txn: str, stale_before: float) -> str | None:
+    """The vacuum's token on ``txn``'s claim, breaking a stale one (its holder died); None if it is held."""
+    token = claims.take(fs, root, txn, "vacuum")
+    if token is None and claims.break_if_stale(fs, root, txn, stale_before):
+        token = claims.take(fs, root, txn, "vacuum")
+    return token
 
 
 def _break_stale_claims(fs, root: str, stale_before: float, done: set[str]) -> None:
     """Claims left by processes killed while holding them, on writes that have nothing left to vacuum."""
     for txn in claims.held(fs, root):
-        if txn not in done and (claims.taken_at(fs, root, txn) or 0) < stale_before:
-            claims.release(fs, root, txn)
+        if txn not in done:
+            claims.break_if_stale(fs, root, txn, stale_before)
 
 
 def _remove(fs, files) -> tuple[list[str], int]:

@@ -3,6 +3,7 @@ in a manifest with sizes and checksums, verified on read."""
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -154,7 +155,8 @@ class StoreDataset(Dataset):
             raise CorruptManifestError(f"the manifest of {self.url} version {self.version} says shard {where} holds "
                                        f"{shard.rows} rows; the shard holds {meta.num_rows}", [where])
         ours = _footer_types(self._m.schema)
-        if [(f.name, f.type) for f in theirs] != ours:
+        if [(f.name, f.type) for f in theirs] != ours or \
+                [_tensor_of(f) for f in theirs] != [_tensor_of(f) for f in self._m.schema]:
             raise CorruptManifestError(f"the manifest of {self.url} version {self.version} gives another schema "
                                        f"than shard {where} holds", [where])
 
@@ -168,6 +170,8 @@ class StoreDataset(Dataset):
                 st = os.stat(path)
             except FileNotFoundError:
                 raise CorruptShardError(f"shard {where} is missing", [where]) from None
+            except OSError as e:  # e.g. data/ replaced by a file
+                raise CorruptShardError(f"shard {where} cannot be read: {e.strerror or e}", [where]) from None
             if st.st_size != shard.bytes:
                 raise CorruptShardError(f"shard {where} has {st.st_size} bytes, the manifest says {shard.bytes}",
                                         [where])
@@ -253,3 +257,16 @@ def _footer_types(schema: pa.Schema) -> list:
     sink = pa.BufferOutputStream()
     pq.write_table(schema.empty_table(), sink, store_schema=True)
     return [(f.name, f.type) for f in pq.read_metadata(pa.BufferReader(sink.getvalue())).schema.to_arrow_schema()]
+
+
+def _tensor_of(field: pa.Field):
+    """A tensor column's dtype, shape and permutation from its field metadata (None for other columns):
+    a manifest may not give a shard's bytes another tensor type."""
+    raw = (field.metadata or {}).get(encoding.TENSOR_KEY)
+    if raw is None:
+        return None
+    try:
+        meta = json.loads(raw)
+        return meta.get("dtype"), meta.get("shape"), meta.get("permutation")
+    except (ValueError, AttributeError):
+        return ("unreadable", raw)

@@ -20,6 +20,7 @@ from .. import fs as tgfs
 from ..args import check_choice, check_int
 from ..errors import (
     ConflictError,
+    CorruptShardError,
     DatasetExistsError,
     DatasetNotFoundError,
     EmptyDataError,
@@ -333,7 +334,8 @@ def _commit(fs, root: str, url: str, mode: str, base: Manifest | None, physical:
 def _publish(fs, root: str, url: str, new: Manifest, writer: _ShardWriter) -> bool:
     """Publish ``new`` under the claim on this write's transaction (see vacuum.py for why a vacuum can then
     never delete a shard a published manifest names); False if another writer has that version."""
-    if not claims.take(fs, root, writer.txn, "commit"):
+    token = claims.take(fs, root, writer.txn, "commit")
+    if token is None:
         raise ConflictError(f"a vacuum of {url} is deleting this write's shards (it ran with a min_age_s shorter "
                             "than the write took); nothing was committed: write the data again")
     taken = time.time()
@@ -342,13 +344,21 @@ def _publish(fs, root: str, url: str, new: Manifest, writer: _ShardWriter) -> bo
         if missing:
             raise ConflictError(f"a vacuum of {url} removed {len(missing)} of this write's shards ({missing[0]}, "
                                 "...) before it committed; nothing was committed: write the data again")
-        if time.time() - taken > claims.STALE_S:  # a vacuum may take the claim for stale from now on
+        # a claim held this long may be taken for a dead writer's and broken: never publish without it
+        if time.time() - taken > claims.STALE_S or not claims.holds(fs, root, writer.txn, token):
             raise ConflictError(f"committing to {url} stalled for over {claims.STALE_S:.0f} s (a vacuum may "
                                 "take it for a dead writer's); nothing was committed: write the data again")
         writer.committing = True
-        return manifest.commit(fs, root, new)
+        published = manifest.commit(fs, root, new)
+        if published and writer.missing():  # paused past every check (SIGSTOP, a frozen VM): say so loudly
+            where = tgfs.to_url(fs, manifest.manifest_path(root, new.version))
+            raise CorruptShardError(f"version {new.version} of {url} was committed, but a vacuum removed some of "
+                                    "its shards while this commit was paused for longer than "
+                                    f"{claims.STALE_S:.0f} s: that version is unreadable; write the data again",
+                                    [where])
+        return published
     finally:
-        claims.release(fs, root, writer.txn)
+        claims.release(fs, root, writer.txn, token)
 
 
 _ARROW_ERRORS = (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError)

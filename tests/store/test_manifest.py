@@ -230,3 +230,23 @@ def test_a_manifest_from_a_newer_format_is_refused_by_name(tmp_path):
     _rewrite(path, body)
     with pytest.raises(tg.UnsupportedFormatError, match="newer TensorGrid.*upgrade"):
         tg.open(str(url))
+
+
+def test_a_listed_manifest_that_cannot_be_read_is_corrupt_not_missing(tmp_path):
+    """A dangling link or a folder where the latest manifest should be: never taken for "no version" (a
+    write would then conflict forever or think the dataset new)."""
+    url = tmp_path / "d"
+    tg.write(str(url), pa.table({"a": [1]}))
+    tg.write(str(url), pa.table({"a": [2]}), mode="append")
+    path = _latest(url)
+    path.unlink()
+    path.symlink_to(tmp_path / "nowhere.json")
+    for action in (lambda: tg.open(str(url)), lambda: tg.write(str(url), pa.table({"a": [3]}), mode="append")):
+        with pytest.raises(tg.errors.CorruptManifestError, match="cannot be read"):
+            action()
+    path.unlink()
+    path.mkdir()
+    with pytest.raises(tg.errors.CorruptManifestError):
+        tg.open(str(url))
+    (entry,) = tg.list_datasets(str(tmp_path))
+    assert entry.version is None and "cannot be read" in entry.error
