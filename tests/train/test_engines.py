@@ -34,14 +34,43 @@ def test_spark_engine_same_curve(spark, digits, reference):  # noqa: F811
     _same_curve(r, reference)
 
 
-def test_spark_dataframe_trains_without_collecting(spark, digits, tmp_path):  # noqa: F811
+def _spark_staging(tmp_path, monkeypatch):
+    """A fresh $TENSORGRID_SPARK_STAGING, and a driver that refuses to collect a DataFrame's rows."""
+    from pyspark.sql import DataFrame
+
+    def refuse(*a, **k):
+        raise AssertionError("rows were collected to the driver")
+
+    for name in ("toArrow", "_collect_as_arrow", "toPandas"):
+        monkeypatch.setattr(DataFrame, name, refuse, raising=False)
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    monkeypatch.setenv("TENSORGRID_SPARK_STAGING", str(staging))
+    return staging
+
+
+def test_spark_dataframe_trains_without_collecting_and_its_staging_is_deleted(spark, digits, tmp_path,  # noqa: F811
+                                                                               monkeypatch):
     pdf = digits[0].to_pandas()
-    pdf["image"] = pdf["image"].map(lambda a: a.reshape(-1).tolist())  # Spark has arrays, not tensors
+    pdf["image"] = pdf["image"].map(lambda a: a.reshape(-1).tolist())  # a Spark array: stored as a list
     sdf = spark.createDataFrame(pdf)
+    staging = _spark_staging(tmp_path, monkeypatch)
     from tensorgrid import transforms as T
 
     r = trainer(workers=2, engine="spark", epochs=3, transform=T.to_float(scale=1 / 255)).fit(sdf)
     assert r.history[-1]["accuracy"] > 0.8
+    assert list(staging.iterdir()) == []  # the dataset the executors wrote for the ranks is gone
+
+
+def test_spark_dataframe_tensor_column_staged_then_deleted_when_the_fit_fails(spark, digits, tmp_path,  # noqa: F811
+                                                                             monkeypatch):
+    pdf = digits[0].to_pandas()
+    pdf["image"] = pdf["image"].map(lambda a: a.tobytes())  # row-major bytes, marked as an 8x8 uint8 tensor
+    sdf = spark.createDataFrame(pdf).withMetadata("image", {"tensorgrid.tensor": {"dtype": "uint8", "shape": [8, 8]}})
+    staging = _spark_staging(tmp_path, monkeypatch)
+    with pytest.raises(tg.WorkerFailedError, match="rank one refuses"):
+        trainer(workers=2, engine="spark", model=models.rank_one_fails).fit(sdf)
+    assert list(staging.iterdir()) == []
 
 
 def test_unknown_engine_refused_spark_needs_a_session_and_ray_needs_ray(digits, monkeypatch):  # noqa: F811
