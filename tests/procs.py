@@ -76,8 +76,9 @@ class KillAfterFirstCheckpoint:
     """A thread that waits for the first checkpoint in ``ckpt_dir``, then SIGKILLs one process that
     ``find()`` returns (a training worker, mid-run). ``with`` it around a fit; ``killed`` holds the pid."""
 
-    def __init__(self, ckpt_dir: str, find, timeout_s: float = 120):
+    def __init__(self, ckpt_dir: str, find, timeout_s: float = 120, kill_all: bool = False):
         self.ckpt_dir, self.find, self.timeout_s, self.killed = ckpt_dir, find, timeout_s, []
+        self.kill_all = kill_all  # every process find() returns (when it cannot tell a busy one from an idle one)
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
@@ -87,8 +88,12 @@ class KillAfterFirstCheckpoint:
         while time.time() < deadline:
             pids = self.find()
             if pids:
-                os.kill(pids[-1], signal.SIGKILL)
-                self.killed.append(pids[-1])
+                for pid in (pids if self.kill_all else pids[-1:]):
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                        self.killed.append(pid)
+                    except ProcessLookupError:
+                        pass
                 return
             time.sleep(0.05)
 

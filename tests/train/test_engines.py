@@ -110,7 +110,8 @@ def test_spark_task_killed_then_resumed(spark, digits, tmp_path):  # noqa: F811
     full = trainer(workers=2, engine="spark", epochs=4).fit(digits[0])
     ck = str(tmp_path / "ck")
     t0 = time.time()
-    with KillAfterFirstCheckpoint(ck, spark_task_workers) as killer, \
+    # Spark keeps idle Python workers from earlier jobs beside the two training tasks: kill them all
+    with KillAfterFirstCheckpoint(ck, spark_task_workers, kill_all=True) as killer, \
             pytest.raises(tg.WorkerFailedError, match="Spark training task failed.*last checkpoint"):
         trainer(workers=2, engine="spark", epochs=4, checkpoint_dir=ck, checkpoint_every=5, timeout_s=60,
                 transform=models.paced_to_float).fit(digits[0])
