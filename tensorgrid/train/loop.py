@@ -1,4 +1,5 @@
-"""The training loop every worker runs: DDP on its partition of the data, checkpoints and logs on rank 0.
+"""The training loop every worker runs: DDP on its partition of the data, checkpoints, logs and callbacks on
+rank 0.
 
 Runs in the caller's process (workers=1) or in engine-started processes with RANK, WORLD_SIZE,
 MASTER_ADDR and MASTER_PORT set. Same seed, data and global batch -> the same updates on any engine:
@@ -26,6 +27,7 @@ from ..rng import seed_all
 from ..store import Dataset
 from . import checkpoint as ckpt
 from .allocator import tune_malloc
+from .callbacks import RankZeroFailed, Runner, TrainState
 from .losses import BatchLoss, Sums, is_classifier
 
 __all__ = ["Spec", "build_model", "device_and_backend", "evaluate", "is_classifier", "train"]
@@ -60,6 +62,7 @@ class Spec:
     val: Dataset | None = None
     resume_from: str | None = None
     data_fingerprint: str | None = None  # of ``train``, recorded in checkpoints (resume only on the same data)
+    callbacks: tuple = ()  # run on rank 0 (callbacks.py)
 
 
 def build_model(spec: Spec) -> torch.nn.Module:
@@ -146,7 +149,10 @@ def train(spec: Spec, rank: int = 0, world: int = 1, restarted: bool = False, re
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend, timeout=timedelta(seconds=spec.timeout_s))
     try:
-        out = _train(spec, rank, world, device, restarted, report)
+        try:
+            out = _train(spec, rank, world, device, restarted, report)
+        except RankZeroFailed:  # rank 0's callback failed: rank 0 raises that error, this rank just leaves
+            out = None
         if report is not None:
             report.done()
         return out
@@ -172,12 +178,13 @@ class Run:
     rank: int
     world: int
     device: torch.device
-    model: torch.nn.Module  # the bare model: checkpoints and the result read it
+    model: torch.nn.Module  # the bare model: checkpoints, callbacks and the result read it
     net: torch.nn.Module  # what trains: the model, in DDP when world > 1
     optimizer: torch.optim.Optimizer
     scheduler: object
     loader: Loader
     losses: BatchLoss
+    callbacks: Runner
     report: object = None
     history: list = field(default_factory=list)
     step: int = 0  # optimizer steps so far, over the whole run
@@ -185,22 +192,27 @@ class Run:
     batch: int = 0  # batches of it done
     sums: Sums = field(default_factory=Sums)  # the epoch's so far
     last_checkpoint: str | None = None
+    saved_step: int | None = None  # the step of the newest checkpoint this process wrote (or joined)
     log: object = None
     bar: object = None
 
 
 def _train(spec: Spec, rank: int, world: int, device, restarted: bool, report=None) -> dict | None:
-    """Set up (or resume), run the epochs, return the result."""
+    """Set up (or resume), run the epochs until the last or until a callback stops them, return the result."""
     run = _start(spec, rank, world, device, report)
     resume = spec.resume_from or (ckpt.latest(spec.checkpoint_dir) if restarted else None)
     if resume:
         _resume(run, resume)
     _open_outputs(run)
     try:
-        for epoch in range(run.epoch, spec.epochs):
-            _epoch(run, epoch)
+        stop = run.callbacks.call("on_train_start", lambda: _state(run))
+        epoch = run.epoch
+        while not stop and epoch < spec.epochs:
+            stop = _epoch(run, epoch)
+            epoch += 1
     finally:
         _close_outputs(run)
+    run.callbacks.call("on_train_end", lambda: _state(run, run.history[-1] if run.history else None))
     return _result(run) if rank == 0 else None
 
 
@@ -216,7 +228,8 @@ def _start(spec: Spec, rank: int, world: int, device, report) -> Run:
     loader = rank_loader(spec, spec.train, rank, world, shuffle=True, seed=spec.seed,
                          num_workers=spec.loader_workers)
     return Run(spec, rank, world, device, model, net, optimizer, scheduler, loader,
-               BatchLoss(spec, net, device, world, spec.train.num_rows, spec.batch_size), report)
+               BatchLoss(spec, net, device, world, spec.train.num_rows, spec.batch_size),
+               Runner(spec.callbacks, rank, world, device), report)
 
 
 def _resume(run: Run, url: str) -> None:
@@ -246,6 +259,7 @@ def _save(run: Run, epoch_sums: list[float]) -> None:
     spec = run.spec
     if not spec.checkpoint_dir:
         return
+    run.saved_step = run.step
     rngs = _gather_rng(run.world)
     if run.rank != 0:
         return
@@ -258,20 +272,22 @@ def _save(run: Run, epoch_sums: list[float]) -> None:
     run.last_checkpoint = ckpt.save(spec.checkpoint_dir, loader["epoch"], run.step, state, spec.keep_checkpoints)
 
 
-def _epoch(run: Run, epoch: int) -> None:
-    """One epoch (what remains of it after a resume), then its row and checkpoint."""
+def _epoch(run: Run, epoch: int) -> bool:
+    """One epoch (what remains of it after a resume), then its row, checkpoint and callbacks; True when a
+    callback asked to stop."""
     if run.loader.epoch != epoch:  # a resumed loader already sits at its epoch and batch
         run.loader.set_epoch(epoch)
     run.epoch, run.batch = epoch, run.loader.state_dict()["batch"]
     run.net.train()
     clock = Clock()
     run.bar.start_epoch(epoch, run.batch)
-    _steps(run, clock)
-    _end_epoch(run, clock)
+    stop = _steps(run, clock)
+    row = _end_epoch(run, clock, complete=run.batch == len(run.loader))
+    return run.callbacks.call("on_epoch_end", lambda: _state(run, row)) or stop
 
 
-def _steps(run: Run, clock: Clock) -> None:
-    """The epoch's optimizer steps from batch ``run.batch`` on."""
+def _steps(run: Run, clock: Clock) -> bool:
+    """The epoch's optimizer steps from batch ``run.batch`` on; True when a callback asked to stop."""
     spec, every, batches = run.spec, _every(run.spec), len(run.loader)
     it = iter(run.loader)
     while True:
@@ -279,7 +295,7 @@ def _steps(run: Run, clock: Clock) -> None:
         try:
             batch = next(it)
         except StopIteration:
-            return
+            return False
         clock.got_batch()
         loss, (ls, c, n) = run.losses.compute(batch, run.batch)
         run.optimizer.zero_grad(set_to_none=True)
@@ -294,6 +310,13 @@ def _steps(run: Run, clock: Clock) -> None:
         # (an epoch's last step is saved by the epoch's own checkpoint)
         if every and run.step % every == 0 and spec.checkpoint_dir and run.batch < batches:
             _save(run, _allreduce(run.sums.values(), run.world, run.device))  # every rank reduces
+        if run.callbacks.wants("on_step_end") and run.callbacks.call(
+                "on_step_end", lambda: _state(run, batch_loss=(ls, n))):  # noqa: B023 - called at once
+            if run.batch < batches:
+                it.close()  # ends the loader's epoch here (its workers too); its position stays at this batch
+            else:
+                next(it, None)  # the epoch's last batch: the loader finishes its epoch as usual
+            return True
 
 
 def _every(spec: Spec) -> int | None:
@@ -340,12 +363,16 @@ def _log_step(run: Run, rates: tuple[float, float], loss_sum, n: int) -> None:
                                    "train/lr": run.optimizer.param_groups[0]["lr"]})
 
 
-def _end_epoch(run: Run, clock: Clock) -> dict:
-    """The epoch's row (all ranks' sums, validation) into the history and the logs, and its checkpoint."""
-    if run.scheduler is not None:
+def _end_epoch(run: Run, clock: Clock, complete: bool) -> dict:
+    """The epoch's row (all ranks' sums, validation) into the history and the logs, and its checkpoint.
+    ``complete`` False: a callback stopped the run in mid-epoch; the checkpoint is then taken as any
+    mid-epoch one (before the row, with the sums so far), so that resuming continues exactly."""
+    if complete and run.scheduler is not None:
         run.scheduler.step()
     totals = _allreduce(run.sums.values(), run.world, run.device)
     run.sums = Sums()  # the next epoch's
+    if not complete and run.saved_step != run.step:
+        _save(run, totals)
     row = _epoch_row(run, totals, clock)
     run.history.append(row)
     if run.rank == 0 and not math.isfinite(row["loss"]):
@@ -355,7 +382,8 @@ def _end_epoch(run: Run, clock: Clock) -> dict:
         run.log.scalars(run.step, {f"epoch/{k}": v for k, v in row.items() if k != "epoch"})
         run.log.flush()
     run.bar.end_epoch(row)
-    _save(run, [0.0, 0.0, 0.0])
+    if complete:
+        _save(run, [0.0, 0.0, 0.0])
     return row
 
 
@@ -370,6 +398,15 @@ def _epoch_row(run: Run, totals: list[float], clock: Clock) -> dict:
         val = evaluate(spec, run.net, spec.val, run.device, run.rank, run.world)
         row.update({f"val_{k}": v for k, v in val.items()})
     return row
+
+
+def _state(run: Run, metrics: dict | None = None, batch_loss: tuple | None = None) -> TrainState:
+    """What a callback sees now (on rank 0)."""
+    rows = run.spec.train.num_rows
+    return TrainState(epoch=run.epoch, epochs=run.spec.epochs, step=run.step,
+                      samples=run.epoch * rows + min(run.batch * run.spec.batch_size, rows),
+                      world_size=run.world, model=run.model, metrics=dict(metrics or {}),
+                      history=[dict(r) for r in run.history], checkpoint=run.last_checkpoint, _batch=batch_loss)
 
 
 def _open_outputs(run: Run) -> None:
@@ -391,6 +428,15 @@ def _close_outputs(run: Run) -> None:
 
 
 def _result(run: Run) -> dict:
-    """Rank 0's result: weights, history, newest checkpoint."""
+    """Rank 0's result: weights, history, newest checkpoint, and the callbacks as they ended (pickled one by
+    one: the driver copies their attributes back onto the user's objects)."""
+    import cloudpickle
+
+    callbacks = []
+    for cb in run.spec.callbacks:
+        try:
+            callbacks.append(cloudpickle.dumps(cb))
+        except Exception as e:  # noqa: BLE001 - the driver warns; training itself succeeded
+            callbacks.append(f"{type(e).__name__}: {e}")
     return {"model": {k: v.detach().cpu() for k, v in run.model.state_dict().items()}, "history": run.history,
-            "checkpoint": run.last_checkpoint, "step": run.step}
+            "checkpoint": run.last_checkpoint, "step": run.step, "callbacks": callbacks}

@@ -15,6 +15,7 @@ from ..errors import CheckpointError, TensorGridError, TrainingConfigError
 from ..loader import Loader
 from ..store import Dataset
 from . import checkpoint as ckpt
+from .callbacks import check_callbacks
 from .engines import ENGINES
 from .loop import Spec, build_model, train
 from .losses import is_classifier
@@ -71,6 +72,7 @@ class Trainer:
     on this machine; workers=1 runs in the calling process), "ray" or "spark". Give ``features``/``label``
     columns with a ``loss``, or ``step=fn(model, batch) -> loss`` for anything else. ``metrics``: names
     from ``METRICS`` (None: none). ``timeout_s``: how long a collective waits for a slow or hung rank.
+    ``callbacks``: objects with hooks run on rank 0 that may stop training (``tensorgrid.train.Callback``).
     """
 
     def __init__(self, model, loss=None, optimizer=None, scheduler=None, features: str | None = "features",
@@ -78,7 +80,8 @@ class Trainer:
                  workers: int = 1, engine: str = "local", checkpoint_dir: str | None = None,
                  checkpoint_every="epoch", keep_checkpoints: int = 3, log_dir: str | None = None,
                  metrics=("accuracy",), seed: int = 0, max_restarts: int = 0, timeout_s: float = 300,
-                 loader_workers: int = 0, quiet: bool = False, engine_options: dict | None = None):
+                 loader_workers: int = 0, quiet: bool = False, engine_options: dict | None = None,
+                 callbacks=None):
         if not (isinstance(model, torch.nn.Module) or callable(model)):
             raise TrainingConfigError("model must be an nn.Module or a zero-argument factory returning one")
         if step is None and loss is None:
@@ -100,6 +103,7 @@ class Trainer:
                                          error=TrainingConfigError)
         metrics = _metrics(metrics)
         engine_options = _engine_options(engine, engine_options)
+        callbacks = check_callbacks(callbacks)
         self.model, self.loss = model, loss
         self.optimizer = optimizer or (lambda params: torch.optim.Adam(params, lr=1e-3))
         self.scheduler, self.features, self.label, self.step = scheduler, features, label, step
@@ -107,7 +111,7 @@ class Trainer:
         self.engine, self.checkpoint_dir, self.checkpoint_every = engine, checkpoint_dir, checkpoint_every
         self.keep_checkpoints, self.log_dir, self.metrics, self.seed = keep_checkpoints, log_dir, metrics, seed
         self.max_restarts, self.timeout_s, self.loader_workers = max_restarts, timeout_s, loader_workers
-        self.quiet, self.engine_options = quiet, engine_options
+        self.quiet, self.engine_options, self.callbacks = quiet, engine_options, callbacks
         self.result: FitResult | None = None
 
     # --- checks that run before any worker starts -------------------------------------------------
@@ -174,8 +178,8 @@ class Trainer:
             return build_model(self._spec(ds, None, None))
         except Exception as e:  # noqa: BLE001
             if isinstance(self.model, torch.nn.Module):  # copied to every worker, so it must copy here
-                raise TrainingConfigError(f"the model, loss, optimizer or transform cannot be sent to workers: "
-                                          f"{type(e).__name__}: {e}") from None
+                raise TrainingConfigError(f"the model, loss, optimizer, transform or callbacks cannot be sent to "
+                                          f"workers: {type(e).__name__}: {e}") from None
             raise TrainingConfigError(f"the model factory fails: {type(e).__name__}: {e}") from None
 
     def _check_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -200,7 +204,7 @@ class Trainer:
                     checkpoint_dir=self.checkpoint_dir, checkpoint_every=self.checkpoint_every,
                     keep_checkpoints=self.keep_checkpoints, log_dir=self.log_dir, metrics=self.metrics,
                     timeout_s=self.timeout_s, loader_workers=self.loader_workers, quiet=self.quiet,
-                    train=train_ds, val=val_ds, resume_from=resume_from)
+                    train=train_ds, val=val_ds, resume_from=resume_from, callbacks=self.callbacks)
 
     def _check_urls(self) -> None:
         if self.workers > 1 or self.engine != "local":
@@ -256,8 +260,8 @@ class Trainer:
         try:
             payload = cloudpickle.dumps(spec)
         except Exception as e:  # noqa: BLE001
-            raise TrainingConfigError(f"the model, loss, optimizer or transform cannot be sent to workers: "
-                                      f"{type(e).__name__}: {e}") from None
+            raise TrainingConfigError(f"the model, loss, optimizer, transform or callbacks cannot be sent to "
+                                      f"workers: {type(e).__name__}: {e}") from None
         if self.workers == 1 and self.engine == "local":
             out = train(cloudpickle.loads(payload))  # in this process: easy to debug
         else:
@@ -267,6 +271,7 @@ class Trainer:
                                    **self.engine_options)
         model = build_model(spec)
         model.load_state_dict(out["model"])
+        _callbacks_back(self.callbacks, out.get("callbacks"))
         history = out["history"]
         self.result = FitResult(model, dict(history[-1]) if history else {}, history, out["checkpoint"],
                                 out.get("placement"))
@@ -297,3 +302,22 @@ def _fingerprint(ds: Dataset) -> str | None:
         return str(ds.fingerprint)
     except Exception:  # noqa: BLE001 - a user's own Dataset kind
         return None
+
+
+def _callbacks_back(callbacks: tuple, returned: list | None) -> None:
+    """Give each callback object the attributes it had on rank 0 at the end of training (it ran there, on a
+    copy), so that what a callback records is the same on every engine."""
+    for cb, data in zip(callbacks, returned or ()):
+        if isinstance(data, str):  # rank 0 could not pickle it
+            warnings.warn(f"callback {type(cb).__qualname__} could not be sent back from the workers ({data}): "
+                          "it keeps its attributes from before fit", RuntimeWarning, stacklevel=3)
+            continue
+        try:
+            back = cloudpickle.loads(data)
+        except Exception as e:  # noqa: BLE001 - e.g. its class changed meanwhile
+            warnings.warn(f"callback {type(cb).__qualname__} could not be read back from the workers "
+                          f"({type(e).__name__}: {e}): it keeps its attributes from before fit", RuntimeWarning,
+                          stacklevel=3)
+            continue
+        if hasattr(cb, "__dict__") and hasattr(back, "__dict__"):
+            cb.__dict__.update(back.__dict__)

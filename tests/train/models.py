@@ -3,6 +3,7 @@
 import torch
 
 from tensorgrid import transforms as T
+from tensorgrid.train import Callback
 
 
 def mlp():
@@ -100,3 +101,62 @@ def exit_on_rank_one(model, batch):
     if torch.distributed.is_initialized() and torch.distributed.get_rank() == 1 and _steps[0] == 3:
         os._exit(0)
     return ce_step(model, batch)
+
+
+# --- training callbacks (tests/train/test_callbacks.py) ------------------------------------------------
+
+class StopAfterEpoch(Callback):
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def on_epoch_end(self, state):
+        if state.epoch == self.epoch:
+            state.should_stop = True
+
+
+class StopAtStep:
+    """A duck-typed callback (no base class) that stops the run after a given step."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, state):
+        if state.step == self.step:
+            state.should_stop = True
+
+
+class Recorder(Callback):
+    """Records what every hook saw (on rank 0; the driver's object gets these attributes back)."""
+
+    def __init__(self):
+        self.rows, self.events, self.batch_losses = [], [], []
+
+    def on_train_start(self, state):
+        self.events.append(("start", state.epoch, state.step, state.samples, state.world_size))
+
+    def on_step_end(self, state):
+        self.batch_losses.append(state.batch_loss)
+
+    def on_epoch_end(self, state):
+        self.rows.append(state.metrics)
+        self.events.append(("epoch", state.epoch, state.step, state.samples, len(state.history), state.checkpoint))
+
+    def on_train_end(self, state):
+        self.events.append(("end", state.epoch, state.step, state.samples, state.metrics == state.history[-1]))
+
+
+class FailsAtEpochEnd(Callback):
+    def on_epoch_end(self, state):
+        raise ValueError("no metrics today")
+
+
+class EarlyStopping(Callback):
+    """The example in Callback's docstring."""
+
+    def __init__(self, monitor="val_loss", patience=3):
+        self.monitor, self.patience = monitor, patience
+
+    def on_epoch_end(self, state):
+        values = [row[self.monitor] for row in state.history]
+        if len(values) - 1 - values.index(min(values)) >= self.patience:
+            state.should_stop = True
