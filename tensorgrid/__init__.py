@@ -6,7 +6,7 @@
     tg.sql("SELECT label, count(*) FROM ds GROUP BY label", ds=ds).to_pandas()
 
 A process that only stores, queries or serves data never imports torch: the torch-side names (Trainer,
-FitResult, Loader, transforms) are loaded on first use (PEP 562).
+FitResult, Callback, TrainState, predict, Loader, transforms) are loaded on first use (PEP 562).
 """
 
 from importlib import import_module
@@ -15,6 +15,7 @@ from . import errors
 from .errors import (
     ArgumentError,
     CacheRebuiltWarning,
+    CallbackError,
     CheckpointError,
     ColumnNotFoundError,
     ConflictError,
@@ -42,6 +43,8 @@ from .store.vacuum import vacuum
 __version__ = "0.1.0"
 
 _LAZY = {"Trainer": ("tensorgrid.train", "Trainer"), "FitResult": ("tensorgrid.train", "FitResult"),
+         "Callback": ("tensorgrid.train", "Callback"), "TrainState": ("tensorgrid.train", "TrainState"),
+         "predict": ("tensorgrid.train", "predict"),
          "Loader": ("tensorgrid.loader", "Loader"), "transforms": ("tensorgrid.transforms", None)}
 
 
@@ -60,10 +63,10 @@ def __dir__():
 
 __all__ = [
     "write", "open", "sql", "from_arrow", "ingest_images", "vacuum", "list_datasets", "Dataset", "Trainer",
-    "FitResult", "Loader", "errors", "transforms",
+    "FitResult", "Callback", "TrainState", "predict", "Loader", "errors", "transforms",
     "TensorGridError", "ArgumentError", "ConflictError", "CorruptShardError", "CorruptManifestError",
     "DatasetExistsError", "DatasetNotFoundError", "EmptyDataError", "ReadOnlyError", "SchemaMismatchError",
     "SQLError", "UnsupportedDataError", "UnsupportedFormatError", "UnsupportedURLError", "ColumnNotFoundError",
     "TrainingConfigError", "WorkerFailedError", "CheckpointError", "TransformError", "LoaderWorkerError",
-    "ResumeError", "CacheRebuiltWarning",
+    "ResumeError", "CallbackError", "CacheRebuiltWarning",
 ]

@@ -121,6 +121,10 @@ class TrainingConfigError(TensorGridError, ValueError):
     """Trainer input found wrong before any worker started (columns, shapes, pickling, empty data)."""
 
 
+class CallbackError(TensorGridError):
+    """A training callback raised: the message names the callback, the hook, the epoch and step."""
+
+
 class CacheRebuiltWarning(UserWarning):
     """A file of the loader's Arrow cache was damaged (bytes changed, truncated, emptied, or its checksum
     record missing or unreadable) and was rebuilt from the verified shard."""

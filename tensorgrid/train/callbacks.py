@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import TensorGridError, TrainingConfigError
+from ..errors import CallbackError, TrainingConfigError
 
 HOOKS = ("on_train_start", "on_step_end", "on_epoch_end", "on_train_end")
 
@@ -82,10 +82,6 @@ class TrainState:
             return None
         loss_sum, n = self._batch
         return float(loss_sum) / max(n, 1)
-
-
-class CallbackError(TensorGridError):
-    """A training callback raised: the message names the callback, the hook, the epoch and step."""
 
 
 def check_callbacks(callbacks) -> tuple:
