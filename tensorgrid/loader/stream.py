@@ -12,6 +12,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import pickle
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -230,8 +231,12 @@ def _flag(name: str, value) -> bool:
 
 
 def _context(ctx):
-    """None, a start method's name, or a multiprocessing context."""
-    if ctx is None or callable(getattr(ctx, "get_start_method", None)):
+    """None, a start method's name, or a multiprocessing context. Unset in a process that runs Ray:
+    "spawn" (forking a process whose gRPC threads are running can abort the child)."""
+    if ctx is None:
+        ray = sys.modules.get("ray")
+        return "spawn" if ray is not None and getattr(ray, "is_initialized", lambda: False)() else None
+    if callable(getattr(ctx, "get_start_method", None)):
         return ctx
     return check_choice("multiprocessing_context", ctx, mp.get_all_start_methods())
 

@@ -120,3 +120,12 @@ def test_spark_task_killed_then_resumed(spark, digits, tmp_path):  # noqa: F811
         digits[0], resume=True)
     sa, sb = resumed.model.state_dict(), full.model.state_dict()
     assert all(torch.allclose(sa[k], sb[k], atol=1e-4) for k in sa)
+
+
+def test_loader_workers_spawn_in_a_process_that_runs_ray(ray_cluster, digits):  # noqa: F811
+    """Forking a process whose Ray/gRPC threads run can abort the child (seen once as a SIGABRT): with Ray
+    initialized, loader workers start with spawn unless told otherwise, and still read every row once."""
+    loader = digits[0].to_torch(batch_size=100, num_workers=1, shuffle=True)
+    assert loader._start_method() == "spawn"
+    assert sorted(i for b in loader for i in b["label"].tolist()) == sorted(digits[0].to_pandas()["label"])
+    assert digits[0].to_torch(batch_size=100, num_workers=1, multiprocessing_context="fork")._start_method() == "fork"
