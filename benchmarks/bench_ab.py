@@ -90,7 +90,7 @@ def main() -> None:
     rows = []
     for name, f in figures.items():
         old, new = statistics.median(f["old"]), statistics.median(f["new"])
-        rows.append((name, f"{old / 1e6:.2f} M", f"{new / 1e6:.2f} M", f"{new / old:.2f}"))
+        rows.append((name, f"{old:,.0f}", f"{new:,.0f}", f"{new / old:.2f}"))
     print(table(rows, ("workload (rows/s, median of rounds)", "old", "new", "new / old")))
 
 
