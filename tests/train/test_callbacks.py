@@ -10,11 +10,10 @@ import pytest
 import tensorgrid as tg
 from tensorgrid.train import Callback, CallbackError, TrainState
 from tests.train import models
-from tests.train.test_integrity import halves  # noqa: F401 - fixture
-from tests.train.test_trainer import digits, same, trainer, weights  # noqa: F401 - fixture
+from tests.train.helpers import same, trainer, weights
 
 
-def test_a_stopping_callback_stops_both_ranks_after_the_same_epoch(halves):  # noqa: F811
+def test_a_stopping_callback_stops_both_ranks_after_the_same_epoch(halves):
     a, b = halves
     r = trainer(workers=2, epochs=5, callbacks=[models.StopAfterEpoch(1)], timeout_s=120).fit(a, val=b)
     assert [h["epoch"] for h in r.history] == [0, 1]
@@ -23,7 +22,7 @@ def test_a_stopping_callback_stops_both_ranks_after_the_same_epoch(halves):  # n
     assert same(weights(r.model), weights(trainer(workers=2, epochs=2).fit(a).model), atol=1e-5)
 
 
-def test_a_recording_callback_sees_every_epochs_all_reduced_metrics_equal_to_the_history(halves, tmp_path):  # noqa: F811
+def test_a_recording_callback_sees_every_epochs_all_reduced_metrics_equal_to_the_history(halves, tmp_path):
     a, b = halves
     rec = models.Recorder()
     r = trainer(workers=2, epochs=3, callbacks=[rec], checkpoint_dir=str(tmp_path / "ck")).fit(a, val=b)
@@ -38,7 +37,7 @@ def test_a_recording_callback_sees_every_epochs_all_reduced_metrics_equal_to_the
     assert len(rec.batch_losses) == 30 and all(x > 0 for x in rec.batch_losses)
 
 
-def test_a_stop_after_a_step_ends_every_rank_there_and_resume_continues_exactly(halves, tmp_path):  # noqa: F811
+def test_a_stop_after_a_step_ends_every_rank_there_and_resume_continues_exactly(halves, tmp_path):
     a, _ = halves
     full = trainer(workers=2, epochs=2).fit(a)
     ck = str(tmp_path / "ck")
@@ -51,7 +50,7 @@ def test_a_stop_after_a_step_ends_every_rank_there_and_resume_continues_exactly(
     assert [h["loss"] for h in resumed.history] == pytest.approx([h["loss"] for h in full.history], rel=1e-5)
 
 
-def test_a_stop_on_an_epochs_last_step_is_an_ordinary_epoch_end(halves, tmp_path):  # noqa: F811
+def test_a_stop_on_an_epochs_last_step_is_an_ordinary_epoch_end(halves, tmp_path):
     a, _ = halves
     ck = str(tmp_path / "ck")
     r = trainer(epochs=3, checkpoint_dir=ck, callbacks=[models.StopAtStep(10)]).fit(a)
@@ -60,7 +59,7 @@ def test_a_stop_on_an_epochs_last_step_is_an_ordinary_epoch_end(halves, tmp_path
     assert len(trainer(epochs=3, checkpoint_dir=ck).fit(a, resume=True).history) == 3  # epochs 1, 2 added
 
 
-def test_a_failing_callback_is_named_and_no_rank_waits_for_the_timeout(halves):  # noqa: F811
+def test_a_failing_callback_is_named_and_no_rank_waits_for_the_timeout(halves):
     a, _ = halves
     with pytest.raises(CallbackError, match=r"callback FailsAtEpochEnd.on_epoch_end failed at epoch 0, step 10: "
                                             r"ValueError: no metrics today") as e:
@@ -120,7 +119,7 @@ def test_the_docstrings_early_stopping_stops_after_patience_epochs_without_impro
 
 
 @pytest.mark.parametrize("engine", ["ray", "spark"])
-def test_callbacks_stop_and_record_the_same_on_ray_and_spark(request, halves, engine):  # noqa: F811
+def test_callbacks_stop_and_record_the_same_on_ray_and_spark(request, halves, engine):
     request.getfixturevalue("ray_cluster" if engine == "ray" else "spark")
     a, _ = halves
     rec = models.Recorder()

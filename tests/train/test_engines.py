@@ -8,11 +8,11 @@ import torch
 import tensorgrid as tg
 from tests.procs import KillAfterFirstCheckpoint, processes_running, spark_task_workers
 from tests.train import models
-from tests.train.test_trainer import digits, trainer  # noqa: F401 - fixture
+from tests.train.helpers import trainer
 
 
 @pytest.fixture(scope="module")
-def reference(digits):  # noqa: F811
+def reference(digits):
     return trainer(workers=1).fit(digits[0])
 
 
@@ -23,13 +23,13 @@ def _same_curve(a, b):
     assert all(torch.allclose(sa[k], sb[k], atol=1e-4) for k in sa)
 
 
-def test_ray_engine_same_curve_and_spread_over_nodes(ray_cluster, digits, reference):  # noqa: F811
+def test_ray_engine_same_curve_and_spread_over_nodes(ray_cluster, digits, reference):
     r = trainer(workers=2, engine="ray").fit(digits[0])
     _same_curve(r, reference)
     assert r.placement and len(set(r.placement)) == 2  # one worker on each node
 
 
-def test_spark_engine_same_curve(spark, digits, reference):  # noqa: F811
+def test_spark_engine_same_curve(spark, digits, reference):
     r = trainer(workers=2, engine="spark").fit(digits[0])
     _same_curve(r, reference)
 
@@ -49,7 +49,7 @@ def _spark_staging(tmp_path, monkeypatch):
     return staging
 
 
-def test_spark_dataframe_trains_without_collecting_and_its_staging_is_deleted(spark, digits, tmp_path,  # noqa: F811
+def test_spark_dataframe_trains_without_collecting_and_its_staging_is_deleted(spark, digits, tmp_path,
                                                                                monkeypatch):
     pdf = digits[0].to_pandas()
     pdf["image"] = pdf["image"].map(lambda a: a.reshape(-1).tolist())  # a Spark array: stored as a list
@@ -62,7 +62,7 @@ def test_spark_dataframe_trains_without_collecting_and_its_staging_is_deleted(sp
     assert list(staging.iterdir()) == []  # the dataset the executors wrote for the ranks is gone
 
 
-def test_spark_dataframe_tensor_column_staged_then_deleted_when_the_fit_fails(spark, digits, tmp_path,  # noqa: F811
+def test_spark_dataframe_tensor_column_staged_then_deleted_when_the_fit_fails(spark, digits, tmp_path,
                                                                              monkeypatch):
     pdf = digits[0].to_pandas()
     pdf["image"] = pdf["image"].map(lambda a: a.tobytes())  # row-major bytes, marked as an 8x8 uint8 tensor
@@ -73,7 +73,7 @@ def test_spark_dataframe_tensor_column_staged_then_deleted_when_the_fit_fails(sp
     assert list(staging.iterdir()) == []
 
 
-def test_unknown_engine_refused_spark_needs_a_session_and_ray_needs_ray(digits, monkeypatch):  # noqa: F811
+def test_unknown_engine_refused_spark_needs_a_session_and_ray_needs_ray(digits, monkeypatch):
     with pytest.raises(tg.TrainingConfigError, match=r"engine must be one of \('local', 'ray', 'spark'\), got 'dask'"):
         tg.Trainer(model=models.mlp, loss=torch.nn.CrossEntropyLoss(), engine="dask")
     pyspark_sql = pytest.importorskip("pyspark.sql")
@@ -86,13 +86,13 @@ def test_unknown_engine_refused_spark_needs_a_session_and_ray_needs_ray(digits, 
         trainer(workers=2, engine="ray").fit(digits[0])
 
 
-def test_ray_worker_error_names_the_worker_and_its_cause(ray_cluster, digits):  # noqa: F811
+def test_ray_worker_error_names_the_worker_and_its_cause(ray_cluster, digits):
     with pytest.raises(tg.WorkerFailedError, match="Ray training worker 1 failed: RuntimeError: rank one refuses") as e:
         trainer(workers=2, engine="ray", model=models.rank_one_fails).fit(digits[0])
     assert "\x1b" not in str(e.value) and "\n" not in str(e.value)
 
 
-def test_ray_worker_killed_then_resumed(ray_cluster, digits, tmp_path):  # noqa: F811
+def test_ray_worker_killed_then_resumed(ray_cluster, digits, tmp_path):
     full = trainer(workers=2, engine="ray", epochs=4).fit(digits[0])
     ck = str(tmp_path / "ck")
     with KillAfterFirstCheckpoint(ck, lambda: processes_running(b"ray::_Worker.train")) as killer, \
@@ -106,7 +106,7 @@ def test_ray_worker_killed_then_resumed(ray_cluster, digits, tmp_path):  # noqa:
     assert all(torch.allclose(sa[k], sb[k], atol=1e-4) for k in sa)
 
 
-def test_spark_task_killed_then_resumed(spark, digits, tmp_path):  # noqa: F811
+def test_spark_task_killed_then_resumed(spark, digits, tmp_path):
     full = trainer(workers=2, engine="spark", epochs=4).fit(digits[0])
     ck = str(tmp_path / "ck")
     t0 = time.time()
@@ -122,7 +122,7 @@ def test_spark_task_killed_then_resumed(spark, digits, tmp_path):  # noqa: F811
     assert all(torch.allclose(sa[k], sb[k], atol=1e-4) for k in sa)
 
 
-def test_loader_workers_spawn_in_a_process_that_runs_ray(ray_cluster, digits):  # noqa: F811
+def test_loader_workers_spawn_in_a_process_that_runs_ray(ray_cluster, digits):
     """Forking a process whose Ray/gRPC threads run can abort the child (seen once as a SIGABRT): with Ray
     initialized, loader workers start with spawn unless told otherwise, and still read every row once."""
     loader = digits[0].to_torch(batch_size=100, num_workers=1, shuffle=True)

@@ -7,11 +7,10 @@ import pytest
 
 import tensorgrid as tg
 from tests.train import models
-from tests.train.test_integrity import halves  # noqa: F401 - fixture
-from tests.train.test_trainer import digits, trainer  # noqa: F401 - fixture
+from tests.train.helpers import trainer
 
 
-def test_a_hung_rank_is_named_not_the_peer_that_timed_out(halves):  # noqa: F811
+def test_a_hung_rank_is_named_not_the_peer_that_timed_out(halves):
     a, _ = halves
     t0 = time.time()
     with pytest.raises(tg.WorkerFailedError) as e:
@@ -22,7 +21,7 @@ def test_a_hung_rank_is_named_not_the_peer_that_timed_out(halves):  # noqa: F811
     assert time.time() - t0 < 240  # the hung rank sleeps for an hour: the run ended without it
 
 
-def test_a_rank_that_exits_0_early_is_named(halves):  # noqa: F811
+def test_a_rank_that_exits_0_early_is_named(halves):
     a, _ = halves
     t0 = time.time()
     with pytest.raises(tg.WorkerFailedError) as e:

@@ -9,15 +9,7 @@ import torch
 
 import tensorgrid as tg
 from tests.train import models
-from tests.train.test_trainer import digits, trainer  # noqa: F401 - fixture
-
-
-@pytest.fixture(scope="module")
-def halves(tmp_path_factory, digits):  # noqa: F811
-    """Two store datasets of 640 rows each, different rows: the same size, other data."""
-    root = tmp_path_factory.mktemp("halves")
-    t = digits[0].to_arrow()
-    return tg.write(str(root / "a"), t.slice(0, 640)), tg.write(str(root / "b"), t.slice(640, 640))
+from tests.train.helpers import trainer
 
 
 def test_metrics_none_means_no_metrics_and_unknown_names_are_refused(halves):

@@ -10,33 +10,9 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import tensorgrid as tg
-from tensorgrid.quickstart import digits_frame
 from tests.procs import KillAfterFirstCheckpoint, children_of, spawned_children_of
 from tests.train import models
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    root = tmp_path_factory.mktemp("digits")
-    df = digits_frame()
-    train = tg.write(str(root / "train"), df.iloc[:1500])
-    val = tg.write(str(root / "val"), df.iloc[1500:])
-    return train, val
-
-
-def trainer(**kw):
-    base = dict(model=models.mlp, loss=torch.nn.CrossEntropyLoss(), optimizer=models.sgd, features="image",
-                label="label", transform=models.to_float, batch_size=64, epochs=2, quiet=True)
-    base.update(kw)
-    return tg.Trainer(**base)
-
-
-def weights(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def same(a, b, atol=1e-5):
-    return all(torch.allclose(a[k], b[k], atol=atol) for k in a)
+from tests.train.helpers import same, trainer, weights
 
 
 def test_learns_digits_and_predicts(digits, tmp_path):
