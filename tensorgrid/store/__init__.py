@@ -5,15 +5,15 @@ from __future__ import annotations
 from .. import fs as tgfs
 from ..args import check_int
 from ..errors import DatasetNotFoundError, TensorGridError
-from . import manifest
+from . import manifest, writer
 from .catalog import DatasetEntry, list_datasets
+from .convert import is_spark_dataframe
 from .dataset import Dataset
 from .foreign import ForeignDataset
 from .images import SkippedFilesWarning, ingest_images
 from .memory import ArrowDataset, from_arrow
 from .sql import sql
 from .versioned import StoreDataset, VersionInfo
-from .writer import write
 
 __all__ = ["Dataset", "StoreDataset", "ForeignDataset", "ArrowDataset", "VersionInfo", "SkippedFilesWarning",
            "open", "write", "from_arrow", "sql", "ingest_images", "list_datasets", "DatasetEntry"]
@@ -31,3 +31,18 @@ def open(url: str, version: int | None = None) -> Dataset:  # noqa: A001 - the o
             raise DatasetNotFoundError(f"no dataset at {url}")
         raise TensorGridError(f"{url} is not a versioned TensorGrid dataset: it has no version {version}")
     return ForeignDataset(url)
+
+
+def write(url: str, data, mode: str = "create", shard_rows: int | None = None, shard_bytes: int | None = None):
+    """Write ``data`` (pandas, Arrow tables/readers/batches, dicts, a Spark DataFrame) as a new version of
+    the dataset at ``url`` and return it as a Dataset.
+
+    mode: "create" (error if a dataset exists), "append" (adds rows; creates the dataset if missing) or
+    "overwrite" (the new version holds only ``data``; older versions stay readable). A Spark DataFrame is
+    written where it lives, by Spark's executors (``store/spark.py``).
+    """
+    if is_spark_dataframe(data):
+        from .spark import write_spark
+
+        return write_spark(url, data, *writer.check_write_args(mode, shard_rows, shard_bytes))
+    return writer.write(url, data, mode, shard_rows, shard_bytes)

@@ -350,7 +350,8 @@ def to_spark(ds, spark=None):
 
 def _read_path(ds) -> str:
     """"parquet" (Spark reads the files), "executors" (they read shards through the contract) or "arrow"."""
-    from . import ForeignDataset, StoreDataset
+    from .foreign import ForeignDataset
+    from .versioned import StoreDataset
 
     urls = ds.shard_urls()
     if any(u.startswith("memory://") for u in urls) or (not urls and not ds.is_remote):

@@ -30,7 +30,7 @@ from ..errors import (
     UnsupportedDataError,
 )
 from . import claims, encoding, manifest
-from .convert import is_spark_dataframe, to_batches
+from .convert import to_batches
 from .manifest import DATA_DIR, Manifest, Shard
 
 DEFAULT_SHARD_BYTES = 128 << 20
@@ -188,6 +188,12 @@ def _schema_diff(old: pa.Schema, new: pa.Schema) -> str:
     return "; ".join(parts)
 
 
+def check_write_args(mode, shard_rows, shard_bytes) -> tuple[str, int | None, int | None]:
+    """The options every write takes (also a Spark DataFrame's: store/spark.py), checked."""
+    return (check_choice("mode", mode, MODES), check_int("shard_rows", shard_rows, 1, none=True),
+            check_int("shard_bytes", shard_bytes, 1, none=True))
+
+
 def write(url: str, data, mode: str = "create", shard_rows: int | None = None,
           shard_bytes: int | None = None):
     """Write ``data`` as a new version of the dataset at ``url`` and return it as a Dataset.
@@ -195,13 +201,7 @@ def write(url: str, data, mode: str = "create", shard_rows: int | None = None,
     mode: "create" (error if a dataset exists), "append" (adds rows; creates the dataset if missing) or
     "overwrite" (the new version holds only ``data``; older versions stay readable).
     """
-    check_choice("mode", mode, MODES)
-    shard_rows = check_int("shard_rows", shard_rows, 1, none=True)
-    shard_bytes = check_int("shard_bytes", shard_bytes, 1, none=True)
-    if is_spark_dataframe(data):  # written where it lives, by Spark's executors
-        from .spark import write_spark
-
-        return write_spark(url, data, mode, shard_rows, shard_bytes)
+    mode, shard_rows, shard_bytes = check_write_args(mode, shard_rows, shard_bytes)
     fs, root, existed, base = _target(url, mode)
     try:
         schema, batches = to_batches(data)
