@@ -27,7 +27,7 @@ import pyarrow as pa
 import xxhash
 
 from ..errors import ArgumentError, CacheRebuiltWarning
-from ..store.dataset import Dataset
+from ..store.dataset import Dataset, fixed_blocks
 from .plan import Layout
 
 CACHED_BLOCK_BYTES = 256 << 10
@@ -39,11 +39,6 @@ RECORD = ".json"  # beside each cache file: {"bytes": size, "xxh3": hex digest},
 _verified: set[tuple] = set()
 _verified_lock = threading.Lock()
 checks = {"files": 0, "bytes": 0}  # cache files hashed by this process (read by tests and benchmarks)
-
-
-def _fixed_blocks(shard_rows: list[int], row_bytes: float, block_bytes: int) -> list[tuple[int, int, int]]:
-    step = max(1, int(block_bytes // max(1.0, row_bytes)))
-    return [(s, a, min(a + step, n)) for s, n in enumerate(shard_rows) for a in range(0, n, step)]
 
 
 class Source:
@@ -85,7 +80,7 @@ class Source:
 
     def _blocks(self) -> list[tuple[int, int, int]]:
         if self.cache_dir:  # memory-mapped Arrow: any row range is free to read, so small blocks shuffle best
-            return _fixed_blocks(self.dataset.shard_rows, self.row_bytes, CACHED_BLOCK_BYTES)
+            return fixed_blocks(self.dataset.shard_rows, self.row_bytes, CACHED_BLOCK_BYTES)
         return self.dataset.blocks()
 
     def reset(self, keep_decoded: bool = False) -> None:
@@ -113,7 +108,7 @@ class Source:
         holding the rows, each read once and kept while the budget allows."""
         if self.cache_dir:
             return self._handle(shard, self._map_cached).slice(start, stop - start)
-        if self.dataset.zero_copy_reads:
+        if self.dataset.zero_copy_reads and self.dataset.reads_ranges:  # views: nothing worth keeping
             return self.dataset.read_rows(shard, start, stop, self.columns)
         starts, stops = self._starts[shard]
         if not len(starts):  # a shard without rows

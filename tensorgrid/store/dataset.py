@@ -60,10 +60,15 @@ class Dataset(abc.ABC):
         shuffles blocks, and reads a range through the blocks holding it. Default: ~4 MiB ranges when
         the kind reads row ranges itself (overrides ``read_rows``), else whole shards (a shard is read
         whole anyway)."""
-        if type(self).read_rows is Dataset.read_rows:
+        if not self.reads_ranges:
             return [(s, 0, n) for s, n in enumerate(self.shard_rows) if n]
-        step = max(1, int(BLOCK_BYTES // max(1.0, self.bytes_per_row())))
-        return [(s, a, min(a + step, n)) for s, n in enumerate(self.shard_rows) for a in range(0, n, step)]
+        return fixed_blocks(self.shard_rows, self.bytes_per_row(), BLOCK_BYTES)
+
+    @property
+    def reads_ranges(self) -> bool:
+        """Whether this kind reads a row range by itself (overrides ``read_rows``) rather than its whole
+        shard: the loader then reads ranges directly, else it keeps each shard it read."""
+        return type(self).read_rows is not Dataset.read_rows
 
     def read_rows(self, shard: int, start: int, stop: int, columns: list[str] | None = None) -> pa.Table:
         """Rows [start, stop) of a shard (the loader asks for whole blocks). Default: the shard, sliced."""
@@ -228,6 +233,12 @@ class Dataset(abc.ABC):
     def __repr__(self) -> str:
         v = "" if self.version is None else f", version={self.version}"
         return f"{type(self).__name__}({self.url!r}{v}, rows={self.num_rows}, shards={self.num_shards})"
+
+
+def fixed_blocks(shard_rows: list[int], row_bytes: float, block_bytes: int) -> list[tuple[int, int, int]]:
+    """(shard, start, stop) ranges of about ``block_bytes`` each, in storage order."""
+    step = max(1, int(block_bytes // max(1.0, row_bytes)))
+    return [(s, a, min(a + step, n)) for s, n in enumerate(shard_rows) for a in range(0, n, step)]
 
 
 def table_to_pandas(table: pa.Table) -> pd.DataFrame:
