@@ -226,6 +226,14 @@ class Dataset(abc.ABC):
 
         return sql(query, ds=self)
 
+    @property
+    def label_names(self) -> list[str] | None:
+        """Class names in ``label_index`` order (``tg.ingest_images`` keeps them with the schema; older
+        datasets derive them from their label/label_index pairs); None without a label_index column."""
+        from .labels import label_names
+
+        return label_names(self)
+
     def info(self) -> dict:
         return {"url": self.url, "version": self.version, "rows": self.num_rows, "shards": self.num_shards,
                 "columns": {f.name: str(f.type) for f in self.schema}}

@@ -18,7 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pyarrow as pa
 
 from .. import fs as tgfs
-from ..errors import ArgumentError, ColumnNotFoundError, DatasetNotFoundError, EmptyDataError, TensorGridError
+from ..errors import ArgumentError, DatasetNotFoundError, EmptyDataError, TensorGridError
+from .labels import with_names
 from .writer import write
 
 BATCH_FILES = 2048
@@ -41,10 +42,11 @@ def _probe(data: bytes) -> tuple[int, int, str] | str:
         return f"{type(e).__name__}: " + re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(e))
 
 
-def _schema(labelled: bool) -> pa.Schema:
+def _schema(labelled: bool, names: list[str | None] | None = None, index_type: pa.DataType | None = None) -> pa.Schema:
     fields = [pa.field("image", pa.binary()), pa.field("path", pa.string())]
-    if labelled:
-        fields += [pa.field("label", pa.string()), pa.field("label_index", pa.int32())]
+    if labelled:  # int64 (what torch's CrossEntropyLoss takes); the class names ride in its field metadata
+        index = pa.field("label_index", index_type or pa.int64())
+        fields += [pa.field("label", pa.string()), with_names(index, names or [])]
     return pa.schema(fields + [pa.field("width", pa.int32()), pa.field("height", pa.int32()),
                                pa.field("format", pa.string())])
 
@@ -54,8 +56,9 @@ def ingest_images(folder: str, url: str, label: str | None = "folder", mode: str
     """Pack every image under ``folder`` into the dataset at ``url``.
 
     Columns: image (bytes), path (relative to folder), label (first sub-folder name) and label_index
-    (its position among the sorted labels of folders holding images; appends keep the dataset's
-    numbering and number new labels after it) when ``label="folder"``, width, height, format.
+    (int64: its position among the sorted labels of folders holding images; appends keep the dataset's
+    numbering, and its type, and number new labels after it) when ``label="folder"``, width, height,
+    format. The class names in index order are kept with the schema: ``ds.label_names``.
     Files that are not decodable images are skipped and reported in a SkippedFilesWarning
     (count and first paths); ``Dataset.skipped`` lists them all, with the reason. On a local disk,
     symbolic links (to files and folders) are followed, each real folder walked once: links that loop
@@ -77,8 +80,8 @@ def ingest_images(folder: str, url: str, label: str | None = "folder", mode: str
     rel = [p[prefix:] for p in files]
     labelled = label == "folder"
     labels = [r.split("/", 1)[0] if "/" in r else "" for r in rel]
-    index = _label_index(fs, files, labels, url, mode) if labelled else {}
-    schema = _schema(labelled)
+    index, names, index_type = _label_index(fs, files, labels, url, mode) if labelled else ({}, None, None)
+    schema = _schema(labelled, names, index_type)
 
     def batches() -> Iterator[pa.RecordBatch]:
         with ThreadPoolExecutor(max_workers=4) as pool:
@@ -97,10 +100,12 @@ def ingest_images(folder: str, url: str, label: str | None = "folder", mode: str
                         continue
                     cols["image"].append(data)
                     cols["path"].append(rel[i])
+                    if labelled and labels[i] not in index:  # the kept names were fixed before the write
+                        skipped.append((rel[i], f"an image in {labels[i] or 'the top folder'}, which held no "
+                                                "image when the ingest started (it changed meanwhile)"))
+                        continue
                     if labelled:
                         cols["label"].append(labels[i])
-                        if labels[i] not in index:  # a header Pillow could not name, a body it could decode
-                            index[labels[i]] = max(index.values(), default=-1) + 1
                         cols["label_index"].append(index[labels[i]])
                     cols["width"].append(probe[0])
                     cols["height"].append(probe[1])
@@ -126,30 +131,36 @@ def ingest_images(folder: str, url: str, label: str | None = "folder", mode: str
     return ds
 
 
-def _label_index(fs, files: list[str], labels: list[str], url: str, mode: str) -> dict[str, int]:
-    """label -> label_index: positions among the sorted labels of the files that are images (by their
-    extension, else by a header probe without decoding: folders of notes or stray files get no index).
-    Appending to a dataset keeps its mapping and numbers new labels after it."""
+def _label_index(fs, files: list[str], labels: list[str], url: str,
+                 mode: str) -> tuple[dict[str, int], list[str | None], pa.DataType]:
+    """label -> label_index, the names in index order and the index's type: positions among the sorted
+    labels of the files that are images (by their extension, else by a header probe without decoding:
+    folders of notes or stray files get no index). Appending to a dataset keeps its mapping and the type
+    of its label_index (int32 in datasets ingested before int64), and numbers new labels after it."""
     from PIL import Image
 
     known = Image.registered_extensions()  # an image extension counts as is; other files get a header probe
     with ThreadPoolExecutor(max_workers=4) as pool:
         is_image = list(pool.map(lambda p: p[p.rfind("."):].lower() in known or _is_image_header(fs, p), files))
     found = sorted({lab for lab, ok in zip(labels, is_image) if ok})
-    index: dict[str, int] = {}
+    names: list[str | None] = []
+    index_type = pa.int64()
     if mode == "append":
         from . import open as open_dataset
 
         try:
-            pairs = open_dataset(url).to_arrow(columns=["label", "label_index"]).group_by(
-                ["label", "label_index"]).aggregate([])
-            index = dict(zip(pairs.column("label").to_pylist(), pairs.column("label_index").to_pylist()))
-        except (DatasetNotFoundError, ColumnNotFoundError):
-            index = {}
+            old = open_dataset(url)
+        except DatasetNotFoundError:
+            old = None
+        if old is not None and "label_index" in old.schema.names and "label" in old.schema.names:
+            names = old.label_names or []  # kept with the schema, or from the rows of older datasets
+            index_type = old.schema.field("label_index").type
+    index = {lab: i for i, lab in enumerate(names) if lab is not None}
     for lab in found:
         if lab not in index:
-            index[lab] = max(index.values(), default=-1) + 1
-    return index
+            index[lab] = len(names)
+            names.append(lab)
+    return index, names, index_type
 
 
 def _is_image_header(fs, path: str) -> bool:

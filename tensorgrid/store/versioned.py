@@ -84,7 +84,17 @@ class StoreDataset(Dataset):
 
     def read_rows(self, shard: int, start: int, stop: int, columns: list[str] | None = None) -> pa.Table:
         pf = _cached_handle(self, shard, lambda: pq.ParquetFile(pa.BufferReader(self._shard_buffer(self._m.shards[shard]))))
-        return decode_row_range(pf, start, stop, columns, like=self._m.schema)
+        return self._as_listed(decode_row_range(pf, start, stop, columns, like=self._m.schema))
+
+    def _as_listed(self, table: pa.Table) -> pa.Table:
+        """``table`` with the manifest's field metadata: a shard's footer keeps what its write knew (an
+        append since may have added class names), the manifest what the version holds. No copy."""
+        fields = [self._schema.field(n) if n in self._schema.names else f for n, f in zip(table.schema.names, table.schema)]
+        if all(f.metadata == g.metadata for f, g in zip(fields, table.schema)):
+            return table
+        schema = pa.schema([g.with_metadata(f.metadata) if f.metadata else g.remove_metadata()
+                            for f, g in zip(fields, table.schema)], metadata=table.schema.metadata)
+        return pa.Table.from_arrays(table.columns, schema=schema)
 
     def bytes_per_row(self) -> float:
         """Uncompressed bytes per row from the first shard's footer (a tail read)."""
@@ -214,7 +224,7 @@ class StoreDataset(Dataset):
         except _PARSE_ERRORS as e:
             where = tgfs.to_url(self.fs, tgfs.join(self.root, shard.path))
             raise CorruptShardError(f"shard {where} cannot be decoded: {e}", [where]) from None
-        return encoding.decode(table, like=self._m.schema)
+        return self._as_listed(encoding.decode(table, like=self._m.schema))
 
     def verify(self) -> dict:
         bad, nbytes = [], 0

@@ -188,6 +188,18 @@ def _schema_diff(old: pa.Schema, new: pa.Schema) -> str:
     return "; ".join(parts)
 
 
+def _appended_schema(base: pa.Schema, new: pa.Schema) -> pa.Schema:
+    """The schema of an append: the dataset's, with its field metadata kept, except the keys in TensorGrid's
+    own namespace (``tensorgrid.*``, such as the class names of ``label_index``) that the new rows set:
+    those describe the whole dataset as its newest writer knows it. Tensor types never change here."""
+    fields = []
+    for f in base:
+        theirs = new.field(f.name).metadata if f.name in new.names else None
+        ours = {k: v for k, v in (theirs or {}).items() if k.startswith(b"tensorgrid.") and k != encoding.TENSOR_KEY}
+        fields.append(f.with_metadata({**(f.metadata or {}), **ours}) if ours else f)
+    return pa.schema(fields, metadata=base.metadata)
+
+
 def check_write_args(mode, shard_rows, shard_bytes) -> tuple[str, int | None, int | None]:
     """The options every write takes (also a Spark DataFrame's: store/spark.py), checked."""
     return (check_choice("mode", mode, MODES), check_int("shard_rows", shard_rows, 1, none=True),
@@ -313,7 +325,7 @@ def _commit(fs, root: str, url: str, mode: str, base: Manifest | None, physical:
             raise SchemaMismatchError(f"cannot append to {url}: {_schema_diff(base.schema, physical)}")
         kept = base.shards if (mode == "append" and base is not None) else []
         version = 1 if base is None else base.version + 1
-        schema = base.schema if (mode == "append" and base is not None) else physical  # appends keep its metadata
+        schema = _appended_schema(base.schema, physical) if (mode == "append" and base is not None) else physical
         new = Manifest(version, mode if base is not None else "create", schema, kept + shards, added)
         if _before_commit is not None:
             _before_commit(fs, root, version)

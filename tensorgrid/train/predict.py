@@ -15,27 +15,32 @@ from ..store import Dataset, from_arrow, write
 
 
 def predict(model: torch.nn.Module, data, features: str = "features", *, transform=None, batch_size: int = 256,
-            out: str | None = None, classifier: bool = False, keep=None, mode: str = "create") -> Dataset:
+            out: str | None = None, classifier: bool = False, keep=None, mode: str = "create",
+            label_names: list[str] | None = None) -> Dataset:
     """Run ``model`` over every row of ``data`` (a Dataset or a URL), in order, in this process (RANK and
     WORLD_SIZE are ignored); returns a Dataset with the ``keep`` columns (default: all but ``features``) and
     ``prediction``, written to ``out`` (with ``mode``) when given, else in memory.
 
     ``transform`` runs on each batch as in training. ``classifier=True``: the model's 2-D outputs are class
-    scores (logits or log-probabilities): ``prediction`` is the argmax (int64) and ``probabilities`` the
-    softmax (float32 tensors). Otherwise ``prediction`` is the output itself (a scalar per row when it has one
-    value, else a tensor). A kept column named ``prediction`` or ``probabilities`` is replaced. A transform
-    gets every column; without one, only ``keep`` and ``features`` are read. The model runs in eval mode on
-    its own device under ``torch.no_grad()``; its train/eval flags are restored afterwards.
+    scores (logits or log-probabilities): ``prediction`` is the argmax (int64), ``probabilities`` the softmax
+    (float32 tensors) and, when there are class names, ``prediction_label`` the class name: names from
+    ``label_names``, else the data's own (``ds.label_names``, which a test split of an ingested image folder
+    keeps); their number must match the model's outputs. Otherwise ``prediction`` is the output itself (a
+    scalar per row when it has one value, else a tensor). A kept column named ``prediction``,
+    ``probabilities`` or ``prediction_label`` is replaced. A transform gets every column; without one, only
+    ``keep`` and ``features`` are read. The model runs in eval mode on its own device under
+    ``torch.no_grad()``; its train/eval flags are restored afterwards.
     """
     if not isinstance(model, torch.nn.Module):
         raise ArgumentError(f"model must be an nn.Module, got {type(model).__name__}")
     ds = _dataset(data)
     batch_size = check_int("batch_size", batch_size, 1)
     keep = _keep(ds, features, keep)
+    names = _label_names(ds, label_names, bool(classifier))
     # a transform may read any column: it gets them all; else only what is kept and the features are read
     columns = None if transform is not None else list(dict.fromkeys([*keep, features]))
     loader = Loader(ds, batch_size, columns=columns, transform=transform, rank=0, world_size=1)
-    batches = _batches(model, loader, features, keep, bool(classifier))
+    batches = _batches(model, loader, features, keep, bool(classifier), names)
     if out is None:
         return from_arrow(pa.Table.from_batches(list(batches)))
     return write(out, batches, mode=mode)
@@ -66,8 +71,20 @@ def _keep(ds: Dataset, features: str, keep) -> list[str]:
     return keep
 
 
+def _label_names(ds: Dataset, label_names, classifier: bool) -> list | None:
+    """The class names predictions are named by: given, else the data's own (None: no names)."""
+    if label_names is None:
+        return ds.label_names if classifier else None
+    if not classifier:
+        raise ArgumentError("label_names names the classes of a classifier: pass classifier=True with it")
+    if isinstance(label_names, str) or not isinstance(label_names, (list, tuple)) or not label_names or \
+            not all(isinstance(n, str) for n in label_names):
+        raise ArgumentError(f"label_names must be a non-empty list of class names, got {label_names!r}")
+    return list(label_names)
+
+
 def _batches(model: torch.nn.Module, loader: Loader, features: str, keep: list[str],
-             classifier: bool) -> Iterator[pa.RecordBatch]:
+             classifier: bool, names: list | None = None) -> Iterator[pa.RecordBatch]:
     """Record batches of the kept columns plus the model's predictions, one per loader batch."""
     modes = [(m, m.training) for m in model.modules()]
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -79,8 +96,10 @@ def _batches(model: torch.nn.Module, loader: Loader, features: str, keep: list[s
                 y = model(x.to(device) if isinstance(x, torch.Tensor) else x)
             if not isinstance(y, torch.Tensor):
                 raise TensorGridError(f"predict: the model returned a {type(y).__name__}, not a tensor")
-            cols = {c: _column(batch[c]) for c in keep if c not in ("prediction", "probabilities")}
+            cols = {c: _column(batch[c]) for c in keep if c not in ("prediction", "probabilities", "prediction_label")}
             cols.update(_outputs(y.detach().cpu(), classifier))
+            if names is not None and "probabilities" in cols:
+                cols["prediction_label"] = _named(cols["prediction"], names, y.shape[1])
             yield pa.RecordBatch.from_pydict(cols)
     finally:
         for m, training in modes:
@@ -95,6 +114,15 @@ def _outputs(y: torch.Tensor, classifier: bool) -> dict:
     yn = y.float().numpy()
     yn = yn.reshape(len(yn)) if yn.ndim == 2 and yn.shape[1] == 1 else yn
     return {"prediction": _column(yn)}
+
+
+def _named(prediction: pa.Array, names: list, classes: int) -> pa.Array:
+    """The class name of each predicted index."""
+    if classes != len(names):
+        raise TensorGridError(f"predict: the model scores {classes} classes but there are {len(names)} label "
+                              f"names ({names[:5]}{', ...' if len(names) > 5 else ''}): pass the model's own "
+                              "classes as label_names=")
+    return pa.array(names, pa.string()).take(prediction)
 
 
 def _column(v):

@@ -7,11 +7,12 @@ import time
 import warnings
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from PIL import Image
 
 import tensorgrid as tg
-from tensorgrid.store import SkippedFilesWarning
+from tensorgrid.store import SkippedFilesWarning, labels
 
 
 def _img(fmt, w, h, seed):
@@ -187,3 +188,56 @@ def test_symlinked_folders_and_files_are_followed_once(image_tree, tmp_path):
     assert not any(p.startswith("hound/") for p in df.index)
     assert dict(ds.skipped) == {"hound": "links to a folder already ingested as dog"}
     assert sorted(set(df["label"])) == ["bird", "cat", "dog", "fish"]
+
+
+def _class_folders(root, widths: dict[str, int], n: int = 2):
+    """A folder per class whose PNGs are ``widths[class]`` pixels wide (a model can read the class off)."""
+    for label, w in widths.items():
+        (root / label).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            (root / label / f"{i}.png").write_bytes(_img("PNG", w, 3, i))
+    return root
+
+
+def test_labels_are_int64_and_named_and_an_append_extends_the_names(tmp_path):
+    import torch
+
+    url = str(tmp_path / "ds")
+    ds = tg.ingest_images(str(_class_folders(tmp_path / "a", {"dog": 5, "cat": 4})), url)
+    assert ds.schema.field("label_index").type == pa.int64()
+    assert ds.label_names == tg.open(url).label_names == ["cat", "dog"]
+    batch = next(iter(tg.open(url).to_torch(4, columns=["label_index"])))
+    assert batch["label_index"].dtype == torch.int64  # what CrossEntropyLoss takes, as is
+    torch.nn.functional.cross_entropy(torch.zeros(4, 2), batch["label_index"])
+    tg.ingest_images(str(_class_folders(tmp_path / "b", {"ant": 6, "dog": 5}, n=1)), url, mode="append")
+    ds = tg.open(url)
+    assert ds.label_names == ["cat", "dog", "ant"] and tg.open(url, version=1).label_names == ["cat", "dog"]
+    rows = ds.to_arrow()
+    names = ds.label_names
+    assert all(names[i] == lab for lab, i in zip(rows.column("label").to_pylist(),
+                                                 rows.column("label_index").to_pylist()))
+    # every read carries the version's names, also rows of shards written before the append
+    assert labels.names_in(rows.schema) == names == labels.names_in(ds.read_shard(0).schema)
+    assert tg.write(str(tmp_path / "copy"), rows).label_names == names  # a copy keeps them
+    assert tg.ingest_images(str(tmp_path / "b"), str(tmp_path / "u"), label=None).label_names is None
+
+
+def test_an_append_to_a_dataset_ingested_with_int32_labels_keeps_int32_and_gets_names(tmp_path):
+    url = str(tmp_path / "old")
+    old = pa.table({"image": [_img("PNG", 4, 3, 0)], "path": ["cat/0.png"], "label": ["cat"],
+                    "label_index": pa.array([0], pa.int32()), "width": pa.array([4], pa.int32()),
+                    "height": pa.array([3], pa.int32()), "format": ["png"]})
+    tg.write(url, old)  # how ingest_images wrote labels before: int32, no names kept
+    assert labels.names_in(tg.open(url).schema) is None
+    assert tg.open(url).label_names == ["cat"]  # derived from the rows
+    ds = tg.ingest_images(str(_class_folders(tmp_path / "b", {"dog": 5, "cat": 4}, n=1)), url, mode="append")
+    assert ds.schema.field("label_index").type == pa.int32()  # the dataset's type: its old shards hold int32
+    assert ds.label_names == ["cat", "dog"] and labels.names_in(ds.schema) == ["cat", "dog"]
+    pairs = ds.to_arrow(columns=["label", "label_index"]).to_pylist()
+    assert sorted((p["label"], p["label_index"]) for p in pairs) == [("cat", 0), ("cat", 0), ("dog", 1)]
+
+
+def test_label_names_of_rows_without_kept_names_leave_gaps_as_none(tmp_path):
+    ds = tg.from_arrow(pa.table({"label": ["b", "d", "b"], "label_index": [1, 3, 1]}))
+    assert ds.label_names == [None, "b", None, "d"]
+    assert tg.from_arrow(pa.table({"label_index": [0, 1]})).label_names is None  # no names to derive

@@ -74,3 +74,50 @@ def test_bad_arguments_are_named(rows):
         predict(lambda t: t, ds, "x")
     with pytest.raises(tg.ArgumentError, match="batch_size"):
         predict(model, ds, "x", batch_size=0)
+
+
+class _WidthClassifier(torch.nn.Module):
+    """Scores class ``width - 4`` highest: images 4, 5, 6 pixels wide are classes 0, 1, 2."""
+
+    def __init__(self, classes: int = 3):
+        super().__init__()
+        self.classes = classes
+
+    def forward(self, width):
+        return torch.nn.functional.one_hot(width.long() - 4, self.classes).float()
+
+
+def _class_folders(root, widths: dict[str, int], n: int = 2):
+    """A folder per class of PNGs ``widths[class]`` pixels wide."""
+    from PIL import Image
+
+    for label, w in widths.items():
+        (root / label).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(np.full((3, w, 3), i, np.uint8)).save(root / label / f"{i}.png")
+    return root
+
+
+def test_predictions_of_an_ingested_image_folder_map_back_to_its_class_names(tmp_path):
+    url = str(tmp_path / "imgs")
+    tg.ingest_images(str(_class_folders(tmp_path / "a", {"dog": 5, "cat": 4})), url)
+    tg.ingest_images(str(_class_folders(tmp_path / "b", {"ant": 6}, n=1)), url, mode="append")
+    ds = tg.open(url)
+    assert ds.label_names == ["cat", "dog", "ant"]
+    out = predict(_WidthClassifier(), ds, "width", keep=["label"], classifier=True).to_pandas()
+    assert list(out.columns) == ["label", "prediction", "probabilities", "prediction_label"]
+    assert out["prediction_label"].tolist() == out["label"].tolist()  # the names, in the data's own order
+    named = predict(_WidthClassifier(), ds, "width", keep=[], classifier=True, label_names=["x", "y", "z"])
+    assert sorted(named.to_pandas()["prediction_label"]) == ["x", "x", "y", "y", "z"]
+    assert "prediction_label" not in predict(_WidthClassifier(), ds, "width", keep=[]).schema.names
+
+
+def test_label_names_that_do_not_fit_the_model_are_named(tmp_path, rows):
+    ds, _ = rows
+    with pytest.raises(tg.TensorGridError, match="scores 3 classes but there are 2 label names"):
+        predict(torch.nn.Linear(4, 3), ds, "x", classifier=True, label_names=["a", "b"])
+    with pytest.raises(tg.ArgumentError, match="pass classifier=True"):
+        predict(torch.nn.Linear(4, 3), ds, "x", label_names=["a", "b", "c"])
+    with pytest.raises(tg.ArgumentError, match="non-empty list of class names"):
+        predict(torch.nn.Linear(4, 3), ds, "x", classifier=True, label_names="abc")
+    assert "prediction_label" not in predict(torch.nn.Linear(4, 3), ds, "x", classifier=True).schema.names
