@@ -28,6 +28,7 @@ from ..store import Dataset
 from . import checkpoint as ckpt
 from .allocator import tune_malloc
 from .callbacks import RankZeroFailed, Runner, TrainState
+from .features import feature_columns
 from .losses import BatchLoss, Sums, is_classifier
 
 __all__ = ["Spec", "build_model", "device_and_backend", "evaluate", "is_classifier", "train"]
@@ -43,7 +44,7 @@ class Spec:
     loss: object
     optimizer: object
     scheduler: object
-    features: str | None
+    features: str | tuple | None  # one column, or columns stacked into one float32 tensor (features.py)
     label: str | None
     step: object
     transform: object
@@ -114,7 +115,8 @@ def _allreduce(values: list[float], world: int, device=None) -> list[float]:
 def _columns(spec: Spec, ds: Dataset) -> list[str] | None:
     if spec.step is not None:
         return None
-    return [c for c in (spec.features, spec.label) if c in ds.schema.names]
+    names = set(ds.schema.names)
+    return [c for c in dict.fromkeys([*feature_columns(spec.features), spec.label]) if c in names]
 
 
 def rank_loader(spec: Spec, ds: Dataset, rank: int, world: int, **options) -> Loader:

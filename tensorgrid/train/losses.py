@@ -7,6 +7,8 @@ import copy
 
 import torch
 
+from .features import label_for_loss, stack_features
+
 
 def is_classifier(loss) -> bool:
     return isinstance(loss, (torch.nn.CrossEntropyLoss, torch.nn.NLLLoss))
@@ -23,7 +25,9 @@ def per_row_loss(loss):
 
 class BatchLoss:
     """Move a rank's batch to the device and compute its loss, weighted for the global-batch mean, and the
-    (loss sum, correct, count) of its real rows."""
+    (loss sum, correct, count) of its real rows. With gradient accumulation, ``global_batch`` is that of an
+    optimizer step and ``compute`` is given each micro-batch (a slice of the rank's rows of it): the losses
+    are weighted so that the micro-batches' gradients add up to that of the mean over the step's rows."""
 
     def __init__(self, spec, model, device, world: int, rows: int, global_batch: int):
         self.spec, self.model, self.device = spec, model, device
@@ -39,8 +43,8 @@ class BatchLoss:
         real = min(self.global_batch, self.rows - k * self.global_batch)
         if self.spec.step is not None:
             return self._user_step(batch, valid, real)
-        out = self.model(_to(batch[self.spec.features], self.device))
-        y = _to(batch[self.spec.label], self.device)
+        out = self.model(_to(stack_features(batch, self.spec.features), self.device))
+        y = label_for_loss(_to(batch[self.spec.label], self.device), self.classifier)
         if self.lossn is not None:
             loss, loss_sum = self._per_row(out, y, valid, real)
         elif valid is not None:
@@ -49,6 +53,7 @@ class BatchLoss:
         else:
             loss = self.spec.loss(out, y)
             loss_sum = loss.detach().double() * len(y)
+            loss = _share(loss, len(y), real)
         n = int(valid.sum()) if valid is not None else len(y)  # valid lives on the CPU: no device sync
         correct = 0
         if self.classifier and out.ndim == 2 and "accuracy" in self.spec.metrics:
@@ -83,12 +88,18 @@ class BatchLoss:
             rows = batch if keep is None else _rows_of(batch, keep)
             return self.spec.step(self.model, {key: _to(v, self.device) for key, v in rows.items()})
 
-        if valid is None:  # one process: the user's loss as it is
+        if valid is None:  # one process: the user's loss as it is (its share of the step's, accumulating)
             loss = mean_loss(None)
             n = _rows(batch)
-            return loss, (loss.detach().double() * n, 0, n)
+            return _share(loss, n, real), (loss.detach().double() * n, 0, n)
         loss, loss_sum = self._mean_of_real_rows(mean_loss, None, valid, real)
         return loss, (loss_sum, 0, int(valid.sum()))
+
+
+def _share(mean_loss, n: int, real: int):
+    """A mean over ``n`` rows weighted as its share of the mean over the step's ``real`` rows (unchanged
+    without accumulation, where n == real)."""
+    return mean_loss if n == real else mean_loss * (n / real)
 
 
 def _take(keep, out, y):

@@ -17,6 +17,7 @@ from ..store import Dataset
 from . import checkpoint as ckpt
 from .callbacks import check_callbacks
 from .engines import ENGINES
+from .features import ACCEPTED, check_features, feature_columns, label_for_loss, show_columns, stack_features
 from .loop import Spec, build_model, train
 from .losses import is_classifier
 from .predict import predict
@@ -102,6 +103,7 @@ class Trainer:
             checkpoint_every = check_int("checkpoint_every ('epoch' or a number of steps)", checkpoint_every, 1,
                                          error=TrainingConfigError)
         metrics = _metrics(metrics)
+        features = check_features(features)
         engine_options = _engine_options(engine, engine_options)
         callbacks = check_callbacks(callbacks)
         self.model, self.loss = model, loss
@@ -132,17 +134,21 @@ class Trainer:
         if ds.num_rows == 0:
             raise TrainingConfigError(f"{what} dataset {ds.url} is empty")
         if self.step is None:
-            needed = (self.features, self.label) if need_label else (self.features,)
-            missing = [c for c in needed if c not in ds.schema.names]
+            names = ds.schema.names
+            missing = [c for c in feature_columns(self.features) if c not in names]
             if missing:
-                raise TrainingConfigError(f"{what} dataset has no column {missing[0]!r}; columns: {ds.schema.names}")
+                raise TrainingConfigError(f"{what} dataset has no column {missing[0]!r} ({ACCEPTED} of the dataset; "
+                                          f"missing: {missing}); columns: {show_columns(names)}")
+            if need_label and self.label not in names:
+                raise TrainingConfigError(f"{what} dataset has no column {self.label!r} (label=); columns: "
+                                          f"{show_columns(names)}")
         return ds
 
     def _check_model_on_one_batch(self, ds: Dataset) -> None:
         model = self._build_model(ds)
         if not isinstance(model, torch.nn.Module):
             raise TrainingConfigError(f"the model factory returned a {type(model).__name__}, not an nn.Module")
-        cols = None if self.step else [self.features, self.label]
+        cols = None if self.step else list(dict.fromkeys([*feature_columns(self.features), self.label]))
         # one real batch (a shuffled one, so its labels are a sample of all of them), in this process only
         batch = next(iter(Loader(ds, min(self.batch_size, 256, ds.num_rows), columns=cols, shuffle=True,
                                  seed=self.seed, transform=self.transform, rank=0, world_size=1)))
@@ -154,18 +160,20 @@ class Trainer:
                 if self.step is not None:
                     loss = self.step(model, batch)
                 else:
-                    out = model(batch[self.features])
-                    loss = self.loss(out, batch[self.label])
+                    out = model(stack_features(batch, self.features))
+                    loss = self.loss(out, label_for_loss(batch[self.label], is_classifier(self.loss)))
             self._check_optimizer(model)
         except TrainingConfigError:
             raise
         except Exception as e:  # noqa: BLE001 - reported with what was tried
             if self.step is not None:
                 raise TrainingConfigError(f"step(model, batch) fails on the first batch: {type(e).__name__}: {e}") from None
-            x = batch[self.features]
+            x = stack_features(batch, self.features)
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            what = repr(self.features) if isinstance(self.features, str) else \
+                f"{len(self.features)} feature columns stacked"
             raise TrainingConfigError(
-                f"the model does not fit the data: on a batch with {self.features!r} {shape} "
+                f"the model does not fit the data: on a batch with {what} {shape} "
                 f"{getattr(x, 'dtype', '')} and {self.label!r} {tuple(getattr(batch[self.label], 'shape', ()))}, "
                 f"{type(e).__name__}: {e}") from None
         if not (isinstance(loss, torch.Tensor) and loss.numel() == 1):

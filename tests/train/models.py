@@ -16,6 +16,10 @@ def cnn():
         torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(32 * 16, 10))
 
 
+def log_softmax_mlp():
+    return torch.nn.Sequential(mlp(), torch.nn.LogSoftmax(dim=1))
+
+
 def wrong_output():
     return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3))
 

@@ -156,7 +156,7 @@ def test_tensorboard_to_memory_url(digits):
 
 def test_bad_input_fails_before_any_worker(digits, tmp_path):
     train, _ = digits
-    with pytest.raises(tg.TrainingConfigError, match="no column 'pixels'"):
+    with pytest.raises(tg.TrainingConfigError, match="no column 'pixels' \\(features must be a column name"):
         trainer(features="pixels").fit(train)
     with pytest.raises(tg.TrainingConfigError, match="does not fit the data"):
         trainer(model=models.wrong_output, loss=torch.nn.MSELoss()).fit(train)

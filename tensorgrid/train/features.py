@@ -1,0 +1,69 @@
+"""The model's input and the loss's target from a batch: ``features`` is one column (given to the model as
+the loader made it) or a list of numeric columns stacked into one float32 (rows, columns) tensor, as for a
+wide table (px0..px63); a classifier's integer labels widened to the int64 its loss wants."""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import TrainingConfigError
+
+ACCEPTED = "features must be a column name or a list of column names"
+
+
+def check_features(features) -> str | tuple[str, ...] | None:
+    """``features`` as a column name, a tuple of names (a list given), or None (only with ``step=``)."""
+    if features is None or isinstance(features, str):
+        return features
+    if isinstance(features, (list, tuple)) and features and all(isinstance(c, str) for c in features):
+        dup = sorted({c for c in features if features.count(c) > 1})
+        if dup:
+            raise TrainingConfigError(f"{ACCEPTED}, each once; repeated: {dup}")
+        return tuple(features)
+    raise TrainingConfigError(f"{ACCEPTED}, got {_short(features)}")
+
+
+def feature_columns(features) -> list[str]:
+    """The columns ``features`` names (none for None)."""
+    if features is None:
+        return []
+    return [features] if isinstance(features, str) else list(features)
+
+
+def stack_features(batch: dict, features) -> torch.Tensor:
+    """The model's input from a batch: ``batch[features]`` for one column; for a list, its columns side by
+    side as one float32 tensor (rows, total width): one copy per batch, no per-row Python. A column that is
+    itself a tensor per row contributes its values flattened (rows, k)."""
+    if isinstance(features, str):
+        return batch[features]
+    cols = []
+    for c in features:
+        v = batch[c]
+        if not isinstance(v, torch.Tensor):
+            raise TrainingConfigError(f"features: column {c!r} is not numeric (the loader gives a "
+                                      f"{type(v).__name__}); a list of features takes numeric columns")
+        cols.append(v.to(torch.float32))
+    if all(v.ndim == 1 for v in cols):
+        return torch.stack(cols, dim=1)
+    return torch.cat([v.reshape(len(v), -1) for v in cols], dim=1)
+
+
+def label_for_loss(y, classifier: bool):
+    """A classifier's integer labels as int64 (datasets ingested earlier store label_index as int32, and
+    CrossEntropyLoss/NLLLoss take int64 class indices only); anything else as it is."""
+    if classifier and isinstance(y, torch.Tensor) and y.dtype != torch.int64 and not y.is_floating_point() \
+            and not y.is_complex() and y.dtype != torch.bool:
+        return y.long()
+    return y
+
+
+def _short(v) -> str:
+    text = repr(v)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def show_columns(names: list[str], limit: int = 12) -> str:
+    """A dataset's columns for a message: all of a narrow table, the first ``limit`` of a wide one."""
+    if len(names) <= limit:
+        return str(list(names))
+    return "[" + ", ".join(repr(n) for n in names[:limit]) + f", ...] ({len(names)} columns)"
