@@ -32,7 +32,7 @@ def test_every_public_error_is_an_exported_tensorgrid_error_listed_in_the_readme
 def test_dataset_contract_and_read_api():
     for method in ("schema", "shard_rows", "read_shard", "blocks", "read_rows", "bytes_per_row", "is_remote",
                    "cache_key", "fingerprint", "to_torch", "to_arrow", "to_pandas", "head", "sql", "verify",
-                   "versions", "shard_urls"):
+                   "versions", "shard_urls", "label_names", "split", "select", "filter", "sample"):
         assert hasattr(tg.Dataset, method), method
     assert {"schema", "shard_rows", "read_shard"} == set(tg.Dataset.__abstractmethods__)
     for name in ("decode_image", "resize", "normalize", "to_float", "compose"):

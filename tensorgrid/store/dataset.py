@@ -234,6 +234,32 @@ class Dataset(abc.ABC):
 
         return label_names(self)
 
+    # --- subsets: views of this dataset's rows and columns, no copy (store/subsets.py) --------------
+    def split(self, fractions, seed: int = 0, stratify: str | None = None):
+        """Disjoint random subsets covering every row, sized by ``fractions`` (a list -> a list, a dict
+        name -> fraction -> a dict); ``stratify``: a column each value of which is split alike."""
+        from .subsets import split
+
+        return split(self, fractions, seed, stratify)
+
+    def select(self, columns: list[str]) -> Dataset:
+        """Only ``columns``, in that order."""
+        from .subsets import select
+
+        return select(self, columns)
+
+    def filter(self, expr) -> Dataset:
+        """The rows where ``expr`` holds: an SQL condition (DuckDB) or a pyarrow compute expression."""
+        from .subsets import filter
+
+        return filter(self, expr)
+
+    def sample(self, n, seed: int = 0) -> Dataset:
+        """``n`` random rows (an int) or that fraction of them (a float), without replacement."""
+        from .subsets import sample
+
+        return sample(self, n, seed)
+
     def info(self) -> dict:
         return {"url": self.url, "version": self.version, "rows": self.num_rows, "shards": self.num_shards,
                 "columns": {f.name: str(f.type) for f in self.schema}}
