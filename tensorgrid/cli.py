@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 import warnings
@@ -11,13 +12,15 @@ from rich.table import Table
 
 from . import store
 from .args import check_int, check_number
-from .errors import ArgumentError, EmptyDataError, TensorGridError, UnsupportedFormatError
+from .errors import ArgumentError, DatasetExistsError, EmptyDataError, TensorGridError, UnsupportedFormatError
 from .show import human_bytes, out, print_frame, print_info, progress, safe, text
+from .store import export
 from .store.vacuum import vacuum as store_vacuum
 
 TABULAR_EXT = store.foreign.PARQUET_EXT + store.foreign.CSV_EXT
 INT64_MAX = (1 << 63) - 1  # the largest count Arrow and DuckDB take
 MAX_SHARD_MB = float(1 << 20)  # 1 TiB
+_SPARK_STAGING = re.compile(r"\.spark-[0-9a-f]{12}")
 
 def _version(a) -> int | None:
     return check_int("--version", a.version, 1, INT64_MAX, none=True)
@@ -54,11 +57,34 @@ def cmd_verify(a) -> None:
 
 def cmd_vacuum(a) -> None:
     min_age = check_number("--min-age", a.min_age, 0)
+    unknown = [] if a.delete_unknown else _unknown_files(a.ds)
+    if unknown:  # vacuum deletes whatever no version names under data/: never a user's files unasked
+        raise TensorGridError(f"{a.ds}/data holds {len(unknown)} file(s) TensorGrid did not write ({unknown[0]}"
+                              f"{', ...' if len(unknown) > 1 else ''}): vacuum would delete them; move them out, or "
+                              "pass --delete-unknown")
     r = store_vacuum(a.ds, min_age_s=min_age)  # also a folder holding only an interrupted first write
     msg = f"removed {r['removed']} unreferenced file(s), {human_bytes(r['bytes'])}"
     if r["kept_young"]:
         msg += f"; kept {r['kept_young']} younger than {min_age:g} s (a writer may be at work; see --min-age)"
     out.print(msg, markup=False)
+
+
+def _unknown_files(url: str) -> list[str]:
+    """Files under a dataset's data/ that are neither shards nor a Spark write's staging (``data/.spark-<txn>/``)."""
+    from . import fs as tgfs
+
+    fsys, root = tgfs.resolve(url)
+    data = tgfs.join(root, store.manifest.DATA_DIR)
+    if not store.manifest.is_dataset(fsys, root) or not fsys.isdir(data):
+        return []
+    prefix = data.rstrip("/") + "/"
+    out = []
+    for path in sorted(fsys.find(data)):
+        rel = path[len(prefix):] if path.startswith(prefix) else path
+        top = rel.split("/", 1)[0]
+        if not (("/" not in rel and store.manifest.SHARD_NAME.fullmatch(rel)) or _SPARK_STAGING.fullmatch(top)):
+            out.append(f"data/{rel}")
+    return out
 
 
 def cmd_ls(a) -> None:
@@ -75,20 +101,81 @@ def cmd_ls(a) -> None:
     out.print(t)
 
 
-def cmd_sql(a) -> None:
-    limit = check_int("--limit", a.limit, 0, INT64_MAX)
+def _tables(specs: list[str]) -> dict[str, str]:
+    """``--ds`` values (each NAME=URL) as name -> url."""
     urls: dict[str, str] = {}
-    for spec in a.ds or []:
+    for spec in specs:
         name, sep, url = spec.partition("=")
         if not sep or not name.isidentifier():
             raise ArgumentError(f"--ds takes name=url, got {spec!r}")
         if name in urls:
             raise ArgumentError(f"--ds names the table {name!r} twice")
         urls[name] = url
-    tables = {name: store.open(url) for name, url in urls.items()}
-    result = store.sql(a.query, **tables)
-    df = result.head(limit)
-    print_frame(df, title=f"{result.num_rows:,} rows" + (f" (first {limit})" if result.num_rows > limit else ""))
+    return urls
+
+
+def cmd_sql(a) -> None:
+    limit = check_int("--limit", a.limit, 0, INT64_MAX, none=True)
+    specs = [x for group in a.ds or [] for x in group]
+    query = a.query
+    if query is None and specs and "=" not in specs[-1].split(" ", 1)[0]:
+        query = specs.pop()  # `--ds a=x "SELECT ..."`: --ds took the query too
+    if query is None:
+        raise ArgumentError("sql needs a query: tensorgrid sql \"SELECT ...\" --ds name=url")
+    fmt = _output_format(a)
+    if a.out is not None:
+        _refuse_existing_dataset(a.out, a.mode)
+    if a.out_file is not None:
+        _refuse_existing_file(a.out_file, a.mode)
+    tables = {name: store.open(url) for name, url in _tables(specs).items()}
+    result = store.sql(query, **tables)
+    if a.out is not None:
+        ds = store.write(a.out, result, mode=a.mode)
+        _stderr_line(f"wrote {ds.added_rows:,} rows to {ds.url} version {ds.version}")
+    table = result.to_arrow() if limit is None else result.to_arrow().slice(0, limit)
+    if a.out_file is not None:
+        export.write_file(table, a.out_file, fmt)
+        _stderr_line(f"wrote {table.num_rows:,} rows to {a.out_file} ({fmt})")
+    elif fmt is not None:
+        export.write_stream(table, fmt, sys.stdout.buffer)
+    elif a.out is None:
+        shown = 20 if limit is None else limit
+        print_frame(result.head(shown), title=f"{result.num_rows:,} rows" +
+                    (f" (first {shown})" if result.num_rows > shown else ""))
+
+
+def _output_format(a) -> str | None:
+    """--format, or the --out-file's extension; None: the table on the terminal."""
+    if a.format is not None or a.out_file is None:
+        if a.format == "parquet" and a.out_file is None and sys.stdout.isatty():
+            raise ArgumentError("--format parquet writes binary: give --out-file PATH, or pipe the output")
+        return a.format
+    fmt = export.format_of(a.out_file)
+    if fmt is None:
+        raise ArgumentError(f"--out-file {a.out_file}: say --format csv, json or parquet (its extension names none)")
+    return fmt
+
+
+def _refuse_existing_file(url: str, mode: str) -> None:
+    from . import fs as tgfs
+
+    fsys, path = tgfs.resolve(url)
+    if fsys.exists(path) and (mode != "overwrite" or fsys.isdir(path)):
+        what = "a folder" if fsys.isdir(path) else "a file"
+        raise TensorGridError(f"--out-file {url} is {what} that exists" + (
+            ": pass --mode overwrite to replace it" if what == "a file" else ": give a file path"))
+
+
+def _refuse_existing_dataset(url: str, mode: str) -> None:
+    """A create onto a committed dataset, refused before any work, in the command's own words."""
+    from . import fs as tgfs
+
+    fsys, root = tgfs.resolve(url)
+    versions = store.manifest.list_versions(fsys, root) if store.manifest.is_dataset(fsys, root) else []
+    if mode == "create" and versions:
+        raise DatasetExistsError(f"{url} already holds a dataset (version {versions[-1]}): pass --mode append to add "
+                                 "rows, or --mode overwrite to make a new version of only these rows (older versions "
+                                 "stay readable)")
 
 
 def _source_kind(src: str) -> str:
@@ -118,6 +205,7 @@ def _source_kind(src: str) -> str:
 def cmd_ingest(a) -> None:
     shard_mb = check_number("--shard-mb", a.shard_mb, 0.001, MAX_SHARD_MB, none=True)
     shard_bytes = None if shard_mb is None else int(shard_mb * (1 << 20))
+    _refuse_existing_dataset(a.dest, a.mode)
     kind = _source_kind(a.src)
     t0 = time.perf_counter()
     if kind == "images":
@@ -186,7 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("ingest", cmd_ingest, "ingest CSV, Parquet, JSON Lines or a folder of images into a dataset")
     sp.add_argument("src")
     sp.add_argument("dest")
-    sp.add_argument("--mode", choices=["create", "append", "overwrite"], default="create")
+    sp.add_argument("--mode", choices=["create", "append", "overwrite"], default="create",
+                    help="create (default) refuses an existing dataset; append adds rows; overwrite makes a new "
+                         "version of only these rows (older versions stay readable)")
     sp.add_argument("--shard-mb", type=float, default=None, help="target shard size in MB (default 128)")
     sp = add("ls", cmd_ls, "list the datasets under a URL")
     sp.add_argument("root")
@@ -200,15 +290,33 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-n", type=int, default=5)
     sp.add_argument("--version", type=int, default=None)
     sp = add("sql", cmd_sql, "run DuckDB SQL over datasets")
-    sp.add_argument("query")
-    sp.add_argument("--ds", action="append", metavar="NAME=URL", help="a dataset as table NAME (repeatable)")
-    sp.add_argument("--limit", type=int, default=20)
+    sp.epilog = ("examples:\n"
+                 "  tensorgrid sql \"SELECT label, count(*) FROM d GROUP BY label\" --ds d=grid/digits\n"
+                 "  tensorgrid sql \"SELECT * FROM a JOIN b USING (id)\" --ds a=grid/a b=grid/b   (or --ds a=.. --ds b=..)\n"
+                 "  tensorgrid sql \"SELECT * FROM d WHERE label = 3\" --ds d=grid/digits --out grid/threes\n"
+                 "  tensorgrid sql \"SELECT id, label FROM d\" --ds d=grid/digits --format csv > labels.csv")
+    sp.formatter_class = argparse.RawDescriptionHelpFormatter
+    sp.add_argument("query", nargs="?", help="DuckDB SQL; each --ds dataset is a table")
+    sp.add_argument("--ds", action="append", nargs="+", metavar="NAME=URL",
+                    help="datasets as tables: --ds a=URL b=URL, or --ds repeated")
+    sp.add_argument("--limit", type=int, default=None,
+                    help="at most this many rows (shown on the terminal: 20; written: all)")
+    sp.add_argument("--out", metavar="URL", help="write the result as a dataset at URL (see --mode)")
+    sp.add_argument("--mode", choices=["create", "append", "overwrite"], default="create",
+                    help="--out onto an existing dataset: append, or overwrite (a new version; old ones stay); "
+                         "--out-file onto an existing file: overwrite (default create: refuse)")
+    sp.add_argument("--format", choices=export.FORMATS, default=None,
+                    help="print the rows as csv, json (JSON Lines) or parquet instead of a table (pipes)")
+    sp.add_argument("--out-file", metavar="PATH", help="write the rows to a file (format from --format or the "
+                                                       "extension: .csv, .json/.jsonl, .parquet)")
     sp = add("versions", cmd_versions, "the history of a dataset")
     sp.add_argument("ds")
     sp = add("vacuum", cmd_vacuum, "delete files no version references (left by killed writers)")
     sp.add_argument("ds")
     sp.add_argument("--min-age", type=float, default=600.0,
                     help="keep unreferenced files younger than this many seconds (default 600)")
+    sp.add_argument("--delete-unknown", action="store_true",
+                    help="also delete files under data/ that TensorGrid did not write (refused without it)")
     return p
 
 

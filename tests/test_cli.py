@@ -255,3 +255,115 @@ def test_vacuum_cleans_a_folder_holding_only_an_interrupted_first_write(tmp_path
     assert code == 0 and "removed 1" in out, err
     code, _, err = run("vacuum", str(tmp_path / "nothing"))
     assert code != 0 and err.startswith("error:") and "no TensorGrid dataset" in err
+
+
+def cli(capsysbinary, *args):
+    """The command in this process: exit code, stdout bytes, stderr text."""
+    from tensorgrid.cli import main
+
+    code = main([str(a) for a in args])
+    cap = capsysbinary.readouterr()
+    return code, cap.out, cap.err.decode()
+
+
+@pytest.fixture
+def small(tmp_path):
+    url = str(tmp_path / "d")
+    tg.write(url, pd.DataFrame({"id": np.arange(5), "label": ["a", "b", "a", "c", "b"],
+                                "img": list(np.arange(20, dtype=np.uint8).reshape(5, 2, 2)), "raw": [b"\x00\xff"] * 5}))
+    return url
+
+
+def test_sql_prints_csv_and_json_lines_that_pipe(small, tmp_path):
+    code, out, err = run("sql", "SELECT id, label, img, raw FROM d ORDER BY id", "--ds", f"d={small}", "--format", "csv")
+    assert code == 0, err
+    df = pd.read_csv(io.StringIO(out))
+    assert df["id"].tolist() == list(range(5)) and df["label"].tolist() == ["a", "b", "a", "c", "b"]
+    assert json.loads(df["img"][1]) == [[4, 5], [6, 7]] and df["raw"][0] == "AP8="  # tensors as arrays, bytes base64
+    # two tables in one --ds, and the query after the tables
+    code, out, err = run("sql", "--ds", f"a={small}", f"b={small}", "SELECT a.id FROM a JOIN b USING (id) ORDER BY 1",
+                         "--format", "json")
+    assert code == 0, err
+    assert [json.loads(line) for line in out.splitlines()] == [{"id": i} for i in range(5)]
+
+
+def test_sql_out_writes_a_dataset_and_refuses_to_replace_one_without_mode(small, tmp_path, capsysbinary):
+    dest = tmp_path / "threes"
+    q = "SELECT * FROM d WHERE label = 'a'"
+    code, out, err = cli(capsysbinary, "sql", q, "--ds", f"d={small}", "--out", dest)
+    assert code == 0 and "wrote 2 rows" in err, err
+    assert tg.open(str(dest)).schema == tg.open(small).schema and tg.open(str(dest)).num_rows == 2
+    code, _, err = cli(capsysbinary, "sql", q, "--ds", f"d={small}", "--out", dest)
+    assert code == 1 and err.count("\n") == 1 and str(dest) in err and "--mode append" in err and "--mode overwrite" in err
+    assert tg.open(str(dest)).version == 1  # untouched
+    assert cli(capsysbinary, "sql", q, "--ds", f"d={small}", "--out", dest, "--mode", "append")[0] == 0
+    assert tg.open(str(dest)).num_rows == 4
+    assert cli(capsysbinary, "sql", "SELECT * FROM d", "--ds", f"d={small}", "--out", dest, "--mode", "overwrite")[0] == 0
+    assert tg.open(str(dest)).num_rows == 5 and tg.open(str(dest), version=2).num_rows == 4  # older versions stay
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.csv").write_text("a\n1\n")
+    for mode in ("create", "append", "overwrite"):  # a folder of the user's own files is never written into
+        code, _, err = cli(capsysbinary, "sql", q, "--ds", f"d={small}", "--out", tmp_path / "mine", "--mode", mode)
+        assert code == 1 and "not a TensorGrid dataset" in err, err
+    assert os.listdir(tmp_path / "mine") == ["notes.csv"]
+
+
+def test_sql_out_file_writes_parquet_csv_json_and_refuses_to_replace_a_file(small, tmp_path, capsysbinary):
+    pq_file = tmp_path / "r.parquet"
+    code, _, err = cli(capsysbinary, "sql", "SELECT * FROM d", "--ds", f"d={small}", "--out-file", pq_file)
+    assert code == 0, err
+    back = tg.open(str(pq_file)).to_pandas()  # tensors keep their shape
+    assert back["img"][4].shape == (2, 2) and back["img"][4][1, 1] == 19 and back["raw"][0] == b"\x00\xff"
+    code, _, err = cli(capsysbinary, "sql", "SELECT 1 AS x", "--out-file", pq_file)
+    assert code == 1 and str(pq_file) in err and "--mode overwrite" in err
+    assert tg.open(str(pq_file)).num_rows == 5  # untouched
+    assert cli(capsysbinary, "sql", "SELECT 1 AS x", "--out-file", pq_file, "--mode", "overwrite")[0] == 0
+    assert tg.open(str(pq_file)).to_pandas()["x"].tolist() == [1]
+    assert cli(capsysbinary, "sql", "SELECT 2 AS x", "--out-file", tmp_path / "r.jsonl")[0] == 0
+    assert (tmp_path / "r.jsonl").read_text() == '{"x": 2}\n'
+    code, _, err = cli(capsysbinary, "sql", "SELECT 2 AS x", "--out-file", tmp_path / "r.txt")
+    assert code == 1 and "--format csv, json or parquet" in err
+    assert cli(capsysbinary, "sql", "SELECT 2 AS x", "--out-file", tmp_path / "r.txt", "--format", "csv")[0] == 0
+    assert (tmp_path / "r.txt").read_text() == '"x"\n2\n'
+    code, _, err = cli(capsysbinary, "sql", "--ds", f"d={small}")
+    assert code == 1 and "sql needs a query" in err
+
+
+def test_ingest_never_replaces_a_dataset_or_the_users_files_unasked(small, tmp_path, capsysbinary):
+    src = tmp_path / "in.csv"
+    pd.DataFrame({"id": [9], "label": ["z"]}).to_csv(src, index=False)
+    other = str(tmp_path / "other")
+    tg.write(other, pd.DataFrame({"id": [1], "label": ["q"]}))
+    code, _, err = cli(capsysbinary, "ingest", src, other)
+    assert code == 1 and other in err and "--mode append" in err and "--mode overwrite" in err
+    assert tg.open(other).version == 1
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    code, _, err = cli(capsysbinary, "ingest", src, notes)  # a file is no dataset folder
+    assert code == 1 and "is a file" in err and notes.read_text() == "mine"
+    for mode in ("create", "append", "overwrite"):  # nor is a folder of the user's own files
+        code, _, err = cli(capsysbinary, "ingest", src, tmp_path, "--mode", mode)
+        assert code == 1 and "not a TensorGrid dataset" in err, (mode, err)
+    assert notes.read_text() == "mine" and not (tmp_path / "_tensorgrid").exists()
+    assert cli(capsysbinary, "ingest", src, other, "--mode", "overwrite")[0] == 0
+    assert tg.open(other).to_pandas()["id"].tolist() == [9] and tg.open(other, version=1).num_rows == 1
+
+
+def test_vacuum_refuses_to_delete_files_tensorgrid_did_not_write(small, tmp_path, capsysbinary):
+    mine = os.path.join(small, "data", "keep", "notes.txt")
+    os.makedirs(os.path.dirname(mine))
+    with open(mine, "w") as f:
+        f.write("mine")
+    orphan = os.path.join(small, "data", "part-0123456789ab-00000.parquet")  # a killed writer's shard
+    with open(orphan, "wb") as f:
+        f.write(b"half")
+    code, _, err = cli(capsysbinary, "vacuum", small, "--min-age", "0")
+    assert code == 1 and "data/keep/notes.txt" in err and "--delete-unknown" in err
+    assert os.path.exists(mine) and os.path.exists(orphan)  # nothing deleted
+    os.remove(mine)
+    code, out, err = cli(capsysbinary, "vacuum", small, "--min-age", "0")
+    assert code == 0 and b"removed 1" in out and not os.path.exists(orphan), err
+    with open(mine, "w") as f:
+        f.write("mine")
+    assert cli(capsysbinary, "vacuum", small, "--min-age", "0", "--delete-unknown")[0] == 0
+    assert not os.path.exists(mine) and tg.open(small).num_rows == 5
