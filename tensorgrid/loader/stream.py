@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import pickle
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
+import cloudpickle
 import numpy as np
 import pyarrow as pa
 import torch
@@ -165,9 +165,20 @@ def _cat(a, b):
     return torch.cat([a, b]) if isinstance(a, torch.Tensor) else a + b
 
 
+def _chunks_from(state: bytes) -> _Chunks:
+    chunks = _Chunks.__new__(_Chunks)
+    chunks.__dict__.update(cloudpickle.loads(state))
+    return chunks
+
+
 class _Chunks(IterableDataset):
     def __init__(self, plan: Plan, source: Source, first: int, transform, add_valid: bool):
         self.plan, self.source, self.first, self.transform, self.add_valid = plan, source, first, transform, add_valid
+
+    def __reduce__(self):
+        # to a spawned worker by value (cloudpickle): a transform defined in a script's or a notebook's
+        # __main__, or a lambda, is not importable by name there
+        return _chunks_from, (cloudpickle.dumps(self.__dict__),)
 
     def __iter__(self):
         info = get_worker_info()
@@ -286,10 +297,10 @@ class Loader:
         self.chunk_rows = max(1, int(self.memory_budget / inflight / 2 / row_bytes))
         if num_workers and transform is not None and self._start_method() != "fork":
             try:
-                pickle.dumps(transform)
+                cloudpickle.dumps(transform)
             except Exception as e:  # noqa: BLE001
-                raise ArgumentError(f"transform must be picklable for {self._start_method()} workers "
-                                      f"(define it at module level): {e}") from None
+                raise ArgumentError(f"transform must be picklable (with cloudpickle) for "
+                                    f"{self._start_method()} workers: {e}") from None
         self.epoch = 0
         self._start = 0
         self._pos = 0

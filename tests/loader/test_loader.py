@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import numpy as np
@@ -326,13 +327,25 @@ def test_writing_into_batches_never_changes_a_later_epoch(tmp_path, shuffle, kin
         assert np.array_equal(np.stack(table.column("x").to_numpy(zero_copy_only=False)), x)
 
 
+def test_a_lambda_transform_runs_in_spawned_workers(ds):
+    """Spawned workers (the default under Ray) get the transform by value: a lambda, or a function defined in
+    a script's or a notebook's __main__, works there as in this process."""
+    scale = 2.0
+    loader = ds.to_torch(batch_size=8, transform=lambda b: {**b, "x": b["x"] * scale}, num_workers=2,
+                         multiprocessing_context="spawn")
+    plain = ds.to_torch(batch_size=8)
+    got, want = [b["x"] for b in loader], [b["x"] * scale for b in plain]
+    assert len(got) == len(want) and all(torch.equal(a, b) for a, b in zip(got, want))
+
+
 def test_bad_arguments(ds, tmp_path):
     with pytest.raises(tg.TensorGridError, match="batch_size"):
         ds.to_torch(batch_size=0)
     with pytest.raises(tg.TensorGridError, match="rank"):
         ds.to_torch(batch_size=4, rank=2, world_size=2)
+    lock = threading.Lock()  # nothing pickles a lock: refused before any worker starts
     with pytest.raises(tg.TensorGridError, match="picklable"):
-        ds.to_torch(batch_size=4, transform=lambda b: b, num_workers=1, multiprocessing_context="spawn")
+        ds.to_torch(batch_size=4, transform=lambda b, lock=lock: b, num_workers=1, multiprocessing_context="spawn")
     with pytest.raises(tg.EmptyDataError):
         tg.from_arrow(pa.table({"a": pa.array([], pa.int64())})).to_torch(batch_size=4)
 

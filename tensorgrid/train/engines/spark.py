@@ -7,20 +7,28 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 
 from ...errors import TrainingConfigError, WorkerFailedError
 from .. import checkpoint as ckpt
 
 
-def _session():
+def _session(workers: int):
+    """The active SparkSession, else a local one sized to the workers (as engine="ray" starts a local Ray),
+    whose Python workers run this interpreter (so they import what this process imports)."""
     try:
         from pyspark.sql import SparkSession
     except ImportError:
         raise TrainingConfigError("engine='spark' needs PySpark: pip install 'tensorgrid[spark]'") from None
     spark = SparkSession.getActiveSession()
     if spark is None:
-        raise TrainingConfigError("engine='spark' trains on the active SparkSession: create one first "
-                                  "(SparkSession.builder.master(...).getOrCreate())")
+        master = f"local[{workers}]"
+        print(f"tensorgrid: no active SparkSession: starting a local one ({master}, Python {sys.executable}); "
+              "create your own first to train on a cluster", file=sys.stderr, flush=True)
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # what PySpark's workers run
+        spark = (SparkSession.builder.master(master).appName("tensorgrid")
+                 .config("spark.ui.enabled", "false").getOrCreate())
+        spark.sparkContext.setLogLevel("ERROR")
     return spark
 
 
@@ -73,7 +81,7 @@ def run(payload: bytes, workers: int, max_restarts: int, timeout_s: float, check
 def _run(payload: bytes, workers: int, max_restarts: int, checkpoint_dir: str | None):
     import cloudpickle
 
-    spark = _session()
+    spark = _session(workers)
     sc = spark.sparkContext
     attempt = 0
     while True:
@@ -87,7 +95,7 @@ def _run(payload: bytes, workers: int, max_restarts: int, checkpoint_dir: str | 
                 payload = _with_resume(payload, ckpt.latest(checkpoint_dir))
                 continue
             last = ckpt.latest(checkpoint_dir)
-            first = _python_error(str(e))
+            first = _python_error(str(e)) + _interpreter_hint(str(e), sc)
             where = f"last checkpoint: {last}; fit(resume=True) continues from it" if last else "no checkpoint was written"
             raise WorkerFailedError(f"a Spark training task failed: {first.strip()} ({where})", checkpoint=last) from None
 
@@ -98,6 +106,22 @@ def _with_resume(payload: bytes, latest: str | None) -> bytes:
     spec = cloudpickle.loads(payload)
     spec.resume_from = latest or spec.resume_from
     return cloudpickle.dumps(spec)
+
+
+def _interpreter_hint(text: str, sc) -> str:
+    """When Spark's Python workers cannot import a module this process imports (tensorgrid, cloudpickle,
+    torch), they run another interpreter than this one (a session made from a virtualenv's Python without
+    activating it runs ``python3``): say what to set."""
+    import importlib.util
+    import re
+
+    missing = re.search(r"No module named '([\w.]+)'", text)
+    if missing is None or importlib.util.find_spec(missing.group(1).split(".")[0]) is None:
+        return ""
+    theirs = getattr(sc, "pythonExec", None) or os.environ.get("PYSPARK_PYTHON") or "python3"
+    return (f". Spark's Python workers run {theirs!r}, which cannot import what this Python ({sys.executable}) "
+            f"does: set the environment variable PYSPARK_PYTHON={sys.executable} before creating the "
+            "SparkSession (or install tensorgrid where the executors run)")
 
 
 def _python_error(text: str) -> str:

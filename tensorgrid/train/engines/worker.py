@@ -1,0 +1,73 @@
+"""One local training worker: ``python -m tensorgrid.train.engines.worker JOB RESULT RESTARTED WATCH``.
+
+The local engine starts each worker as a fresh interpreter running this module, not as a multiprocessing
+child: nothing re-runs the user's ``__main__`` (a flat script with no ``if __name__ == "__main__"`` guard, a
+script piped on stdin, a notebook or the interactive interpreter all train the same). The job travels by
+value in the file JOB (cloudpickle: functions, classes and lambdas defined in ``__main__`` included), with
+the driver's ``sys.path`` so that the user's own modules import here as they did there. Rank 0 writes its
+result to RESULT (written whole, then renamed). Ctrl-C ends a worker quietly: the driver says it in one line.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def _load(job_path: str):
+    import json
+
+    import cloudpickle
+
+    with open(job_path, "rb") as f:
+        job = f.read()
+    header_len = int.from_bytes(job[:8], "little")
+    driver_path = json.loads(job[8:8 + header_len])
+    # the driver's import path first (its script's folder, its PYTHONPATH additions), then ours
+    sys.path[:] = list(dict.fromkeys([p for p in driver_path if isinstance(p, str)] + sys.path))
+    return cloudpickle.loads(job[8 + header_len:])
+
+
+def write_job(path: str, payload: bytes) -> None:
+    """The job file a worker reads: the driver's ``sys.path`` (JSON, length-prefixed), then the payload."""
+    import json
+
+    header = json.dumps([p for p in sys.path if isinstance(p, str)]).encode()
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
+        f.write(len(header).to_bytes(8, "little") + header + payload)
+
+
+def _write_result(path: str, out) -> None:
+    import cloudpickle
+
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        cloudpickle.dump(out, f)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str]) -> int:
+    job_path, result_path, restarted, watch_address = argv
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    from ..loop import train
+    from ..watch import Reporter
+
+    @record  # an exception is written to the launcher's error file: the driver names it
+    def run() -> None:
+        rank = int(os.environ["RANK"])
+        report = Reporter(watch_address, rank) if watch_address else None
+        spec = _load(job_path)
+        out = train(spec, rank, int(os.environ["WORLD_SIZE"]), restarted=restarted == "1", report=report)
+        if rank == 0 and out is not None:
+            _write_result(result_path, out)
+
+    run()
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except KeyboardInterrupt:  # Ctrl-C reaches every process of the terminal's group: the driver reports it
+        sys.exit(130)
