@@ -12,14 +12,16 @@ from ..args import check_int
 from ..errors import ArgumentError, ColumnNotFoundError, TensorGridError
 from ..loader import Loader
 from ..store import Dataset, from_arrow, write
+from .features import feature_columns, stack_features
 
 
-def predict(model: torch.nn.Module, data, features: str = "features", *, transform=None, batch_size: int = 256,
+def predict(model: torch.nn.Module, data, features="features", *, transform=None, batch_size: int = 256,
             out: str | None = None, classifier: bool = False, keep=None, mode: str = "create",
             label_names: list[str] | None = None) -> Dataset:
     """Run ``model`` over every row of ``data`` (a Dataset or a URL), in order, in this process (RANK and
     WORLD_SIZE are ignored); returns a Dataset with the ``keep`` columns (default: all but ``features``) and
-    ``prediction``, written to ``out`` (with ``mode``) when given, else in memory.
+    ``prediction``, written to ``out`` (with ``mode``) when given, else in memory. ``features``: a column,
+    or a list of numeric columns stacked into one float32 tensor per batch, as the trainer does (a wide table).
 
     ``transform`` runs on each batch as in training. ``classifier=True``: the model's 2-D outputs are class
     scores (logits or log-probabilities): ``prediction`` is the argmax (int64), ``probabilities`` the softmax
@@ -35,10 +37,11 @@ def predict(model: torch.nn.Module, data, features: str = "features", *, transfo
         raise ArgumentError(f"model must be an nn.Module, got {type(model).__name__}")
     ds = _dataset(data)
     batch_size = check_int("batch_size", batch_size, 1)
-    keep = _keep(ds, features, keep)
+    inputs = feature_columns(features) if features is not None else []
+    keep = _keep(ds, inputs, keep)
     names = _label_names(ds, label_names, bool(classifier))
     # a transform may read any column: it gets them all; else only what is kept and the features are read
-    columns = None if transform is not None else list(dict.fromkeys([*keep, features]))
+    columns = None if transform is not None else list(dict.fromkeys([*keep, *inputs]))
     loader = Loader(ds, batch_size, columns=columns, transform=transform, rank=0, world_size=1)
     batches = _batches(model, loader, features, keep, bool(classifier), names)
     if out is None:
@@ -57,12 +60,14 @@ def _dataset(data) -> Dataset:
                         f"{type(data).__name__}")
 
 
-def _keep(ds: Dataset, features: str, keep) -> list[str]:
+def _keep(ds: Dataset, inputs: list[str], keep) -> list[str]:
     names = ds.schema.names
-    if features not in names:
-        raise ColumnNotFoundError(f"predict: the dataset has no features column {features!r}; columns: {names}")
+    missing = [c for c in inputs if c not in names]
+    if missing or not inputs:
+        raise ColumnNotFoundError(f"predict: features must be a column or a list of columns of the dataset; "
+                                  f"missing: {missing or inputs}; columns: {names}")
     if keep is None:
-        return [c for c in names if c != features]
+        return [c for c in names if c not in inputs]
     keep = [keep] if isinstance(keep, str) else list(keep)
     missing = [c for c in keep if c not in names]
     if missing:
@@ -83,7 +88,7 @@ def _label_names(ds: Dataset, label_names, classifier: bool) -> list | None:
     return list(label_names)
 
 
-def _batches(model: torch.nn.Module, loader: Loader, features: str, keep: list[str],
+def _batches(model: torch.nn.Module, loader: Loader, features, keep: list[str],
              classifier: bool, names: list | None = None) -> Iterator[pa.RecordBatch]:
     """Record batches of the kept columns plus the model's predictions, one per loader batch."""
     modes = [(m, m.training) for m in model.modules()]
@@ -91,7 +96,7 @@ def _batches(model: torch.nn.Module, loader: Loader, features: str, keep: list[s
     model.eval()
     try:
         for batch in loader:
-            x = batch[features]
+            x = stack_features(batch, features)
             with torch.no_grad():
                 y = model(x.to(device) if isinstance(x, torch.Tensor) else x)
             if not isinstance(y, torch.Tensor):

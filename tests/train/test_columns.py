@@ -53,8 +53,6 @@ def test_feature_lists_are_checked_before_any_worker_with_what_is_accepted(wide)
         trainer(features=[*PX[:63], "name"], transform=None).fit(named)
 
 
-@pytest.mark.xfail(strict=True, reason="predict.py (another engineer's) is to stack a list of features with "
-                                       "tensorgrid.train.stack_features; this test passes once it does")
 def test_a_wide_model_predicts_from_the_same_columns(wide):
     """Trainer.predict hands its features to tensorgrid.train.predict (predict.py), which stacks them with
     stack_features."""

@@ -64,7 +64,7 @@ def test_a_classifier_gets_argmax_and_probabilities_written_to_out(rows, tmp_pat
 def test_bad_arguments_are_named(rows):
     ds, _ = rows
     model = torch.nn.Linear(4, 1)
-    with pytest.raises(tg.ColumnNotFoundError, match="no features column 'features'"):
+    with pytest.raises(tg.ColumnNotFoundError, match=r"missing: \['features'\]; columns: \['id', 'x', 'name'\]"):
         predict(model, ds)
     with pytest.raises(tg.ColumnNotFoundError, match="keep names 'label'"):
         predict(model, ds, "x", keep=["id", "label"])
