@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The README's two commands, on a machine with only Python 3.11 and pip:
 
-    python3 dev.py demo    # creates .venv, installs TensorGrid, runs `tensorgrid quickstart`
+    python3 dev.py demo    # creates .venv, installs TensorGrid (+ matplotlib), runs `tensorgrid quickstart`
     python3 dev.py test    # creates .venv with the dev extras, runs the test suite
 
 Also: `python3 dev.py lint`, `python3 dev.py bench [SCRIPT]`. Installs are pinned by constraints.txt
@@ -44,7 +44,7 @@ def ensure(extras: str) -> None:
 def main(argv: list[str]) -> int:
     cmd, rest = (argv[0], argv[1:]) if argv else ("help", [])
     if cmd == "demo":
-        ensure("")
+        ensure("plot")  # the demo ends with a picture of its learning curves
         return subprocess.call([os.path.join(BIN, "tensorgrid"), "quickstart", *rest], cwd=ROOT)
     if cmd == "test":
         ensure("dev")

@@ -246,7 +246,7 @@ def cmd_ingest(a) -> None:
 def cmd_quickstart(a) -> None:
     from .quickstart import run
 
-    run(a.root, train=not a.no_train)
+    run(a.root, train=not a.no_train, overwrite=a.overwrite)
 
 
 class UsageError(Exception):
@@ -269,8 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
         return sp
 
     sp = add("quickstart", cmd_quickstart, "write scikit-learn's digits as a dataset and tour the API")
-    sp.add_argument("--root", default="grid", help="where to put datasets and runs (default ./grid)")
+    sp.add_argument("--root", default="grid", help="the demo writes only into ROOT/quickstart, which each run "
+                                                    "replaces (default ./grid)")
     sp.add_argument("--no-train", action="store_true", help="skip the training part")
+    sp.add_argument("--overwrite", action="store_true", help="replace ROOT/quickstart even if the demo did not make it")
     sp = add("ingest", cmd_ingest, "ingest CSV, Parquet, JSON Lines or a folder of images into a dataset")
     sp.add_argument("src")
     sp.add_argument("dest")

@@ -1,9 +1,16 @@
 """``tensorgrid quickstart``: real data (scikit-learn's bundled handwritten digits, no download) through the
-store: write, inspect, query, verify."""
+store: write, inspect, query, verify, load, train, plot.
+
+Everything the demo writes lives in its own folder, ``<root>/quickstart`` (marked by a file it leaves there),
+which each run replaces. A folder of that name it did not make is never touched: the demo refuses, naming
+it and ``--overwrite``."""
 
 from __future__ import annotations
 
 import functools
+import os
+import shutil
+import sys
 import time
 
 import numpy as np
@@ -12,7 +19,14 @@ import torch
 
 from . import fs as tgfs
 from . import store
+from .errors import TensorGridError
 from .show import human_bytes, out, print_frame, print_info
+
+MARKER = ".made-by-tensorgrid-quickstart"  # in the demo's folder: what a later run may replace
+
+
+class DemoFolderError(TensorGridError):
+    """The demo's folder exists and was not made by the demo (nothing was changed)."""
 
 
 def digits_frame() -> pd.DataFrame:
@@ -40,7 +54,7 @@ def cosine(optimizer, epochs: int = 8):
     return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs)
 
 
-def train_digits(ds, root: str, workers: int = 2, epochs: int = 8) -> None:
+def train_digits(ds, home: str, workers: int = 2, epochs: int = 8) -> None:
     """Train the CNN on 1,500 digits with ``workers`` local processes; report held-out accuracy."""
     from .store import from_arrow
     from .train import Trainer
@@ -49,10 +63,7 @@ def train_digits(ds, root: str, workers: int = 2, epochs: int = 8) -> None:
     table = ds.to_arrow()
     perm = np.random.default_rng(0).permutation(table.num_rows)
     train, held_out = from_arrow(table.take(perm[:1500])), from_arrow(table.take(perm[1500:]))
-    run_dir = f"{root.rstrip('/')}/runs/digits"
-    fs, path = tgfs.resolve(run_dir)
-    if fs.exists(path):  # a fresh run each time: old checkpoints and event files would mix in
-        fs.rm(path, recursive=True)
+    run_dir = f"{home}/runs/digits"  # fresh each run: the demo's folder was emptied
     out.print(f"\n[bold]training[/] a CNN on 1,500 digits with {workers} local workers (PyTorch DDP, gloo), "
               f"{held_out.num_rows} held out")
     trainer = Trainer(model=digits_cnn, loss=torch.nn.CrossEntropyLoss(), optimizer=adam,
@@ -64,15 +75,35 @@ def train_digits(ds, root: str, workers: int = 2, epochs: int = 8) -> None:
     acc = result.metrics["val_accuracy"]
     out.print(f"held-out accuracy [bold]{acc:.3f}[/] after {epochs} epochs in {time.perf_counter() - t0:.1f} s; "
               f"last checkpoint {result.checkpoint}")
-    out.print(f"TensorBoard: tensorboard --logdir {run_dir}/tensorboard")
+    out.print(f"TensorBoard: {commands()[2]} --logdir {run_dir}/tensorboard")
+    try:
+        png = result.plot(f"{run_dir}/curves.png", title="quickstart: a CNN on scikit-learn's digits")
+        out.print(f"learning curves (loss and accuracy, training and held-out): [bold]{png}[/]")
+    except TensorGridError as e:  # matplotlib is an extra: `python3 dev.py demo` installs it
+        out.print(f"(no picture of the learning curves: {e})")
 
 
-def run(root: str = "grid", train: bool = True) -> None:
-    url = f"{root.rstrip('/')}/digits"
-    out.rule("[bold]TensorGrid quickstart")
-    fs, path = tgfs.resolve(url)
-    if store.manifest.is_dataset(fs, path):  # a fresh demo dataset each run, so plain globs see one version
+def prepare(root: str, overwrite: bool = False) -> str:
+    """The demo's folder ``<root>/quickstart``, emptied: made afresh, or replaced when an earlier run made it
+    (its marker file), or ``overwrite``; any other folder there is refused and left as it is."""
+    home = f"{root.rstrip('/')}/quickstart"
+    fs, path = tgfs.resolve(home)
+    if fs.exists(path):
+        ours = fs.exists(f"{path}/{MARKER}")
+        if not (ours or overwrite):
+            raise DemoFolderError(f"{home} exists and was not made by the quickstart: nothing was changed; pass "
+                                  f"--root DIR for another folder, or --overwrite to replace {home}")
         fs.rm(path, recursive=True)
+    fs.makedirs(path, exist_ok=True)
+    with fs.open(f"{path}/{MARKER}", "wb") as f:
+        f.write(b"made by `tensorgrid quickstart`; the next run replaces this folder\n")
+    return home
+
+
+def run(root: str = "grid", train: bool = True, overwrite: bool = False) -> None:
+    home = prepare(root, overwrite)
+    url = f"{home}/digits"
+    out.rule("[bold]TensorGrid quickstart")
     t0 = time.perf_counter()
     ds = store.write(url, digits_frame())
     out.print(f"wrote scikit-learn's digits to [bold]{ds.url}[/] as version {ds.version} "
@@ -106,11 +137,31 @@ def run(root: str = "grid", train: bool = True) -> None:
     out.print(f"  5 shuffled epochs: {rows / (time.perf_counter() - t0):,.0f} samples/s")
 
     if train:
-        train_digits(ds, root)
+        train_digits(ds, home)
 
-    out.print("\n[bold]Try next[/]")
-    out.print(f"  tensorgrid info {url}")
-    out.print(f"  tensorgrid head {url} -n 3")
-    out.print(f"  tensorgrid versions {url}")
-    out.print(f"  tensorgrid sql \"SELECT label, count(*) FROM d GROUP BY label\" --ds d={url}")
-    out.print(f"  duckdb -c \"SELECT label, count(*) FROM read_parquet('{url}/data/*.parquet') GROUP BY ALL\"")
+    tg, py, _ = commands()
+    out.print("\n[bold]Try next[/]" + ("" if tg == "tensorgrid" else
+                                        f" (after [cyan]source {os.path.dirname(tg)}/activate[/], plain "
+                                        "[cyan]tensorgrid[/] does)"))
+    out.print(f"  {tg} info {url}")
+    out.print(f"  {tg} head {url} -n 3")
+    out.print(f"  {tg} versions {url}")
+    out.print(f"  {tg} sql \"SELECT label, count(*) FROM d GROUP BY label\" --ds d={url}")
+    out.print(f"  {py} -c \"import duckdb; duckdb.sql(\\\"SELECT label, count(*) FROM "
+              f"read_parquet('{url}/data/*.parquet') GROUP BY ALL\\\").show()\"")
+
+
+def commands() -> tuple[str, str, str]:
+    """How to call ``tensorgrid``, ``python`` and ``tensorboard`` from the user's shell: plain names when they are on its PATH
+    (an activated environment), else the paths of this environment's, relative to here when inside it."""
+    bin_dir = os.path.dirname(sys.executable)
+
+    def name(cmd: str) -> str:
+        mine = os.path.join(bin_dir, cmd)
+        found = shutil.which(cmd)
+        if found and os.path.realpath(found) == os.path.realpath(mine):
+            return cmd
+        rel = os.path.relpath(mine)
+        return rel if not rel.startswith("..") else mine
+
+    return name("tensorgrid"), name("python"), name("tensorboard")

@@ -20,26 +20,48 @@ def run(*args, cwd=None, timeout=120):
     return p.returncode, p.stdout, p.stderr
 
 
-def test_quickstart_writes_digits(tmp_path):
+def test_quickstart_writes_digits_into_its_own_folder_and_destroys_nothing_else(tmp_path):
+    # a user's own 2-version dataset and run folder where the README's usage section puts them
+    mine = tg.write(str(tmp_path / "grid" / "digits"), pd.DataFrame({"x": [1, 2]}))
+    tg.write(mine.url, pd.DataFrame({"x": [3]}), mode="append")
+    (tmp_path / "grid" / "runs" / "digits").mkdir(parents=True)
+    (tmp_path / "grid" / "runs" / "digits" / "notes.txt").write_text("mine")
+
     code, out, err = run("quickstart", cwd=tmp_path)
     assert code == 0, err
-    ds = tg.open(str(tmp_path / "grid" / "digits"))
+    home = tmp_path / "grid" / "quickstart"
+    ds = tg.open(str(home / "digits"))
     assert ds.num_rows == 1797
     assert ds.schema.field("image").type.shape == [8, 8]
     assert "1,797" in out and "verified" in out and "Try next" in out
     assert "batch 0: image (256, 8, 8) torch.uint8" in out
     acc = float(out.split("held-out accuracy ")[1].split()[0])
     assert acc >= 0.95
-    ckpts = list((tmp_path / "grid" / "runs" / "digits" / "checkpoints").glob("ckpt-*.pt"))
-    events = list((tmp_path / "grid" / "runs" / "digits" / "tensorboard").glob("events.out.tfevents*"))
+    ckpts = list((home / "runs" / "digits" / "checkpoints").glob("ckpt-*.pt"))
+    events = list((home / "runs" / "digits" / "tensorboard").glob("events.out.tfevents*"))
     assert ckpts and events and "tensorboard --logdir" in out
-    # a plain glob over the shards reads the current version (quickstart starts it afresh every run)
+    png = home / "runs" / "digits" / "curves.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"{png}" in out
+    # the "try next" commands run as printed (this test's tensorgrid is not on PATH: printed with its path)
+    tried = [line.strip() for line in out.split("Try next")[1].splitlines()[1:] if line.strip()]
+    assert tried and all(subprocess.run(c, shell=True, cwd=tmp_path, capture_output=True).returncode == 0
+                         for c in tried), tried
+    # a second run replaces only its own folder; a plain glob over its shards reads the current version
     code, _, err = run("quickstart", "--no-train", cwd=tmp_path)
     assert code == 0, err
     import duckdb
 
-    n = duckdb.sql(f"SELECT count(*) FROM read_parquet('{tmp_path}/grid/digits/**/*.parquet')").fetchall()[0][0]
+    n = duckdb.sql(f"SELECT count(*) FROM read_parquet('{home}/digits/**/*.parquet')").fetchall()[0][0]
     assert n == 1797
+    assert [v.version for v in tg.open(mine.url).versions()] == [1, 2] and tg.open(mine.url).num_rows == 3
+    assert (tmp_path / "grid" / "runs" / "digits" / "notes.txt").read_text() == "mine"
+    # a folder named quickstart that the demo did not make is refused, untouched
+    (tmp_path / "other" / "quickstart").mkdir(parents=True)
+    (tmp_path / "other" / "quickstart" / "thesis.tex").write_text("years of work")
+    code, out, err = run("quickstart", "--root", "other", "--no-train", cwd=tmp_path)
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "other/quickstart exists and was not made by the quickstart" in err and "--overwrite" in err
+    assert (tmp_path / "other" / "quickstart" / "thesis.tex").read_text() == "years of work"
 
 
 def test_ingest_csv_parquet_jsonl_and_images(tmp_path):

@@ -1,0 +1,54 @@
+"""Learning curves of a run as a PNG: loss (and accuracy when measured), training and validation, by epoch.
+matplotlib (the optional ``tensorgrid[plot]`` extra) draws with its Agg backend: no display needed."""
+
+from __future__ import annotations
+
+import math
+import os
+
+from ..errors import ArgumentError, TensorGridError
+
+
+def plot_history(history: list[dict], path: str, title: str | None = None) -> str:
+    """Draw ``history`` (``FitResult.history``: one row per epoch) to ``path`` (a local .png/.svg/.pdf
+    file, its folder created); returns the absolute path."""
+    if not isinstance(path, (str, os.PathLike)) or not str(path):
+        raise ArgumentError(f"path must be a file name such as 'curves.png', got {path!r}")
+    if not history:
+        raise ArgumentError("there is nothing to plot: the run has no finished epoch")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise TensorGridError("plotting needs matplotlib: pip install 'tensorgrid[plot]'") from None
+    panels = [m for m in ("loss", "accuracy") if any(_finite(r.get(m)) or _finite(r.get(f"val_{m}")) for r in history)]
+    fig = Figure(figsize=(5 * max(1, len(panels)), 3.6), layout="constrained")
+    epochs = [r.get("epoch", i + 1) for i, r in enumerate(history)]
+    for k, metric in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), k + 1)
+        for key, label, style in ((metric, "train", "-o"), (f"val_{metric}", "validation", "-s")):
+            points = [(e, r[key]) for e, r in zip(epochs, history) if _finite(r.get(key))]
+            if points:
+                ax.plot(*zip(*points), style, label=label, markersize=3)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    path = os.path.abspath(os.fspath(path))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}{os.path.splitext(path)[1]}"
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, path)  # a reader never sees half a picture
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
