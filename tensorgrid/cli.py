@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import time
 import warnings
@@ -20,7 +19,6 @@ from .store.vacuum import vacuum as store_vacuum
 TABULAR_EXT = store.foreign.PARQUET_EXT + store.foreign.CSV_EXT
 INT64_MAX = (1 << 63) - 1  # the largest count Arrow and DuckDB take
 MAX_SHARD_MB = float(1 << 20)  # 1 TiB
-_SPARK_STAGING = re.compile(r"\.spark-[0-9a-f]{12}")
 
 def _version(a) -> int | None:
     return check_int("--version", a.version, 1, INT64_MAX, none=True)
@@ -57,34 +55,16 @@ def cmd_verify(a) -> None:
 
 def cmd_vacuum(a) -> None:
     min_age = check_number("--min-age", a.min_age, 0)
-    unknown = [] if a.delete_unknown else _unknown_files(a.ds)
-    if unknown:  # vacuum deletes whatever no version names under data/: never a user's files unasked
-        raise TensorGridError(f"{a.ds}/data holds {len(unknown)} file(s) TensorGrid did not write ({unknown[0]}"
-                              f"{', ...' if len(unknown) > 1 else ''}): vacuum would delete them; move them out, or "
-                              "pass --delete-unknown")
-    r = store_vacuum(a.ds, min_age_s=min_age)  # also a folder holding only an interrupted first write
+    # also a folder holding only an interrupted first write; a user's own files in data/ are kept unless asked
+    r = store_vacuum(a.ds, min_age_s=min_age, delete_unknown=a.delete_unknown)
     msg = f"removed {r['removed']} unreferenced file(s), {human_bytes(r['bytes'])}"
     if r["kept_young"]:
         msg += f"; kept {r['kept_young']} younger than {min_age:g} s (a writer may be at work; see --min-age)"
     out.print(msg, markup=False)
-
-
-def _unknown_files(url: str) -> list[str]:
-    """Files under a dataset's data/ that are neither shards nor a Spark write's staging (``data/.spark-<txn>/``)."""
-    from . import fs as tgfs
-
-    fsys, root = tgfs.resolve(url)
-    data = tgfs.join(root, store.manifest.DATA_DIR)
-    if not store.manifest.is_dataset(fsys, root) or not fsys.isdir(data):
-        return []
-    prefix = data.rstrip("/") + "/"
-    out = []
-    for path in sorted(fsys.find(data)):
-        rel = path[len(prefix):] if path.startswith(prefix) else path
-        top = rel.split("/", 1)[0]
-        if not (("/" not in rel and store.manifest.SHARD_NAME.fullmatch(rel)) or _SPARK_STAGING.fullmatch(top)):
-            out.append(f"data/{rel}")
-    return out
+    if r["unknown"]:
+        n = len(r["unknown"])
+        out.print(f"kept {n} file(s) TensorGrid did not write ({safe(r['unknown'][0])}{', ...' if n > 1 else ''}); "
+                  "--delete-unknown deletes them", markup=False)
 
 
 def cmd_ls(a) -> None:

@@ -371,7 +371,7 @@ def test_ingest_never_replaces_a_dataset_or_the_users_files_unasked(small, tmp_p
     assert tg.open(other).to_pandas()["id"].tolist() == [9] and tg.open(other, version=1).num_rows == 1
 
 
-def test_vacuum_refuses_to_delete_files_tensorgrid_did_not_write(small, tmp_path, capsysbinary):
+def test_vacuum_keeps_files_tensorgrid_did_not_write_unless_asked(small, tmp_path, capsysbinary):
     mine = os.path.join(small, "data", "keep", "notes.txt")
     os.makedirs(os.path.dirname(mine))
     with open(mine, "w") as f:
@@ -379,13 +379,11 @@ def test_vacuum_refuses_to_delete_files_tensorgrid_did_not_write(small, tmp_path
     orphan = os.path.join(small, "data", "part-0123456789ab-00000.parquet")  # a killed writer's shard
     with open(orphan, "wb") as f:
         f.write(b"half")
-    code, _, err = cli(capsysbinary, "vacuum", small, "--min-age", "0")
-    assert code == 1 and "data/keep/notes.txt" in err and "--delete-unknown" in err
-    assert os.path.exists(mine) and os.path.exists(orphan)  # nothing deleted
-    os.remove(mine)
     code, out, err = cli(capsysbinary, "vacuum", small, "--min-age", "0")
-    assert code == 0 and b"removed 1" in out and not os.path.exists(orphan), err
-    with open(mine, "w") as f:
-        f.write("mine")
+    assert code == 0 and b"removed 1 " in out and b"kept 1 file(s) TensorGrid did not write (data/keep/notes.txt)" \
+        in out and b"--delete-unknown" in out, err
+    assert os.path.exists(mine) and not os.path.exists(orphan)  # the user's file kept, the orphan shard gone
+    assert tg.vacuum(small, min_age_s=0)["unknown"] == ["data/keep/notes.txt"]  # the library keeps it too
+    assert os.path.exists(mine)
     assert cli(capsysbinary, "vacuum", small, "--min-age", "0", "--delete-unknown")[0] == 0
     assert not os.path.exists(mine) and tg.open(small).num_rows == 5

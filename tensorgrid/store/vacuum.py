@@ -20,33 +20,40 @@ Why a committed version never loses a file, whatever the timing:
 
 from __future__ import annotations
 
+import re
 import time
 from collections import defaultdict
 
 import fsspec
 
 from .. import fs as tgfs
-from ..args import check_number
+from ..args import check_choice, check_number
 from ..errors import DatasetNotFoundError
 from . import claims, manifest
 from .manifest import DATA_DIR, META_DIR
+
+SPARK_STAGING = re.compile(r"\.spark-[0-9a-f]{12}")  # data/.spark-<txn>/: a Spark write's staged shards (spark.py)
 
 # Test hook: called as _after_scan(fs, root) once the manifests have been read.
 _after_scan = None
 
 
-def vacuum(url: str, min_age_s: float = 600.0) -> dict:
+def vacuum(url: str, min_age_s: float = 600.0, delete_unknown: bool = False) -> dict:
     """Delete files under the dataset at ``url`` that no version references and that are older than
     ``min_age_s`` seconds (younger ones may belong to a write in progress). Also cleans a folder holding
-    only an interrupted first write (no version yet)."""
+    only an interrupted first write (no version yet). Files under ``data/`` that TensorGrid did not write
+    (other names than its shards') are kept and listed in the result's ``unknown``, unless
+    ``delete_unknown``."""
     fs, root = tgfs.resolve(url)
     if not manifest.is_dataset(fs, root):
         raise DatasetNotFoundError(f"no TensorGrid dataset at {url} (vacuum only cleans datasets it wrote)")
-    return vacuum_root(fs, root, min_age_s)
+    return vacuum_root(fs, root, min_age_s, delete_unknown)
 
 
-def vacuum_root(fs: fsspec.AbstractFileSystem, root: str, min_age_s: float = 600.0) -> dict:
+def vacuum_root(fs: fsspec.AbstractFileSystem, root: str, min_age_s: float = 600.0,
+                delete_unknown: bool = False) -> dict:
     min_age_s = check_number("min_age_s", min_age_s, 0)
+    delete_unknown = check_choice("delete_unknown", delete_unknown, (False, True))
     start = time.time()  # before the scan: a file must be old at the start to be a candidate
     cutoff = start - min_age_s
     versions = set(manifest.list_versions(fs, root))
@@ -55,7 +62,8 @@ def vacuum_root(fs: fsspec.AbstractFileSystem, root: str, min_age_s: float = 600
         _after_scan(fs, root)
     stale_before = start - max(min_age_s, claims.STALE_S)
     by_txn, loose, kept = _candidates(fs, root, referenced, cutoff, stale_before)
-    removed, freed = _remove(fs, loose)
+    unknown = [] if delete_unknown else [f for f in loose if not _ours(f[1])]
+    removed, freed = _remove(fs, [f for f in loose if f not in unknown])
     for txn, files in by_txn.items():
         token = _claim(fs, root, txn, stale_before)
         if token is None:
@@ -74,7 +82,19 @@ def vacuum_root(fs: fsspec.AbstractFileSystem, root: str, min_age_s: float = 600
         finally:
             claims.release(fs, root, txn, token)
     _break_stale_claims(fs, root, stale_before, set(by_txn))
-    return {"removed": len(removed), "bytes": freed, "kept_young": kept, "files": removed}
+    return {"removed": len(removed), "bytes": freed, "kept_young": kept, "files": removed,
+            "unknown": sorted(rel for _, rel, _ in unknown)}
+
+
+def _ours(rel: str) -> bool:
+    """Whether a file under the dataset is one TensorGrid writes: a shard, a Spark write's staged file, or a
+    temporary under the metadata folder (a user's file in data/ is none of these: vacuum keeps it)."""
+    parts = rel.split("/")
+    if parts[0] == META_DIR:
+        return True
+    return parts[0] == DATA_DIR and (
+        (len(parts) == 2 and manifest.SHARD_NAME.fullmatch(parts[1]) is not None)
+        or (len(parts) >= 3 and SPARK_STAGING.fullmatch(parts[1]) is not None))
 
 
 def _referenced(fs: fsspec.AbstractFileSystem, root: str, versions) -> set[str]:

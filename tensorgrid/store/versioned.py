@@ -250,15 +250,16 @@ class StoreDataset(Dataset):
         paths = [tgfs.join(self.root, s.path) for s in self._m.shards]
         return pads.dataset(paths, schema=self._m.schema, format="parquet", filesystem=_arrow_fs(self.fs))
 
-    def vacuum(self, min_age_s: float = 600.0) -> dict:
+    def vacuum(self, min_age_s: float = 600.0, delete_unknown: bool = False) -> dict:
         """Delete files that no version references (shards of killed or failed writers).
 
         Files younger than ``min_age_s`` are kept: they may belong to a writer still at work. Committed
-        versions never lose a file, whatever the timing (see ``store/vacuum.py``).
+        versions never lose a file, whatever the timing (see ``store/vacuum.py``). Files in ``data/`` that
+        TensorGrid did not write are kept and listed in ``unknown`` unless ``delete_unknown``.
         """
         from .vacuum import vacuum_root
 
-        return vacuum_root(self.fs, self.root, min_age_s)
+        return vacuum_root(self.fs, self.root, min_age_s, delete_unknown)
 
 
 @lru_cache(maxsize=64)
