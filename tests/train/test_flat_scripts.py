@@ -152,3 +152,17 @@ def test_ctrl_c_stops_every_worker_with_one_line(tmp_path):
     time.sleep(1)
     ps = subprocess.run(["ps", "-eo", "pgid,args"], capture_output=True, text=True).stdout
     assert not [line for line in ps.splitlines() if line.split(None, 1)[0] == str(p.pid)]  # no worker left
+
+
+def test_the_readme_training_script_runs_as_written(tmp_path):
+    """The README's flat training script, copied as a user would, on the digits the usage section writes."""
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    start = readme.index("# train.py -- python train.py")
+    (tmp_path / "train.py").write_text(readme[start:readme.index("```", start)])
+    import tensorgrid as tg
+    from tensorgrid.quickstart import digits_frame
+
+    tg.write(str(tmp_path / "grid" / "digits"), digits_frame())
+    p, _ = _run([PY, "train.py"], tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
