@@ -99,7 +99,12 @@ class _ShardWriter:
         self.paths: list[str] = []
         self.committing = False  # set once a manifest naming these shards may exist: never delete them then
         self.seq = 0
-        fs.makedirs(tgfs.join(root, DATA_DIR), exist_ok=True)
+        try:
+            fs.makedirs(tgfs.join(root, DATA_DIR), exist_ok=True)
+        except (FileExistsError, NotADirectoryError) as e:  # data/ is a file: a damaged layout
+            where = tgfs.to_url(fs, tgfs.join(root, DATA_DIR))
+            raise CorruptShardError(f"{where} is damaged ({type(e).__name__}): it must be the folder of the "
+                                    "dataset's shards", [where]) from None
 
     def add(self, batches: list[pa.RecordBatch]) -> None:
         table = pa.Table.from_batches([encoding.encode(b, self.physical) for b in batches], self.physical)
