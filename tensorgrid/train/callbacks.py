@@ -35,9 +35,11 @@ class Callback:
     ranks diverge. When ``fit`` returns, each callback object holds the attributes it had on rank 0 at the
     end (so a callback that records something works on every engine, as with one process); a group restarted
     after a failure (``max_restarts``) starts again from the objects as ``fit`` sent them, so state that must
-    survive belongs in what ``state.history`` already holds, as below.
+    survive belongs in what ``state.history`` already holds, as below. Built in: ``EarlyStopping`` and
+    ``BestCheckpoint`` (``tensorgrid.train.monitors``).
 
-    Early stopping, resume-safe because it reads the history a checkpoint carries::
+    Early stopping, resume-safe because it reads the history a checkpoint carries (the built-in one adds
+    ``mode`` and ``min_delta``)::
 
         class EarlyStopping(tg.Callback):
             def __init__(self, monitor="val_loss", patience=3):
@@ -60,9 +62,9 @@ class Callback:
 
 @dataclass
 class TrainState:
-    """What a hook sees (a fresh one each call). Epochs count from 0, as in ``history``."""
+    """What a hook sees (a fresh one each call). Epochs count from 1, as in ``history`` and the logs."""
 
-    epoch: int  # the epoch running, or just ended
+    epoch: int  # the epoch running, or just ended (1 to epochs)
     epochs: int  # the run's total
     step: int  # optimizer steps so far (over the whole run, resumes included)
     samples: int  # real training rows seen so far, all ranks together (padding not counted)

@@ -102,6 +102,27 @@ def check_fits(state: dict, model: torch.nn.Module, url: str) -> None:
         raise CheckpointError(f"checkpoint {url} is from a different model ({detail})")
 
 
+def load_weights(url: str, model):
+    """``model`` (an nn.Module, or a zero-argument factory returning one) with the weights of checkpoint
+    ``url`` (any checkpoint the trainer wrote, e.g. ``FitResult.best_checkpoint``); returns the model."""
+    state = load(url)
+    model = model if isinstance(model, torch.nn.Module) else model()
+    check_fits(state, model, url)
+    model.load_state_dict(state["model"])
+    return model
+
+
+def history(state: dict) -> list[dict]:
+    """The checkpoint's history with epochs numbered from 1 (checkpoints written before numbering from 1
+    hold rows numbered from 0)."""
+    rows = [dict(r) for r in state["history"]]
+    if state.get("history_epochs_from", 0) != 1:
+        for r in rows:
+            if isinstance(r.get("epoch"), int):
+                r["epoch"] += 1
+    return rows
+
+
 def type_name(obj) -> str:
     return f"{type(obj).__module__}.{type(obj).__qualname__}"
 

@@ -4,7 +4,12 @@ rank 0.
 Runs in the caller's process (workers=1) or in engine-started processes with RANK, WORLD_SIZE,
 MASTER_ADDR and MASTER_PORT set. Same seed, data and global batch -> the same updates on any engine:
 each rank's loss is scaled so that DDP's gradient average equals the gradient of the mean loss over the
-global batch (padding rows of the last batch weigh nothing; see ``losses.py``).
+global batch (padding rows of the last batch weigh nothing; see ``losses.py``). With ``accumulate=k`` the
+loader reads the step's whole batch (batch_size * k rows over all ranks) and each rank runs it as k
+micro-batches (gradients all-reduced once, on the last): the same update as one step over those rows.
+
+Epochs are numbered from 1 where people read them (history rows, TrainState, logs); the loader's epoch
+(``set_epoch``, checkpoints' loader state) counts from 0, as torch's DistributedSampler does.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import os
 import random
 import time
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -29,7 +35,9 @@ from . import checkpoint as ckpt
 from .allocator import tune_malloc
 from .callbacks import RankZeroFailed, Runner, TrainState
 from .features import feature_columns
-from .losses import BatchLoss, Sums, is_classifier
+from .losses import BatchLoss, Sums, is_classifier, micro_batches
+from .precision import Precision
+from .schedule import StepSchedule
 
 __all__ = ["Spec", "build_model", "device_and_backend", "evaluate", "is_classifier", "train"]
 
@@ -64,6 +72,16 @@ class Spec:
     resume_from: str | None = None
     data_fingerprint: str | None = None  # of ``train``, recorded in checkpoints (resume only on the same data)
     callbacks: tuple = ()  # run on rank 0 (callbacks.py)
+    accumulate: int = 1  # micro-batches of batch_size per optimizer step
+    grad_clip: float | None = None  # max total L2 norm of the gradients
+    precision: str = "fp32"  # precision.py
+    warmup_steps: int = 0  # schedule.py
+    lr_schedule: str = "constant"
+
+    @property
+    def step_batch(self) -> int:
+        """The global batch of one optimizer step (batch_size times accumulate)."""
+        return self.batch_size * self.accumulate
 
 
 def build_model(spec: Spec) -> torch.nn.Module:
@@ -119,18 +137,20 @@ def _columns(spec: Spec, ds: Dataset) -> list[str] | None:
     return [c for c in dict.fromkeys([*feature_columns(spec.features), spec.label]) if c in names]
 
 
-def rank_loader(spec: Spec, ds: Dataset, rank: int, world: int, **options) -> Loader:
-    """This rank's loader over ``ds``: its slice of every global batch, the training transform."""
-    return Loader(ds, max(1, spec.batch_size // world), columns=_columns(spec, ds), transform=spec.transform,
-                  rank=rank, world_size=world, **options)
+def rank_loader(spec: Spec, ds: Dataset, rank: int, world: int, batch: int | None = None, **options) -> Loader:
+    """This rank's loader over ``ds``: its slice of every global batch (``batch``, default batch_size), the
+    training transform."""
+    return Loader(ds, max(1, (batch or spec.batch_size) // world), columns=_columns(spec, ds),
+                  transform=spec.transform, rank=rank, world_size=world, **options)
 
 
-def evaluate(spec: Spec, model, ds: Dataset, device, rank: int, world: int) -> dict:
-    """Loss (and accuracy) of ``model`` over ``ds``, all ranks' rows together (every rank calls it)."""
+def evaluate(spec: Spec, model, ds: Dataset, device, rank: int, world: int, precision=None) -> dict:
+    """Loss (and accuracy) of ``model`` over ``ds``, all ranks' rows together (every rank calls it), in
+    batches of batch_size, under the training's autocast."""
     losses = BatchLoss(spec, model, device, world, ds.num_rows, spec.batch_size)
     sums = Sums()
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), (precision.autocast() if precision is not None else nullcontext()):
         for k, batch in enumerate(rank_loader(spec, ds, rank, world)):
             sums.add(*losses.compute(batch, k)[1])
     ls, c, n = _allreduce(sums.values(), world, device)
@@ -187,6 +207,8 @@ class Run:
     loader: Loader
     losses: BatchLoss
     callbacks: Runner
+    precision: Precision
+    schedule: StepSchedule
     report: object = None
     history: list = field(default_factory=list)
     step: int = 0  # optimizer steps so far, over the whole run
@@ -195,6 +217,9 @@ class Run:
     sums: Sums = field(default_factory=Sums)  # the epoch's so far
     last_checkpoint: str | None = None
     saved_step: int | None = None  # the step of the newest checkpoint this process wrote (or joined)
+    carried_rows: float = 0.0  # rows of the running epoch done before a resume (not run by this process)
+    resumed_from: str | None = None
+    grad_norm: object = None  # the last step's total gradient norm (a tensor) when clipping
     log: object = None
     bar: object = None
 
@@ -227,11 +252,13 @@ def _start(spec: Spec, rank: int, world: int, device, report) -> Run:
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     optimizer = spec.optimizer(net.parameters())
     scheduler = spec.scheduler(optimizer) if spec.scheduler else None
-    loader = rank_loader(spec, spec.train, rank, world, shuffle=True, seed=spec.seed,
+    # the loader reads whole optimizer steps; accumulation splits them (see _optimizer_step)
+    loader = rank_loader(spec, spec.train, rank, world, batch=spec.step_batch, shuffle=True, seed=spec.seed,
                          num_workers=spec.loader_workers)
     return Run(spec, rank, world, device, model, net, optimizer, scheduler, loader,
-               BatchLoss(spec, net, device, world, spec.train.num_rows, spec.batch_size),
-               Runner(spec.callbacks, rank, world, device), report)
+               BatchLoss(spec, net, device, world, spec.train.num_rows, spec.step_batch),
+               Runner(spec.callbacks, rank, world, device), Precision(spec.precision, device),
+               StepSchedule(spec.warmup_steps, spec.lr_schedule, spec.epochs * len(loader)), report)
 
 
 def _resume(run: Run, url: str) -> None:
@@ -242,17 +269,19 @@ def _resume(run: Run, url: str) -> None:
     run.optimizer.load_state_dict(state["optimizer"])
     if run.scheduler is not None and state.get("scheduler") is not None:
         run.scheduler.load_state_dict(state["scheduler"])
+    run.precision.load_state_dict(state.get("scaler"))
     rngs = state.get("rngs") or []
     if len(rngs) == run.world:  # each rank continues its own streams
         _set_rng_state(rngs[run.rank])
     elif run.rank == 0:  # another world size: rank 0 continues its streams, the others start afresh
         _set_rng_state(state["rng"])
     run.loader.load_state_dict(state["loader"])
-    run.history, run.step = state["history"], state["step"]
+    run.history, run.step = ckpt.history(state), state["step"]
     run.epoch, run.batch = state["loader"]["epoch"], state["loader"]["batch"]
     # the checkpoint holds the epoch's sums so far over all ranks: rank 0 carries them on
     run.sums = Sums(state.get("epoch_sums") or (0.0, 0.0, 0.0)) if run.rank == 0 else Sums()
-    run.last_checkpoint = url
+    run.carried_rows = run.sums.base[2]
+    run.last_checkpoint = run.resumed_from = url
 
 
 def _save(run: Run, epoch_sums: list[float]) -> None:
@@ -265,12 +294,15 @@ def _save(run: Run, epoch_sums: list[float]) -> None:
     rngs = _gather_rng(run.world)
     if run.rank != 0:
         return
+    if run.log is not None:  # events up to this step are on disk: a resume purges only what comes after
+        run.log.flush()
     loader = run.loader.state_dict()
     state = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
              "optimizer_type": ckpt.type_name(run.optimizer),
              "scheduler": run.scheduler.state_dict() if run.scheduler else None, "rng": rngs[0], "rngs": rngs,
              "loader": loader, "history": run.history, "step": run.step, "epoch_sums": epoch_sums,
-             "data_fingerprint": spec.data_fingerprint}
+             "data_fingerprint": spec.data_fingerprint, "scaler": run.precision.state_dict(),
+             "history_epochs_from": 1}
     run.last_checkpoint = ckpt.save(spec.checkpoint_dir, loader["epoch"], run.step, state, spec.keep_checkpoints)
 
 
@@ -299,13 +331,9 @@ def _steps(run: Run, clock: Clock) -> bool:
         except StopIteration:
             return False
         clock.got_batch()
-        loss, (ls, c, n) = run.losses.compute(batch, run.batch)
-        run.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        run.optimizer.step()
+        ls, n = _optimizer_step(run, batch)
         run.step += 1
         run.batch += 1
-        run.sums.add(ls, c, n)
         if run.report is not None:
             run.report.step(run.step)
         _log_step(run, clock.stepped(n * run.world), ls, n)
@@ -321,12 +349,37 @@ def _steps(run: Run, clock: Clock) -> bool:
             return True
 
 
+def _optimizer_step(run: Run, batch: dict) -> tuple:
+    """One optimizer step on this rank's rows of the step's global batch: its micro-batches' gradients added
+    up (DDP all-reduces on the last one only), clipped, the scheduled learning rate; returns (loss sum, rows)
+    of the step's real rows on this rank, and adds them to the epoch's sums."""
+    spec = run.spec
+    run.optimizer.zero_grad(set_to_none=True)
+    parts = micro_batches(batch, max(1, spec.batch_size // run.world), spec.accumulate)
+    ls, n = 0.0, 0
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        with nullcontext() if last or run.world == 1 else run.net.no_sync():
+            with run.precision.autocast():
+                loss, (part_ls, c, part_n) = run.losses.compute(part, run.batch)
+            run.precision.backward(loss)
+        run.sums.add(part_ls, c, part_n)
+        ls, n = ls + part_ls, n + part_n
+    if spec.grad_clip is not None:
+        run.precision.unscale(run.optimizer)
+        run.grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), spec.grad_clip)
+    with run.schedule.applied(run.optimizer, run.step):
+        run.precision.step(run.optimizer)
+    return ls, n
+
+
 def _every(spec: Spec) -> int | None:
     return spec.checkpoint_every if isinstance(spec.checkpoint_every, int) else None
 
 
 class Clock:
-    """An epoch's timing: the wait for each batch, samples/s of each step, the epoch's rates."""
+    """An epoch's timing: the wait for each batch, samples/s of each step, the epoch's rates (over the steps
+    this process ran: a resumed epoch's earlier steps are not in them)."""
 
     def __init__(self):
         self.start = self.last = self.t0 = self.t1 = time.perf_counter()
@@ -354,15 +407,17 @@ class Clock:
 
 
 def _log_step(run: Run, rates: tuple[float, float], loss_sum, n: int) -> None:
-    """The step on the progress bar and in TensorBoard (rank 0)."""
+    """The step on the progress display and in TensorBoard (rank 0)."""
     samples_s, wait_fraction = rates
-    # reading the loss waits for the device: only when a log or a visible bar shows it
-    step_loss = float(loss_sum) / max(n, 1) if run.log is not None or run.bar.visible else float("nan")
-    run.bar.step(step_loss, samples_s)
+    # reading the loss waits for the device: only when a log or the progress display shows it
+    step_loss = float(loss_sum) / max(n, 1) if run.log is not None or run.bar.wants_loss() else None
+    run.bar.step(step_loss, samples_s, n * run.world)
     if run.log is not None:
-        run.log.scalars(run.step, {"train/loss": step_loss, "train/samples_per_s": samples_s,
-                                   "train/data_wait_fraction": wait_fraction,
-                                   "train/lr": run.optimizer.param_groups[0]["lr"]})
+        values = {"train/loss": step_loss, "train/samples_per_s": samples_s,
+                  "train/data_wait_fraction": wait_fraction, "train/lr": run.schedule.lr(run.optimizer, run.step - 1)}
+        if run.grad_norm is not None:
+            values["train/grad_norm"] = run.grad_norm
+        run.log.scalars(run.step, values)
 
 
 def _end_epoch(run: Run, clock: Clock, complete: bool) -> dict:
@@ -378,12 +433,12 @@ def _end_epoch(run: Run, clock: Clock, complete: bool) -> dict:
     row = _epoch_row(run, totals, clock)
     run.history.append(row)
     if run.rank == 0 and not math.isfinite(row["loss"]):
-        warnings.warn(f"epoch {run.epoch}: the training loss is {row['loss']} (diverged: lower the learning "
+        warnings.warn(f"epoch {row['epoch']}: the training loss is {row['loss']} (diverged: lower the learning "
                       "rate, or check the data for NaN/inf)", RuntimeWarning, stacklevel=2)
     if run.log is not None:
         run.log.scalars(run.step, {f"epoch/{k}": v for k, v in row.items() if k != "epoch"})
         run.log.flush()
-    run.bar.end_epoch(row)
+    run.bar.end_epoch(row, time.perf_counter() - clock.start)
     if complete:
         _save(run, [0.0, 0.0, 0.0])
     return row
@@ -393,20 +448,21 @@ def _epoch_row(run: Run, totals: list[float], clock: Clock) -> dict:
     """The epoch's metrics: loss (and accuracy) over all ranks' real rows, rates, validation."""
     spec = run.spec
     ls, c, n = totals
-    row = {"epoch": run.epoch, "loss": ls / max(n, 1), **clock.epoch_rates(n)}
+    row = {"epoch": run.epoch + 1, "loss": ls / max(n, 1), **clock.epoch_rates(n - run.carried_rows)}
+    run.carried_rows = 0.0
     if run.losses.classifier and "accuracy" in spec.metrics:
         row["accuracy"] = c / max(n, 1)
     if spec.val is not None:
-        val = evaluate(spec, run.net, spec.val, run.device, run.rank, run.world)
+        val = evaluate(spec, run.net, spec.val, run.device, run.rank, run.world, run.precision)
         row.update({f"val_{k}": v for k, v in val.items()})
     return row
 
 
 def _state(run: Run, metrics: dict | None = None, batch_loss: tuple | None = None) -> TrainState:
-    """What a callback sees now (on rank 0)."""
+    """What a callback sees now (on rank 0): the epoch running or just ended, counted from 1."""
     rows = run.spec.train.num_rows
-    return TrainState(epoch=run.epoch, epochs=run.spec.epochs, step=run.step,
-                      samples=run.epoch * rows + min(run.batch * run.spec.batch_size, rows),
+    return TrainState(epoch=run.epoch + 1, epochs=run.spec.epochs, step=run.step,
+                      samples=run.epoch * rows + min(run.batch * run.spec.step_batch, rows),
                       world_size=run.world, model=run.model, metrics=dict(metrics or {}),
                       history=[dict(r) for r in run.history], checkpoint=run.last_checkpoint, _batch=batch_loss)
 
@@ -418,8 +474,11 @@ def _open_outputs(run: Run) -> None:
     if run.rank == 0 and run.spec.log_dir:
         from .tblog import TBLog
 
-        run.log = TBLog(run.spec.log_dir)
+        # a resumed run hides the events a stopped run wrote after its checkpoint (TensorBoard's purge)
+        run.log = TBLog(run.spec.log_dir, purge_step=run.step + 1 if run.resumed_from else None)
     run.bar = Progress(run.spec.epochs, len(run.loader), quiet=run.spec.quiet or run.rank != 0)
+    if run.resumed_from:
+        run.bar.resumed(run.resumed_from, run.epoch, run.batch, run.step)
 
 
 def _close_outputs(run: Run) -> None:

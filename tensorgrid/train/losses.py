@@ -96,6 +96,15 @@ class BatchLoss:
         return loss, (loss_sum, 0, int(valid.sum()))
 
 
+def micro_batches(batch: dict, size: int, k: int) -> list[dict]:
+    """A rank's rows of an optimizer step as micro-batches of ``size`` rows (views; the last may be short):
+    the batch itself when not accumulating (k == 1)."""
+    if k == 1:
+        return [batch]
+    rows = _rows(batch)
+    return [{key: v[i:i + size] for key, v in batch.items()} for i in range(0, rows, size)] or [batch]
+
+
 def _share(mean_loss, n: int, real: int):
     """A mean over ``n`` rows weighted as its share of the mean over the step's ``real`` rows (unchanged
     without accumulation, where n == real)."""

@@ -14,13 +14,18 @@ from .. import fs as tgfs
 
 
 class TBLog:
-    def __init__(self, url: str, flush_secs: float = 5.0):
+    """``purge_step``: a resumed run's first step; TensorBoard hides the events of steps from there on that
+    the stopped run wrote (after its last checkpoint), so no step is shown twice."""
+
+    def __init__(self, url: str, flush_secs: float = 5.0, purge_step: int | None = None):
         self.fs, self.root = tgfs.resolve(url)
         self.local = tgfs.is_local(self.fs)
         self.stage = self.root if self.local else tempfile.mkdtemp(prefix="tg-tb-")
         if self.local:
             os.makedirs(self.root, exist_ok=True)
-        self.writer = SummaryWriter(self.stage, flush_secs=flush_secs)
+        if purge_step is not None:
+            _after_existing_files(self.fs, self.root)
+        self.writer = SummaryWriter(self.stage, flush_secs=flush_secs, purge_step=purge_step)
         self.flush_secs = flush_secs
         self._last = time.monotonic()
 
@@ -45,3 +50,17 @@ class TBLog:
         self.writer.close()
         if not self.local:
             shutil.rmtree(self.stage, ignore_errors=True)
+
+
+def _after_existing_files(fs, root: str) -> None:
+    """Wait (at most a second) until this second is later than every event file's in ``root``: readers take
+    files in name order, which starts with the second the file was made, and the purge must come after the
+    events it hides."""
+    try:
+        names = [tgfs.name(n) for n in fs.ls(root, detail=False)]
+    except FileNotFoundError:
+        return
+    seconds = [int(n.split(".")[3]) for n in names if n.startswith("events.out.tfevents.")
+               and n.split(".")[3].isdigit()]
+    if seconds and max(seconds) >= int(time.time()):
+        time.sleep(max(0.0, max(seconds) + 1 - time.time()))

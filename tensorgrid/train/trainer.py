@@ -20,7 +20,10 @@ from .engines import ENGINES
 from .features import ACCEPTED, check_features, feature_columns, label_for_loss, show_columns, stack_features
 from .loop import Spec, build_model, train
 from .losses import is_classifier
+from .monitors import BestCheckpoint
+from .precision import FP16_NEEDS_CUDA, PRECISIONS
 from .predict import predict
+from .schedule import SCHEDULES
 
 METRICS = ("accuracy",)  # computed for classifiers (CrossEntropyLoss / NLLLoss)
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
@@ -64,16 +67,76 @@ class FitResult:
     history: list[dict] = field(default_factory=list)
     checkpoint: str | None = None
     placement: list[str] | None = None  # where the workers ran (Ray node ids), when the engine says
+    best_checkpoint: str | None = None  # the kept best epoch's checkpoint, with a BestCheckpoint callback
+
+    def plot(self, path: str = "curves.png", title: str | None = None) -> str:
+        """The loss (and accuracy) curves, training and validation, by epoch, as a PNG at ``path`` (needs
+        matplotlib: ``pip install 'tensorgrid[plot]'``); returns its absolute path."""
+        from .plot import plot_history
+
+        return plot_history(self.history, path, title)
 
 
 class Trainer:
     """Data-parallel training (PyTorch DDP) of ``model`` on a Dataset; configure here, then ``fit``.
 
-    ``batch_size`` is the GLOBAL batch, split evenly across ``workers``. ``engine``: "local" (processes
-    on this machine; workers=1 runs in the calling process), "ray" or "spark". Give ``features``/``label``
-    columns with a ``loss``, or ``step=fn(model, batch) -> loss`` for anything else. ``metrics``: names
-    from ``METRICS`` (None: none). ``timeout_s``: how long a collective waits for a slow or hung rank.
-    ``callbacks``: objects with hooks run on rank 0 that may stop training (``tensorgrid.train.Callback``).
+    The same seed, data and global batch give the same updates on any number of workers and engines, and a
+    run resumed from a checkpoint continues exactly as if never stopped. Every argument is checked here or
+    in ``fit`` before any worker starts (``TrainingConfigError`` naming the fix).
+
+    What to train:
+      model: an ``nn.Module`` (copied to every worker) or a zero-argument factory returning one.
+      loss: ``loss(model(features), label)``, e.g. ``nn.CrossEntropyLoss()``; a loss with ``reduction`` is
+        taken per row (so padding rows weigh nothing). CrossEntropyLoss/NLLLoss make the model a classifier:
+        accuracy is computed and integer labels of any width are widened to int64.
+      optimizer: ``fn(params) -> torch.optim.Optimizer`` (default Adam, lr 1e-3).
+      scheduler: ``fn(optimizer) -> LR scheduler``, stepped once after every epoch.
+      features: the input column, or a list of numeric columns stacked per batch into one float32
+        (rows, columns) tensor (a wide table: ``[f"px{i}" for i in range(64)]``).
+      label: the target column.
+      step: ``fn(model, batch) -> scalar loss`` instead of ``loss``/``features``/``label``, for anything else
+        (``batch`` a dict of every column on the model's device; the loss a mean over its rows).
+      transform: ``fn(batch) -> batch`` run on each batch in the loader (augmentation, decoding, to_float).
+      metrics: names from ``METRICS`` computed for classifiers ("accuracy"); None for none.
+
+    How much and how:
+      batch_size: the GLOBAL batch of one forward/backward pass, split evenly across ``workers``.
+      accumulate: micro-batches per optimizer step (gradient accumulation): each step sees batch_size *
+        accumulate rows (the loader reads them together) and makes the same update as one step over them,
+        with the gradients all-reduced once per step. Steps, ``checkpoint_every`` and schedules count steps.
+      epochs: passes over the training data (numbered from 1 in the history, logs and callbacks).
+      grad_clip: clip the gradients' total L2 norm (over all parameters together, after accumulation and
+        the all-reduce; ``clip_grad_norm_`` with norm_type 2) to this value before each step; None: never.
+        The norm before clipping is logged as train/grad_norm.
+      precision: "fp32" (default); "bf16": forward and loss under ``torch.autocast`` with bfloat16 (CPU and
+        CUDA; weights and optimizer state stay float32); "fp16": float16 autocast with a ``GradScaler``
+        (CUDA only; its state is checkpointed).
+      warmup_steps: raise the learning rate linearly over the first N optimizer steps (step i uses
+        (i+1)/N of it).
+      lr_schedule: after the warm-up, per optimizer step: "constant", "linear" or "cosine" decay towards 0 at
+        the run's last step (epochs * steps per epoch). Both multiply the optimizer's own learning rate (and
+        combine with ``scheduler``); a resumed run continues the same curve.
+      seed: fixes the model's initialisation, the shuffle and every rank's random streams.
+
+    Where it runs:
+      workers: data-parallel processes (DDP, one rank each).
+      engine: "local" (processes on this machine; workers=1 runs in the calling process), "ray" or "spark".
+      engine_options: options for the engine's ``run`` (e.g. Ray's address), checked against it.
+      loader_workers: background processes per rank that read and transform batches (0: in the rank itself).
+      max_restarts: restart the whole group from its newest checkpoint this many times after a worker fails.
+      timeout_s: how long a collective waits for a slow or hung rank before the run fails.
+
+    What it keeps and shows:
+      checkpoint_dir: a URL (local path, s3://, ...) for checkpoints; ``fit(resume=True)`` continues from the
+        newest. Names count finished epochs: ckpt-e00002-s000000048.pt is after 2 epochs (plus any steps
+        of the 3rd), step 48.
+      checkpoint_every: "epoch", or a number of optimizer steps (and at every epoch's end).
+      keep_checkpoints: how many of the newest ``ckpt-*`` files to keep (a BestCheckpoint copy is apart).
+      log_dir: a URL for TensorBoard events (per step: loss, lr, samples/s, data wait; per epoch: the row).
+      quiet: no progress on stderr. Otherwise rank 0 shows a live bar on a terminal, and plain lines (about
+        every 10% of an epoch, and one per epoch) when stderr is not one (CI, nohup, notebooks).
+      callbacks: objects with hooks run on rank 0 that may stop training (``tensorgrid.train.Callback``;
+        built in: ``EarlyStopping``, ``BestCheckpoint``).
     """
 
     def __init__(self, model, loss=None, optimizer=None, scheduler=None, features: str | None = "features",
@@ -82,7 +145,8 @@ class Trainer:
                  checkpoint_every="epoch", keep_checkpoints: int = 3, log_dir: str | None = None,
                  metrics=("accuracy",), seed: int = 0, max_restarts: int = 0, timeout_s: float = 300,
                  loader_workers: int = 0, quiet: bool = False, engine_options: dict | None = None,
-                 callbacks=None):
+                 callbacks=None, accumulate: int = 1, grad_clip: float | None = None, precision: str = "fp32",
+                 warmup_steps: int = 0, lr_schedule: str = "constant"):
         if not (isinstance(model, torch.nn.Module) or callable(model)):
             raise TrainingConfigError("model must be an nn.Module or a zero-argument factory returning one")
         if step is None and loss is None:
@@ -104,6 +168,7 @@ class Trainer:
                                          error=TrainingConfigError)
         metrics = _metrics(metrics)
         features = check_features(features)
+        step_options = _step_options(accumulate, grad_clip, precision, warmup_steps, lr_schedule, engine)
         engine_options = _engine_options(engine, engine_options)
         callbacks = check_callbacks(callbacks)
         self.model, self.loss = model, loss
@@ -114,6 +179,7 @@ class Trainer:
         self.keep_checkpoints, self.log_dir, self.metrics, self.seed = keep_checkpoints, log_dir, metrics, seed
         self.max_restarts, self.timeout_s, self.loader_workers = max_restarts, timeout_s, loader_workers
         self.quiet, self.engine_options, self.callbacks = quiet, engine_options, callbacks
+        self.accumulate, self.grad_clip, self.precision, self.warmup_steps, self.lr_schedule = step_options
         self.result: FitResult | None = None
 
     # --- checks that run before any worker starts -------------------------------------------------
@@ -212,7 +278,14 @@ class Trainer:
                     checkpoint_dir=self.checkpoint_dir, checkpoint_every=self.checkpoint_every,
                     keep_checkpoints=self.keep_checkpoints, log_dir=self.log_dir, metrics=self.metrics,
                     timeout_s=self.timeout_s, loader_workers=self.loader_workers, quiet=self.quiet,
-                    train=train_ds, val=val_ds, resume_from=resume_from, callbacks=self.callbacks)
+                    train=train_ds, val=val_ds, resume_from=resume_from, callbacks=self.callbacks,
+                    accumulate=self.accumulate, grad_clip=self.grad_clip, precision=self.precision,
+                    warmup_steps=self.warmup_steps, lr_schedule=self.lr_schedule)
+
+    def _epoch_metrics(self, with_val: bool) -> set[str]:
+        """The keys of the history's rows (but "epoch")."""
+        names = {"loss"} | ({"accuracy"} if is_classifier(self.loss) and "accuracy" in self.metrics else set())
+        return names | {"samples_per_s", "data_wait_fraction"} | ({f"val_{n}" for n in names} if with_val else set())
 
     def _check_urls(self) -> None:
         if self.workers > 1 or self.engine != "local":
@@ -259,10 +332,15 @@ class Trainer:
             if done > self.epochs:
                 raise CheckpointError(f"checkpoint {resume_from} is past this run's end: it trained {done} epochs "
                                       f"(or part of the last), this trainer has epochs={self.epochs}")
-            if state["loader"].get("global_batch") not in (None, self.batch_size):
-                raise CheckpointError(f"checkpoint {resume_from} was trained with global batch "
-                                      f"{state['loader']['global_batch']}, this trainer uses {self.batch_size}")
+            step_batch = self.batch_size * self.accumulate
+            if state["loader"].get("global_batch") not in (None, step_batch):
+                raise CheckpointError(f"checkpoint {resume_from} was trained with {state['loader']['global_batch']} "
+                                      f"rows per optimizer step, this trainer uses {step_batch} (batch_size * "
+                                      "accumulate)")
         self._check_model_on_one_batch(train_ds)
+        for cb in self.callbacks:
+            if hasattr(cb, "_check_fit"):  # built-in callbacks check what they monitor
+                cb._check_fit(self._epoch_metrics(val_ds is not None), self.checkpoint_dir)
         spec = self._spec(train_ds, val_ds, resume_from)
         spec.data_fingerprint = fingerprint
         try:
@@ -281,8 +359,9 @@ class Trainer:
         model.load_state_dict(out["model"])
         _callbacks_back(self.callbacks, out.get("callbacks"))
         history = out["history"]
+        best = next((cb.best_checkpoint for cb in self.callbacks if isinstance(cb, BestCheckpoint)), None)
         self.result = FitResult(model, dict(history[-1]) if history else {}, history, out["checkpoint"],
-                                out.get("placement"))
+                                out.get("placement"), best)
         if not self.quiet:
             from rich.console import Console
 
@@ -302,6 +381,20 @@ class Trainer:
         ds = self._dataset(ds, "predict", need_label=False)  # inference data need not have labels
         return predict(model, ds, self.features, transform=self.transform, batch_size=batch_size or self.batch_size,
                        out=out, classifier=is_classifier(self.loss), mode=mode)
+
+
+def _step_options(accumulate, grad_clip, precision, warmup_steps, lr_schedule, engine) -> tuple:
+    """The optimizer-step arguments, checked: (accumulate, grad_clip, precision, warmup_steps, lr_schedule)."""
+    accumulate = check_int("accumulate", accumulate, 1, error=TrainingConfigError)
+    grad_clip = check_number("grad_clip", grad_clip, 0, none=True, error=TrainingConfigError)
+    if grad_clip == 0:
+        raise TrainingConfigError("grad_clip must be > 0 (the largest total gradient norm), or None not to clip")
+    check_choice("precision", precision, PRECISIONS, error=TrainingConfigError)
+    if precision == "fp16" and engine == "local" and not torch.cuda.is_available():
+        raise TrainingConfigError(FP16_NEEDS_CUDA)
+    warmup_steps = check_int("warmup_steps", warmup_steps, 0, error=TrainingConfigError)
+    check_choice("lr_schedule", lr_schedule, SCHEDULES, error=TrainingConfigError)
+    return accumulate, grad_clip, precision, warmup_steps, lr_schedule
 
 
 def _fingerprint(ds: Dataset) -> str | None:

@@ -15,8 +15,8 @@ from tests.train.helpers import same, trainer, weights
 
 def test_a_stopping_callback_stops_both_ranks_after_the_same_epoch(halves):
     a, b = halves
-    r = trainer(workers=2, epochs=5, callbacks=[models.StopAfterEpoch(1)], timeout_s=120).fit(a, val=b)
-    assert [h["epoch"] for h in r.history] == [0, 1]
+    r = trainer(workers=2, epochs=5, callbacks=[models.StopAfterEpoch(2)], timeout_s=120).fit(a, val=b)
+    assert [h["epoch"] for h in r.history] == [1, 2]
     # the same weights as a run of 2 epochs: no rank took a step past the stop (one that did would also
     # have waited in a collective for the other until timeout_s, and failed)
     assert same(weights(r.model), weights(trainer(workers=2, epochs=2).fit(a).model), atol=1e-5)
@@ -29,11 +29,11 @@ def test_a_recording_callback_sees_every_epochs_all_reduced_metrics_equal_to_the
     assert rec.rows == r.history and len(rec.rows) == 3  # the driver's object got rank 0's records back
     assert {"loss", "accuracy", "val_loss", "val_accuracy"} <= set(rec.rows[0])
     # 640 rows, global batch 64: 10 steps and 640 samples an epoch, all ranks counted
-    assert rec.events[0] == ("start", 0, 0, 0, 2)
-    assert [e[1:5] for e in rec.events[1:4]] == [(0, 10, 640, 1), (1, 20, 1280, 2), (2, 30, 1920, 3)]
+    assert rec.events[0] == ("start", 1, 0, 0, 2)  # epochs counted from 1
+    assert [e[1:5] for e in rec.events[1:4]] == [(1, 10, 640, 1), (2, 20, 1280, 2), (3, 30, 1920, 3)]
     assert [os.path.basename(e[5]) for e in rec.events[1:4]] == [
         "ckpt-e00001-s000000010.pt", "ckpt-e00002-s000000020.pt", "ckpt-e00003-s000000030.pt"]
-    assert rec.events[-1] == ("end", 2, 30, 1920, True)
+    assert rec.events[-1] == ("end", 3, 30, 1920, True)
     assert len(rec.batch_losses) == 30 and all(x > 0 for x in rec.batch_losses)
 
 
@@ -42,7 +42,7 @@ def test_a_stop_after_a_step_ends_every_rank_there_and_resume_continues_exactly(
     full = trainer(workers=2, epochs=2).fit(a)
     ck = str(tmp_path / "ck")
     r = trainer(workers=2, epochs=2, checkpoint_dir=ck, callbacks=[models.StopAtStep(15)]).fit(a)
-    assert [h["epoch"] for h in r.history] == [0, 1]  # epoch 1's row covers its first 5 steps
+    assert [h["epoch"] for h in r.history] == [1, 2]  # epoch 2's row covers its first 5 steps
     assert sorted(os.path.basename(f) for f in glob.glob(f"{ck}/*.pt")) == [
         "ckpt-e00001-s000000010.pt", "ckpt-e00001-s000000015.pt"]  # epoch 0's, and where it stopped
     resumed = trainer(workers=2, epochs=2, checkpoint_dir=ck).fit(a, resume=True)
@@ -54,20 +54,20 @@ def test_a_stop_on_an_epochs_last_step_is_an_ordinary_epoch_end(halves, tmp_path
     a, _ = halves
     ck = str(tmp_path / "ck")
     r = trainer(epochs=3, checkpoint_dir=ck, callbacks=[models.StopAtStep(10)]).fit(a)
-    assert [h["epoch"] for h in r.history] == [0]
+    assert [h["epoch"] for h in r.history] == [1]
     assert [os.path.basename(f) for f in glob.glob(f"{ck}/*.pt")] == ["ckpt-e00001-s000000010.pt"]
-    assert len(trainer(epochs=3, checkpoint_dir=ck).fit(a, resume=True).history) == 3  # epochs 1, 2 added
+    assert len(trainer(epochs=3, checkpoint_dir=ck).fit(a, resume=True).history) == 3  # epochs 2, 3 added
 
 
 def test_a_failing_callback_is_named_and_no_rank_waits_for_the_timeout(halves):
     a, _ = halves
-    with pytest.raises(CallbackError, match=r"callback FailsAtEpochEnd.on_epoch_end failed at epoch 0, step 10: "
+    with pytest.raises(CallbackError, match=r"callback FailsAtEpochEnd.on_epoch_end failed at epoch 1, step 10: "
                                             r"ValueError: no metrics today") as e:
         trainer(epochs=2, callbacks=[models.FailsAtEpochEnd()]).fit(a)
     assert isinstance(e.value.__cause__, ValueError)
     t0 = time.time()
     with pytest.raises(tg.WorkerFailedError, match=r"worker rank 0 \(pid \d+\) died with exit code 1: .*callback "
-                                                   r"FailsAtEpochEnd.on_epoch_end failed at epoch 0"):
+                                                   r"FailsAtEpochEnd.on_epoch_end failed at epoch 1"):
         trainer(workers=2, epochs=2, callbacks=[models.FailsAtEpochEnd()], timeout_s=600).fit(a)
     assert time.time() - t0 < 240  # rank 1 left at once: it did not wait out timeout_s=600 in a collective
 
@@ -123,6 +123,6 @@ def test_callbacks_stop_and_record_the_same_on_ray_and_spark(request, halves, en
     request.getfixturevalue("ray_cluster" if engine == "ray" else "spark")
     a, _ = halves
     rec = models.Recorder()
-    r = trainer(workers=2, engine=engine, epochs=4, callbacks=[rec, models.StopAfterEpoch(1)]).fit(a)
-    assert [h["epoch"] for h in r.history] == [0, 1] and rec.rows == r.history
-    assert rec.events[-1] == ("end", 1, 20, 1280, True)
+    r = trainer(workers=2, engine=engine, epochs=4, callbacks=[rec, models.StopAfterEpoch(2)]).fit(a)
+    assert [h["epoch"] for h in r.history] == [1, 2] and rec.rows == r.history
+    assert rec.events[-1] == ("end", 2, 20, 1280, True)

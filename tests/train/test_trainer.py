@@ -199,7 +199,7 @@ def test_predict_on_data_without_labels(digits):
 
 def test_a_diverged_loss_is_reported(digits):
     train = tg.from_arrow(digits[0].to_arrow().slice(0, 128))
-    with pytest.warns(RuntimeWarning, match="epoch 0: the training loss is nan"):
+    with pytest.warns(RuntimeWarning, match="epoch 1: the training loss is nan"):
         trainer(transform=models.nan_images, epochs=1).fit(train)
 
 
@@ -209,6 +209,6 @@ def test_one_checkpoint_per_step_and_no_resume_past_the_end(digits, tmp_path):
     trainer(epochs=2, checkpoint_dir=ck, checkpoint_every=5, keep_checkpoints=10).fit(train)
     steps = sorted(int(f.rsplit("-s", 1)[1][:9]) for f in glob.glob(f"{ck}/ckpt-*.pt"))
     assert steps == [5, 10, 15, 20]  # an epoch's last step is saved once, by the epoch's checkpoint
-    assert trainer(epochs=2, checkpoint_dir=ck).fit(train, resume=True).history[-1]["epoch"] == 1  # done already
+    assert trainer(epochs=2, checkpoint_dir=ck).fit(train, resume=True).history[-1]["epoch"] == 2  # done already
     with pytest.raises(tg.CheckpointError, match="past this run's end"):
         trainer(epochs=1, checkpoint_dir=ck).fit(train, resume=True)
