@@ -2,10 +2,17 @@
 (dataset layout, seed, epoch, batch size, world size). No I/O, no state: workers, resumed runs and other
 ranks recompute exactly the same plan.
 
-Order. Blocks (Parquet row groups) are permuted with a seeded RNG, giving the sequence rho of all rows.
-rho is cut into windows of S rows (S a multiple of the global batch G = world_size * batch_size); the rows of
-each window are permuted (the shuffle buffer, bounded in rows and so in bytes). The result is the epoch
-order pi. Without shuffle pi is storage order.
+Order. Blocks (the data's own: Parquet row groups, slices of a table; never the cache's, so the order is
+the same with the cache on, off, half filled or evicted) are permuted with a seeded RNG. The permuted blocks
+are taken in spans of about ``span_rows`` rows (what the memory budget lets a process keep decoded); inside
+a span every block is cut into pieces of ``piece_rows`` and the span's pieces are permuted, giving the
+sequence rho of all rows. rho is cut into windows of S rows (S a multiple of the global batch G = world_size
+* batch_size); the rows of each window are permuted (the shuffle buffer, bounded in rows and so in bytes).
+The result is the epoch order pi. Pieces are small enough that each window draws about ``PIECES_PER_BLOCK``
+pieces from every block of its span: the first rows of an epoch come from nearly every block of the span
+(whole blocks per window would give a window only S / block_rows of them). Without shuffle pi is storage
+order. ``span_rows=None`` is the order of TensorGrid before pieces (whole blocks): states saved then resume
+in it.
 
 Partition. Global batch k is pi[k*G : (k+1)*G]; rank r takes its r-th equal slice. So every rank gets the
 same number of batches, and the set of rows in each global batch depends on G only, not on how it is
@@ -22,6 +29,8 @@ from functools import cached_property
 import numpy as np
 
 from ..args import check_int
+
+PIECES_PER_BLOCK = 5  # per window, on average: a block is missing from a window with probability ~e^-5
 
 
 @dataclass(frozen=True)
@@ -77,6 +86,7 @@ class Plan:
     drop_last: bool = False
     window_rows: int = 1 << 16
     max_chunk_batches: int | None = None  # batches per chunk at most; default a whole window
+    span_rows: int | None = None  # rows of permuted blocks whose pieces are interleaved (None: whole blocks)
     _sigma: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -138,11 +148,35 @@ class Plan:
 
     @cached_property
     def _rho(self) -> tuple[np.ndarray, np.ndarray]:
-        """Block order and the rho-position where each block starts."""
+        """The row ranges (shard, start, stop) rho is made of, in rho order, and where each starts in rho."""
         b = self.layout.block_array
         order = self._rng(0).permutation(len(b)) if self.shuffle else np.arange(len(b))
-        sizes = b[order, 2] - b[order, 1]
-        return order, np.concatenate([[0], np.cumsum(sizes)])
+        pieces = b[order]
+        if self.shuffle and self.span_rows is not None and len(b) > 1:
+            pieces = np.concatenate([self._span_pieces(pieces[lo:hi], k) for k, (lo, hi) in
+                                     enumerate(self._spans(pieces[:, 2] - pieces[:, 1]))])
+        sizes = pieces[:, 2] - pieces[:, 1]
+        return pieces, np.concatenate([[0], np.cumsum(sizes)])
+
+    def _spans(self, sizes: np.ndarray) -> list[tuple[int, int]]:
+        """Consecutive runs of the permuted blocks holding about ``span_rows`` rows each (whole blocks)."""
+        ends = np.cumsum(sizes)
+        cuts = np.searchsorted(ends, np.arange(1, -(-int(ends[-1]) // self.span_rows)) * self.span_rows, side="left")
+        bounds = sorted({0, len(sizes), *(int(c) + 1 for c in cuts if c + 1 < len(sizes))})
+        return list(zip(bounds[:-1], bounds[1:]))
+
+    def _span_pieces(self, blocks: np.ndarray, k: int) -> np.ndarray:
+        """A span's blocks cut into pieces, the pieces permuted: each window then draws about
+        PIECES_PER_BLOCK pieces of every block of the span."""
+        sizes = blocks[:, 2] - blocks[:, 1]
+        piece = max(1, -(-int(self.window) // (PIECES_PER_BLOCK * len(blocks))))
+        counts = -(-sizes // piece)
+        owner = np.repeat(np.arange(len(blocks)), counts)
+        first = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        starts = blocks[owner, 1] + (np.arange(len(owner)) - first[owner]) * piece
+        stops = np.minimum(starts + piece, blocks[owner, 2])
+        cut = np.stack([blocks[owner, 0], starts, stops], axis=1)
+        return cut[self._rng(2, k).permutation(len(cut))]
 
     def _window_perm(self, j: int) -> np.ndarray:
         if j not in self._sigma:
@@ -166,10 +200,9 @@ class Plan:
                 rho_pos[sel] = j * self.window + self._window_perm(int(j))[pos[sel] - j * self.window]
         else:
             rho_pos = pos
-        order, starts = self._rho
+        pieces, starts = self._rho
         bi = np.searchsorted(starts, rho_pos, side="right") - 1
-        blocks = order[bi]
-        return self.layout.block_gstart[blocks] + (rho_pos - starts[bi])
+        return self.layout.shard_starts[pieces[bi, 0]] + pieces[bi, 1] + (rho_pos - starts[bi])
 
     # --- partition --------------------------------------------------------------------------------
     def batch_positions(self, k: int) -> np.ndarray:
@@ -213,12 +246,11 @@ class Plan:
 
     def segments(self, a: int, b: int) -> list[tuple[int, int, int]]:
         """rho positions [a, b) as row ranges (shard, start, stop), adjacent ranges of a shard merged."""
-        order, starts = self._rho
-        blocks = self.layout.block_array
+        pieces, starts = self._rho
         out: list[list[int]] = []
         i = int(np.searchsorted(starts, a, side="right")) - 1
-        while i < len(order) and starts[i] < b:
-            shard, s0, _ = blocks[order[i]]
+        while i < len(pieces) and starts[i] < b:
+            shard, s0, _ = pieces[i]
             lo = s0 + max(0, a - starts[i])
             hi = s0 + min(starts[i + 1], b) - starts[i]
             if out and out[-1][0] == shard and out[-1][2] == lo:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import sys
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import cloudpickle
@@ -24,7 +25,8 @@ from ..args import check_choice, check_int, check_number
 from ..errors import ArgumentError, EmptyDataError, ResumeError, TransformError
 from ..rng import seed_all
 from ..store.dataset import Dataset
-from .collate import concat_then_take, slice_batch, table_to_torch, take_per_table, take_to_torch
+from .collate import (LENGTHS, concat_then_take, concatenated, copied, is_ragged_type, packed, pinned, slice_batch,
+                      table_to_torch, take_per_table, take_to_torch)
 from .plan import Layout, Plan
 from .source import Source
 from .workers import Watch
@@ -106,6 +108,16 @@ class Chunk:
                  transform=None, plan: Plan | None = None, pos: np.ndarray | None = None):
         self.first, self.cols, self.bounds, self.batches = first, cols, bounds, batches
         self.transform, self.plan, self.pos = transform, plan, pos
+        self.pin = None  # set in the main process only: pinned memory is valid where it is allocated
+
+    def pin_memory(self, pin) -> None:
+        """Pin what the batches will be views of, once per chunk (a block once for all its columns);
+        what is new per batch (padded lists, a transform's output) is pinned as it is made."""
+        self.pin = pin
+        if self.cols is not None:
+            self.cols = pinned(self.cols, pin)
+        if self.batches is not None:
+            self.batches = [pinned(b, pin) for b in self.batches]
 
     def __getstate__(self):  # the plan and positions only serve error messages in the building process
         return {**self.__dict__, "plan": None, "pos": None}
@@ -116,7 +128,7 @@ class Chunk:
                 yield self.first + i, batch
             return
         for i in range(len(self.bounds) - 1):
-            batch = slice_batch(self.cols, self.bounds[i], self.bounds[i + 1])
+            batch = slice_batch(self.cols, self.bounds[i], self.bounds[i + 1], self.pin)
             if self.transform is not None:
                 try:
                     batch = self.transform(batch)
@@ -125,6 +137,9 @@ class Chunk:
                     where = _describe(self.plan, self.plan.rows_at(self.pos[self.bounds[i]:self.bounds[i + 1]]))
                     raise TransformError(f"transform failed on batch {k} of epoch {self.plan.epoch} ({where}): "
                                          f"{type(e).__name__}: {e}") from e
+                if self.pin is not None and isinstance(batch, dict):
+                    batch = {k: self.pin(v) if isinstance(v, torch.Tensor) and not v.is_pinned() else v
+                             for k, v in batch.items()}
             yield self.first + i, batch
 
 
@@ -148,7 +163,8 @@ def build_chunk(plan: Plan, source: Source, c: int, first: int, transform=None, 
     cols = window_columns(plan, source, pos[:nreal]) if nreal else None
     if nreal < len(pos):
         pad = table_to_torch(read_by_id(source, plan.layout, plan.rows_at(pos[nreal:])))
-        cols = _copied(pad) if cols is None else {k: _cat(cols[k], pad[k]) for k in cols}
+        cols = _copied(pad) if cols is None else concatenated(cols, pad)
+    cols = packed(cols)  # a gather's columns already are (one block per dtype); a view or padding: one copy
     if add_valid:
         cols[VALID] = torch.from_numpy(real)
     chunk = Chunk(ks.start, cols, bounds, transform=transform, plan=plan, pos=pos)
@@ -158,11 +174,11 @@ def build_chunk(plan: Plan, source: Source, c: int, first: int, transform=None, 
 
 
 def _copied(cols: dict) -> dict:
-    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in cols.items()}
+    return copied(cols)
 
 
-def _cat(a, b):
-    return torch.cat([a, b]) if isinstance(a, torch.Tensor) else a + b
+def _pin(t: torch.Tensor) -> torch.Tensor:
+    return t.pin_memory()
 
 
 def _chunks_from(state: bytes) -> _Chunks:
@@ -241,6 +257,29 @@ def _flag(name: str, value) -> bool:
     return bool(check_choice(name, value.item() if isinstance(value, np.bool_) else value, (False, True)))
 
 
+def _pin_choice(pin_memory) -> bool:
+    """None: pin when CUDA is there (so ``.to(device, non_blocking=True)`` overlaps the copy). True without
+    CUDA warns and pins nothing, as torch's DataLoader does (the same script runs on a laptop)."""
+    if pin_memory is None:
+        return torch.cuda.is_available()
+    pin_memory = _flag("pin_memory", pin_memory)
+    if pin_memory and not torch.cuda.is_available():
+        warnings.warn("pin_memory=True but no CUDA device is available: batches are not pinned (leave "
+                      "pin_memory unset to pin exactly when CUDA is there)", UserWarning, stacklevel=3)
+        return False
+    return pin_memory
+
+
+def _check_lengths_names(schema: pa.Schema, columns: list[str] | None) -> None:
+    """A list-of-numbers column x arrives as x and x_lengths: a column already named x_lengths is refused."""
+    names = columns or schema.names
+    for name in names:
+        if is_ragged_type(schema.field(name).type) and name + LENGTHS in names:
+            raise ArgumentError(f"column {name!r} is a list of numbers, which the loader hands over padded with its "
+                                f"lengths as {name + LENGTHS!r}, but the data has a column of that name too: "
+                                f"rename one, or leave one out with columns=")
+
+
 def _context(ctx):
     """None, a start method's name, or a multiprocessing context. Unset in a process that runs Ray:
     "spawn" (forking a process whose gRPC threads are running can abort the child)."""
@@ -260,32 +299,37 @@ class Loader:
 
     rank/world_size default to torch.distributed, else $RANK/$WORLD_SIZE, else 0/1. Unless drop_last, the
     epoch is padded to a multiple of world_size by repeating rows, flagged False in a "_valid" column
-    (present when world_size > 1). ``cache_dir`` keeps shards as memory-mapped Arrow IPC for zero-copy
-    reads, each file checked once per process (``cache_limit`` bytes bounds it). Also:
+    (present when world_size > 1). Shards are kept as memory-mapped Arrow IPC for zero-copy reads (the
+    cache, ``loader/cache.py``): on by default in $TENSORGRID_CACHE_DIR, else ~/.cache/tensorgrid, filled by a
+    background thread while the first epoch reads Parquet, each file checked once per process, shared by the
+    processes of one machine. ``cache_dir`` names another folder, ``cache_dir=False`` (or
+    $TENSORGRID_CACHE=off) turns it off; ``cache_limit`` (bytes, or "20G"; 0: none) bounds it, by default
+    $TENSORGRID_CACHE_LIMIT, else half of the free disk plus what it holds. Also:
     ``multiprocessing_context`` ("fork"/"spawn"), ``timeout``, ``shuffle_buffer``, ``memory_budget``.
     """
 
     def __init__(self, dataset: Dataset, batch_size: int, columns=None, shuffle: bool = False, seed: int = 0,
                  transform=None, num_workers: int = 0, rank: int | None = None, world_size: int | None = None,
                  drop_last: bool = False, prefetch: int = 2, shuffle_buffer: int | None = None,
-                 memory_budget: int | None = None, cache_dir: str | None = None, cache_limit: int | None = None,
-                 multiprocessing_context: str | None = None, timeout: float = 0):
+                 memory_budget: int | None = None, cache_dir=None, cache_limit: int | str | None = None,
+                 multiprocessing_context: str | None = None, timeout: float = 0, pin_memory: bool | None = None):
         batch_size, num_workers = check_int("batch_size", batch_size, 1), check_int("num_workers", num_workers, 0)
         prefetch, seed = check_int("prefetch", prefetch, 1), check_int("seed", seed)
         memory_budget = check_int("memory_budget", memory_budget, 1, none=True)
         shuffle_buffer = check_int("shuffle_buffer", shuffle_buffer, 1, none=True)
-        cache_limit = check_int("cache_limit", cache_limit, 0, none=True)
         if transform is not None and not callable(transform):
             raise ArgumentError(f"transform must be callable, got {type(transform).__name__}")
         self.shuffle, self.drop_last = _flag("shuffle", shuffle), _flag("drop_last", drop_last)
         self.timeout = check_number("timeout", timeout, 0)
         self.context = _context(multiprocessing_context)
+        self.pin_memory = _pin_choice(pin_memory)
         self.rank, self.world_size = _rank_world(rank, world_size)
         self.dataset = dataset
         self.memory_budget = memory_budget or DEFAULT_MEMORY_BUDGET
         self.source = Source(dataset, columns, cache_dir, cache_limit, self.memory_budget)
         if self.source.layout.num_rows == 0:
             raise EmptyDataError(f"{dataset.url or 'dataset'} has no rows to load")
+        _check_lengths_names(dataset.schema, self.source.columns)
         self.batch_size, self.seed, self.transform = batch_size, seed, transform
         self.num_workers, self.prefetch = num_workers, prefetch
         row_bytes = max(1.0, self.source.row_bytes)
@@ -293,6 +337,9 @@ class Loader:
         # prefetch (a run resumed with other workers continues the same order). Workers split it into chunks:
         # prefetch per worker, one being consumed, one being built; x2 for gather copies.
         self.window_rows = shuffle_buffer or max(1, int(self.memory_budget / WINDOWS_IN_FLIGHT / 2 / row_bytes))
+        # The span: permuted blocks whose pieces a window interleaves (plan.py), what half the budget holds
+        # decoded (the Arrow cache and in-memory data need no decoding: there it costs nothing).
+        self.span_rows: int | None = max(self.window_rows, int(self.memory_budget / 2 / row_bytes))
         inflight = max(1, num_workers) * prefetch + 2
         self.chunk_rows = max(1, int(self.memory_budget / inflight / 2 / row_bytes))
         if num_workers and transform is not None and self._start_method() != "fork":
@@ -315,13 +362,14 @@ class Loader:
         return Plan(self.source.layout, self.batch_size, self.world_size, self.rank, self.shuffle, self.seed,
                     self.epoch if epoch is None else epoch, self.drop_last, self.window_rows,
                     max_chunk_batches=None if self.in_process else (
-                        1 if self.transform is not None else max(1, self.chunk_rows // self.batch_size)))
+                        1 if self.transform is not None else max(1, self.chunk_rows // self.batch_size)),
+                    span_rows=self.span_rows)
 
     @property
     def in_process(self) -> bool:
         """Whether chunks are built in this process. Zero-copy views of the Arrow cache cannot cross into
         another process without a copy: without a transform to run, workers would only add copies."""
-        return self.num_workers == 0 or (self.transform is None and self.source.cache_dir is not None)
+        return self.num_workers == 0 or (self.transform is None and self.source.cache_complete())
 
     def __len__(self) -> int:
         return self.plan().num_batches
@@ -349,13 +397,15 @@ class Loader:
                 "global_batch": self.batch_size * self.world_size, "num_rows": self.source.layout.num_rows,
                 "drop_last": self.drop_last, "version": self.dataset.version, "url": self.dataset.url,
                 "layout": self.source.layout.digest,  # the blocks the order is built from
-                "window": self.plan().window, "fingerprint": self.fingerprint}
+                "window": self.plan().window, "span": self.span_rows or 0, "fingerprint": self.fingerprint}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue where ``state`` (from state_dict(), in any process) left off. A state over other rows, or
         with another seed, shuffle, global batch or shuffle window, is refused with ResumeError."""
         if not isinstance(state, dict) or not {"epoch", "batch"} <= state.keys():
             raise ResumeError(f"not a loader state (a dict from state_dict() with 'epoch' and 'batch'): {state!r}"[:200])
+        if self.shuffle and "span" not in state:  # saved before pieces (whole blocks): resume in that order
+            self.span_rows = None
         _check_same_order(state, self.state_dict(), self.shuffle)
         epoch = check_int("the state's epoch", state["epoch"], 0, error=ResumeError)
         batch = check_int("the state's batch", state["batch"], 0, len(self), error=ResumeError)
@@ -369,6 +419,8 @@ class Loader:
             self.epoch, self._pos = self.epoch + 1, 0
             return
         for chunk in self._chunks(_Chunks(plan, self.source, first, self.transform, self.add_valid)):
+            if self.pin_memory:  # here, after the chunk arrived: pinned memory is valid in this process only
+                chunk.pin_memory(_pin)
             for k, batch in chunk:
                 self._pos = k + 1
                 yield batch
@@ -411,6 +463,9 @@ def _check_same_order(state: dict, mine: dict, shuffle: bool) -> None:
     if shuffle and "window" in state and not _same(state["window"], mine["window"]):
         raise ResumeError(f"cannot resume: the state's shuffle window holds {_short(state['window'])} rows, this "
                           f"loader's {mine['window']} (keep memory_budget and shuffle_buffer as they were)")
+    if shuffle and "span" in state and not _same(state["span"], mine["span"]):
+        raise ResumeError(f"cannot resume: the state interleaves blocks in spans of {_short(state['span'])} rows, "
+                          f"this loader in spans of {mine['span']} (keep memory_budget as it was)")
 
 
 def _same(a, b) -> bool:
