@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pyarrow as pa
 
 from .. import fs as tgfs
-from ..errors import ArgumentError, DatasetNotFoundError, EmptyDataError, TensorGridError
+from ..errors import ArgumentError, DatasetNotFoundError, EmptyDataError, SchemaMismatchError, TensorGridError
 from .labels import with_names
 from .writer import write
 
@@ -153,7 +153,11 @@ def _label_index(fs, files: list[str], labels: list[str], url: str,
         except DatasetNotFoundError:
             old = None
         if old is not None and "label_index" in old.schema.names and "label" in old.schema.names:
-            names = old.label_names or []  # kept with the schema, or from the rows of older datasets
+            names = old.label_names  # kept with the schema, or from the rows of older datasets
+            if names is None:  # numbering new classes from 0 would give them indices its rows already use
+                raise SchemaMismatchError(f"cannot append images to {url}: its label/label_index rows map no "
+                                          "index to one class name (not written by ingest_images?): write "
+                                          "the images to a new dataset")
             index_type = old.schema.field("label_index").type
     index = {lab: i for i, lab in enumerate(names) if lab is not None}
     for lab in found:

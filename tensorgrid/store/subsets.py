@@ -281,10 +281,11 @@ def filter(ds: Dataset, expr) -> SubsetDataset:  # noqa: A001 - the method's nam
         raise ArgumentError(f"filter takes an SQL condition (a string) or a pyarrow.compute expression, got "
                             f"{type(expr).__name__}")
     named = _named_columns(ds, str(expr))
+    row = _row_column(ds.schema.names)
     positions, offset = [], 0
     try:
         for i, rows in enumerate(ds.shard_rows):
-            positions.append(_matching(ds, i, named, test) + offset)
+            positions.append(_matching(ds, i, named, test, row) + offset)
             offset += rows
     finally:
         test.close()
@@ -298,21 +299,32 @@ def _named_columns(ds: Dataset, text: str) -> list[str]:
     return [c for c in ds.schema.names if c.lower() in low]
 
 
-def _matching(ds: Dataset, shard: int, columns: list[str], test) -> np.ndarray:
+def _row_column(names: list[str]) -> str:
+    """A name for the position column that no column has, in any case (DuckDB's names ignore case)."""
+    taken, row = {n.lower() for n in names}, _ROW
+    while row.lower() in taken:
+        row += "_"
+    return row
+
+
+def _matching(ds: Dataset, shard: int, columns: list[str], test, row: str) -> np.ndarray:
     """Positions in ``shard`` whose rows pass ``test``, reading the named columns (all if one is missing)."""
     for cols in (columns, None):
         if cols == []:  # a condition on no column (true, random() < 0.5): only the row count matters
-            table = pa.table({_ROW: pa.array(np.arange(ds.shard_rows[shard], dtype=np.int64))})
+            table = pa.table({row: pa.array(np.arange(ds.shard_rows[shard], dtype=np.int64))})
         else:
             table = ds.read_shard(shard, cols)
-            table = table.append_column(_ROW, pa.array(np.arange(table.num_rows, dtype=np.int64)))
+            table = table.append_column(row, pa.array(np.arange(table.num_rows, dtype=np.int64)))
         try:
-            kept = test(table)
+            kept = test(table, row)
         except _MissingColumn as e:
             if cols is None:
                 raise ColumnNotFoundError(f"filter {test.expr}: {e}; columns: {ds.schema.names}") from None
             continue
-        return np.sort(kept.column(_ROW).to_numpy(zero_copy_only=False).astype(np.int64))  # SQL keeps no order
+        kept = np.sort(kept.column(row).to_numpy(zero_copy_only=False).astype(np.int64))  # SQL keeps no order
+        if len(kept) and (kept[0] < 0 or kept[-1] >= table.num_rows or (np.diff(kept) == 0).any()):
+            raise SQLError(f"filter {test.expr} gave positions that are not rows of the shard")
+        return kept
     raise AssertionError("unreachable")
 
 
@@ -324,7 +336,7 @@ class _ArrowTest:
     def __init__(self, expr: pc.Expression):
         self.expr = expr
 
-    def __call__(self, table: pa.Table) -> pa.Table:
+    def __call__(self, table: pa.Table, row: str) -> pa.Table:
         try:
             return table.filter(self.expr)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as e:
@@ -338,23 +350,29 @@ class _ArrowTest:
 
 
 class _SQLTest:
-    """Evaluates an SQL condition with DuckDB over a shard's table (tensor columns as their bytes)."""
+    """Evaluates an SQL condition with DuckDB over a shard's table (tensor columns as their bytes). The text
+    is parsed as one expression (a relation's filter), so it can never be more of a query than a condition:
+    no ``) UNION SELECT ...`` adding rows, no second statement."""
 
     def __init__(self, expr: str):
-        self.expr, self.con = repr(expr), duckdb.connect()
-        self.sql = f'SELECT "{_ROW}" FROM shard WHERE ({expr})'
+        self.text, self.expr, self.con = expr, repr(expr), duckdb.connect()
 
-    def __call__(self, table: pa.Table) -> pa.Table:
-        self.con.register("shard", encoding.encode(table, encoding.physical_schema(table.schema)))
+    def __call__(self, table: pa.Table, row: str) -> pa.Table:
+        seen: dict[str, str] = {}
+        for name in table.schema.names:
+            other = seen.setdefault(name.lower(), name)
+            if other != name:
+                raise SQLError(f"filter {self.expr}: columns {other!r} and {name!r} differ only in case, which SQL "
+                               "cannot tell apart: filter with a pyarrow expression (pc.field(name) ...)")
         try:
-            return self.con.sql(self.sql).to_arrow_table()
+            rel = self.con.from_arrow(encoding.encode(table, encoding.physical_schema(table.schema)))
+            quoted = '"' + row.replace('"', '""') + '"'
+            return rel.filter(self.text).project(quoted).to_arrow_table()
         except duckdb.Error as e:
             msg = str(e).splitlines()[0]
             if isinstance(e, duckdb.BinderException) and re.search(r"column .* not found", msg, re.IGNORECASE):
                 raise _MissingColumn(msg) from None
             raise SQLError(f"filter {self.expr}: {msg}") from None
-        finally:
-            self.con.unregister("shard")
 
     def close(self) -> None:
         self.con.close()

@@ -29,7 +29,7 @@ from ..errors import (
     TensorGridError,
     UnsupportedDataError,
 )
-from . import claims, encoding, manifest
+from . import claims, encoding, labels, manifest
 from .convert import to_batches
 from .manifest import DATA_DIR, Manifest, Shard
 
@@ -193,14 +193,17 @@ def _schema_diff(old: pa.Schema, new: pa.Schema) -> str:
     return "; ".join(parts)
 
 
-def _appended_schema(base: pa.Schema, new: pa.Schema) -> pa.Schema:
+def _appended_schema(base: pa.Schema, new: pa.Schema, url: str) -> pa.Schema:
     """The schema of an append: the dataset's, with its field metadata kept, except the keys in TensorGrid's
     own namespace (``tensorgrid.*``, such as the class names of ``label_index``) that the new rows set:
-    those describe the whole dataset as its newest writer knows it. Tensor types never change here."""
+    those describe the whole dataset as its newest writer knows it. Tensor types never change here. Class
+    names only grow: rows that know fewer keep the dataset's, rows that disagree are refused (labels.py)."""
     fields = []
     for f in base:
         theirs = new.field(f.name).metadata if f.name in new.names else None
         ours = {k: v for k, v in (theirs or {}).items() if k.startswith(b"tensorgrid.") and k != encoding.TENSOR_KEY}
+        if labels.NAMES_KEY in ours:
+            ours[labels.NAMES_KEY] = labels.appended((f.metadata or {}).get(labels.NAMES_KEY), ours[labels.NAMES_KEY], url)
         fields.append(f.with_metadata({**(f.metadata or {}), **ours}) if ours else f)
     return pa.schema(fields, metadata=base.metadata)
 
@@ -291,6 +294,8 @@ def _target(url: str, mode: str) -> tuple[fsspec.AbstractFileSystem, str, bool, 
 def _begin(fs, root: str, url: str, mode: str, base: Manifest | None, physical: pa.Schema) -> _ShardWriter:
     if mode == "append" and base is not None and not _same_schema(base.schema, physical):
         raise SchemaMismatchError(f"cannot append to {url}: {_schema_diff(base.schema, physical)}")
+    if mode == "append" and base is not None:
+        _appended_schema(base.schema, physical, url)  # class names that disagree: refused before any shard
     if base is None:  # mark the directory as a dataset first, so orphans are never taken for foreign Parquet
         fs.makedirs(tgfs.join(root, manifest.META_DIR), exist_ok=True)
         if not tgfs.is_local(fs):
@@ -330,7 +335,7 @@ def _commit(fs, root: str, url: str, mode: str, base: Manifest | None, physical:
             raise SchemaMismatchError(f"cannot append to {url}: {_schema_diff(base.schema, physical)}")
         kept = base.shards if (mode == "append" and base is not None) else []
         version = 1 if base is None else base.version + 1
-        schema = _appended_schema(base.schema, physical) if (mode == "append" and base is not None) else physical
+        schema = _appended_schema(base.schema, physical, url) if (mode == "append" and base is not None) else physical
         new = Manifest(version, mode if base is not None else "create", schema, kept + shards, added)
         if _before_commit is not None:
             _before_commit(fs, root, version)
