@@ -25,7 +25,46 @@ def _version(a) -> int | None:
 
 
 def cmd_info(a) -> None:
-    print_info(store.open(a.ds, version=_version(a)))
+    ds = store.open(a.ds, version=_version(a))
+    print_info(ds)
+    _print_cache_usage(ds)
+
+
+def _print_cache_usage(ds) -> None:
+    """How much of the dataset the loader's Arrow cache holds (the default folder)."""
+    from .loader import cache
+
+    u = cache.dataset_usage(ds)
+    if u is None:
+        out.print("loader cache: not cached (its shards have no content key; in-memory data is zero-copy already)",
+                  markup=False)
+    else:
+        out.print(safe(f"loader cache: {u['cached']} of {u['shards']} shards, {human_bytes(u['bytes'])} in "
+                       f"{u['dir']}" + ("" if cache.env_enabled() else " (off: $TENSORGRID_CACHE)")), markup=False)
+
+
+def cmd_cache(a) -> None:
+    from .loader import cache
+
+    c = cache.default_cache(a.dir)
+    if a.action == "clear":
+        r = c.clear()
+        busy = f"; kept {r['busy']} being filled by a running loader" if r["busy"] else ""
+        out.print(safe(f"removed {r['removed']} file(s), {human_bytes(r['bytes'])} from {c.dir}{busy}"), markup=False)
+        return
+    entries = c.entries()
+    held = sum(e["bytes"] for e in entries)
+    t = Table("dataset", "version", "shard", "rows", "size", "last used (UTC)", title=text(c.dir), title_justify="left")
+    for e in reversed(entries):  # most recently used first
+        t.add_row(text(str(e.get("url") or "?")), str(e.get("version", "?")), str(e.get("shard", "?")),
+                  f"{e['rows']:,}" if isinstance(e.get("rows"), int) else "?", human_bytes(e["bytes"]),
+                  time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(e["used"])))
+    if entries:
+        out.print(t)
+    state = "on" if a.dir or cache.env_enabled() else "off ($TENSORGRID_CACHE)"
+    limit, why = cache.describe_limit(c, held)
+    out.print(safe(f"{len(entries)} file(s), {human_bytes(held)}; limit {'none' if limit is None else human_bytes(limit)} "
+                   f"({why}); the default cache is {state}"), markup=False)
 
 
 def cmd_head(a) -> None:
@@ -114,7 +153,7 @@ def cmd_sql(a) -> None:
         _stderr_line(f"wrote {ds.added_rows:,} rows to {ds.url} version {ds.version}")
     table = result.to_arrow() if limit is None else result.to_arrow().slice(0, limit)
     if a.out_file is not None:
-        export.write_file(table, a.out_file, fmt)
+        export.write_file(table, a.out_file, fmt, overwrite=a.mode == "overwrite")
         _stderr_line(f"wrote {table.num_rows:,} rows to {a.out_file} ({fmt})")
     elif fmt is not None:
         export.write_stream(table, fmt, sys.stdout.buffer)
@@ -126,11 +165,16 @@ def cmd_sql(a) -> None:
 
 def _output_format(a) -> str | None:
     """--format, or the --out-file's extension; None: the table on the terminal."""
-    if a.format is not None or a.out_file is None:
-        if a.format == "parquet" and a.out_file is None and sys.stdout.isatty():
+    if a.out_file is None:
+        if a.format == "parquet" and sys.stdout.isatty():
             raise ArgumentError("--format parquet writes binary: give --out-file PATH, or pipe the output")
         return a.format
     fmt = export.format_of(a.out_file)
+    if a.format is not None and fmt is not None and fmt != a.format:
+        raise ArgumentError(f"--format {a.format} but --out-file {a.out_file} names {fmt}: give one of them, or a "
+                            f"file name that ends in .{a.format}")
+    if a.format is not None:
+        return a.format
     if fmt is None:
         raise ArgumentError(f"--out-file {a.out_file}: say --format csv, json or parquet (its extension names none)")
     return fmt
@@ -139,6 +183,9 @@ def _output_format(a) -> str | None:
 def _refuse_existing_file(url: str, mode: str) -> None:
     from . import fs as tgfs
 
+    problem = export.target_problem(url)  # before any work: a missing folder, a device or a pipe
+    if problem is not None:
+        raise TensorGridError(f"--out-file {url} {problem}")
     fsys, path = tgfs.resolve(url)
     if fsys.exists(path) and (mode != "overwrite" or fsys.isdir(path)):
         what = "a folder" if fsys.isdir(path) else "a file"
@@ -291,6 +338,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="print the rows as csv, json (JSON Lines) or parquet instead of a table (pipes)")
     sp.add_argument("--out-file", metavar="PATH", help="write the rows to a file (format from --format or the "
                                                        "extension: .csv, .json/.jsonl, .parquet)")
+    sp = add("cache", cmd_cache, "the loader's Arrow cache: list its files, size and limit, or clear it")
+    sp.add_argument("action", nargs="?", choices=["list", "clear"], default="list")
+    sp.add_argument("--dir", default=None, help="a cache_dir= folder (default: $TENSORGRID_CACHE_DIR, else "
+                                                "$XDG_CACHE_HOME/tensorgrid, else ~/.cache/tensorgrid)")
     sp = add("versions", cmd_versions, "the history of a dataset")
     sp.add_argument("ds")
     sp = add("vacuum", cmd_vacuum, "delete files no version references (left by killed writers)")
@@ -313,6 +364,8 @@ def _os_error(e: OSError) -> str:
     if e.strerror and e.filename is not None:
         both = f" -> {e.filename2}" if e.filename2 is not None else ""
         return f"{e.strerror}: {e.filename}{both}"
+    if e.strerror:  # no path: the output stream (stdout on a full disk)
+        return f"{e.strerror} (writing the output)"
     return str(e).strip() or type(e).__name__
 
 

@@ -387,3 +387,57 @@ def test_vacuum_keeps_files_tensorgrid_did_not_write_unless_asked(small, tmp_pat
     assert os.path.exists(mine)
     assert cli(capsysbinary, "vacuum", small, "--min-age", "0", "--delete-unknown")[0] == 0
     assert not os.path.exists(mine) and tg.open(small).num_rows == 5
+
+
+def test_sql_out_file_never_replaces_a_device_fifo_or_what_a_link_points_past(small, tmp_path, capsysbinary):
+    fifo = tmp_path / "pipe.csv"
+    os.mkfifo(fifo)
+    code, _, err = cli(capsysbinary, "sql", "SELECT 1 AS x", "--out-file", fifo, "--mode", "overwrite")
+    assert code == 1 and err.count("\n") == 1 and "not a regular file" in err and str(fifo) in err
+    assert __import__("stat").S_ISFIFO(os.stat(fifo).st_mode)  # still the pipe, not a file put in its place
+    real = tmp_path / "real.csv"
+    real.write_text("old\n")
+    (tmp_path / "link.csv").symlink_to(real)
+    assert cli(capsysbinary, "sql", "SELECT 1 AS x", "--out-file", tmp_path / "link.csv", "--mode", "overwrite")[0] == 0
+    assert (tmp_path / "link.csv").is_symlink() and real.read_text() == '"x"\n1\n'  # written through the link
+
+
+def test_sql_out_file_into_a_missing_folder_is_refused_before_any_work(small, tmp_path, capsysbinary):
+    dest = tmp_path / "out"
+    code, _, err = cli(capsysbinary, "sql", "SELECT * FROM d", "--ds", f"d={small}", "--out", dest,
+                       "--out-file", tmp_path / "nodir" / "x.csv")
+    assert code == 1 and err.count("\n") == 1 and "no folder" in err and str(tmp_path / "nodir") in err
+    assert ".tmp-" not in err and not dest.exists()  # the dataset was not written either
+
+
+def test_sql_format_that_contradicts_the_out_file_extension_is_refused(small, tmp_path, capsysbinary):
+    code, _, err = cli(capsysbinary, "sql", "SELECT 1 AS x", "--out-file", tmp_path / "r.parquet", "--format", "csv")
+    assert code == 1 and "--format csv" in err and "parquet" in err and not (tmp_path / "r.parquet").exists()
+
+
+def test_sql_out_file_over_the_size_limit_leaves_no_file_and_stdout_full_is_one_line(small, tmp_path):
+    import resource
+    import signal
+
+    def small_files():  # a disk that fills after 4 KiB (EFBIG instead of ENOSPC: the same failed write)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+
+    args = [sys.executable, "-m", "tensorgrid.cli", "sql", "SELECT range AS i, 'padding padding' AS s FROM range(5000)",
+            "--out-file", str(tmp_path / "big.csv")]
+    p = subprocess.run(args, capture_output=True, text=True, preexec_fn=small_files, timeout=120)
+    assert p.returncode == 1 and p.stderr.count("\n") == 1 and "Traceback" not in p.stderr, p.stderr
+    assert os.listdir(tmp_path) == ["d"]  # neither big.csv nor its temporary
+    with open(os.devnull if not os.path.exists("/dev/full") else "/dev/full", "wb") as full:
+        p = subprocess.run([sys.executable, "-m", "tensorgrid.cli", "sql", "SELECT * FROM range(100000)",
+                            "--format", "csv"], stdout=full, stderr=subprocess.PIPE, text=True, timeout=120)
+    if os.path.exists("/dev/full"):
+        assert p.returncode == 1 and p.stderr.startswith("error: No space left on device") and "[Errno" not in p.stderr
+
+
+def test_sql_json_lines_hold_no_nan_or_infinity(tmp_path, capsysbinary):
+    code, out, err = cli(capsysbinary, "sql", "SELECT 'nan'::DOUBLE AS a, 'inf'::DOUBLE AS b, [1.0, '-inf'::DOUBLE] AS c",
+                         "--format", "json")
+    assert code == 0, err
+    assert json.loads(out, parse_constant=lambda c: pytest.fail(f"{c} is not JSON")) == {"a": None, "b": None,
+                                                                                         "c": [1.0, None]}

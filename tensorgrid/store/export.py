@@ -9,14 +9,18 @@ from __future__ import annotations
 import base64
 import io
 import json
+import math
 import os
+import stat
 import uuid
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from .. import fs as tgfs
+from ..errors import TensorGridError
 from . import encoding
 
 FORMATS = ("csv", "json", "parquet")
@@ -50,34 +54,81 @@ def write_stream(table: pa.Table, fmt: str, stream) -> None:
     stream.flush()
 
 
-def write_file(table: pa.Table, url: str, fmt: str) -> None:
-    """The rows as one file at ``url`` (whole or not at all on a local disk: written beside it, then renamed)."""
+def target_problem(url: str) -> str | None:
+    """Why no file can be written at ``url`` (its folder is missing; it is a device, pipe or socket, which
+    a rename would replace), or None. Through a symbolic link, the file it names is the target."""
+    fs, path = tgfs.resolve(url)
+    if not tgfs.is_local(fs):
+        return None
+    path = os.path.realpath(path)
+    folder = os.path.dirname(path)
+    if not os.path.isdir(folder):
+        return f"has no folder {folder}"
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return None
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        return "is not a regular file (a device, pipe or socket): give a file path"
+    return None
+
+
+def write_file(table: pa.Table, url: str, fmt: str, overwrite: bool = True) -> None:
+    """The rows as one file at ``url`` (whole or not at all on a local disk: written beside it, then renamed;
+    without ``overwrite``, a file that appeared meanwhile is never replaced)."""
+    problem = target_problem(url)
+    if problem is not None:
+        raise TensorGridError(f"{url} {problem}")
     data = to_bytes(table, fmt)
     fs, path = tgfs.resolve(url)
-    if tgfs.is_local(fs):
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-    else:
+    if not tgfs.is_local(fs):
         fs.pipe_file(path, data)
+        return
+    path = os.path.realpath(path)  # a link stays a link to the new file
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            _link(tmp, path)
+    except FileExistsError:
+        raise TensorGridError(f"{url} was created by someone else while the rows were written: not replaced") from None
+    except OSError as e:  # disk full, no permission...: named by the file asked for, not the temporary
+        raise OSError(e.errno, e.strerror, url) from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _link(tmp: str, path: str) -> None:
+    """``tmp`` at ``path`` only if nothing is there (a hard link is exclusive; without them, a check)."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError:  # a filesystem without hard links
+        if os.path.lexists(path):
+            raise FileExistsError(path) from None
+        os.replace(tmp, path)
 
 
 def _pylist(col: pa.ChunkedArray) -> list:
     """A column's values as JSON can hold them: tensors and lists as nested lists, bytes as base64."""
     t = col.type
     if isinstance(t, pa.FixedShapeTensorType):
-        dense = encoding.tensor_to_numpy(col).tolist()
+        array = encoding.tensor_to_numpy(col)
+        finite = array.dtype.kind != "f" or bool(np.isfinite(array).all())
+        dense = array.tolist() if finite else _jsonable(array.tolist())
         valid = col.is_valid().to_pylist() if col.null_count else None
         return dense if valid is None else [v if ok else None for v, ok in zip(dense, valid)]
     if pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t):
         return [None if v is None else base64.b64encode(v).decode() for v in col.to_pylist()]
     values = col.to_pylist()
-    if _nested(t):
+    if _nested(t) or pa.types.is_floating(t):
         return [_jsonable(v) for v in values]
     return values
 
@@ -87,6 +138,9 @@ def _nested(t: pa.DataType) -> bool:
 
 
 def _jsonable(v):
+    """``v`` as JSON holds it: bytes as base64, NaN and infinities as null (JSON has no such numbers)."""
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
     if isinstance(v, bytes):
         return base64.b64encode(v).decode()
     if isinstance(v, dict):
