@@ -62,3 +62,28 @@ def test_a_resumed_run_writes_no_step_twice_in_tensorboard(halves, tmp_path):
     assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, 21))
     assert [e.step for e in acc.Scalars("epoch/val_loss")] == [10, 20]
     assert acc.Scalars("epoch/loss")[-1].value == pytest.approx(first.history[-1]["loss"], rel=1e-6)
+
+
+def test_a_checkpoint_with_epochs_counted_from_0_still_resumes_numbered_from_1(halves, tmp_path):
+    import torch
+
+    a, _ = halves
+    ck = str(tmp_path / "ck")
+    trainer(epochs=1, checkpoint_dir=ck).fit(a)
+    (path,) = glob.glob(f"{ck}/ckpt-*.pt")
+    state = torch.load(path, weights_only=False)
+    del state["history_epochs_from"]  # as written before epochs were numbered from 1
+    state["history"] = [dict(r, epoch=r["epoch"] - 1) for r in state["history"]]
+    torch.save(state, path)
+    resumed = trainer(epochs=2, checkpoint_dir=ck).fit(a, resume=True)
+    assert [h["epoch"] for h in resumed.history] == [1, 2]
+
+
+def test_help_of_trainer_explains_every_argument():
+    import inspect
+
+    import tensorgrid as tg
+
+    doc = tg.Trainer.__doc__
+    missing = [p for p in inspect.signature(tg.Trainer).parameters if f"\n      {p}: " not in doc]
+    assert not missing, missing
