@@ -35,13 +35,14 @@ def children_of(pid: int) -> list[int]:
 
 
 def spawned_children_of(pid: int, exclude=()) -> list[int]:
-    """Children of ``pid`` started by multiprocessing's spawn (torch's elastic launcher starts its workers
-    this way), leaving out ``exclude``. Matching "python" alone is not enough: a session-wide Ray or Spark
-    started by other tests also leaves python children of the test process."""
+    """Training workers the local engine started for ``pid`` (``python -m tensorgrid.train.engines.worker``)
+    or children multiprocessing's spawn started, leaving out ``exclude``. Matching "python" alone is not
+    enough: a session-wide Ray or Spark started by other tests also leaves python children of the test process."""
     out = []
     for c in children_of(pid):
         try:
-            if b"spawn_main" in _cmdline(c) and c not in exclude:
+            line = _cmdline(c)
+            if (b"spawn_main" in line or b"tensorgrid.train.engines.worker" in line) and c not in exclude:
                 out.append(c)
         except OSError:
             pass

@@ -66,8 +66,28 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+def _exit(code: int) -> None:
+    """Leave without the interpreter's finalisation, as a multiprocessing child does: native threads still
+    running (gloo, Arrow's pools, the loader's) can abort a normal shutdown ("terminate called without an
+    active exception"), turning a finished rank into a SIGABRT."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001 - a closed pipe
+            pass
+    os._exit(code)
+
+
 if __name__ == "__main__":
     try:
-        sys.exit(main(sys.argv[1:]))
+        code = main(sys.argv[1:])
     except KeyboardInterrupt:  # Ctrl-C reaches every process of the terminal's group: the driver reports it
-        sys.exit(130)
+        code = 130
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    except BaseException:  # noqa: BLE001 - @record wrote the error file; show the traceback too
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    _exit(code)
