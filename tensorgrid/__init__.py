@@ -44,7 +44,8 @@ __version__ = "0.1.0"
 
 _LAZY = {"Trainer": ("tensorgrid.train", "Trainer"), "FitResult": ("tensorgrid.train", "FitResult"),
          "Callback": ("tensorgrid.train", "Callback"), "TrainState": ("tensorgrid.train", "TrainState"),
-         "predict": ("tensorgrid.train", "predict"),
+         "predict": ("tensorgrid.train", "predict"), "train": ("tensorgrid.train", None),
+         "EarlyStopping": ("tensorgrid.train", "EarlyStopping"), "BestCheckpoint": ("tensorgrid.train", "BestCheckpoint"),
          "Loader": ("tensorgrid.loader", "Loader"), "transforms": ("tensorgrid.transforms", None)}
 
 
@@ -63,7 +64,8 @@ def __dir__():
 
 __all__ = [
     "write", "open", "sql", "from_arrow", "ingest_images", "vacuum", "list_datasets", "Dataset", "Trainer",
-    "FitResult", "Callback", "TrainState", "predict", "Loader", "errors", "transforms",
+    "FitResult", "Callback", "TrainState", "EarlyStopping", "BestCheckpoint", "predict", "Loader", "errors",
+    "transforms", "train",
     "TensorGridError", "ArgumentError", "ConflictError", "CorruptShardError", "CorruptManifestError",
     "DatasetExistsError", "DatasetNotFoundError", "EmptyDataError", "ReadOnlyError", "SchemaMismatchError",
     "SQLError", "UnsupportedDataError", "UnsupportedFormatError", "UnsupportedURLError", "ColumnNotFoundError",
