@@ -25,7 +25,46 @@ def _version(a) -> int | None:
 
 
 def cmd_info(a) -> None:
-    print_info(store.open(a.ds, version=_version(a)))
+    ds = store.open(a.ds, version=_version(a))
+    print_info(ds)
+    _print_cache_usage(ds)
+
+
+def _print_cache_usage(ds) -> None:
+    """How much of the dataset the loader's Arrow cache holds (the default folder)."""
+    from .loader import cache
+
+    u = cache.dataset_usage(ds)
+    if u is None:
+        out.print("loader cache: not cached (its shards have no content key; in-memory data is zero-copy already)",
+                  markup=False)
+    else:
+        out.print(safe(f"loader cache: {u['cached']} of {u['shards']} shards, {human_bytes(u['bytes'])} in "
+                       f"{u['dir']}" + ("" if cache.env_enabled() else " (off: $TENSORGRID_CACHE)")), markup=False)
+
+
+def cmd_cache(a) -> None:
+    from .loader import cache
+
+    c = cache.default_cache(a.dir)
+    if a.action == "clear":
+        r = c.clear()
+        busy = f"; kept {r['busy']} being filled by a running loader" if r["busy"] else ""
+        out.print(safe(f"removed {r['removed']} file(s), {human_bytes(r['bytes'])} from {c.dir}{busy}"), markup=False)
+        return
+    entries = c.entries()
+    held = sum(e["bytes"] for e in entries)
+    t = Table("dataset", "version", "shard", "rows", "size", "last used (UTC)", title=text(c.dir), title_justify="left")
+    for e in reversed(entries):  # most recently used first
+        t.add_row(text(str(e.get("url") or "?")), str(e.get("version", "?")), str(e.get("shard", "?")),
+                  f"{e['rows']:,}" if isinstance(e.get("rows"), int) else "?", human_bytes(e["bytes"]),
+                  time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(e["used"])))
+    if entries:
+        out.print(t)
+    state = "on" if a.dir or cache.env_enabled() else "off ($TENSORGRID_CACHE)"
+    limit, why = cache.describe_limit(c, held)
+    out.print(safe(f"{len(entries)} file(s), {human_bytes(held)}; limit {'none' if limit is None else human_bytes(limit)} "
+                   f"({why}); the default cache is {state}"), markup=False)
 
 
 def cmd_head(a) -> None:
@@ -299,6 +338,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="print the rows as csv, json (JSON Lines) or parquet instead of a table (pipes)")
     sp.add_argument("--out-file", metavar="PATH", help="write the rows to a file (format from --format or the "
                                                        "extension: .csv, .json/.jsonl, .parquet)")
+    sp = add("cache", cmd_cache, "the loader's Arrow cache: list its files, size and limit, or clear it")
+    sp.add_argument("action", nargs="?", choices=["list", "clear"], default="list")
+    sp.add_argument("--dir", default=None, help="a cache_dir= folder (default: $TENSORGRID_CACHE_DIR, else "
+                                                "$XDG_CACHE_HOME/tensorgrid, else ~/.cache/tensorgrid)")
     sp = add("versions", cmd_versions, "the history of a dataset")
     sp.add_argument("ds")
     sp = add("vacuum", cmd_vacuum, "delete files no version references (left by killed writers)")

@@ -63,3 +63,21 @@ def ray_cluster():
     yield cluster
     ray.shutdown()
     cluster.shutdown()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _loader_cache_in_a_temp_folder(tmp_path_factory):
+    """The loader's Arrow cache is on by default: the tests (and the processes they start) fill a folder of
+    their own, never the real ~/.cache."""
+    import os
+
+    saved = {k: os.environ.get(k) for k in ("TENSORGRID_CACHE_DIR", "TENSORGRID_CACHE", "TENSORGRID_CACHE_LIMIT")}
+    os.environ["TENSORGRID_CACHE_DIR"] = str(tmp_path_factory.mktemp("tensorgrid-cache"))
+    os.environ.pop("TENSORGRID_CACHE", None)
+    os.environ.pop("TENSORGRID_CACHE_LIMIT", None)
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

@@ -55,6 +55,7 @@ class Source:
         self._ready: set[int] = set()  # shards whose cache file this process has seen built or mapped
         self._no_room: set[int] = set()  # shards that did not fit under the limit: read from Parquet
         self._next_look: dict[int, float] = {}
+        self._missing: int | None = None  # a shard just found not cached, asked for once its read is done
         self._serving = False
         self.refresh()
 
@@ -116,6 +117,15 @@ class Source:
                 return table.slice(start, stop - start)
             if self._serving:  # the epoch hands out views as if cached: a fresh read, never kept, is safe
                 return self.dataset.read_rows(shard, start, stop, self.columns)
+            table = self._read_through(shard, start, stop)
+            if self._missing is not None:  # ask for it after the read: the shard is verified, the batch nearer
+                self._want(self._missing)
+                self._missing = None
+            return table
+        return self._read_through(shard, start, stop)
+
+    def _read_through(self, shard: int, start: int, stop: int) -> pa.Table:
+        """Rows [start, stop) through the dataset's contract (no cache)."""
         if self.dataset.zero_copy_reads and self.dataset.reads_ranges:  # views: nothing worth keeping
             return self.dataset.read_rows(shard, start, stop, self.columns)
         starts, stops = self._starts[shard]
@@ -162,7 +172,7 @@ class Source:
                 return None
             self._next_look[shard] = now + LOOK_EVERY_S
             if not os.path.exists(self.cache.path(key)):
-                self._want(shard)
+                self._missing = shard
                 return None
         mm, problem = self.cache.open(key)
         if problem is not None:  # damaged: never served, rebuilt here and now

@@ -1,4 +1,4 @@
-"""The Arrow cache (cache_dir=) is checked like the store: damaged files are rebuilt, never read."""
+"""The Arrow cache is checked like the store: damaged files are rebuilt, never read."""
 
 import json
 import os
@@ -19,10 +19,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def epoch(ds, cache, **kw) -> dict:
+    """One epoch's columns; ``cache`` None: no cache. The background fill is waited for (the next epoch
+    then reads the cache)."""
     cols = {"id": [], "x": [], "name": []}
-    for b in ds.to_torch(batch_size=50, cache_dir=cache and str(cache), **kw):
+    loader = ds.to_torch(batch_size=50, cache_dir=str(cache) if cache else False, **kw)
+    for b in loader:
         for k in cols:
             cols[k].append(b[k])
+    assert loader.source.wait_filled(60)
     return {"id": torch.cat(cols["id"]), "x": torch.cat(cols["x"]), "name": sum(cols["name"], [])}
 
 
@@ -124,6 +128,7 @@ def test_each_cache_file_is_hashed_once_per_process_not_every_epoch(ds, tmp_path
     loader = ds.to_torch(batch_size=50, cache_dir=str(cache))
     n0 = source.checks["files"]
     list(loader)
+    loader.source.wait_filled(60)
     assert source.checks["files"] - n0 == 3  # each file hashed as it is built
     forget_checks()
     list(loader)
@@ -140,7 +145,8 @@ def test_workers_do_not_hash_the_cache_again_each_epoch(ds, tmp_path, method):
     cache = tmp_path / "cache"
     loader = ds.to_torch(batch_size=50, cache_dir=str(cache), transform=helpers.add_cache_checks,
                          num_workers=2, multiprocessing_context=method)
-    list(loader)  # built (and hashed) in the workers
+    list(loader)  # built (and hashed) in the background, in this process
+    loader.source.wait_filled(60)
     forget_checks()
     for hashed_here in (3, 0):  # each file once in the main process, then never again
         before = source.checks["files"]
