@@ -25,8 +25,19 @@ from ..args import check_choice, check_int, check_number
 from ..errors import ArgumentError, EmptyDataError, ResumeError, TransformError
 from ..rng import seed_all
 from ..store.dataset import Dataset
-from .collate import (LENGTHS, concat_then_take, concatenated, copied, is_ragged_type, packed, pinned, slice_batch,
-                      table_to_torch, take_per_table, take_to_torch)
+from .collate import (
+    LENGTHS,
+    concat_then_take,
+    concatenated,
+    copied,
+    is_ragged_type,
+    packed,
+    pinned,
+    slice_batch,
+    table_to_torch,
+    take_per_table,
+    take_to_torch,
+)
 from .plan import Layout, Plan
 from .source import Source
 from .workers import Watch
@@ -296,6 +307,11 @@ class Loader:
     batches (numeric and tensor columns as stacked tensors). Every row once per epoch across ranks and
     workers, equal batch counts per rank, seeded shuffle, exact mid-epoch resume via
     ``state_dict()``/``load_state_dict()``.
+
+    A list-of-numbers column ``x`` (token ids, ragged arrays) arrives as ``x``, a (rows, longest in the batch)
+    tensor padded with 0, and ``x_lengths`` (int64); a null list is an empty row, a null inside a list is 0.
+    Strings and other nested values arrive as Python lists. ``pin_memory`` (default: when CUDA is
+    available) pins batches in this process, so ``.to(device, non_blocking=True)`` overlaps the copy.
 
     rank/world_size default to torch.distributed, else $RANK/$WORLD_SIZE, else 0/1. Unless drop_last, the
     epoch is padded to a multiple of world_size by repeating rows, flagged False in a "_valid" column
