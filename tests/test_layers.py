@@ -3,6 +3,7 @@ never loads torch or PIL."""
 
 import ast
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -54,10 +55,13 @@ ds = tg.write({str(tmp_path / 'd')!r}, pa.table({{"a": [1, 2, 3]}}))
 tg.open({str(tmp_path / 'd')!r}).to_arrow()
 tg.sql("SELECT sum(a) AS s FROM t", t=ds).to_pandas()
 tg.list_datasets({str(tmp_path)!r})
+from tensorgrid import cli  # `tensorgrid info` and `tensorgrid cache` too (they read the loader's cache)
+cli.main(["info", {str(tmp_path / 'd')!r}]); cli.main(["cache"])
 print(json.dumps([m for m in ("torch", "PIL", "sklearn", "tensorboard") if m in sys.modules]))
 """
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
-    assert json.loads(out.stdout) == []
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                         env={**os.environ, "TENSORGRID_CACHE_DIR": str(tmp_path / "cache")})
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []
 
 
 def test_torch_side_names_load_on_first_use():

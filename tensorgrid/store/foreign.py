@@ -183,6 +183,27 @@ class ForeignDataset(Dataset):
         state.pop("_handles", None)
         return state
 
+    def cache_key(self, shard: int) -> str | None:
+        """Local Parquet files (the loader's Arrow cache keeps them): a digest of the file's absolute path,
+        size, mtime and footer bytes and of the schema they are read as. Foreign files carry no checksums, so
+        a rewrite keeping size, mtime and footer alike would go unseen; any other change gives a new key."""
+        if self.format != "parquet" or self.partition_columns or not tgfs.is_local(self.fs):
+            return None
+        try:
+            path = os.path.abspath(self.files[shard])
+            with open(path, "rb") as f:
+                st = os.fstat(f.fileno())
+                f.seek(max(0, st.st_size - 8))
+                n = int.from_bytes(f.read(4), "little")
+                f.seek(max(0, st.st_size - 8 - n))
+                footer = f.read(n)
+        except OSError:
+            return None  # unreadable now: read (and fail) through the contract, uncached
+        h = xxhash.xxh3_64(f"{path}|{st.st_size}|{st.st_mtime_ns}|".encode())
+        h.update(footer)
+        h.update(self._schema.serialize().to_pybytes())
+        return f"files-{h.hexdigest()}-{st.st_size}"
+
     @property
     def fingerprint(self) -> str:
         """Foreign files carry no checksums: a digest of each file's absolute path, size and mtime."""

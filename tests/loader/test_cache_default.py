@@ -41,6 +41,22 @@ def test_a_store_dataset_is_cached_by_default_in_the_env_folder(tmp_path, root):
     assert sorted(i for b in loader for i in b["id"].tolist()) == list(range(500))
 
 
+def test_local_foreign_parquet_is_cached_and_a_changed_file_is_never_served_stale(tmp_path, root):
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "foreign"
+    folder.mkdir()
+    for k in range(2):
+        pq.write_table(pa.table({"id": list(range(k * 100, k * 100 + 100))}), folder / f"part-{k}.parquet")
+    ds = tg.open(str(folder))
+    assert one_epoch(ds) == list(range(200))
+    assert len(list(root.glob("files-*.arrow"))) == 2
+    pq.write_table(pa.table({"id": list(range(1000, 1100))}), folder / "part-1.parquet")  # rewritten in place
+    again = tg.open(str(folder))
+    assert one_epoch(again) == list(range(100)) + list(range(1000, 1100))  # the new rows, not the cached ones
+    assert len(list(root.glob("files-*.arrow"))) == 3
+
+
 def test_the_default_root_follows_xdg_then_home(monkeypatch, tmp_path):
     monkeypatch.delenv("TENSORGRID_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
