@@ -11,6 +11,7 @@ import torch
 from ..args import check_int
 from ..errors import ArgumentError, ColumnNotFoundError, TensorGridError
 from ..loader import Loader
+from ..loader.collate import LENGTHS
 from ..store import Dataset, from_arrow, write
 from .features import feature_columns, stack_features
 
@@ -101,7 +102,8 @@ def _batches(model: torch.nn.Module, loader: Loader, features, keep: list[str],
                 y = model(x.to(device) if isinstance(x, torch.Tensor) else x)
             if not isinstance(y, torch.Tensor):
                 raise TensorGridError(f"predict: the model returned a {type(y).__name__}, not a tensor")
-            cols = {c: _column(batch[c]) for c in keep if c not in ("prediction", "probabilities", "prediction_label")}
+            cols = {c: _column(batch[c], batch.get(c + LENGTHS)) for c in keep
+                    if c not in ("prediction", "probabilities", "prediction_label")}
             cols.update(_outputs(y.detach().cpu(), classifier))
             if names is not None and "probabilities" in cols:
                 cols["prediction_label"] = _named(cols["prediction"], names, y.shape[1])
@@ -130,7 +132,12 @@ def _named(prediction: pa.Array, names: list, classes: int) -> pa.Array:
     return pa.array(names, pa.string()).take(prediction)
 
 
-def _column(v):
+def _column(v, lengths=None):
+    if lengths is not None and isinstance(v, torch.Tensor) and v.ndim == 2:  # a list column the loader padded
+        n = lengths.numpy()
+        keep = np.arange(v.shape[1])[None, :] < n[:, None]
+        offsets = np.concatenate([[0], np.cumsum(n)]).astype(np.int32)
+        return pa.ListArray.from_arrays(pa.array(offsets), pa.array(v.numpy()[keep]))
     a = v.numpy() if isinstance(v, torch.Tensor) else v
     if isinstance(a, np.ndarray):
         return pa.array(a) if a.ndim == 1 else pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(a))

@@ -121,3 +121,14 @@ def test_label_names_that_do_not_fit_the_model_are_named(tmp_path, rows):
     with pytest.raises(tg.ArgumentError, match="non-empty list of class names"):
         predict(torch.nn.Linear(4, 3), ds, "x", classifier=True, label_names="abc")
     assert "prediction_label" not in predict(torch.nn.Linear(4, 3), ds, "x", classifier=True).schema.names
+
+
+def test_a_kept_list_column_comes_back_as_lists_whatever_each_batch_padded():
+    """The loader hands a list column over padded per batch (with its lengths); predict gives back the lists."""
+    t = pa.table({"x": pa.FixedShapeTensorArray.from_numpy_ndarray(np.ones((300, 4), np.float32)),
+                  "tokens": pa.array([list(range(i % 7)) for i in range(300)], pa.list_(pa.int64())),
+                  "id": np.arange(300)})
+    out = tg.predict(torch.nn.Linear(4, 2), tg.from_arrow(t), features="x", batch_size=64, keep=["id", "tokens"])
+    got = out.to_arrow()
+    assert got.schema.field("tokens").type == pa.list_(pa.int64())
+    assert got.column("tokens").to_pylist() == t.column("tokens").to_pylist()
