@@ -183,13 +183,26 @@ class Source:
             self._ready.discard(shard)
             self._want(shard)
             return None
-        self._ready.add(shard)
         table = pa.ipc.open_file(pa.py_buffer(mm)).read_all()
         table = table.select(self.columns) if self.columns else table
+        if not self._agrees(shard, table):  # the file holds the shard's bytes, the dataset says otherwise
+            self._no_room.add(shard)  # never from the cache: reads go through the contract, which names it
+            return None
+        self._ready.add(shard)
         self._open[shard] = table
         if len(self._open) > _MAX_OPEN:
             self._open.popitem(last=False)
         return table
+
+    def _agrees(self, shard: int, table: pa.Table) -> bool:
+        """Whether a cache file's rows and column types are what the dataset says this shard holds. The file
+        is keyed by the shard's content (checksum and size), so a manifest edited since it was built (rows,
+        types) would otherwise be served the old shape: such a shard is read through the dataset instead,
+        whose own checks (the footer against the manifest) name the damage."""
+        if table.num_rows != self.dataset.shard_rows[shard]:
+            return False
+        want = self.dataset.schema
+        return all(f.name in want.names and want.field(f.name).type == f.type for f in table.schema)
 
     def _fill_map(self, shard: int, wait: bool = True):
         """Build (or wait for another process to build) the shard's cache file; None when it does not fit."""
