@@ -65,7 +65,9 @@ def _script(tmp_path, engine="local", loader_workers=0, before=""):
 
 
 def _env(**extra):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "RANK", "WORLD_SIZE", "MASTER_"))}
+    # as a user's shell: not the test session's Ray cluster (RAY_ADDRESS), ranks or pytest variables
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("PYTEST", "RANK", "WORLD_SIZE", "MASTER_", "RAY_ADDRESS"))}
     env.pop("PYSPARK_PYTHON", None)  # as in a user's shell: the tests' own session set it
     env["SPARK_LOCAL_IP"] = "127.0.0.1"
     return {**env, **extra}
