@@ -100,7 +100,7 @@ def test_flat_script_on_ray_with_spawned_loader_workers(tmp_path):
     # Ray's workers run their own __main__: functions, classes and lambdas of the user's travel by value, also
     # into the loader's spawned worker processes inside each Ray worker
     path, _ = _script(tmp_path, engine="ray", loader_workers=1,
-                      before="import ray\nray.init(num_cpus=2, include_dashboard=False, _node_ip_address='127.0.0.1')\n")
+                      before="import ray\nray.init(address='local', num_cpus=2, include_dashboard=False, _node_ip_address='127.0.0.1')\n")
     p, _ = _run([PY, str(path)], tmp_path)
     assert _trained(p), p.stderr[-3000:]
 
