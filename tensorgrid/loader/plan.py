@@ -23,6 +23,7 @@ padding); with drop_last the last partial global batch is dropped (fewer than G 
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -130,9 +131,22 @@ class Plan:
         """A chunk (the unit a worker builds) is a whole window, or part of one (``max_chunk_batches``)."""
         return min(self.max_chunk_batches or self.batches_per_window, self.batches_per_window)
 
+    @cached_property
+    def _chunk_starts(self) -> list[int]:
+        """Where each chunk of a window starts (batch offsets in it). The first chunks ramp up (1, 2, 4, ...
+        batches, up to ``batches_per_chunk``): the first batch of a window waits for one batch's gather, not
+        a whole window's. Chunks only group batches: the order never depends on them."""
+        wb, bpc = self.batches_per_window, self.batches_per_chunk
+        starts, at, size = [], 0, 1
+        while at < wb:
+            starts.append(at)
+            at += min(size, bpc)
+            size *= 2
+        return starts
+
     @property
     def _chunks_per_window(self) -> int:
-        return -(-self.batches_per_window // self.batches_per_chunk)
+        return len(self._chunk_starts)
 
     @property
     def num_chunks(self) -> int:
@@ -234,15 +248,15 @@ class Plan:
 
     def chunk_batches(self, c: int, first: int = 0) -> range:
         """Batch indices of chunk c (never crossing a window), starting no earlier than ``first``."""
-        wb, bpc = self.batches_per_window, self.batches_per_chunk
-        w, i = divmod(c, self._chunks_per_window)
-        lo = w * wb + i * bpc
-        hi = min(lo + bpc, (w + 1) * wb, self.num_batches)
+        wb, starts = self.batches_per_window, self._chunk_starts
+        w, i = divmod(c, len(starts))
+        lo = w * wb + starts[i]
+        hi = min(w * wb + (starts[i + 1] if i + 1 < len(starts) else wb), self.num_batches)
         return range(max(lo, first), hi)
 
     def chunk_of(self, k: int) -> int:
         w, r = divmod(k, self.batches_per_window)
-        return w * self._chunks_per_window + r // self.batches_per_chunk
+        return w * len(self._chunk_starts) + bisect.bisect_right(self._chunk_starts, r) - 1
 
     def segments(self, a: int, b: int) -> list[tuple[int, int, int]]:
         """rho positions [a, b) as row ranges (shard, start, stop), adjacent ranges of a shard merged."""

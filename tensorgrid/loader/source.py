@@ -56,6 +56,7 @@ class Source:
         self._no_room: set[int] = set()  # shards that did not fit under the limit: read from Parquet
         self._next_look: dict[int, float] = {}
         self._missing: int | None = None  # a shard just found not cached, asked for once its read is done
+        self._later: list[int] = []  # shards to ask the filler for once the chunk being built is out
         self._serving = False
         self.refresh()
 
@@ -118,9 +119,9 @@ class Source:
             if self._serving:  # the epoch hands out views as if cached: a fresh read, never kept, is safe
                 return self.dataset.read_rows(shard, start, stop, self.columns)
             table = self._read_through(shard, start, stop)
-            if self._missing is not None:  # ask for it after the read: the shard is verified, the batch nearer
-                self._want(self._missing)
-                self._missing = None
+            if self._missing is not None:  # asked for once the chunk is built (start_fills): a filler decoding
+                self._later.append(self._missing)  # beside the chunk's reads would share the cores and
+                self._missing = None  # Arrow's thread pool with them (the first batch waited 0.5 s for it)
             return table
         return self._read_through(shard, start, stop)
 
@@ -230,6 +231,12 @@ class Source:
             mm.close()
             self._ready.add(shard)
         return True
+
+    def start_fills(self) -> None:
+        """Ask the filler for the shards the chunk just built found missing (called once it is handed out)."""
+        later, self._later = self._later, []
+        for shard in dict.fromkeys(later):
+            self._want(shard)
 
     def _want(self, shard: int) -> None:
         """Ask this process's filler for the shard first, then the others (only in the process that made

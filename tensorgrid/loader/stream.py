@@ -224,16 +224,20 @@ class _Chunks(IterableDataset):
 
         if not self.source.dataset.is_remote or len(mine) < 2:
             for c in mine:
-                yield build(c)
+                chunk = build(c)
+                self.source.start_fills()  # the cache fills once the chunk is out, not while it is built
+                yield chunk
             return
         # remote storage: fetch and build the next chunk while this one is consumed
         with ThreadPoolExecutor(max_workers=1) as pool:
             pending = pool.submit(build, mine[0])
             for c in mine[1:]:
                 ready = pending.result()
+                self.source.start_fills()
                 pending = pool.submit(build, c)
                 yield ready
             yield pending.result()
+            self.source.start_fills()
 
 
 def _identity(x):
