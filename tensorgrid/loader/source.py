@@ -30,8 +30,9 @@ LOOK_EVERY_S = 0.5  # while a shard is not cached yet, how often a read looks fo
 
 class Source:
     def __init__(self, dataset: Dataset, columns: list[str] | None = None, cache_dir=None,
-                 cache_limit: int | str | None = None, memory_budget: int = 512 << 20):
+                 cache_limit: int | str | None = None, memory_budget: int = 512 << 20, fill: bool = True):
         self.dataset = dataset
+        self.fill_cache = fill  # False: read the cache files that are there, never build any (one pass)
         self.memory_budget = memory_budget
         self.columns = dataset.check_columns(columns)
         folder = _cache.resolve_dir(cache_dir)
@@ -178,7 +179,7 @@ class Source:
         mm, problem = self.cache.open(key)
         if problem is not None:  # damaged: never served, rebuilt here and now
             self.cache.warn_damaged(key, problem)
-        if mm is None and (self._serving or problem is not None):
+        if mm is None and (self._serving or problem is not None) and self.fill_cache:
             mm = self._fill_map(shard)
         if mm is None:
             self._ready.discard(shard)
@@ -241,7 +242,7 @@ class Source:
     def _want(self, shard: int) -> None:
         """Ask this process's filler for the shard first, then the others (only in the process that made
         the loader: workers read)."""
-        if os.getpid() != self._owner:
+        if os.getpid() != self._owner or not self.fill_cache:
             return
         rest = [s for s, k in enumerate(self._keys) if k and s not in self._ready and s not in self._no_room]
         _cache.filler().want(self, rest)
@@ -249,7 +250,7 @@ class Source:
 
     def fill_in_background(self) -> None:
         """Start filling every shard not cached yet (in this process's filler thread)."""
-        if self.cache is not None and os.getpid() == self._owner and not self._serving:
+        if self.cache is not None and os.getpid() == self._owner and not self._serving and self.fill_cache:
             rest = [s for s, k in enumerate(self._keys) if k and s not in self._ready and s not in self._no_room]
             if rest:
                 _cache.filler().want(self, rest)
@@ -276,7 +277,7 @@ class Source:
                 mm, problem = self.cache.open(key)
                 if problem is not None:
                     self.cache.warn_damaged(key, problem)
-                    mm = self._fill_map(shard)
+                    mm = self._fill_map(shard) if self.fill_cache else None
                 if mm is not None:
                     mm.close()
                     self._ready.add(shard)

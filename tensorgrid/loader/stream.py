@@ -326,13 +326,16 @@ class Loader:
     $TENSORGRID_CACHE=off) turns it off; ``cache_limit`` (bytes, or "20G"; 0: none) bounds it, by default
     $TENSORGRID_CACHE_LIMIT, else half of the free disk plus what it holds. Also:
     ``multiprocessing_context`` ("fork"/"spawn"), ``timeout``, ``shuffle_buffer``, ``memory_budget``.
+    ``cache_fill=False`` reads the cache files that exist but builds none: for a single pass (inference,
+    a look at one batch), where filling would only cost a second decode and a disk write.
     """
 
     def __init__(self, dataset: Dataset, batch_size: int, columns=None, shuffle: bool = False, seed: int = 0,
                  transform=None, num_workers: int = 0, rank: int | None = None, world_size: int | None = None,
                  drop_last: bool = False, prefetch: int = 2, shuffle_buffer: int | None = None,
                  memory_budget: int | None = None, cache_dir=None, cache_limit: int | str | None = None,
-                 multiprocessing_context: str | None = None, timeout: float = 0, pin_memory: bool | None = None):
+                 multiprocessing_context: str | None = None, timeout: float = 0, pin_memory: bool | None = None,
+                 cache_fill: bool = True):
         batch_size, num_workers = check_int("batch_size", batch_size, 1), check_int("num_workers", num_workers, 0)
         prefetch, seed = check_int("prefetch", prefetch, 1), check_int("seed", seed)
         memory_budget = check_int("memory_budget", memory_budget, 1, none=True)
@@ -346,7 +349,8 @@ class Loader:
         self.rank, self.world_size = _rank_world(rank, world_size)
         self.dataset = dataset
         self.memory_budget = memory_budget or DEFAULT_MEMORY_BUDGET
-        self.source = Source(dataset, columns, cache_dir, cache_limit, self.memory_budget)
+        self.source = Source(dataset, columns, cache_dir, cache_limit, self.memory_budget,
+                             fill=_flag("cache_fill", cache_fill))
         if self.source.layout.num_rows == 0:
             raise EmptyDataError(f"{dataset.url or 'dataset'} has no rows to load")
         _check_lengths_names(dataset.schema, self.source.columns)

@@ -43,7 +43,8 @@ def predict(model: torch.nn.Module, data, features="features", *, transform=None
     names = _label_names(ds, label_names, bool(classifier))
     # a transform may read any column: it gets them all; else only what is kept and the features are read
     columns = None if transform is not None else list(dict.fromkeys([*keep, *inputs]))
-    loader = Loader(ds, batch_size, columns=columns, transform=transform, rank=0, world_size=1)
+    # one pass: cached shards are read from the cache, none is built for it
+    loader = Loader(ds, batch_size, columns=columns, transform=transform, rank=0, world_size=1, cache_fill=False)
     batches = _batches(model, loader, features, keep, bool(classifier), names)
     if out is None:
         return from_arrow(pa.Table.from_batches(list(batches)))

@@ -216,8 +216,10 @@ class Trainer:
             raise TrainingConfigError(f"the model factory returned a {type(model).__name__}, not an nn.Module")
         cols = None if self.step else list(dict.fromkeys([*feature_columns(self.features), self.label]))
         # one real batch (a shuffled one, so its labels are a sample of all of them), in this process only
+        # (the workers fill the Arrow cache as they train: this look at one batch builds none)
         batch = next(iter(Loader(ds, min(self.batch_size, 256, ds.num_rows), columns=cols, shuffle=True,
-                                 seed=self.seed, transform=self.transform, rank=0, world_size=1)))
+                                 seed=self.seed, transform=self.transform, rank=0, world_size=1,
+                                 cache_fill=False)))
         model.eval()
         try:
             with torch.no_grad(), warnings.catch_warnings():

@@ -194,3 +194,21 @@ def test_a_killed_fill_leaves_nothing_that_is_served(tmp_path, root):
     assert not leftover.exists() and len(list(root.glob("*.arrow"))) == 1
     again = torch.cat([b["id"] for b in ds.to_torch(batch_size=100)])
     assert torch.equal(again, torch.arange(100))
+
+
+def test_a_single_pass_reads_the_cache_but_builds_none(tmp_path, root):
+    """cache_fill=False (predict, the trainer's look at one batch): no file is built for a one-off read, and
+    files already there are read."""
+    ds = make(str(tmp_path / "d"), n=500, shard_rows=100)
+    loader = ds.to_torch(batch_size=64, shuffle=True, cache_fill=False)
+    assert sorted(i for b in loader for i in b["id"].tolist()) == list(range(500))
+    loader.source.wait_filled(10)
+    assert list(root.glob("*.arrow")) == []
+    model = torch.nn.Linear(4, 2)
+    tg.predict(model, ds, features="x")
+    assert list(root.glob("*.arrow")) == []
+    assert one_epoch(ds) == list(range(500))  # a training-style loader fills it
+    assert len(list(root.glob("*.arrow"))) == 5
+    again = ds.to_torch(batch_size=64, shuffle=True, cache_fill=False)
+    assert again.source.cache_complete()  # and a single pass then reads the files that are there
+    assert sorted(i for b in again for i in b["id"].tolist()) == list(range(500))
