@@ -45,6 +45,7 @@ from ..errors import ArgumentError, CacheRebuiltWarning
 
 FORMAT = "arrow-v1"  # the folder of this file format under the cache root
 SUFFIX, RECORD, LOCK = ".arrow", ".json", ".lock"  # a file, its checksum record, its fill lock
+MARKER = ".tensorgrid-cache"  # in a folder the cache made (clear removes its stray locks and temporaries only there)
 OFF = ("off", "0", "false", "no")
 ON = ("", "on", "1", "true", "yes")
 
@@ -131,6 +132,10 @@ class Cache:
     def makedirs(self) -> None:
         try:
             os.makedirs(self.dir, exist_ok=True)
+            marker = os.path.join(self.dir, MARKER)
+            if not os.path.exists(marker):
+                with open(marker, "w") as f:
+                    f.write("a TensorGrid Arrow cache: `tensorgrid cache clear` deletes the files it built\n")
         except OSError as e:
             raise ArgumentError(f"cache_dir {self.dir!r} cannot be created: {e}") from None
 
@@ -238,7 +243,9 @@ class Cache:
                 st = os.stat(p)
             except OSError:  # evicted by another process meanwhile
                 continue
-            record = _read_record(p) or {}
+            record = _read_record(p)
+            if record is None:  # not a file of ours (or its record is gone): never listed, evicted or cleared
+                continue
             out.append({**record, "key": name[:-len(SUFFIX)], "path": p, "bytes": st.st_size,
                         "used": st.st_atime})  # atime: last mapped (see _checked_map)
         return sorted(out, key=lambda e: e["used"])
@@ -299,7 +306,8 @@ class Cache:
                 nbytes += e["bytes"]
             except Busy:
                 busy += 1
-        for name in (os.listdir(self.dir) if os.path.isdir(self.dir) else []):  # killed fills, stray records, locks
+        ours = os.path.exists(os.path.join(self.dir, MARKER))  # a folder the cache made: its strays are its own
+        for name in (os.listdir(self.dir) if ours else []):  # killed fills, stray records, locks
             if name.endswith(LOCK) or ".tmp-" in name or name.endswith(SUFFIX + RECORD):
                 key = name.split(SUFFIX)[0].removesuffix(LOCK)
                 with contextlib.suppress(Busy, OSError), self.locked(key, wait=False):
@@ -397,6 +405,7 @@ class Filler:
         self._jobs: collections.OrderedDict = collections.OrderedDict()  # (id(source), shard) -> (ref, shard)
         self._cond = threading.Condition()
         self._busy = False
+        self._waiting: list = []  # jobs whose file another process is building: waited for once nothing else is left
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="tensorgrid-cache-fill", daemon=True)
         self._thread.start()
@@ -414,7 +423,7 @@ class Filler:
         """Until nothing is queued or being built (True), or ``timeout`` seconds (False)."""
         end = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while self._jobs or self._busy:
+            while self._jobs or self._busy or self._waiting:
                 left = None if end is None else end - time.monotonic()
                 if left is not None and left <= 0:
                     return False
@@ -429,7 +438,7 @@ class Filler:
         self._thread.join(timeout)
 
     def _run(self) -> None:
-        busy: list = []  # jobs whose file another process is building: waited for once nothing else is left
+        busy = self._waiting
         while True:
             with self._cond:
                 while not self._jobs and not busy and not self._stop:

@@ -428,7 +428,7 @@ class Loader:
         with another seed, shuffle, global batch or shuffle window, is refused with ResumeError."""
         if not isinstance(state, dict) or not {"epoch", "batch"} <= state.keys():
             raise ResumeError(f"not a loader state (a dict from state_dict() with 'epoch' and 'batch'): {state!r}"[:200])
-        if self.shuffle and "span" not in state:  # saved before pieces (whole blocks): resume in that order
+        if self.shuffle and not state.get("span"):  # saved before pieces (whole blocks; or 0): resume in that order
             self.span_rows = None
         _check_same_order(state, self.state_dict(), self.shuffle)
         epoch = check_int("the state's epoch", state["epoch"], 0, error=ResumeError)

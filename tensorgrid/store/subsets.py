@@ -352,10 +352,12 @@ class _ArrowTest:
 class _SQLTest:
     """Evaluates an SQL condition with DuckDB over a shard's table (tensor columns as their bytes). The text
     is parsed as one expression (a relation's filter), so it can never be more of a query than a condition:
-    no ``) UNION SELECT ...`` adding rows, no second statement."""
+    no ``) UNION SELECT ...`` adding rows, no second statement; and the connection has no file or network
+    access (a subquery cannot ``read_csv('/etc/passwd')`` or fetch a URL)."""
 
     def __init__(self, expr: str):
-        self.text, self.expr, self.con = expr, repr(expr), duckdb.connect()
+        self.text, self.expr = expr, repr(expr)
+        self.con = duckdb.connect(config={"enable_external_access": False, "lock_configuration": True})
 
     def __call__(self, table: pa.Table, row: str) -> pa.Table:
         seen: dict[str, str] = {}

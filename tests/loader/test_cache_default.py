@@ -179,7 +179,7 @@ def test_the_cache_command_lists_sizes_and_clears(tmp_path, root, capsys):
     assert str(tmp_path / "d") in listed and "3 file(s)" in listed and "limit" in listed
     assert "loader cache: 3 of 3 shards" in cli("info", ds.url)
     assert "removed 3 file(s)" in cli("cache", "clear")
-    assert not list(root.iterdir())
+    assert [p.name for p in root.iterdir()] == [cache.MARKER]  # only the mark of a folder the cache made
     assert "loader cache: 0 of 3 shards" in cli("info", ds.url)
     assert "0 file(s)" in cli("cache", "--dir", str(root))
 
@@ -212,3 +212,19 @@ def test_a_single_pass_reads_the_cache_but_builds_none(tmp_path, root):
     again = ds.to_torch(batch_size=64, shuffle=True, cache_fill=False)
     assert again.source.cache_complete()  # and a single pass then reads the files that are there
     assert sorted(i for b in again for i in b["id"].tolist()) == list(range(500))
+
+
+def test_clearing_a_folder_of_someone_elses_files_deletes_nothing(tmp_path, root, capsys):
+    """Only files the cache built (with their checksum record) are listed, evicted or cleared; stray locks and
+    temporaries only in a folder the cache made."""
+    from tensorgrid import cli
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    for name in ("mydata.arrow", "notes.lock", "draft.tmp-1"):
+        (mine / name).write_text("user data")
+    assert cli.main(["cache", "clear", "--dir", str(mine)]) == 0
+    assert sorted(p.name for p in mine.iterdir()) == ["draft.tmp-1", "mydata.arrow", "notes.lock"]
+    ds = make(str(tmp_path / "d"), n=200, shard_rows=100)
+    assert one_epoch(ds, cache_dir=str(mine), cache_limit=1) == list(range(200))  # a limit that evicts
+    assert (mine / "mydata.arrow").read_text() == "user data"

@@ -120,3 +120,24 @@ def test_a_state_with_another_shuffle_window_is_refused(tmp_path):
     unshuffled = ds.to_torch(**{**KW, "shuffle": False, "shuffle_buffer": 128})
     unshuffled.load_state_dict({**stopped_after(ds.to_torch(**{**KW, "shuffle": False}), 4)})  # no window then
     assert ids(unshuffled)[0] == list(range(64, 80))
+
+
+def test_a_state_saved_after_resuming_a_pre_pieces_state_resumes_again(tmp_path):
+    """A state from before pieces (no "span") resumes in whole-block order; the state saved from there
+    ("span": 0) must resume in that order again (a second crash, or max_restarts)."""
+    ds = make(str(tmp_path / "d"), n=300, shard_rows=100)
+    whole_blocks = ds.to_torch(**KW)
+    whole_blocks.span_rows = None  # the order before pieces
+    full = ids(whole_blocks)
+    old = ds.to_torch(**KW)
+    old.span_rows = None
+    state = stopped_after(old, 3)
+    state.pop("span")
+    first = ds.to_torch(**KW)
+    first.load_state_dict(state)
+    it = iter(first)
+    for _ in range(2):
+        next(it)
+    again = ds.to_torch(**KW)
+    again.load_state_dict(first.state_dict())
+    assert ids(again) == full[5:]

@@ -134,3 +134,12 @@ def test_ingest_append_onto_labels_without_a_mapping_is_refused(tmp_path):
     with pytest.raises(tg.SchemaMismatchError, match="label_index"):
         tg.ingest_images(str(tmp_path / "src"), url, mode="append")
     assert tg.open(url).version == 2
+
+
+def test_a_filter_cannot_read_files(tmp_path):
+    """A subquery in a condition is still one expression: it must not reach the file system or the network."""
+    secret = tmp_path / "secret.csv"
+    secret.write_text("a\n1\n")
+    ds = tg.from_arrow(pa.table({"x": [1, 2, 3]}))
+    with pytest.raises(tg.SQLError, match="disabled|Permission"):
+        _ = ds.filter(f"x = (SELECT max(a) FROM read_csv('{secret}'))").num_rows

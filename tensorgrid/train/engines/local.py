@@ -42,6 +42,8 @@ def run(payload: bytes, workers: int, max_restarts: int, timeout_s: float, check
         write_job(job, payload)
         attempt = 0
         while True:
+            if os.path.exists(result):  # an earlier attempt's: never taken for this one's
+                os.remove(result)
             try:
                 failure, watch = _launch(job, result, workers, timeout_s, attempt > 0)
             except KeyboardInterrupt:  # one line, not every worker's traceback

@@ -84,7 +84,7 @@ if __name__ == "__main__":
     except KeyboardInterrupt:  # Ctrl-C reaches every process of the terminal's group: the driver reports it
         code = 130
     except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except BaseException:  # noqa: BLE001 - @record wrote the error file; show the traceback too
         import traceback
 
