@@ -264,7 +264,9 @@ class Cache:
 
     def make_room(self, need: int, protect=()) -> bool:
         """Evict least recently used files until ``need`` more bytes fit under the limit; False (evicting
-        nothing) when they cannot without evicting ``protect``."""
+        nothing) when they cannot without evicting ``protect``. Temporaries of fills that were killed (their
+        lock free) go first."""
+        self._sweep()
         entries = self.entries()
         held = sum(e["bytes"] for e in entries)
         limit = self.effective_limit(held)
@@ -282,6 +284,17 @@ class Cache:
         for e in victims:
             self.remove(e["key"])
         return True
+
+    def _sweep(self) -> None:
+        """Delete the temporaries of killed fills (a training rank leaves with os._exit) in a folder the cache
+        made, where no process holds their key's lock."""
+        if not os.path.exists(os.path.join(self.dir, MARKER)):
+            return
+        for name in os.listdir(self.dir):
+            if ".tmp-" in name and name.split(SUFFIX)[0]:
+                key = name.split(SUFFIX)[0]
+                with contextlib.suppress(Busy, OSError), self.locked(key, wait=False):
+                    os.remove(os.path.join(self.dir, name))
 
     def remove(self, key: str) -> None:
         """Delete a file (mapped copies stay valid until unmapped), then its record; its lock file when free."""
@@ -482,16 +495,19 @@ def wait_filled(timeout: float | None = None) -> bool:
     return True if f is None or f.pid != os.getpid() else f.wait(timeout)
 
 
-def _forget_filler() -> None:  # a forked child has no filler thread: it starts its own if it needs one
-    global _filler, _filler_lock
-    _filler, _filler_lock = None, threading.Lock()
+def _forget_filler() -> None:
+    """In a forked child: no filler thread (it starts its own if it needs one), and fresh locks (the filler
+    may have held one at the fork: the child would wait for it forever)."""
+    global _filler, _filler_lock, _verified_lock
+    _filler, _filler_lock, _verified_lock = None, threading.Lock(), threading.Lock()
 
 
 def _stop_at_exit() -> None:
-    """Let the shard being built finish (it would be wasted), start no other."""
+    """Let the shard being built finish for a few seconds (it would be wasted), start no other; a fill cut
+    short leaves a temporary that the next fill or eviction removes."""
     f = _filler
     if f is not None and f.pid == os.getpid():
-        f.stop(timeout=30)
+        f.stop(timeout=5)
 
 
 os.register_at_fork(after_in_child=_forget_filler)

@@ -27,6 +27,14 @@ _verified: set[tuple] = set()
 _verified_lock = threading.Lock()
 
 
+def _fresh_lock() -> None:  # a forked child: a lock another thread held at the fork would never be released
+    global _verified_lock
+    _verified_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_fresh_lock)
+
+
 @dataclass(frozen=True)
 class VersionInfo:
     version: int

@@ -228,3 +228,14 @@ def test_clearing_a_folder_of_someone_elses_files_deletes_nothing(tmp_path, root
     ds = make(str(tmp_path / "d"), n=200, shard_rows=100)
     assert one_epoch(ds, cache_dir=str(mine), cache_limit=1) == list(range(200))  # a limit that evicts
     assert (mine / "mydata.arrow").read_text() == "user data"
+
+
+def test_a_killed_fills_temporary_is_swept_when_room_is_made(tmp_path, root):
+    """A training rank leaves with os._exit: a fill cut short leaves <key>.arrow.tmp-*, outside the limit's
+    count; the next eviction pass removes it (its lock is free)."""
+    ds = make(str(tmp_path / "d"), n=200, shard_rows=100)
+    assert one_epoch(ds) == list(range(200))
+    leftover = root / "xxh3_64-0123456789abcdef-99.arrow.tmp-dead"
+    leftover.write_bytes(b"\0" * 1000)
+    cache.Cache(str(root), None).make_room(0)
+    assert not leftover.exists() and len(list(root.glob("*.arrow"))) == 2
