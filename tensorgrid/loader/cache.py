@@ -343,6 +343,8 @@ def _checked_map(path: str) -> tuple[mmap.mmap | None, str | None]:
         key = (path, st.st_size, st.st_mtime_ns, st.st_ino)
         problem = None if key in _verified else _problem(f, st.st_size)
         if problem is not None:
+            if st.st_nlink == 0 or not _same_file(path, st):  # evicted meanwhile (file, then record): missing,
+                return None, None  # not damaged (no warning; the reader fills or reads Parquet)
             return None, problem
         _remember(key)
         try:  # LRU order for the limit, in atime: the mtime is part of the check's key
@@ -350,6 +352,14 @@ def _checked_map(path: str) -> tuple[mmap.mmap | None, str | None]:
         except OSError:  # a read-only cache
             pass
         return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY), None  # private copy-on-write pages
+
+
+def _same_file(path: str, st: os.stat_result) -> bool:
+    try:
+        now = os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (now.st_ino, now.st_dev) == (st.st_ino, st.st_dev)
 
 
 def _problem(f, size: int) -> str | None:
