@@ -38,7 +38,16 @@ from .errors import (
     WorkerFailedError,
 )
 from .store import Dataset, from_arrow, ingest_images, list_datasets, open, sql, write
+from .store.dataset import provide as _provide
 from .store.vacuum import vacuum
+
+
+def _to_torch(ds, batch_size, **options):
+    """``Dataset.to_torch``: the loader (and with it torch) is imported on first use."""
+    return import_module("tensorgrid.loader").Loader(ds, batch_size, **options)
+
+
+_provide(to_torch=_to_torch)
 
 __version__ = "0.1.0"
 

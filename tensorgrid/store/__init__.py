@@ -5,7 +5,11 @@ from __future__ import annotations
 from .. import fs as tgfs
 from ..args import check_int
 from ..errors import DatasetNotFoundError, TensorGridError
+
+from . import dataset as _dataset
 from . import manifest, writer
+from . import spark as _spark
+from . import subsets as _subsets
 from .catalog import DatasetEntry, list_datasets
 from .convert import is_spark_dataframe
 from .dataset import Dataset
@@ -14,6 +18,10 @@ from .images import SkippedFilesWarning, ingest_images
 from .memory import ArrowDataset, from_arrow
 from .sql import sql
 from .versioned import StoreDataset, VersionInfo
+
+# the Dataset methods the store's own modules implement (dataset.py imports none of them: no import circle)
+_dataset.provide(sql=sql, to_spark=_spark.to_spark, split=_subsets.split, select=_subsets.select,
+                 filter=_subsets.filter, sample=_subsets.sample)
 
 __all__ = ["Dataset", "StoreDataset", "ForeignDataset", "ArrowDataset", "VersionInfo", "SkippedFilesWarning",
            "open", "write", "from_arrow", "sql", "ingest_images", "list_datasets", "DatasetEntry"]

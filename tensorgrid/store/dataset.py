@@ -20,6 +20,25 @@ from .. import fs as tgfs
 from ..args import check_int
 from ..errors import ArgumentError, ColumnNotFoundError, ReadOnlyError
 from . import encoding
+from .labels import label_names
+
+# Operations that modules above this one implement and a Dataset offers as methods (to_torch: the loader;
+# sql, split, ...: store modules built on Dataset). Each is registered by the package that imports both
+# (``store/__init__.py`` for the store's, ``tensorgrid/__init__.py`` for the loader's, which it imports on
+# first use), so this module imports none of them and every import points down.
+_PROVIDED: dict = {}
+
+
+def provide(**operations) -> None:
+    """Register implementations of Dataset methods by name (``to_torch=fn, sql=fn, ...``)."""
+    _PROVIDED.update(operations)
+
+
+def _provided(name: str):
+    fn = _PROVIDED.get(name)
+    if fn is None:  # only while the package itself is being imported
+        raise NotImplementedError(f"Dataset.{name} is registered when tensorgrid is imported")
+    return fn
 
 _PARSE_ERRORS = (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError, OSError, ValueError, IndexError)
 
@@ -207,58 +226,43 @@ class Dataset(abc.ABC):
         table = pa.concat_tables(parts) if parts else pa.Table.from_batches([], schema=self.schema)
         return table_to_pandas(table)
 
+    # --- operations other modules implement (registered with ``provide``: see below) ------------------
     def to_torch(self, batch_size: int, **options):
         """A PyTorch loader over this dataset (``tensorgrid.loader.Loader``: see its docstring for the
-        options). The one sanctioned upward reference from the store: imported on use."""
-        from ..loader import Loader
-
-        return Loader(self, batch_size, **options)
+        options)."""
+        return _provided("to_torch")(self, batch_size, **options)
 
     def to_spark(self, spark=None):
         """This dataset as a Spark DataFrame, read by the executors (``tensorgrid.store.spark.to_spark``)."""
-        from .spark import to_spark
-
-        return to_spark(self, spark)
+        return _provided("to_spark")(self, spark)
 
     def sql(self, query: str) -> Dataset:
         """Run DuckDB SQL with this dataset as the table ``ds``."""
-        from .sql import sql
-
-        return sql(query, ds=self)
+        return _provided("sql")(query, ds=self)
 
     @property
     def label_names(self) -> list[str] | None:
         """Class names in ``label_index`` order (``tg.ingest_images`` keeps them with the schema; older
         datasets derive them from their label/label_index pairs); None without a label_index column."""
-        from .labels import label_names
-
         return label_names(self)
 
     # --- subsets: views of this dataset's rows and columns, no copy (store/subsets.py) --------------
     def split(self, fractions, seed: int = 0, stratify: str | None = None):
         """Disjoint random subsets covering every row, sized by ``fractions`` (a list -> a list, a dict
         name -> fraction -> a dict); ``stratify``: a column each value of which is split alike."""
-        from .subsets import split
-
-        return split(self, fractions, seed, stratify)
+        return _provided("split")(self, fractions, seed, stratify)
 
     def select(self, columns: list[str]) -> Dataset:
         """Only ``columns``, in that order."""
-        from .subsets import select
-
-        return select(self, columns)
+        return _provided("select")(self, columns)
 
     def filter(self, expr) -> Dataset:
         """The rows where ``expr`` holds: an SQL condition (DuckDB) or a pyarrow compute expression."""
-        from .subsets import filter
-
-        return filter(self, expr)
+        return _provided("filter")(self, expr)
 
     def sample(self, n, seed: int = 0) -> Dataset:
         """``n`` random rows (an int) or that fraction of them (a float), without replacement."""
-        from .subsets import sample
-
-        return sample(self, n, seed)
+        return _provided("sample")(self, n, seed)
 
     def info(self) -> dict:
         return {"url": self.url, "version": self.version, "rows": self.num_rows, "shards": self.num_shards,
