@@ -5,7 +5,6 @@ from __future__ import annotations
 from .. import fs as tgfs
 from ..args import check_int
 from ..errors import DatasetNotFoundError, TensorGridError
-
 from . import dataset as _dataset
 from . import manifest, writer
 from . import spark as _spark
