@@ -35,20 +35,17 @@ class Callback:
     ranks diverge. When ``fit`` returns, each callback object holds the attributes it had on rank 0 at the
     end (so a callback that records something works on every engine, as with one process); a group restarted
     after a failure (``max_restarts``) starts again from the objects as ``fit`` sent them, so state that must
-    survive belongs in what ``state.history`` already holds, as below. Built in: ``EarlyStopping`` and
-    ``BestCheckpoint`` (``tensorgrid.train.monitors``).
+    survive belongs in what ``state.history`` already holds (as the built-in ``EarlyStopping`` and
+    ``BestCheckpoint``, ``tensorgrid.train.monitors``, do: they decide the same after a resume).
 
-    Early stopping, resume-safe because it reads the history a checkpoint carries (the built-in one adds
-    ``mode`` and ``min_delta``)::
+    A callback that keeps a metric's curve (its attributes come back to this object after ``fit``)::
 
-        class EarlyStopping(tg.Callback):
-            def __init__(self, monitor="val_loss", patience=3):
-                self.monitor, self.patience = monitor, patience
+        class Curve(tg.Callback):
+            def __init__(self, metric="val_loss"):
+                self.metric, self.values = metric, []
 
             def on_epoch_end(self, state):
-                values = [row[self.monitor] for row in state.history]
-                if len(values) - 1 - values.index(min(values)) >= self.patience:
-                    state.should_stop = True
+                self.values.append(state.metrics[self.metric])
     """
 
     def on_train_start(self, state: TrainState) -> None: ...

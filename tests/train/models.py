@@ -152,15 +152,3 @@ class Recorder(Callback):
 class FailsAtEpochEnd(Callback):
     def on_epoch_end(self, state):
         raise ValueError("no metrics today")
-
-
-class EarlyStopping(Callback):
-    """The example in Callback's docstring."""
-
-    def __init__(self, monitor="val_loss", patience=3):
-        self.monitor, self.patience = monitor, patience
-
-    def on_epoch_end(self, state):
-        values = [row[self.monitor] for row in state.history]
-        if len(values) - 1 - values.index(min(values)) >= self.patience:
-            state.should_stop = True

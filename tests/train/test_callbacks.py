@@ -104,8 +104,8 @@ def test_callbacks_are_checked_in_the_constructor():
     assert trainer(callbacks=ok).callbacks == tuple(ok) and trainer(callbacks=None).callbacks == ()
 
 
-def test_the_docstrings_early_stopping_stops_after_patience_epochs_without_improvement():
-    stop = models.EarlyStopping(monitor="val_loss", patience=2)
+def test_early_stopping_stops_after_patience_epochs_without_improvement():
+    stop = tg.EarlyStopping(monitor="val_loss", patience=2)
 
     def after(*losses):
         state = TrainState(epoch=len(losses) - 1, epochs=10, step=0, samples=0, world_size=1, model=None,
