@@ -70,6 +70,14 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def _write_local(tmp: str, data: bytes, durable: bool) -> None:
+    with open(tmp, "wb") as f:
+        f.write(data)
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
+
+
 def create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes, durable: bool = True) -> bool:
     """Create ``path`` holding ``data`` only if it does not exist; True if this call created it.
 
@@ -84,12 +92,8 @@ def create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes, dura
         os.makedirs(directory, exist_ok=True)
         for _ in range(3):  # a vacuum may remove a temporary it takes for a dead writer's: write it again
             tmp = os.path.join(directory, f".tmp-{uuid.uuid4().hex}")
-            with open(tmp, "wb") as f:
-                f.write(data)
-                if durable:
-                    f.flush()
-                    os.fsync(f.fileno())
             try:
+                _write_local(tmp, data, durable)
                 os.link(tmp, path)
             except FileExistsError:
                 return False
@@ -133,11 +137,12 @@ def put_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     fs.makedirs(parent, exist_ok=True)
     if is_local(fs):
         tmp = os.path.join(parent, f".tmp-{uuid.uuid4().hex}")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            _write_local(tmp, data, durable=True)
+            os.replace(tmp, path)
+        finally:
+            if os.path.lexists(tmp):  # a failed write (disk full) leaves nothing behind
+                os.unlink(tmp)
         fsync_dir(parent)
         return
     if isinstance(fs, MemoryFileSystem):

@@ -12,7 +12,6 @@ import json
 import math
 import os
 import stat
-import uuid
 
 import numpy as np
 import pyarrow as pa
@@ -74,46 +73,22 @@ def target_problem(url: str) -> str | None:
 
 
 def write_file(table: pa.Table, url: str, fmt: str, overwrite: bool = True) -> None:
-    """The rows as one file at ``url`` (whole or not at all on a local disk: written beside it, then renamed;
-    without ``overwrite``, a file that appeared meanwhile is never replaced)."""
+    """The rows as one file at ``url``, whole or not at all (``fs.put_atomic``; without ``overwrite``,
+    ``fs.create_exclusive``: a file that appeared meanwhile is never replaced)."""
     problem = target_problem(url)
     if problem is not None:
         raise TensorGridError(f"{url} {problem}")
     data = to_bytes(table, fmt)
     fs, path = tgfs.resolve(url)
-    if not tgfs.is_local(fs):
-        fs.pipe_file(path, data)
-        return
-    path = os.path.realpath(path)  # a link stays a link to the new file
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    if tgfs.is_local(fs):
+        path = os.path.realpath(path)  # a link stays a link to the new file
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
         if overwrite:
-            os.replace(tmp, path)
-        else:
-            _link(tmp, path)
-    except FileExistsError:
-        raise TensorGridError(f"{url} was created by someone else while the rows were written: not replaced") from None
+            tgfs.put_atomic(fs, path, data)
+        elif not tgfs.create_exclusive(fs, path, data):
+            raise TensorGridError(f"{url} was created by someone else while the rows were written: not replaced")
     except OSError as e:  # disk full, no permission...: named by the file asked for, not the temporary
         raise OSError(e.errno, e.strerror, url) from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _link(tmp: str, path: str) -> None:
-    """``tmp`` at ``path`` only if nothing is there (a hard link is exclusive; without them, a check)."""
-    try:
-        os.link(tmp, path)
-    except FileExistsError:
-        raise
-    except OSError:  # a filesystem without hard links
-        if os.path.lexists(path):
-            raise FileExistsError(path) from None
-        os.replace(tmp, path)
 
 
 def _pylist(col: pa.ChunkedArray) -> list:
