@@ -3,15 +3,17 @@ matplotlib (the optional ``tensorgrid[plot]`` extra) draws with its Agg backend:
 
 from __future__ import annotations
 
+import io
 import math
 import os
 
+from .. import fs as tgfs
 from ..errors import ArgumentError, TensorGridError
 
 
 def plot_history(history: list[dict], path: str, title: str | None = None) -> str:
-    """Draw ``history`` (``FitResult.history``: one row per epoch) to ``path`` (a local .png/.svg/.pdf
-    file, its folder created); returns the absolute path."""
+    """Draw ``history`` (``FitResult.history``: one row per epoch) to ``path`` (.png/.svg/.pdf, a local path
+    or any URL the store takes, its folder created); returns the absolute path (or the URL)."""
     if not isinstance(path, (str, os.PathLike)) or not str(path):
         raise ArgumentError(f"path must be a file name such as 'curves.png', got {path!r}")
     if not history:
@@ -38,16 +40,13 @@ def plot_history(history: list[dict], path: str, title: str | None = None) -> st
         ax.legend()
     if title:
         fig.suptitle(title)
-    path = os.path.abspath(os.fspath(path))
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}{os.path.splitext(path)[1]}"
-    try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)  # a reader never sees half a picture
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    url = os.fspath(path)
+    fs, where = tgfs.resolve(url)
+    fmt = os.path.splitext(where)[1].lstrip(".").lower() or "png"
+    buf = io.BytesIO()
+    fig.savefig(buf, format=fmt, dpi=110)
+    tgfs.put_atomic(fs, where, buf.getvalue())  # a reader never sees half a picture
+    return os.path.abspath(where) if tgfs.is_local(fs) else tgfs.to_url(fs, where)
 
 
 def _finite(v) -> bool:
