@@ -20,12 +20,10 @@ def _load(job_path: str):
     import cloudpickle
 
     with open(job_path, "rb") as f:
-        job = f.read()
-    header_len = int.from_bytes(job[:8], "little")
-    driver_path = json.loads(job[8:8 + header_len])
-    # the driver's import path first (its script's folder, its PYTHONPATH additions), then ours
-    sys.path[:] = list(dict.fromkeys([p for p in driver_path if isinstance(p, str)] + sys.path))
-    return cloudpickle.loads(job[8 + header_len:])
+        driver_path = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        # the driver's import path first (its script's folder, its PYTHONPATH additions), then ours
+        sys.path[:] = list(dict.fromkeys([p for p in driver_path if isinstance(p, str)] + sys.path))
+        return cloudpickle.load(f)  # streamed from the file: no copy of a payload that may hold the data
 
 
 def write_job(path: str, payload: bytes) -> None:
@@ -34,7 +32,8 @@ def write_job(path: str, payload: bytes) -> None:
 
     header = json.dumps([p for p in sys.path if isinstance(p, str)]).encode()
     with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
-        f.write(len(header).to_bytes(8, "little") + header + payload)
+        f.write(len(header).to_bytes(8, "little") + header)
+        f.write(payload)  # apart: a payload holding an in-memory dataset is not copied once more
 
 
 def _write_result(path: str, out) -> None:
