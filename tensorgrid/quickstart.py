@@ -55,17 +55,14 @@ def cosine(optimizer, epochs: int = 8):
 
 
 def train_digits(ds, home: str, workers: int = 2, epochs: int = 8) -> None:
-    """Train the CNN on 1,500 digits with ``workers`` local processes; report held-out accuracy."""
-    from .store import from_arrow
+    """Train the CNN on ~1,500 digits with ``workers`` local processes; report held-out accuracy."""
     from .train import Trainer
     from .transforms import to_float
 
-    table = ds.to_arrow()
-    perm = np.random.default_rng(0).permutation(table.num_rows)
-    train, held_out = from_arrow(table.take(perm[:1500])), from_arrow(table.take(perm[1500:]))
+    train, held_out = ds.split([0.83, 0.17], seed=0, stratify="label")  # views of the dataset: no copy
     run_dir = f"{home}/runs/digits"  # fresh each run: the demo's folder was emptied
-    out.print(f"\n[bold]training[/] a CNN on 1,500 digits with {workers} local workers (PyTorch DDP, gloo), "
-              f"{held_out.num_rows} held out")
+    out.print(f"\n[bold]training[/] a CNN on {train.num_rows:,} digits with {workers} local workers (PyTorch DDP, "
+              f"gloo), {held_out.num_rows} held out: ds.split([0.83, 0.17], seed=0, stratify=\"label\")")
     trainer = Trainer(model=digits_cnn, loss=torch.nn.CrossEntropyLoss(), optimizer=adam,
                       scheduler=functools.partial(cosine, epochs=epochs), features="image", label="label",
                       transform=to_float, batch_size=32, epochs=epochs, workers=workers,
