@@ -9,6 +9,7 @@ are padded per batch: ``batch[name]`` (rows, longest) padded with 0, ``batch[nam
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import numpy as np
@@ -16,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from ..errors import ArgumentError
 from ..store import encoding
 
 LENGTHS = "_lengths"  # batch[name + LENGTHS]: the row lengths of a padded list column
@@ -145,15 +147,22 @@ class Columns(dict):
 class _Dest:
     """Where a gather writes: a (k, n) block per group of two or more 1-D columns of one dtype, an array of
     its own for any other gatherable column. ``protos``: name -> a numpy view with the column's dtype and
-    row shape (columns absent are not gatherable with numpy)."""
+    row shape (columns absent are not gatherable with numpy). ``packs``: column names -> a row-major (rows,
+    k) view of the source: such a group is gathered in one pass, row by row, into an (n, k) array whose
+    transpose is its block."""
 
-    def __init__(self, names: list[str], protos: dict, n: int):
+    def __init__(self, names: list[str], protos: dict, n: int, packs: dict | None = None):
+        self.names, self.where, self.blocks, self.values, self.rows = names, {}, [], {}, {}
+        for group, p in (packs or {}).items():  # row-major: a sample's values side by side, as gathered
+            rows = np.empty((n, len(group)), p.dtype)
+            self.rows[group] = rows
+            self.blocks.append((group, rows.T))
+            self.where.update({name: rows[:, j] for j, name in enumerate(group)})
         by_dtype: dict = {}
         for name in names:
             p = protos.get(name)
-            if p is not None and p.ndim == 1:
+            if p is not None and p.ndim == 1 and name not in self.where:
                 by_dtype.setdefault(p.dtype, []).append(name)
-        self.names, self.where, self.blocks, self.values = names, {}, [], {}
         for dtype, group in by_dtype.items():
             if len(group) > 1:
                 block = np.empty((len(group), n), dtype)
@@ -162,6 +171,11 @@ class _Dest:
         for name, p in protos.items():
             if name not in self.where:
                 self.where[name] = np.empty((n,) + p.shape[1:], p.dtype)
+
+    @property
+    def rows_of(self) -> set:
+        """Columns gathered with their row-major group."""
+        return {name for group in self.rows for name in group}
 
     def array(self, name: str) -> np.ndarray:
         return self.where[name]
@@ -197,20 +211,33 @@ def take_to_torch(table: pa.Table, indices: np.ndarray) -> Columns:
     return take_per_table(pieces, groups, len(indices))
 
 
-def take_per_table(tables: list[pa.Table], groups: list, n: int) -> Columns:
+def take_per_table(tables: list[pa.Table], groups: list, n: int, packs: list | None = None) -> Columns:
     """Batch columns of ``n`` rows assembled from several tables: group (t, out, rows) puts rows ``rows``
     of table t at output positions ``out`` (None: all of them, in order). Numeric and tensor columns are
-    gathered with numpy into their block rows (one pass, no per-row Python), the rest with Arrow take."""
+    gathered with numpy into their block rows (one pass, no per-row Python), the rest with Arrow take;
+    ``packs`` (per table, row-major views of wide columns: ``Source.packs``) gather a group of columns in
+    one pass."""
     names = tables[0].column_names
+    common = _common_packs(packs, len(tables))
     views = {}
     for name in names:
         vs = [_single_view(t.column(name)) for t in tables]
         if all(v is not None for v in vs):
             views[name] = vs
-    dest = _Dest(names, {name: vs[0] for name, vs in views.items()}, n)
+    dest = _Dest(names, {name: vs[0] for name, vs in views.items()}, n, {g: vs[0] for g, vs in common.items()})
     if views and len(groups) == 1 and groups[0][1] is None:
         _check_range(groups[0][2], len(tables[groups[0][0]]))
+    for group, vs in common.items():
+        out = dest.rows[group]
+        if len(groups) == 1 and groups[0][1] is None:
+            np.take(vs[groups[0][0]], groups[0][2], axis=0, out=out, mode="clip")
+        else:
+            for t, pos, rows in groups:
+                out[pos] = np.take(vs[t], rows, axis=0)
+    gathered = dest.rows_of
     for name in names:
+        if name in gathered:
+            continue
         if name in views:
             arr = dest.array(name)
             if len(groups) == 1 and groups[0][1] is None:  # clip: unbuffered (the indices are ours, in range)
@@ -230,7 +257,7 @@ def take_per_table(tables: list[pa.Table], groups: list, n: int) -> Columns:
     return dest.columns()
 
 
-def concat_then_take(tables: dict, pieces: list, indices: np.ndarray) -> Columns:
+def concat_then_take(tables: dict, pieces: list, indices: np.ndarray, packs: dict | None = None) -> Columns:
     """Rows ``indices`` of the concatenation of ``pieces`` (key, start, stop): slices of ``tables[key]``
     laid end to end. Numeric and tensor columns cost one sequential copy of the pieces and one gather in
     output order (into their block rows); scattering each table's rows to their output positions instead
@@ -238,6 +265,8 @@ def concat_then_take(tables: dict, pieces: list, indices: np.ndarray) -> Columns
     the tables reads a fresh copy-on-write map at random (a fault per page) over a range often twice the
     pieces (measured slower too)."""
     names = next(iter(tables.values())).column_names
+    keys = list(tables)
+    common = _common_packs([packs[k] for k in keys] if packs else None, len(keys))
     parts = {}
     for name in names:
         views = {k: _single_view(t.column(name)) for k, t in tables.items()}
@@ -247,10 +276,18 @@ def concat_then_take(tables: dict, pieces: list, indices: np.ndarray) -> Columns
             ps = [_numpy_view(c) for k, a, b in pieces for c in tables[k].column(name).slice(a, b - a).chunks]
         if ps and all(v is not None for v in ps):
             parts[name] = ps
-    dest = _Dest(names, {name: ps[0] for name, ps in parts.items()}, len(indices))
+    dest = _Dest(names, {name: ps[0] for name, ps in parts.items()}, len(indices),
+                 {g: vs[0] for g, vs in common.items()})
     if parts:
         _check_range(indices, sum(len(p) for p in next(iter(parts.values()))))
+    for group, vs in common.items():
+        by_key = dict(zip(keys, vs))
+        np.take(np.concatenate([by_key[k][a:b] for k, a, b in pieces]), indices, axis=0, out=dest.rows[group],
+                mode="clip")
+    gathered = dest.rows_of
     for name in names:
+        if name in gathered:
+            continue
         if name in parts:
             # numpy's take buffers its output unless mode is clip/wrap (the indices were checked above)
             np.take(np.concatenate(parts[name]), indices, axis=0, out=dest.array(name), mode="clip")
@@ -259,6 +296,17 @@ def concat_then_take(tables: dict, pieces: list, indices: np.ndarray) -> Columns
             chunks = [c for k, a, b in pieces for c in tables[k].column(name).slice(a, b - a).chunks]
             dest.values[name] = column_to_torch(pa.chunked_array(chunks, col.type).take(pa.array(indices)))
     return dest.columns()
+
+
+def _common_packs(packs: list | None, ntables: int) -> dict:
+    """Column groups packed row-major in every table, with one dtype: group -> [view per table]."""
+    if not packs or len(packs) != ntables or not all(packs):
+        return {}
+    common = {g: [v] for g, v in packs[0]}
+    for ps in packs[1:]:
+        mine = dict(ps)
+        common = {g: vs + [mine[g]] for g, vs in common.items() if g in mine and mine[g].dtype == vs[0].dtype}
+    return common
 
 
 def _check_range(indices: np.ndarray, n: int) -> None:
@@ -273,8 +321,17 @@ def _single_view(col: pa.ChunkedArray) -> np.ndarray | None:
     return _numpy_view(col.chunk(0))
 
 
-def table_to_torch(table: pa.Table) -> dict:
-    return {name: column_to_torch(col) for name, col in zip(table.column_names, table.columns)}
+def table_to_torch(table: pa.Table, packs: list | None = None) -> dict:
+    """A table's columns as tensors (views); with ``packs`` (row-major views of its wide columns, same rows)
+    a pack's columns are views of its one block."""
+    if not packs:
+        return {name: column_to_torch(col) for name, col in zip(table.column_names, table.columns)}
+    with warnings.catch_warnings():  # a view of the copy-on-write map: writable, private to this process
+        warnings.simplefilter("ignore", UserWarning)
+        blocks = [(names, torch.from_numpy(v).T) for names, v in packs]
+    views = {name: block[j] for names, block in blocks for j, name in enumerate(names)}
+    return Columns({name: views[name] if name in views else column_to_torch(col)
+                    for name, col in zip(table.column_names, table.columns)}, blocks)
 
 
 def packed(cols: dict) -> Columns:
@@ -289,6 +346,36 @@ def packed(cols: dict) -> Columns:
     blocks = [(tuple(g), torch.stack([cols[n] for n in g])) for g in by_dtype.values() if len(g) > 1]
     views = {name: block[j] for group, block in blocks for j, name in enumerate(group)}
     return Columns({name: views.get(name, v) for name, v in cols.items()}, blocks)
+
+
+def stacked(cols: dict, stack: dict) -> dict:
+    """``cols`` with each group ``name -> [columns]`` of ``stack`` given as one (rows, k) tensor in place of
+    its columns (at the first one's place): a view when the group was gathered row-major in that order (the
+    Arrow cache's packs), else one copy per chunk (to the columns' common dtype)."""
+    blocks = list(cols.blocks) if isinstance(cols, Columns) else []
+    out: dict = {}
+    replaced = {m: name for name, members in stack.items() for m in members}
+    for k, v in cols.items():
+        if k not in replaced:
+            out[k] = v
+            continue
+        name = replaced[k]
+        if name in out:
+            continue
+        members = stack[name]
+        whole = next((b for g, b in blocks if g == tuple(members) and b.T.is_contiguous()), None)
+        if whole is not None:
+            out[name] = whole.T
+            continue
+        parts = [cols[m] for m in members]
+        bad = next((m for m, p in zip(members, parts) if not isinstance(p, torch.Tensor) or p.ndim != 1), None)
+        if bad is not None:
+            raise ArgumentError(f"stack: column {bad!r} is not a plain numeric column in these rows (nulls "
+                                f"arrive as a list): {name!r} stacks numeric columns without nulls")
+        dtype = functools.reduce(torch.promote_types, [p.dtype for p in parts])
+        out[name] = torch.stack([p.to(dtype) for p in parts], dim=1)
+    keep = [(g, b) for g, b in blocks if not set(g) & replaced.keys()]
+    return Columns(out, keep)
 
 
 def copied(cols: dict) -> Columns:

@@ -50,6 +50,7 @@ class Source:
         self.layout = Layout(tuple(dataset.shard_rows), tuple(self._blocks()))
         self._starts = _block_starts(self.layout.blocks, dataset.num_shards)
         self._open: OrderedDict = OrderedDict()
+        self._packs: dict[int, list] = {}  # shard -> its cache file's row-major packs (names, 2-D view)
         self._groups: OrderedDict = OrderedDict()  # decoded row groups, bounded in bytes
         self._lock = threading.Lock()
         self._owner = os.getpid()  # the process that fills the cache (workers only read it)
@@ -64,6 +65,7 @@ class Source:
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_open"] = OrderedDict()
+        state["_packs"] = {}
         state["_groups"] = OrderedDict()
         state["_lock"] = None
         if self.cache is not None:  # spawned workers start with what this process checked (forked ones inherit it)
@@ -104,6 +106,7 @@ class Source:
         earlier epoch's zero-copy batch can show) and, unless ``keep_decoded``, decoded row groups. The
         caller keeps them only when no batch can be a view of them (shuffled: every batch is gathered)."""
         self._open.clear()
+        self._packs.clear()
         if not keep_decoded:
             self._groups.clear()
         if self.cache is not None:
@@ -125,6 +128,13 @@ class Source:
                 self._missing = None  # Arrow's thread pool with them (the first batch waited 0.5 s for it)
             return table
         return self._read_through(shard, start, stop)
+
+    def packs(self, shard: int, start: int, stop: int) -> list[tuple[tuple, np.ndarray]]:
+        """Rows [start, stop) of the shard's row-major packs of wide columns ((names, 2-D view), ...) when the
+        epoch is served from the cache, else []: only what ``read`` returned for the same rows may be packed."""
+        if not self._serving or self._cached(shard) is None:
+            return []
+        return [(names, v[start:stop]) for names, v in self._packs.get(shard, ())]
 
     def _read_through(self, shard: int, start: int, stop: int) -> pa.Table:
         """Rows [start, stop) through the dataset's contract (no cache)."""
@@ -185,15 +195,18 @@ class Source:
             self._ready.discard(shard)
             self._want(shard)
             return None
-        table = pa.ipc.open_file(pa.py_buffer(mm)).read_all()
-        table = table.select(self.columns) if self.columns else table
+        table, packs = _cache.split_packs(pa.ipc.open_file(pa.py_buffer(mm)).read_all())
+        if self.columns:  # a pack serves only when every column it holds is selected
+            table = table.select(self.columns)
+            packs = [(names, v) for names, v in packs if set(names) <= set(self.columns)]
         if not self._agrees(shard, table):  # the file holds the shard's bytes, the dataset says otherwise
             self._no_room.add(shard)  # never from the cache: reads go through the contract, which names it
             return None
         self._ready.add(shard)
         self._open[shard] = table
+        self._packs[shard] = packs
         if len(self._open) > _MAX_OPEN:
-            self._open.popitem(last=False)
+            self._packs.pop(self._open.popitem(last=False)[0], None)
         return table
 
     def _agrees(self, shard: int, table: pa.Table) -> bool:
@@ -208,7 +221,7 @@ class Source:
 
     def _fill_map(self, shard: int, wait: bool = True):
         """Build (or wait for another process to build) the shard's cache file; None when it does not fit."""
-        mm = self.cache.fill(self._keys[shard], lambda: self.dataset.read_shard(shard), self._meta(shard),
+        mm = self.cache.fill(self._keys[shard], lambda: _cache.with_packs(self.dataset.read_shard(shard)), self._meta(shard),
                              wait=wait, protect=self._protected())
         if mm is None:
             self._no_room.add(shard)

@@ -4,11 +4,13 @@ wide table (px0..px63); a classifier's integer labels widened to the int64 its l
 
 from __future__ import annotations
 
+import pyarrow as pa
 import torch
 
 from ..errors import TrainingConfigError
 
 ACCEPTED = "features must be a column name or a list of column names"
+STACKED = "_features"  # the loader's one (rows, k) tensor of a list of features (``loader_stack``)
 
 
 def check_features(features) -> str | tuple[str, ...] | None:
@@ -30,12 +32,30 @@ def feature_columns(features) -> list[str]:
     return [features] if isinstance(features, str) else list(features)
 
 
+def loader_stack(schema: pa.Schema, features, keep=()) -> dict | None:
+    """What to ask the loader for (its ``stack=``) so that a list of plain int/float features arrives as one
+    (rows, k) tensor, which from the Arrow cache costs no per-column work: None for one column, for anything
+    else in the list, or when a column is needed on its own too (``keep``: the label, kept columns)."""
+    if features is None or isinstance(features, str) or len(features) < 2 or set(features) & set(keep):
+        return None
+    names = set(schema.names)
+    if STACKED in names:
+        return None
+    if not all(f in names and (pa.types.is_integer(schema.field(f).type) or pa.types.is_floating(schema.field(f).type))
+               for f in features):
+        return None
+    return {STACKED: list(features)}
+
+
 def stack_features(batch: dict, features) -> torch.Tensor:
     """The model's input from a batch: ``batch[features]`` for one column; for a list, its columns side by
-    side as one float32 tensor (rows, total width): one copy per batch, no per-row Python. A column that is
-    itself a tensor per row contributes its values flattened (rows, k)."""
+    side as one float32 tensor (rows, total width): the loader's stacked tensor when it made one
+    (``loader_stack``), else one copy per batch, no per-row Python. A column that is itself a tensor per
+    row contributes its values flattened (rows, k)."""
     if isinstance(features, str):
         return batch[features]
+    if STACKED in batch and STACKED not in features:
+        return batch[STACKED].to(torch.float32)
     cols = []
     for c in features:
         v = batch[c]

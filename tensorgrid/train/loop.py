@@ -34,7 +34,7 @@ from ..store import Dataset
 from . import checkpoint as ckpt
 from .allocator import tune_malloc
 from .callbacks import RankZeroFailed, Runner, TrainState
-from .features import feature_columns
+from .features import feature_columns, loader_stack
 from .losses import BatchLoss, Sums, is_classifier, micro_batches
 from .precision import Precision
 from .schedule import StepSchedule
@@ -140,8 +140,10 @@ def _columns(spec: Spec, ds: Dataset) -> list[str] | None:
 def rank_loader(spec: Spec, ds: Dataset, rank: int, world: int, batch: int | None = None, **options) -> Loader:
     """This rank's loader over ``ds``: its slice of every global batch (``batch``, default batch_size), the
     training transform."""
+    stack = None if spec.step is not None or spec.transform is not None else \
+        loader_stack(ds.schema, spec.features, keep=[spec.label])
     return Loader(ds, max(1, (batch or spec.batch_size) // world), columns=_columns(spec, ds),
-                  transform=spec.transform, rank=rank, world_size=world, **options)
+                  transform=spec.transform, rank=rank, world_size=world, stack=stack, **options)
 
 
 def evaluate(spec: Spec, model, ds: Dataset, device, rank: int, world: int, precision=None) -> dict:

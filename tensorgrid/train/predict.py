@@ -13,7 +13,7 @@ from ..errors import ArgumentError, ColumnNotFoundError, TensorGridError
 from ..loader import Loader
 from ..loader.collate import LENGTHS
 from ..store import Dataset, from_arrow, write
-from .features import feature_columns, stack_features
+from .features import feature_columns, loader_stack, stack_features
 
 
 def predict(model: torch.nn.Module, data, features="features", *, transform=None, batch_size: int = 256,
@@ -44,7 +44,9 @@ def predict(model: torch.nn.Module, data, features="features", *, transform=None
     # a transform may read any column: it gets them all; else only what is kept and the features are read
     columns = None if transform is not None else list(dict.fromkeys([*keep, *inputs]))
     # one pass: cached shards are read from the cache, none is built for it
-    loader = Loader(ds, batch_size, columns=columns, transform=transform, rank=0, world_size=1, cache_fill=False)
+    stack = None if transform is not None else loader_stack(ds.schema, features, keep)
+    loader = Loader(ds, batch_size, columns=columns, transform=transform, rank=0, world_size=1, cache_fill=False,
+                    stack=stack)
     batches = _batches(model, loader, features, keep, bool(classifier), names)
     if out is None:
         return from_arrow(pa.Table.from_batches(list(batches)))

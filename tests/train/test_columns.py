@@ -69,3 +69,23 @@ def test_int32_labels_train_with_nll_loss_too(wide):
     kw = dict(model=models.log_softmax_mlp, loss=torch.nn.NLLLoss(), epochs=1)
     assert same(weights(trainer(features=PX, transform=None, **kw).fit(table).model),
                 weights(trainer(**kw).fit(image).model), atol=1e-5)
+
+
+def test_a_list_of_plain_features_reaches_the_model_as_the_loaders_stacked_tensor(wide, tmp_path):
+    """Training and predict ask the loader for the features as one tensor (from the Arrow cache: a view of
+    the rows as gathered); the model sees the same input as stacked per batch."""
+    from tensorgrid.train.features import STACKED, loader_stack
+    from tensorgrid.train.loop import rank_loader
+
+    table, _ = wide
+    stored = tg.write(str(tmp_path / "w"), table.to_arrow())
+    assert loader_stack(stored.schema, PX, keep=["label"]) == {STACKED: PX}
+    assert loader_stack(stored.schema, PX, keep=["px3"]) is None  # a feature also needed on its own
+    assert loader_stack(stored.schema, "px0") is None
+    spec = trainer(features=PX, transform=None)._spec(stored, None, None)
+    batch = next(iter(rank_loader(spec, stored, 0, 1)))
+    assert set(batch) == {STACKED, "label"} and batch[STACKED].shape[1] == 64
+    model = torch.nn.Linear(64, 3)
+    with_stack = tg.predict(model, stored, features=PX, keep=["label"]).to_arrow()
+    per_batch = tg.predict(model, stored, features=PX, keep=["label"], transform=lambda b: b).to_arrow()
+    assert with_stack.equals(per_batch)
