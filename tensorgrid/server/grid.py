@@ -1,0 +1,324 @@
+"""The grid server: Arrow Flight SQL on a durable, sandboxed DuckDB database under ``root``.
+
+Third-party Flight SQL clients (the ADBC driver, through its DB-API) work unchanged. A query runs in
+GetFlightInfo; its reader is held under a ticket (expiring) until a DoGet streams it in byte-capped batches.
+Every request works on its own DuckDB cursor: a connection shared between Flight's threads would hand one
+thread another's results. Errors reach clients as Flight errors carrying DuckDB's one-line message.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+from dataclasses import dataclass, field
+
+import duckdb
+import pyarrow as pa
+import pyarrow.flight as flight
+
+from ..args import check_int, check_number
+from ..errors import ArgumentError
+from . import metadata, sqlproto
+from .ingest import ingest
+from .results import Expiring, batches_by_bytes
+from .sandbox import flight_error, open_database
+from .sqlproto import ProtocolError
+
+_VERSION = "0.1.0"
+
+
+@dataclass
+class _Held:
+    """A result between GetFlightInfo and DoGet: the reader and the cursor it reads from."""
+
+    reader: pa.RecordBatchReader
+    cursor: duckdb.DuckDBPyConnection | None = None
+
+    def close(self) -> None:
+        try:
+            self.reader.close()
+        except Exception:  # noqa: BLE001 - closing a reader that failed must not hide the real error
+            pass
+        if self.cursor is not None:
+            self.cursor.close()
+
+
+@dataclass
+class _Prepared:
+    query: str
+    parameters: pa.Table | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def _guarded(handler):
+    """Every failure of a handler reaches the client as a Flight error with a one-line message: malformed
+    input as an invalid request, DuckDB's errors as they are, a bug as an internal error (no traceback)."""
+
+    @functools.wraps(handler)
+    def wrapper(self, *args):
+        try:
+            return handler(self, *args)
+        except flight.FlightError:
+            raise
+        except ProtocolError as exc:
+            raise flight.FlightServerError(f"invalid request: {exc}") from None
+        except duckdb.Error as exc:
+            raise flight_error(exc) from None
+        except (pa.ArrowException, ValueError, TypeError, KeyError) as exc:
+            raise flight.FlightServerError(f"invalid request: {type(exc).__name__}: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - a server bug must not crash the call or leak a traceback
+            raise flight.FlightInternalError(f"internal error: {type(exc).__name__}: {exc}") from None
+
+    return wrapper
+
+
+class GridServer(flight.FlightServerBase):
+    """A Flight SQL server over the DuckDB database ``<root>/grid.duckdb``; serving starts on construction.
+
+    ``location`` is where to listen (port 0 picks a free one: read ``.port`` / ``.url``). The remaining
+    keywords (``tls_certificates``, ``verify_client``, ``root_certificates``, ``auth_handler``, ``middleware``)
+    pass through to ``pyarrow.flight.FlightServerBase``. ``max_held_results`` and ``result_ttl`` bound what
+    clients can leave behind between GetFlightInfo and DoGet (and unclosed prepared statements).
+    """
+
+    def __init__(self, root: str | os.PathLike, location: str = "grpc://127.0.0.1:0", *,
+                 memory_limit: str = "4GB", threads: int | None = None, max_held_results: int = 256,
+                 result_ttl: float = 300.0, max_batch_bytes: int = 8 << 20, rows_per_batch: int = 1024,
+                 **flight_options):
+        if not isinstance(root, (str, os.PathLike)):
+            raise ArgumentError(f"root must be a local directory path, got {root!r}")
+        self.root = os.path.abspath(os.fspath(root))
+        self.max_batch_bytes = check_int("max_batch_bytes", max_batch_bytes, 1)
+        self.rows_per_batch = check_int("rows_per_batch", rows_per_batch, 1)
+        check_int("max_held_results", max_held_results, 1)
+        check_number("result_ttl", result_ttl, 0.001)
+        self._db = open_database(self.root, memory_limit=memory_limit,
+                                 threads=check_int("threads", threads, 1, none=True))
+        self._results = Expiring(max_held_results, result_ttl, on_drop=_Held.close)
+        self._prepared = Expiring(max_held_results, result_ttl)
+        self._info = metadata.server_info(_VERSION)
+        self._scheme, _, rest = str(location).partition("://")
+        self._host = rest.rsplit(":", 1)[0]
+        try:
+            super().__init__(location, **flight_options)
+        except BaseException:
+            self._db.close()
+            raise
+
+    @property
+    def url(self) -> str:
+        """``grpc://host:port`` (``grpc+tls://`` with TLS) where clients reach this server."""
+        return f"{self._scheme}://{self._host}:{self.port}"
+
+    def close(self) -> None:
+        """Stop serving, drop held results, close the database (idempotent)."""
+        self.shutdown()
+        self._results.clear()
+        self._prepared.clear()
+        self._db.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- Flight RPCs ---------------------------------------------------------------------------------------
+
+    @_guarded
+    def list_actions(self, context):
+        return [("CreatePreparedStatement", "prepare a SQL statement (Flight SQL)"),
+                ("ClosePreparedStatement", "release a prepared statement (Flight SQL)")]
+
+    @_guarded
+    def do_action(self, context, action):
+        body = action.body.to_pybytes() if action.body is not None else b""
+        if action.type == "CreatePreparedStatement":
+            request = _expect(sqlproto.unpack(body), sqlproto.ActionCreatePreparedStatementRequest)
+            return [flight.Result(sqlproto.pack(self._prepare(request.query)))]
+        if action.type == "ClosePreparedStatement":
+            request = _expect(sqlproto.unpack(body), sqlproto.ActionClosePreparedStatementRequest)
+            self._prepared.pop(request.prepared_statement_handle)
+            return []
+        raise flight.FlightServerError(f"unknown action {action.type[:80]!r}: this server knows "
+                                       "CreatePreparedStatement and ClosePreparedStatement")
+
+    @_guarded
+    def get_flight_info(self, context, descriptor):
+        command = _command(descriptor)
+        held = self._run_command(command)
+        try:
+            handle = self._results.put(held)
+        except BaseException:
+            held.close()
+            raise
+        ticket = flight.Ticket(sqlproto.pack(sqlproto.TicketStatementQuery(statement_handle=handle)))
+        return flight.FlightInfo(held.reader.schema, descriptor, [flight.FlightEndpoint(ticket, [])], -1, -1)
+
+    @_guarded
+    def get_schema(self, context, descriptor):
+        command = _command(descriptor)
+        fixed = _METADATA_SCHEMAS.get(type(command).DESCRIPTOR.name)
+        if fixed is not None:
+            return flight.SchemaResult(fixed(command) if callable(fixed) else fixed)
+        raise flight.FlightServerError("GetSchema answers metadata commands only; run the query with "
+                                       "GetFlightInfo to learn its schema")
+
+    @_guarded
+    def do_get(self, context, ticket):
+        request = _expect(sqlproto.unpack(ticket.ticket), sqlproto.TicketStatementQuery)
+        held = self._results.pop(request.statement_handle)
+        if held is None:
+            raise flight.FlightServerError("unknown or expired ticket: results are read once and held for "
+                                           f"{self._results.ttl:g} s; run the query again")
+        return flight.GeneratorStream(held.reader.schema, self._stream(held))
+
+    @_guarded
+    def do_put(self, context, descriptor, reader, writer):
+        command = _command(descriptor)
+        kind = type(command)
+        if kind is sqlproto.CommandStatementUpdate:
+            count = self._update(command.query, None)
+        elif kind is sqlproto.CommandPreparedStatementUpdate:
+            prepared = self._prepared_statement(command.prepared_statement_handle)
+            parameters = _read_parameters(reader)
+            count = self._update(prepared.query, parameters if parameters is not None else prepared.parameters)
+        elif kind is sqlproto.CommandPreparedStatementQuery:
+            prepared = self._prepared_statement(command.prepared_statement_handle)
+            prepared.parameters = _read_parameters(reader)
+            result = sqlproto.DoPutPreparedStatementResult(prepared_statement_handle=command.prepared_statement_handle)
+            writer.write(pa.py_buffer(result.SerializeToString()))  # raw, not in an Any (measured with ADBC)
+            return
+        elif kind is sqlproto.CommandStatementIngest:
+            with self._cursor() as cur:
+                count = ingest(cur, command, reader.to_reader())
+        else:
+            raise flight.FlightServerError(f"DoPut does not take {kind.DESCRIPTOR.name}")
+        writer.write(pa.py_buffer(sqlproto.DoPutUpdateResult(record_count=count).SerializeToString()))
+
+    # -- work ----------------------------------------------------------------------------------------------
+
+    def _cursor(self) -> duckdb.DuckDBPyConnection:
+        return self._db.cursor()
+
+    def _prepare(self, query: str):
+        statements = duckdb.extract_statements(query)  # parses: bad SQL fails here, at prepare time
+        if not statements:
+            raise flight.FlightServerError("empty SQL statement")
+        handle = self._prepared.put(_Prepared(query))
+        return sqlproto.ActionCreatePreparedStatementResult(prepared_statement_handle=handle)
+
+    def _prepared_statement(self, handle: bytes) -> _Prepared:
+        prepared = self._prepared.get(handle)
+        if prepared is None:
+            raise flight.FlightServerError("unknown or expired prepared statement handle: prepare it again")
+        return prepared
+
+    def _run_command(self, command) -> _Held:
+        kind = type(command).DESCRIPTOR.name
+        if kind == "CommandStatementQuery":
+            return self._query(command.query, None)
+        if kind == "CommandPreparedStatementQuery":
+            prepared = self._prepared_statement(command.prepared_statement_handle)
+            return self._query(prepared.query, prepared.parameters)
+        answer = self._metadata(command)
+        return _Held(pa.RecordBatchReader.from_batches(answer.schema, answer.to_batches()))
+
+    def _metadata(self, command) -> pa.Table:
+        kind = type(command).DESCRIPTOR.name
+        if kind == "CommandGetSqlInfo":
+            return metadata.sql_info(self._info, command.info)
+        if kind == "CommandGetTableTypes":
+            return metadata.table_types()
+        with self._cursor() as cur:
+            if kind == "CommandGetCatalogs":
+                return metadata.catalogs(cur)
+            if kind == "CommandGetDbSchemas":
+                return metadata.db_schemas(cur, _optional(command, "catalog"),
+                                           _optional(command, "db_schema_filter_pattern"))
+            if kind == "CommandGetTables":
+                return metadata.tables(cur, _optional(command, "catalog"),
+                                       _optional(command, "db_schema_filter_pattern"),
+                                       _optional(command, "table_name_filter_pattern"),
+                                       list(command.table_types), command.include_schema)
+        raise flight.FlightServerError(f"{kind} is not supported by this server yet")
+
+    def _query(self, query: str, parameters: pa.Table | None) -> _Held:
+        rows = _parameter_rows(parameters)
+        cur = self._cursor()
+        try:
+            if len(rows) <= 1:  # the common case: stream straight from DuckDB
+                relation = cur.sql(query, params=rows[0] if rows else None)
+                reader = _relation_reader(relation, self.rows_per_batch)
+                return _Held(reader, cur)
+            tables = [_relation_reader(cur.sql(query, params=row), self.rows_per_batch).read_all() for row in rows]
+            result = pa.concat_tables(tables)
+            cur.close()
+            return _Held(pa.RecordBatchReader.from_batches(result.schema, result.to_batches()))
+        except BaseException:
+            cur.close()
+            raise
+
+    def _update(self, query: str, parameters: pa.Table | None) -> int:
+        rows = _parameter_rows(parameters) or [None]
+        total = 0
+        with self._cursor() as cur:
+            for row in rows:
+                relation = cur.sql(query, params=row)
+                counted = relation.fetchall() if relation is not None and relation.columns == ["Count"] else []
+                total += int(counted[0][0]) if counted and counted[0][0] is not None else 0
+        return total
+
+    def _stream(self, held: _Held):
+        try:
+            yield from batches_by_bytes(held.reader, self.max_batch_bytes)
+        except duckdb.Error as exc:  # errors that only show while rows are produced (casts, limits)
+            raise flight_error(exc) from None
+        except Exception as exc:  # noqa: BLE001 - no traceback to the client
+            raise flight.FlightInternalError(f"internal error: {type(exc).__name__}: {exc}") from None
+        finally:
+            held.close()
+
+
+_METADATA_SCHEMAS = {
+    "CommandGetSqlInfo": metadata.SQL_INFO_SCHEMA,
+    "CommandGetCatalogs": metadata.CATALOGS_SCHEMA,
+    "CommandGetDbSchemas": metadata.DB_SCHEMAS_SCHEMA,
+    "CommandGetTables": lambda c: metadata.TABLES_WITH_SCHEMA_SCHEMA if c.include_schema else metadata.TABLES_SCHEMA,
+    "CommandGetTableTypes": metadata.TABLE_TYPES_SCHEMA,
+}
+
+
+def _command(descriptor: flight.FlightDescriptor):
+    if descriptor.descriptor_type != flight.DescriptorType.CMD:
+        raise ProtocolError("a Flight SQL command descriptor is expected, not a path")
+    return sqlproto.unpack(descriptor.command)
+
+
+def _expect(message, cls):
+    if not isinstance(message, cls):
+        raise ProtocolError(f"{cls.DESCRIPTOR.name} expected, got {type(message).DESCRIPTOR.name}")
+    return message
+
+
+def _optional(message, name: str):
+    return getattr(message, name) if message.HasField(name) else None
+
+
+def _read_parameters(reader) -> pa.Table | None:
+    """Parameter rows a client bound to a prepared statement (None when it sent no columns)."""
+    table = reader.read_all()
+    return table if table.num_columns else None
+
+
+def _parameter_rows(parameters: pa.Table | None) -> list[list]:
+    if parameters is None:
+        return []
+    return [list(row.values()) for row in parameters.to_pylist()]
+
+
+def _relation_reader(relation, rows_per_batch: int) -> pa.RecordBatchReader:
+    if relation is None:  # a statement that returned nothing
+        return pa.RecordBatchReader.from_batches(pa.schema([]), [])
+    return relation.to_arrow_reader(rows_per_batch)
