@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
-import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import duckdb
 import pyarrow as pa
@@ -46,9 +45,10 @@ class _Held:
 
 @dataclass
 class _Prepared:
+    """A prepared statement: its SQL and the parameter rows a client bound last (by DoPut)."""
+
     query: str
     parameters: pa.Table | None = None
-    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 def _guarded(handler):
@@ -273,8 +273,8 @@ class GridServer(flight.FlightServerBase):
     def _stream(self, held: _Held):
         try:
             yield from batches_by_bytes(held.reader, self.max_batch_bytes)
-        except duckdb.Error as exc:  # errors that only show while rows are produced (casts, limits)
-            raise flight_error(exc) from None
+        except (duckdb.Error, pa.ArrowException, OSError) as exc:  # errors that only show while rows are produced
+            raise flight_error(exc) from None  # (DuckDB's arrow stream reports them as OSError/ArrowException)
         except Exception as exc:  # noqa: BLE001 - no traceback to the client
             raise flight.FlightInternalError(f"internal error: {type(exc).__name__}: {exc}") from None
         finally:

@@ -231,6 +231,16 @@ def test_bad_sql_fails_with_duckdbs_one_line_message(raw, conn):
         conn.cursor().execute(sql)
 
 
+def test_an_error_midway_through_a_stream_arrives_as_one_line(conn):
+    cur = conn.cursor()
+    with pytest.raises(flight_sql.Error) as caught:
+        cur.execute("SELECT (CASE WHEN range > 2000000 THEN 'x' ELSE range::VARCHAR END)::INT FROM range(3000000)")
+        cur.fetchall()
+    message = str(caught.value)
+    assert "Conversion Error: Could not convert string 'x' to INT32" in message, message
+    assert "\n" not in message and "internal error" not in message and "Traceback" not in message
+
+
 def test_a_ticket_is_read_once_then_refused_clearly(raw):
     info = raw.get_flight_info(flight.FlightDescriptor.for_command(
         sqlproto.pack(sqlproto.CommandStatementQuery(query="SELECT 42 AS answer"))))
