@@ -434,8 +434,11 @@ class Run:
         if "tg-25" in paths:
             default25 = self.tg_default(paths["tg-25"], figure, shuffle, workload + " [25 float columns]")
             off25 = tg.open(paths["tg-25"]).to_torch(batch_size=B, shuffle=shuffle, cache_dir=False)
+            feats = [c for c in tg.open(paths["tg-25"]).schema.names if c != "label"]
+            stack25 = tg.open(paths["tg-25"]).to_torch(batch_size=B, shuffle=shuffle, stack={"x": feats})
             variants += [("tensorgrid default, 25 float columns", lambda: default25),
-                         ("tensorgrid cache_dir=False, 25 float columns", lambda: off25)]
+                         ("tensorgrid cache_dir=False, 25 float columns", lambda: off25),
+                         ("tensorgrid 25 float columns, stack=", lambda: stack25)]
         plain_name = "pyarrow loop, 25 float columns" if figure == "records100" else \
             "pyarrow loop, fixed_size_list"
         variants += [(plain_name, lambda: pa_epoch(paths["pa-plain"], B, shuffle, shape, dtype, seeds["plain"])),
@@ -637,8 +640,13 @@ def report(run: Run, ceilings: list[float]) -> str:
                      f"{c25['best'] / peer['best']:.2f}x" if peer else "-"]
             summary[-1] = (w + " (one 25-wide tensor column)", *summary[-1][1:])
             summary.append(tuple(cells))
-            summary.append((w + ": 25 columns / one tensor column", f"{c25['best'] / d['best']:.2f}x",
-                            "", "", "", "", ""))
+            s25 = rs.get("tensorgrid 25 float columns, stack=")
+            if s25:
+                summary.append((w + " (25 float columns, stack={'x': [...]})", fmt_rate(s25, gb), "", cells[3],
+                                f"{s25['best'] / pa_best['best']:.2f}x", cells[5],
+                                f"{s25['best'] / peer['best']:.2f}x" if peer else "-"))
+            summary.append((w + ": one tensor column / 25 columns", f"{d['best'] / c25['best']:.2f}x"
+                            + (f" (stack=: {d['best'] / s25['best']:.2f}x)" if s25 else ""), "", "", "", "", ""))
             continue
         summary.append(tuple(cells))
     lines.append("")
@@ -738,6 +746,7 @@ def main() -> None:
         run.throughput("rows1mb", False, paths["rows1mb"], f"1 MiB rows x {n['rows1mb']:,}, batch 16, sequential",
                        consumers=("count", "copy"))
     if "records" in only:
+        print(views_floor(), flush=True)
         name = f"{n['records100']:,} x (25 float32 + label), batch 256"
         run.throughput("records100", True, paths["records100"], name + ", shuffled")
         run.throughput("records100", False, paths["records100"], name + ", sequential")
@@ -756,6 +765,26 @@ def main() -> None:
     out = a.json or os.path.join(run.data, "results.json")
     with open(out, "w") as f:
         json.dump({"head": head, "memcpy_gbs": ceilings, "results": run.results}, f, indent=1, default=str)
+
+
+def views_floor(batch: int = 256, k: int = 26, reps: int = 20000) -> str:
+    """The floor of a batch of k column tensors: k views of a gathered block made per batch (one unbind, the
+    loader's way), against the 2 a one-tensor-column batch makes; per batch, in this process."""
+    import torch
+
+    block = torch.zeros(k, batch * 64)
+    t0 = time.perf_counter()
+    for i in range(reps):
+        a = (i % 64) * batch
+        block[:, a:a + batch].unbind(0)
+    many = (time.perf_counter() - t0) / reps
+    t0 = time.perf_counter()
+    for i in range(reps):
+        a = (i % 64) * batch
+        block[0, a:a + batch], block[1, a:a + batch]
+    two = (time.perf_counter() - t0) / reps
+    return (f"tensor-view floor: {k} column views per batch {many * 1e6:.1f} us, 2 views {two * 1e6:.1f} us "
+            f"(a batch of {k} columns costs at least {(many - two) * 1e6:.1f} us more than one of 2)")
 
 
 def _git(pkg: str) -> str:

