@@ -18,7 +18,8 @@ import pyarrow.flight as flight
 
 from ..args import check_int, check_number
 from ..errors import ArgumentError
-from . import metadata, sqlproto
+from . import auth, metadata, sqlproto
+from .services import default_services
 from .ingest import ingest
 from .results import Expiring, batches_by_bytes
 from .sandbox import flight_error, open_database
@@ -85,7 +86,7 @@ class GridServer(flight.FlightServerBase):
     def __init__(self, root: str | os.PathLike, location: str = "grpc://127.0.0.1:0", *,
                  memory_limit: str = "4GB", threads: int | None = None, max_held_results: int = 256,
                  result_ttl: float = 300.0, max_batch_bytes: int = 8 << 20, rows_per_batch: int = 1024,
-                 **flight_options):
+                 services=None, **flight_options):
         if not isinstance(root, (str, os.PathLike)):
             raise ArgumentError(f"root must be a local directory path, got {root!r}")
         self.root = os.path.abspath(os.fspath(root))
@@ -101,8 +102,12 @@ class GridServer(flight.FlightServerBase):
         self._scheme, _, rest = str(location).partition("://")
         self._host = rest.rsplit(":", 1)[0]
         try:
+            # what the server offers beside Flight SQL (``services.py``): by prefix
+            self.services = {svc.prefix: svc for svc in (default_services(self) if services is None else services)}
             super().__init__(location, **flight_options)
         except BaseException:
+            for svc in getattr(self, "services", {}).values():
+                svc.close()
             self._db.close()
             raise
 
@@ -114,6 +119,8 @@ class GridServer(flight.FlightServerBase):
     def close(self) -> None:
         """Stop serving, drop held results, close the database (idempotent)."""
         self.shutdown()
+        for svc in self.services.values():
+            svc.close()
         self._results.clear()
         self._prepared.clear()
         self._db.close()
@@ -129,11 +136,15 @@ class GridServer(flight.FlightServerBase):
     @_guarded
     def list_actions(self, context):
         return [("CreatePreparedStatement", "prepare a SQL statement (Flight SQL)"),
-                ("ClosePreparedStatement", "release a prepared statement (Flight SQL)")]
+                ("ClosePreparedStatement", "release a prepared statement (Flight SQL)"),
+                *((f"{p}.{verb}", doc) for p, svc in self.services.items() for verb, doc in svc.actions().items())]
 
     @_guarded
     def do_action(self, context, action):
         body = action.body.to_pybytes() if action.body is not None else b""
+        prefix, dot, verb = action.type.partition(".")
+        if dot and prefix in self.services:
+            return [flight.Result(pa.py_buffer(r)) for r in self.services[prefix].do_action(context, verb, body)]
         if action.type == "CreatePreparedStatement":
             request = _expect(sqlproto.unpack(body), sqlproto.ActionCreatePreparedStatementRequest)
             return [flight.Result(sqlproto.pack(self._prepare(request.query)))]
@@ -146,7 +157,11 @@ class GridServer(flight.FlightServerBase):
 
     @_guarded
     def get_flight_info(self, context, descriptor):
+        if descriptor.descriptor_type == flight.DescriptorType.PATH:
+            svc, path = self._service_of(descriptor)
+            return svc.get_flight_info(context, descriptor, path)
         command = _command(descriptor)
+        auth.require(context, auth.WRITE if _writes(command) else auth.READ)
         held = self._run_command(command)
         try:
             handle = self._results.put(held)
@@ -167,6 +182,10 @@ class GridServer(flight.FlightServerBase):
 
     @_guarded
     def do_get(self, context, ticket):
+        prefix, slash, _ = ticket.ticket.partition(b"/")
+        if slash and prefix.decode("ascii", "replace") in self.services:
+            return self.services[prefix.decode("ascii")].do_get(context, ticket.ticket)
+        auth.require(context, auth.READ)
         request = _expect(sqlproto.unpack(ticket.ticket), sqlproto.TicketStatementQuery)
         held = self._results.pop(request.statement_handle)
         if held is None:
@@ -176,8 +195,15 @@ class GridServer(flight.FlightServerBase):
 
     @_guarded
     def do_put(self, context, descriptor, reader, writer):
+        if descriptor.descriptor_type == flight.DescriptorType.PATH:
+            svc, path = self._service_of(descriptor)
+            return svc.do_put(context, descriptor, path, reader, writer)
         command = _command(descriptor)
         kind = type(command)
+        # binding parameters to a prepared query reads; every other DoPut writes (DuckDB decides at run time)
+        auth.require(context, auth.READ if kind is sqlproto.CommandPreparedStatementQuery and
+                     not _writes_sql(self._prepared_statement(command.prepared_statement_handle).query)
+                     else auth.WRITE)
         if kind is sqlproto.CommandStatementUpdate:
             count = self._update(command.query, None)
         elif kind is sqlproto.CommandPreparedStatementUpdate:
@@ -198,6 +224,12 @@ class GridServer(flight.FlightServerBase):
         writer.write(pa.py_buffer(sqlproto.DoPutUpdateResult(record_count=count).SerializeToString()))
 
     # -- work ----------------------------------------------------------------------------------------------
+
+    def _service_of(self, descriptor):
+        path = [p.decode("utf-8", "replace") if isinstance(p, bytes) else str(p) for p in descriptor.path]
+        if not path or path[0] not in self.services:
+            raise ProtocolError(f"unknown path {path[:1]!r}: this server serves {sorted(self.services)}")
+        return self.services[path[0]], path[1:]
 
     def _cursor(self) -> duckdb.DuckDBPyConnection:
         return self._db.cursor()
@@ -288,6 +320,28 @@ _METADATA_SCHEMAS = {
     "CommandGetTables": lambda c: metadata.TABLES_WITH_SCHEMA_SCHEMA if c.include_schema else metadata.TABLES_SCHEMA,
     "CommandGetTableTypes": metadata.TABLE_TYPES_SCHEMA,
 }
+
+
+def _writes(command) -> bool:
+    """Whether a GetFlightInfo command may change data: a statement or prepared query that is not a read."""
+    kind = type(command).DESCRIPTOR.name
+    if kind == "CommandStatementQuery":
+        return _writes_sql(command.query)
+    return False  # metadata; a prepared query was checked when its parameters were bound or it was made
+
+
+def _writes_sql(query: str) -> bool:
+    """Whether SQL holds any statement but a read (SELECT, EXPLAIN, SHOW/DESCRIBE...). Unparsable SQL counts as
+    a read here: DuckDB refuses it when it runs."""
+    try:
+        statements = duckdb.extract_statements(query)
+    except duckdb.Error:
+        return False
+    return any(st.type not in _READS for st in statements)
+
+
+_READS = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN, duckdb.StatementType.PRAGMA,
+          duckdb.StatementType.RELATION}
 
 
 def _command(descriptor: flight.FlightDescriptor):
