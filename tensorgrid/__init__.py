@@ -6,7 +6,8 @@
     tg.sql("SELECT label, count(*) FROM ds GROUP BY label", ds=ds).to_pandas()
 
 A process that only stores, queries or serves data never imports torch: the torch-side names (Trainer,
-FitResult, Callback, TrainState, predict, Loader, transforms) are loaded on first use (PEP 562).
+FitResult, Callback, TrainState, predict, Loader, transforms) are loaded on first use (PEP 562), and so is
+``connect`` (a grid server's client: Flight, no torch).
 """
 
 from importlib import import_module
@@ -55,7 +56,8 @@ _LAZY = {"Trainer": ("tensorgrid.train", "Trainer"), "FitResult": ("tensorgrid.t
          "Callback": ("tensorgrid.train", "Callback"), "TrainState": ("tensorgrid.train", "TrainState"),
          "predict": ("tensorgrid.train", "predict"), "train": ("tensorgrid.train", None),
          "EarlyStopping": ("tensorgrid.train", "EarlyStopping"), "BestCheckpoint": ("tensorgrid.train", "BestCheckpoint"),
-         "Loader": ("tensorgrid.loader", "Loader"), "transforms": ("tensorgrid.transforms", None)}
+         "Loader": ("tensorgrid.loader", "Loader"), "transforms": ("tensorgrid.transforms", None),
+         "connect": ("tensorgrid.server.client", "connect")}
 
 
 def __getattr__(name: str):
@@ -74,7 +76,7 @@ def __dir__():
 __all__ = [
     "write", "open", "sql", "from_arrow", "ingest_images", "vacuum", "list_datasets", "Dataset", "Trainer",
     "FitResult", "Callback", "TrainState", "EarlyStopping", "BestCheckpoint", "predict", "Loader", "errors",
-    "transforms", "train",
+    "transforms", "train", "connect",
     "TensorGridError", "ArgumentError", "ConflictError", "CorruptShardError", "CorruptManifestError",
     "DatasetExistsError", "DatasetNotFoundError", "EmptyDataError", "ReadOnlyError", "SchemaMismatchError",
     "SQLError", "UnsupportedDataError", "UnsupportedFormatError", "UnsupportedURLError", "ColumnNotFoundError",

@@ -8,8 +8,11 @@ thread another's results. Errors reach clients as Flight errors carrying DuckDB'
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import itertools
 import os
+import threading
 from dataclasses import dataclass
 
 import duckdb
@@ -19,10 +22,10 @@ import pyarrow.flight as flight
 from ..args import check_int, check_number
 from ..errors import ArgumentError
 from . import auth, metadata, sqlproto
-from .services import default_services
 from .ingest import ingest
 from .results import Expiring, batches_by_bytes
 from .sandbox import flight_error, open_database
+from .services import default_services
 from .sqlproto import ProtocolError
 
 _VERSION = "0.1.0"
@@ -80,18 +83,26 @@ class GridServer(flight.FlightServerBase):
     ``location`` is where to listen (port 0 picks a free one: read ``.port`` / ``.url``). The remaining
     keywords (``tls_certificates``, ``verify_client``, ``root_certificates``, ``auth_handler``, ``middleware``)
     pass through to ``pyarrow.flight.FlightServerBase``. ``max_held_results`` and ``result_ttl`` bound what
-    clients can leave behind between GetFlightInfo and DoGet (and unclosed prepared statements).
+    clients can leave behind between GetFlightInfo and DoGet (and unclosed prepared statements). ``allow``: the
+    local folders and URL prefixes ``load`` may read store datasets from (default: under ``root``).
     """
 
     def __init__(self, root: str | os.PathLike, location: str = "grpc://127.0.0.1:0", *,
                  memory_limit: str = "4GB", threads: int | None = None, max_held_results: int = 256,
                  result_ttl: float = 300.0, max_batch_bytes: int = 8 << 20, rows_per_batch: int = 1024,
-                 services=None, **flight_options):
+                 allow: list[str] | None = None, services=None, **flight_options):
         if not isinstance(root, (str, os.PathLike)):
             raise ArgumentError(f"root must be a local directory path, got {root!r}")
         self.root = os.path.abspath(os.fspath(root))
         self.max_batch_bytes = check_int("max_batch_bytes", max_batch_bytes, 1)
         self.rows_per_batch = check_int("rows_per_batch", rows_per_batch, 1)
+        if allow is not None and (isinstance(allow, (str, bytes)) or
+                                  not all(isinstance(a, (str, os.PathLike)) for a in allow)):
+            raise ArgumentError(f"allow must be a list of folders or URL prefixes, got {allow!r}")
+        self.allow = [os.fspath(a) for a in allow] if allow is not None else None
+        self._writes = itertools.count(1)
+        self.generation = 0  # changes whenever a write starts or ends (snapshots of tables are reused until then)
+        self._generation_lock = threading.Lock()
         check_int("max_held_results", max_held_results, 1)
         check_number("result_ttl", result_ttl, 0.001)
         self._db = open_database(self.root, memory_limit=memory_limit,
@@ -217,7 +228,7 @@ class GridServer(flight.FlightServerBase):
             writer.write(pa.py_buffer(result.SerializeToString()))  # raw, not in an Any (measured with ADBC)
             return
         elif kind is sqlproto.CommandStatementIngest:
-            with self._cursor() as cur:
+            with self.writing(), self._cursor() as cur:
                 count = ingest(cur, command, reader.to_reader())
         else:
             raise flight.FlightServerError(f"DoPut does not take {kind.DESCRIPTOR.name}")
@@ -234,12 +245,40 @@ class GridServer(flight.FlightServerBase):
     def _cursor(self) -> duckdb.DuckDBPyConnection:
         return self._db.cursor()
 
+    def _sql_cursor(self, views: str | bool) -> duckdb.DuckDBPyConnection:
+        """A cursor for client SQL, loaded datasets registered on it as views: all of them (``views=True``,
+        for metadata) or those a query names (``views=<sql>``)."""
+        cur = self._cursor()
+        datasets = self.services.get("datasets")
+        if hasattr(datasets, "register"):
+            try:
+                datasets.register(cur, None if views is True else views)
+            except BaseException:
+                cur.close()
+                raise
+        return cur
+
+    @contextlib.contextmanager
+    def writing(self):
+        """Around a write: the generation moves when it starts and when it ends, so a snapshot taken meanwhile
+        is not reused afterwards."""
+        self._bump()
+        try:
+            yield
+        finally:
+            self._bump()
+
+    def _bump(self) -> None:
+        with self._generation_lock:
+            self.generation = next(self._writes)
+
     def _prepare(self, query: str):
         statements = duckdb.extract_statements(query)  # parses: bad SQL fails here, at prepare time
         if not statements:
             raise flight.FlightServerError("empty SQL statement")
         handle = self._prepared.put(_Prepared(query))
-        return sqlproto.ActionCreatePreparedStatementResult(prepared_statement_handle=handle)
+        return sqlproto.ActionCreatePreparedStatementResult(prepared_statement_handle=handle,
+                                                            is_update=_writes_sql(query))
 
     def _prepared_statement(self, handle: bytes) -> _Prepared:
         prepared = self._prepared.get(handle)
@@ -263,7 +302,7 @@ class GridServer(flight.FlightServerBase):
             return metadata.sql_info(self._info, command.info)
         if kind == "CommandGetTableTypes":
             return metadata.table_types()
-        with self._cursor() as cur:
+        with self._sql_cursor(True) as cur:
             if kind == "CommandGetCatalogs":
                 return metadata.catalogs(cur)
             if kind == "CommandGetDbSchemas":
@@ -278,7 +317,13 @@ class GridServer(flight.FlightServerBase):
 
     def _query(self, query: str, parameters: pa.Table | None) -> _Held:
         rows = _parameter_rows(parameters)
-        cur = self._cursor()
+        if _writes_sql(query):
+            with self.writing():  # runs now: a write's relation is executed when made
+                return self._query_on(query, rows)
+        return self._query_on(query, rows)
+
+    def _query_on(self, query: str, rows: list[list]) -> _Held:
+        cur = self._sql_cursor(query)
         try:
             if len(rows) <= 1:  # the common case: stream straight from DuckDB
                 relation = cur.sql(query, params=rows[0] if rows else None)
@@ -295,7 +340,7 @@ class GridServer(flight.FlightServerBase):
     def _update(self, query: str, parameters: pa.Table | None) -> int:
         rows = _parameter_rows(parameters) or [None]
         total = 0
-        with self._cursor() as cur:
+        with self.writing(), self._sql_cursor(query) as cur:
             for row in rows:
                 relation = cur.sql(query, params=row)
                 counted = relation.fetchall() if relation is not None and relation.columns == ["Count"] else []

@@ -1,0 +1,252 @@
+"""A table or loaded dataset on a grid server as a ``Dataset`` kind: the loader, SQL and the trainer read it
+like any other. Its shards are the server's partitions; ``read_rows`` fetches only the rows asked for (one
+DoGet of a row range), so a loader rank never downloads rows it does not use. It pickles by (server URL,
+credentials, name, snapshot, partition) and opens its connection lazily in each process (a gRPC channel
+does not survive a fork). No torch here.
+
+Also here: ``Session``, the picklable connection both this and ``tg.connect`` (client.py) call through, and the
+named errors a grid call raises: a Flight error from the server becomes a TensorGrid error with the server's
+one-line message (no gRPC noise).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+from dataclasses import dataclass, field
+from urllib.parse import quote
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.flight as flight
+import xxhash
+
+from .. import errors
+from ..errors import ArgumentError, TensorGridError
+from ..store.dataset import Dataset
+
+
+class GridError(TensorGridError):
+    """The grid server refused or failed a call (its one-line message)."""
+
+
+class GridConnectionError(GridError, ConnectionError):
+    """The grid server cannot be reached (not running, wrong address, killed mid-call)."""
+
+
+class GridAuthenticationError(GridError, PermissionError):
+    """The server did not accept the credentials (UNAUTHENTICATED)."""
+
+
+class GridPermissionError(GridError, PermissionError):
+    """The caller may not do this (PERMISSION_DENIED): a read-only user writing, a load from a place the
+    server does not allow, SQL reaching for files."""
+
+
+class GridTimeoutError(GridError, TimeoutError):
+    """A call took longer than the connection's ``timeout``."""
+
+
+class SnapshotError(GridError):
+    """The rows a reader opened are gone: the table was written to, or the dataset loaded again at another
+    version, and the server no longer holds the old rows. Open the dataset again."""
+
+
+_NAMED = {cls.__name__: cls for cls in (GridError, SnapshotError, GridPermissionError)}
+
+
+def error_class(name: str):
+    return _NAMED.get(name) or getattr(errors, name, None)
+
+
+_NOISE = re.compile(r"\. Detail: [^\n]*$|^Flight returned [a-z ]+ error, with message: ", re.S)
+
+
+def translate(exc: BaseException, url: str, default: type = GridError) -> TensorGridError:
+    """The TensorGrid error a user sees for a failed Flight call."""
+    message = _NOISE.sub("", str(exc).split("gRPC client debug context")[0].strip()).strip()
+    message = message.splitlines()[0] if message else type(exc).__name__
+    kind = getattr(exc, "extra_info", b"") or b""
+    named = error_class(kind.decode("ascii", "replace")) if kind else None
+    if named is not None and issubclass(named, TensorGridError):
+        return named(message)
+    if isinstance(exc, flight.FlightUnavailableError):
+        reason = message.rsplit(": ", 1)[-1]
+        return GridConnectionError(f"cannot reach the grid server at {url}: {reason}")
+    if isinstance(exc, flight.FlightUnauthenticatedError):
+        return GridAuthenticationError(f"the grid server at {url} refused the credentials: {message}")
+    if isinstance(exc, flight.FlightUnauthorizedError):
+        return GridPermissionError(message)
+    if isinstance(exc, flight.FlightTimedOutError):
+        return GridTimeoutError(f"the grid server at {url} did not answer in time: {message}")
+    if isinstance(exc, flight.FlightServerError):
+        return default(message)
+    return GridError(message)
+
+
+@dataclass
+class Session:
+    """Where a grid server is and who calls it; the Flight client is opened on first use in each process."""
+
+    url: str
+    username: str | None = None
+    password: str | None = None
+    token: str | None = None
+    tls_root_certs: bytes | None = None
+    cert_chain: bytes | None = None
+    private_key: bytes | None = None
+    timeout: float | None = None
+    _client: object = field(default=None, repr=False, compare=False)
+    _options: object = field(default=None, repr=False, compare=False)
+    _pid: int | None = field(default=None, repr=False, compare=False)
+    _lock: object = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.update(_client=None, _options=None, _pid=None, _lock=None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def connection(self):
+        """(FlightClient, FlightCallOptions) of this process (a forked child opens its own)."""
+        if self._client is None or self._pid != os.getpid():
+            with self._lock:
+                if self._client is None or self._pid != os.getpid():
+                    from .connection import open_flight
+
+                    try:
+                        self._client, self._options = open_flight(
+                            self.url, self.username, self.password, self.token, self.tls_root_certs,
+                            self.cert_chain, self.private_key, self.timeout)
+                    except (flight.FlightError, pa.ArrowException, OSError) as exc:
+                        raise translate(exc, self.url) from None
+                    self._pid = os.getpid()
+        return self._client, self._options
+
+    def call(self, fn, default: type = GridError):
+        """``fn(client, options)``, its Flight errors raised as TensorGrid errors."""
+        client, options = self.connection()
+        try:
+            return fn(client, options)
+        except (flight.FlightError, pa.ArrowException, OSError) as exc:
+            raise translate(exc, self.url, default) from None
+
+    def action(self, verb: str, request: dict | None = None) -> list[bytes]:
+        body = json.dumps(request or {}).encode()
+        return self.call(lambda c, o: [r.body.to_pybytes() for r in c.do_action(flight.Action(verb, body), o)])
+
+    def do_get(self, ticket: bytes) -> pa.Table:
+        return self.call(lambda c, o: c.do_get(flight.Ticket(ticket), o).read_all())
+
+    def close(self) -> None:
+        if self._client is not None and self._pid == os.getpid():
+            self._client.close()
+        self._client = self._options = None
+
+
+class GridDataset(Dataset):
+    """A table or loaded dataset of a grid server (``g.dataset(name)``): the rows of one snapshot, read by
+    partition and row range. ``partition=k`` reads only that partition (its one shard)."""
+
+    zero_copy_reads = False  # every read is fresh buffers from the network
+
+    def __init__(self, session: Session, name: str, partition: int | None = None):
+        self.session = session
+        self.name = name
+        info = session.call(lambda c, o: c.get_flight_info(flight.FlightDescriptor.for_path("datasets", name), o))
+        meta = json.loads(info.app_metadata or b"{}")
+        self._schema = info.schema
+        self.kind = meta.get("kind")
+        self.snapshot = meta.get("snapshot")
+        self.source = meta.get("source")
+        self.version = meta.get("version")
+        self._all_rows = [int(n) for n in meta.get("partition_rows", [])]
+        self._bytes = int(meta.get("bytes") or 0)
+        if partition is not None:
+            if isinstance(partition, bool) or not isinstance(partition, int):
+                raise ArgumentError(f"partition must be an int, got {partition!r}")
+            if not 0 <= partition < len(self._all_rows):
+                raise ArgumentError(f"{name!r} has partitions 0..{len(self._all_rows) - 1}, not {partition}")
+        self.partition = partition
+        self.url = f"{session.url}/{name}"
+        self._fingerprint = None
+
+    # --- the contract ------------------------------------------------------------------------------------
+    @property
+    def schema(self) -> pa.Schema:
+        return self._schema
+
+    @property
+    def shard_rows(self) -> list[int]:
+        return [self._all_rows[self.partition]] if self.partition is not None else list(self._all_rows)
+
+    def read_shard(self, i: int, columns: list[str] | None = None, filter: pc.Expression | None = None) -> pa.Table:
+        table = self._fetch(i, None, None, columns)
+        return table.filter(filter) if filter is not None else table
+
+    def read_rows(self, shard: int, start: int, stop: int, columns: list[str] | None = None) -> pa.Table:
+        return self._fetch(shard, start, stop, columns)
+
+    def bytes_per_row(self) -> float:
+        total = sum(self._all_rows)
+        return max(1.0, self._bytes / total) if total else 1.0
+
+    @property
+    def is_remote(self) -> bool:
+        return True
+
+    @property
+    def size_bytes(self) -> int:
+        """Bytes the rows take in the server's memory (of the whole dataset, all partitions)."""
+        return self._bytes
+
+    @property
+    def fingerprint(self) -> str:
+        """The snapshot (a digest of a table's rows; a loaded dataset's store version and partitions) and the
+        partition read: the same from any process, server address or restart of the server."""
+        if self._fingerprint is None:
+            h = xxhash.xxh3_64(f"{self.kind}|{self.name.lower()}|{self.snapshot}|{self.partition}".encode())
+            self._fingerprint = "grid:" + h.hexdigest()
+        return self._fingerprint
+
+    # --- more than the contract ----------------------------------------------------------------------------
+    def partitions(self) -> list[dict]:
+        """The server's partitions of this dataset: [{"partition": k, "rows": n}, ...]."""
+        return [{"partition": k, "rows": n} for k, n in enumerate(self._all_rows)]
+
+    def __iter__(self):
+        """Rows as dicts, partition by partition."""
+        for i in range(self.num_shards):
+            yield from self.read_shard(i).to_pylist()
+
+    def info(self) -> dict:
+        return {**super().info(), "server": self.session.url, "name": self.name, "kind": self.kind,
+                "partition": self.partition, "source": self.source, "snapshot": self.snapshot}
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_handles", None)
+        return state
+
+    def _fetch(self, shard: int, start: int | None, stop: int | None, columns: list[str] | None) -> pa.Table:
+        if not 0 <= shard < self.num_shards:
+            raise IndexError(f"{self.url} has {self.num_shards} shards, not {shard}")
+        part = self.partition if self.partition is not None else shard
+        columns = self.check_columns(columns)
+        table = self.session.do_get(ticket_bytes(self.name, part, self.snapshot, start, stop, columns))
+        return table.replace_schema_metadata(None) if table.schema.metadata else table
+
+
+def ticket_bytes(name: str, part: int, snapshot: str | None = None, start: int | None = None,
+                 stop: int | None = None, columns: list[str] | None = None) -> bytes:
+    """``datasets/<name>/<partition>?snapshot=..&start=..&stop=..&columns=..`` (each part optional)."""
+    query = [f"{k}={quote(str(v), safe='')}" for k, v in (("snapshot", snapshot), ("start", start), ("stop", stop))
+             if v is not None]
+    if columns is not None:
+        query.append("columns=" + quote(json.dumps(list(columns)), safe=""))
+    return f"datasets/{quote(name, safe='')}/{part}{'?' + '&'.join(query) if query else ''}".encode()
