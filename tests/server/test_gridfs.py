@@ -44,7 +44,10 @@ def test_write_read_ls_info_mv_rm_round_trip_with_fsspec_errors(gfs, base):
         f.write(b"hello ")
         f.write(b"grid")
     assert fsspec.open(f"{base}/a/x.bin", "rb").open().read() == b"hello grid"
-    gfs.pipe_file(f"{base}/a/y.txt", b"y")
+    gfs.pipe_file(f"{base}/a/y.txt", b"")
+    for part in (b"y", b""):
+        with gfs.open(f"{base}/a/y.txt", "ab") as f:  # append: the old bytes, then these, committed on close
+            f.write(part)
     gfs.makedirs(f"{base}/a/empty", exist_ok=True)
     netloc = base.split("/")[2]
     top = f"{netloc}/{base.rsplit('/', 1)[1]}"
@@ -202,6 +205,24 @@ def test_an_upload_left_by_an_exception_is_discarded_and_one_short_of_its_bytes_
         assert not gfs.exists(f"{base}/short") and _temporaries(grid) == []
 
 
+def test_temporaries_of_uploads_that_died_with_a_server_are_swept(gfs, grid, base):
+    """A temporary no running upload owns and idle for over a minute (its server was killed) is removed by the
+    next upload (and when a server starts on the root); a recent one may be another upload's: kept."""
+    tmp = os.path.join(grid.root, TMP_DIR)
+    dead, recent = os.path.join(tmp, "dead.part"), os.path.join(tmp, "recent.part")
+    for path in (dead, recent):
+        with open(path, "wb") as f:
+            f.write(b"partial")
+    os.utime(dead, (time.time() - 120, time.time() - 120))
+    try:
+        gfs.pipe_file(f"{base}/x", b"x")
+        assert _temporaries(grid) == ["recent.part"]
+    finally:
+        for path in (dead, recent):
+            if os.path.exists(path):
+                os.unlink(path)
+
+
 def test_exclusive_create_has_one_winner_among_racing_writers(gfs, base):
     fs, path = tgfs.resolve(f"{base}/race/manifest")
     wins, barrier = [], threading.Barrier(6)
@@ -297,10 +318,13 @@ def test_trainer_checkpoints_and_logs_on_grid_resume_exactly_and_tensorboard_rea
     assert r.checkpoint == f"{ck}/ckpt-e00001-s000000015.pt"
     assert [n.rsplit("/", 1)[1] for n in gfs.ls(ck, detail=False)] == [
         "ckpt-e00001-s000000010.pt", "ckpt-e00001-s000000015.pt"]
-    resumed = trainer(workers=2, epochs=2, checkpoint_dir=ck, log_dir=logs).fit(digits640, resume=True)
+    resumed = trainer(workers=2, epochs=2, checkpoint_dir=ck, log_dir=logs, keep_checkpoints=2).fit(
+        digits640, resume=True)
     assert same(weights(resumed.model), weights(full.model), atol=1e-5)
     assert [h["loss"] for h in resumed.history] == pytest.approx([h["loss"] for h in full.history], rel=1e-5)
     assert resumed.checkpoint == f"{ck}/ckpt-e00002-s000000020.pt"
+    assert [n.rsplit("/", 1)[1] for n in gfs.ls(ck, detail=False)] == [  # rotation removed the oldest
+        "ckpt-e00001-s000000015.pt", "ckpt-e00002-s000000020.pt"]
 
     acc = EventAccumulator(logs)
     acc.Reload()
