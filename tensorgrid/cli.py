@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 import warnings
@@ -276,6 +277,49 @@ def cmd_quickstart(a) -> None:
     run(a.root, train=not a.no_train, overwrite=a.overwrite)
 
 
+def cmd_serve(a) -> None:
+    import logging
+
+    # gRPC's own log (a line per failed TLS handshake, its bind errors) stays off unless asked for: our errors
+    # are one line each; GRPC_VERBOSITY=INFO turns it back on (read when gRPC starts, so set before the import)
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+
+    from .server import auth
+
+    if a.hash_password:
+        print(auth.hash_password(_new_password()), flush=True)
+        return
+    if a.root is None:
+        raise ArgumentError("serve needs --root DIR: the folder that holds the grid's database and files")
+    port = check_int("--port", a.port, 0, 65535)
+    max_calls = check_int("--max-calls", a.max_calls, 1, none=True)
+    timeout = check_number("--query-timeout", a.query_timeout, 0)
+    token_ttl = check_number("--token-ttl", a.token_ttl, 1)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .server import serve
+
+    server = serve.start(a.root, a.host, port, tls_cert=a.tls_cert, tls_key=a.tls_key, tls_client_ca=a.tls_client_ca,
+                         users=a.users, allow=[x for group in a.allow or [] for x in group],
+                         memory_limit=a.memory_limit, max_calls=max_calls, query_timeout=timeout or None,
+                         token_ttl=token_ttl, insecure_no_auth=a.insecure_no_auth)
+    serve.serve_until_signal(server)
+
+
+def _new_password() -> str:
+    """A password from the terminal (asked twice) or from stdin (one line, for scripts)."""
+    import getpass
+
+    if sys.stdin.isatty():
+        first = getpass.getpass("password: ")
+        if getpass.getpass("again: ") != first:
+            raise TensorGridError("the two passwords differ")
+    else:
+        first = sys.stdin.readline().rstrip("\r\n")
+    if not first:
+        raise TensorGridError("empty password: give one on the terminal or as one line on stdin")
+    return first
+
+
 class UsageError(Exception):
     """A command line argparse cannot parse (reported in one line, exit code 2)."""
 
@@ -342,6 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("action", nargs="?", choices=["list", "clear"], default="list")
     sp.add_argument("--dir", default=None, help="a cache_dir= folder (default: $TENSORGRID_CACHE_DIR, else "
                                                 "$XDG_CACHE_HOME/tensorgrid, else ~/.cache/tensorgrid)")
+    _add_serve(add)
     sp = add("versions", cmd_versions, "the history of a dataset")
     sp.add_argument("ds")
     sp = add("vacuum", cmd_vacuum, "delete files no version references (left by killed writers)")
@@ -351,6 +396,46 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--delete-unknown", action="store_true",
                     help="also delete files under data/ that TensorGrid did not write (refused without it)")
     return p
+
+
+def _add_serve(add) -> None:
+    from .server.serve import DEFAULT_MAX_CALLS, DEFAULT_PORT, DEFAULT_QUERY_TIMEOUT
+
+    sp = add("serve", cmd_serve, "serve a grid: tables and datasets over Arrow Flight SQL, files over grid://")
+    sp.epilog = ("examples:\n"
+                 "  tensorgrid serve --root ./grid --port 8815\n"
+                 "  tensorgrid serve --hash-password            (prints a password_hash for the users file)\n"
+                 "  tensorgrid serve --root ./grid --host 0.0.0.0 --users users.toml --tls-cert server.pem "
+                 "--tls-key server.key\n\n"
+                 "users.toml:\n"
+                 "  [users.ignite]\n"
+                 "  password_hash = \"scrypt$16384$8$1$...\"\n"
+                 "  role = \"admin\"     # or \"reader\": read only")
+    sp.formatter_class = argparse.RawDescriptionHelpFormatter
+    sp.add_argument("--root", help="folder for the grid's database and files (made if missing)")
+    sp.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; any other "
+                                                        "needs --users)")
+    sp.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}; 0 picks a free one")
+    sp.add_argument("--tls-cert", metavar="PEM", help="server certificate (with --tls-key): serve grpc+tls://")
+    sp.add_argument("--tls-key", metavar="PEM", help="the server certificate's private key")
+    sp.add_argument("--tls-client-ca", metavar="PEM", help="mutual TLS: clients must present a certificate "
+                                                           "signed by this CA")
+    sp.add_argument("--users", metavar="TOML", help="users and roles (admin, reader); without it everyone may "
+                                                     "read and write")
+    sp.add_argument("--allow", action="append", nargs="+", metavar="URL_OR_DIR",
+                    help="where datasets may be loaded from (prefixes; default: under --root)")
+    sp.add_argument("--memory-limit", default="4GB", help="DuckDB's memory limit (default 4GB)")
+    sp.add_argument("--max-calls", type=int, default=DEFAULT_MAX_CALLS,
+                    help=f"calls in progress at once; more are refused as busy (default {DEFAULT_MAX_CALLS})")
+    sp.add_argument("--query-timeout", type=float, default=DEFAULT_QUERY_TIMEOUT,
+                    help=f"seconds a query may run, streaming its rows included (default {DEFAULT_QUERY_TIMEOUT:g}; "
+                         "0: no limit)")
+    sp.add_argument("--token-ttl", type=float, default=3600.0,
+                    help="seconds a sign-in token stays valid without use (default 3600)")
+    sp.add_argument("--insecure-no-auth", action="store_true",
+                    help="allow a non-loopback --host without --users (anyone who reaches the port may do anything)")
+    sp.add_argument("--hash-password", action="store_true",
+                    help="print a password_hash for the users file (password from the terminal or stdin) and exit")
 
 
 def _stderr_line(text: str) -> None:

@@ -1,0 +1,278 @@
+"""``tensorgrid serve``: TLS and mutual TLS with throwaway certificates, limits, and the command itself as a real
+process (prints its URL, serves, exits 0 on SIGTERM/SIGINT; a bad command line is one line and a non-zero exit)."""
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pyarrow.flight as flight
+import pytest
+
+from tensorgrid.server import auth, serve, sqlproto
+
+from .certs import make_certs
+
+flight_sql = pytest.importorskip("adbc_driver_flightsql.dbapi", reason="adbc-driver-flightsql is in the dev extras")
+
+URL = re.compile(r"(grpc(?:\+tls)?://\S+)")
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    return make_certs(tmp_path_factory.mktemp("certs"))
+
+
+@pytest.fixture(scope="module")
+def users_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("users") / "users.toml"
+    path.write_text(f'[users.ignite]\npassword_hash = "{auth.hash_password("ignite", n=1 << 10)}"\nrole = "admin"\n'
+                    f'[users.rd]\npassword_hash = "{auth.hash_password("rd", n=1 << 10)}"\nrole = "reader"\n')
+    return path
+
+
+def _select_one(client, options=None):
+    info = client.get_flight_info(flight.FlightDescriptor.for_command(
+        sqlproto.pack(sqlproto.CommandStatementQuery(query="SELECT 1 AS one"))), options)
+    return client.do_get(info.endpoints[0].ticket, options).read_all().column("one").to_pylist()
+
+
+# -- TLS, in this process ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tls_server(tmp_path_factory, certs):
+    server = serve.start(tmp_path_factory.mktemp("tlsgrid"), port=0, tls_cert=str(certs.server.cert),
+                         tls_key=str(certs.server.key), memory_limit="256MB")
+    yield server
+    server.close()
+
+
+def test_tls_with_the_right_ca_works(tls_server, certs):
+    assert tls_server.url.startswith("grpc+tls://127.0.0.1:")
+    client = flight.FlightClient(tls_server.url, tls_root_certs=certs.ca.cert_pem)
+    assert _select_one(client) == [1]
+
+
+@pytest.mark.parametrize("roots", ["none", "other"])
+def test_tls_without_the_ca_fails_cleanly(tls_server, certs, roots):
+    kwargs = {"tls_root_certs": certs.other_ca.cert_pem} if roots == "other" else {}
+    client = flight.FlightClient(tls_server.url, **kwargs)
+    t0 = time.monotonic()
+    with pytest.raises(flight.FlightUnavailableError):
+        _select_one(client, flight.FlightCallOptions(timeout=10))
+    assert time.monotonic() - t0 < 10
+
+
+def test_plain_grpc_to_a_tls_server_fails_cleanly(tls_server):
+    client = flight.FlightClient(tls_server.url.replace("grpc+tls", "grpc"))
+    with pytest.raises(flight.FlightUnavailableError):
+        _select_one(client, flight.FlightCallOptions(timeout=10))
+
+
+def test_adbc_driver_over_tls_with_the_ca(tls_server, certs):
+    with flight_sql.connect(tls_server.url, db_kwargs={
+            "adbc.flight.sql.client_option.tls_root_certs": certs.ca.cert_pem.decode()}, autocommit=True) as conn:
+        cur = conn.cursor()
+        cur.execute("SELECT 42 AS x")
+        assert cur.fetchall() == [(42,)]
+        cur.close()
+
+
+@pytest.fixture(scope="module")
+def mtls_server(tmp_path_factory, certs, users_file):
+    server = serve.start(tmp_path_factory.mktemp("mtlsgrid"), port=0, tls_cert=str(certs.server.cert),
+                         tls_key=str(certs.server.key), tls_client_ca=str(certs.ca.cert), users=str(users_file),
+                         memory_limit="256MB")
+    yield server
+    server.close()
+
+
+def test_mutual_tls_with_a_client_certificate_and_password_works(mtls_server, certs):
+    client = flight.FlightClient(mtls_server.url, tls_root_certs=certs.ca.cert_pem, cert_chain=certs.client.cert_pem,
+                                 private_key=certs.client.key_pem)
+    header = client.authenticate_basic_token("ignite", "ignite")
+    assert _select_one(client, flight.FlightCallOptions(headers=[header])) == [1]
+
+
+def test_mutual_tls_without_a_client_certificate_is_refused(mtls_server, certs):
+    client = flight.FlightClient(mtls_server.url, tls_root_certs=certs.ca.cert_pem)
+    with pytest.raises(flight.FlightUnavailableError):
+        _select_one(client, flight.FlightCallOptions(timeout=10))
+    with pytest.raises(flight.FlightError):  # pyarrow's handshake reports the refusal as an internal error
+        client.authenticate_basic_token("ignite", "ignite")
+
+
+def test_mutual_tls_with_a_certificate_from_another_ca_is_refused(mtls_server, certs, tmp_path):
+    stranger = make_certs(tmp_path)  # a client certificate signed by a CA the server does not trust
+    client = flight.FlightClient(mtls_server.url, tls_root_certs=certs.ca.cert_pem,
+                                 cert_chain=stranger.client.cert_pem, private_key=stranger.client.key_pem)
+    with pytest.raises(flight.FlightUnavailableError):
+        _select_one(client, flight.FlightCallOptions(timeout=10))
+
+
+def test_mutual_tls_still_needs_the_password(mtls_server, certs):
+    client = flight.FlightClient(mtls_server.url, tls_root_certs=certs.ca.cert_pem, cert_chain=certs.client.cert_pem,
+                                 private_key=certs.client.key_pem)
+    with pytest.raises(flight.FlightUnauthenticatedError):
+        _select_one(client)
+
+
+# -- options and limits --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs, says", [
+    ({"tls_cert": "x.pem"}, "needs both --tls-cert and --tls-key"),
+    ({"tls_client_ca": "ca.pem"}, "needs --tls-cert and --tls-key"),
+    ({"tls_cert": "/no/such.pem", "tls_key": "/no/such.key"}, "--tls-cert /no/such.pem: No such file"),
+    ({"host": "0.0.0.0"}, "without --users anyone there could read"),
+    ({"host": "10.1.2.3"}, "give --users users.toml"),
+])
+def test_start_refuses_unsafe_or_incomplete_options_in_one_line(tmp_path, kwargs, says):
+    with pytest.raises(serve.ServeError) as info:
+        serve.start(tmp_path, port=0, **kwargs)
+    assert says in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_certificate_file_that_is_not_pem_is_named(tmp_path, certs):
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate")
+    with pytest.raises(serve.ServeError, match="junk.pem is not a PEM file holding a certificate"):
+        serve.start(tmp_path / "g", port=0, tls_cert=str(junk), tls_key=str(certs.server.key))
+
+
+def test_loopback_is_recognised():
+    assert all(serve.is_loopback(h) for h in ("127.0.0.1", "127.3.2.1", "::1", "[::1]", "localhost"))
+    assert not any(serve.is_loopback(h) for h in ("0.0.0.0", "10.0.0.1", "::", "example.org"))
+
+
+def test_allow_defaults_to_the_root_and_keeps_urls(tmp_path):
+    with serve.start(tmp_path / "a", port=0, memory_limit="256MB") as server:
+        assert server.allow == [str(tmp_path / "a")]
+    with serve.start(tmp_path / "b", port=0, memory_limit="256MB", allow=["s3://bucket/data", "rel/dir"]) as server:
+        assert server.allow == ["s3://bucket/data", os.path.abspath("rel/dir")]
+
+
+def test_a_query_over_its_time_limit_is_interrupted(tmp_path):
+    server = serve.start(tmp_path, port=0, memory_limit="256MB", threads=1, query_timeout=1.0)
+    try:
+        client = flight.FlightClient(server.url)
+        t0 = time.monotonic()
+        with pytest.raises(flight.FlightError, match="(?i)interrupt"):
+            info = client.get_flight_info(flight.FlightDescriptor.for_command(sqlproto.pack(
+                sqlproto.CommandStatementQuery(query="SELECT count(*) FROM range(100000000000) a"))))
+            client.do_get(info.endpoints[0].ticket).read_all()
+        assert time.monotonic() - t0 < 8
+        assert _select_one(client) == [1]  # the server goes on serving
+    finally:
+        server.close()
+    assert not server.query_clock._thread.is_alive()
+
+
+# -- the command, as a real process --------------------------------------------------------------------------
+
+def _cli(*args):
+    return [sys.executable, "-m", "tensorgrid.cli", *args]
+
+
+def _start(*args, timeout=30):
+    """The `tensorgrid serve` process and the URL from the one line it prints."""
+    proc = subprocess.Popen(_cli("serve", "--port", "0", "--memory-limit", "256MB", *args),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    match = URL.search(line)
+    if not match:
+        proc.kill()
+        raise AssertionError(f"no URL printed: {line!r} {proc.stderr.read()!r}")
+    return proc, match.group(1)
+
+
+def _stop(proc, sig):
+    proc.send_signal(sig)
+    try:
+        out, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    return proc.returncode, out, err
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_serve_prints_its_url_serves_adbc_and_exits_0_on_a_signal(tmp_path, users_file, sig):
+    proc, url = _start("--root", str(tmp_path / "grid"), "--users", str(users_file))
+    try:
+        assert url.startswith("grpc://127.0.0.1:")
+        with flight_sql.connect(url, db_kwargs={"username": "ignite", "password": "ignite"}, autocommit=True) as conn:
+            cur = conn.cursor()
+            cur.execute("CREATE TABLE kitten (id BIGINT PRIMARY KEY, name VARCHAR)")
+            cur.execute("INSERT INTO kitten VALUES (1, 'WARM KITTY')")
+            cur.close()
+        with flight_sql.connect(url, db_kwargs={"username": "rd", "password": "rd"}, autocommit=True) as conn:
+            cur = conn.cursor()
+            cur.execute("SELECT name FROM kitten")
+            assert cur.fetchall() == [("WARM KITTY",)]
+            with pytest.raises(flight_sql.Error, match="may not write"):
+                cur.execute("DELETE FROM kitten")
+            cur.close()
+    finally:
+        code, out, err = _stop(proc, sig)
+    assert code == 0, err
+    assert out == "" and "Traceback" not in err  # the URL line was the only output
+    assert "ignite" not in err.replace("user 'ignite'", "")  # no password in the log
+
+
+def test_serve_with_mutual_tls_from_the_command_line(tmp_path, certs, users_file):
+    proc, url = _start("--root", str(tmp_path / "grid"), "--users", str(users_file),
+                       "--tls-cert", str(certs.server.cert), "--tls-key", str(certs.server.key),
+                       "--tls-client-ca", str(certs.ca.cert))
+    try:
+        assert url.startswith("grpc+tls://127.0.0.1:")
+        client = flight.FlightClient(url, tls_root_certs=certs.ca.cert_pem, cert_chain=certs.client.cert_pem,
+                                     private_key=certs.client.key_pem)
+        header = client.authenticate_basic_token("ignite", "ignite")
+        assert _select_one(client, flight.FlightCallOptions(headers=[header])) == [1]
+        with pytest.raises(flight.FlightUnavailableError):
+            _select_one(flight.FlightClient(url, tls_root_certs=certs.ca.cert_pem), flight.FlightCallOptions(timeout=10))
+    finally:
+        code, _, err = _stop(proc, signal.SIGTERM)
+    assert code == 0, err
+
+
+def test_hash_password_from_stdin_makes_a_hash_the_server_accepts(tmp_path):
+    done = subprocess.run(_cli("serve", "--hash-password"), input="correct horse\n", capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    hashed = done.stdout.strip()
+    assert auth.verify_password("correct horse", hashed) and not auth.verify_password("correct horse\n", hashed)
+
+
+@pytest.fixture
+def busy_port():
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    yield sock.getsockname()[1]
+    sock.close()
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--port", "8815"], "serve needs --root"),
+    (["--root", "{tmp}/g", "--port", "70000"], "--port must be an int in [0, 65535]"),
+    (["--root", "{tmp}/g", "--host", "0.0.0.0", "--port", "0"], "give --users"),
+    (["--root", "{tmp}/g", "--tls-cert", "{tmp}/c.pem", "--port", "0"], "needs both --tls-cert and --tls-key"),
+    (["--root", "{tmp}/g", "--users", "{tmp}/missing.toml", "--port", "0"], "missing.toml does not exist"),
+    (["--root", "{tmp}/g", "--users", "{tmp}/plain.toml", "--port", "0"], "plain password"),
+    (["--root", "{tmp}/g", "--memory-limit", "lots", "--port", "0"], "cannot open the grid database"),
+    (["--root", "{tmp}/g", "--port", "{busy}"], "cannot serve on 127.0.0.1:{busy}"),
+    (["--root", "{tmp}/g", "--frobnicate"], "unrecognized arguments: --frobnicate"),
+])
+def test_bad_serve_arguments_are_one_line_and_a_nonzero_exit(tmp_path, busy_port, args, says):
+    (tmp_path / "plain.toml").write_text('[users.a]\npassword = "x"\nrole = "admin"\n')
+    fill = {"tmp": str(tmp_path), "busy": str(busy_port)}
+    done = subprocess.run(_cli("serve", *(a.format(**fill) for a in args)), capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode != 0
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and says.format(**fill) in lines[0], done.stderr
+    assert done.stdout == ""
