@@ -276,3 +276,14 @@ def test_bad_serve_arguments_are_one_line_and_a_nonzero_exit(tmp_path, busy_port
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and says.format(**fill) in lines[0], done.stderr
     assert done.stdout == ""
+
+
+def test_the_shared_client_connection_signs_in_over_mutual_tls(mtls_server, certs):
+    from tensorgrid.server.connection import open_flight
+
+    client, options = open_flight(mtls_server.url, username="rd", password="rd", tls_root_certs=certs.ca.cert_pem,
+                                  cert_chain=certs.client.cert_pem, private_key=certs.client.key_pem, timeout=10)
+    assert _select_one(client, options) == [1]
+    with pytest.raises(flight.FlightUnauthenticatedError):
+        open_flight(mtls_server.url, username="rd", password="wrong", tls_root_certs=certs.ca.cert_pem,
+                    cert_chain=certs.client.cert_pem, private_key=certs.client.key_pem)
