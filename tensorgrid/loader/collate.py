@@ -3,7 +3,8 @@
 A chunk's columns (``Columns``) are gathered once and sliced into batches. Two layouts keep a batch cheap:
 1-D numeric columns of one dtype are the rows of one (k, rows) block, so a batch's k columns cost one slice
 and one unbind instead of k slices (per-column tensor work made 25 float columns load at 0.4x one 25-wide
-tensor column); lists of numbers (token ids, ragged arrays) stay flat values plus offsets (``Ragged``) and
+tensor column); from the Arrow cache such a group is gathered from the file's row-major pack in one pass
+into a (rows, k) array whose transpose is the block (``stacked`` hands it over whole); lists of numbers (token ids, ragged arrays) stay flat values plus offsets (``Ragged``) and
 are padded per batch: ``batch[name]`` (rows, longest) padded with 0, ``batch[name + "_lengths"]`` int64.
 """
 
