@@ -91,6 +91,7 @@ class DatasetsService(Service):
         self._failed: dict[str, str] = {}  # catalog entries that did not load at start, with the reason
         self._snapshots: OrderedDict[str, tuple[float, Held]] = OrderedDict()  # "<name>@<snapshot>"
         self._current: dict[str, tuple[int, str]] = {}  # table -> (generation, snapshot) last taken
+        self.rows_served = 0  # rows sent by DoGet since start (how much readers fetched)
         self._catalog = self._read_catalog()
         for name, entry in list(self._catalog.items()):
             try:
@@ -164,6 +165,7 @@ class DatasetsService(Service):
                 raise error("ColumnNotFoundError", f"no column {missing[0]!r} in {name!r}; columns: "
                                                    f"{table.schema.names}")
             table = table.select(columns)
+        self.rows_served += table.num_rows
         batches = list(batches_by_bytes(table.to_batches(), self.server.max_batch_bytes))
         return flight.RecordBatchStream(pa.Table.from_batches(batches, schema=table.schema))
 

@@ -4,6 +4,9 @@ DoGet of a row range), so a loader rank never downloads rows it does not use. It
 credentials, name, snapshot, partition) and opens its connection lazily in each process (a gRPC channel
 does not survive a fork). No torch here.
 
+Loader worker processes must be started with ``multiprocessing_context="spawn"`` (or "forkserver"): a process
+forked from one that has used gRPC hangs in its first call (measured here, with the client closed or not).
+
 Also here: ``Session``, the picklable connection both this and ``tg.connect`` (client.py) call through, and the
 named errors a grid call raises: a Flight error from the server becomes a TensorGrid error with the server's
 one-line message (no gRPC noise).
@@ -86,7 +89,7 @@ def translate(exc: BaseException, url: str, default: type = GridError) -> Tensor
     return GridError(message)
 
 
-@dataclass
+@dataclass(eq=False)
 class Session:
     """Where a grid server is and who calls it; the Flight client is opened on first use in each process."""
 
@@ -144,9 +147,12 @@ class Session:
         return self.call(lambda c, o: c.do_get(flight.Ticket(ticket), o).read_all())
 
     def close(self) -> None:
-        if self._client is not None and self._pid == os.getpid():
-            self._client.close()
-        self._client = self._options = None
+        """Close this process's client (the next call opens another)."""
+        client, self._client, self._options = self._client, None, None
+        if client is not None and self._pid == os.getpid():
+            client.close()
+
+
 
 
 class GridDataset(Dataset):

@@ -1,0 +1,112 @@
+"""g.dataset(name) is a Dataset kind like any other: the real loader (ranks, shuffle, resume, worker
+processes) and the real trainer read it from a real grid server, by partition and row range."""
+
+import json
+import pickle
+import uuid
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import tensorgrid as tg
+from tensorgrid.errors import ArgumentError
+from tensorgrid.server import GridDataset, SnapshotError
+
+
+def _ids(loader) -> list[int]:
+    """Row ids a loader yields, padding rows (``_valid`` false: equal batches on every rank) left out."""
+    out = []
+    for b in loader:
+        keep = b["_valid"] if "_valid" in b else torch.ones(len(b["id"]), dtype=torch.bool)
+        out += b["id"][keep].tolist()
+    return out
+
+
+@pytest.fixture(scope="module")
+def numbers(grid):
+    """A table of 1,000 rows (id, a float vector) on the server, one partition per 256 rows of the snapshot
+    is not what a table gets (2^18): loaded instead as a store dataset of 7 shards."""
+    url = f"{grid.root}/store/numbers-{uuid.uuid4().hex[:6]}"
+    df = pd.DataFrame({"id": np.arange(1000, dtype=np.int64),
+                       "x": list(np.arange(4000, dtype=np.float32).reshape(1000, 4))})
+    tg.write(url, df, shard_rows=150)
+    with tg.connect(grid.url) as g:
+        g.load("numbers", url)
+        yield g.dataset("numbers")
+
+
+def test_shards_are_the_servers_partitions_and_reads_fetch_only_the_asked_rows(numbers, grid):
+    assert numbers.shard_rows == [150] * 6 + [100] and numbers.is_remote
+    service = grid.services["datasets"]
+    before = service.rows_served
+    part = numbers.read_rows(2, 10, 13, ["id"])
+    assert part.column_names == ["id"] and part.column("id").to_pylist() == [310, 311, 312]
+    assert service.rows_served - before == 3
+
+
+def test_one_partition_by_argument_or_by_tensorgrid_part(g, numbers, monkeypatch):
+    one = g.dataset("numbers", partition=6)
+    assert one.shard_rows == [100] and one.to_arrow().column("id").to_pylist() == list(range(900, 1000))
+    monkeypatch.setenv("TENSORGRID_PART", "1")
+    assert g.dataset("numbers").to_arrow().column("id").to_pylist() == list(range(150, 300))
+    with pytest.raises(ArgumentError, match="has partitions 0..6, not 7"):
+        g.dataset("numbers", partition=7)
+
+
+def test_every_row_exactly_once_across_two_ranks_shuffled(numbers):
+    seen = []
+    for rank in range(2):
+        seen += _ids(numbers.to_torch(batch_size=64, shuffle=True, seed=1, rank=rank, world_size=2))
+    assert sorted(seen) == list(range(1000))
+    in_order = _ids(numbers.to_torch(batch_size=64, shuffle=True, seed=1))
+    assert sorted(in_order) == list(range(1000)) and in_order != list(range(1000))
+
+
+def test_resume_mid_epoch_equals_the_uninterrupted_epoch(numbers, g):
+    kw = dict(batch_size=32, shuffle=True, seed=7)
+    whole = _ids(numbers.to_torch(**kw))
+    loader = numbers.to_torch(**kw)
+    it, first = iter(loader), []
+    for _ in range(10):
+        first += next(it)["id"].tolist()
+    state = json.loads(json.dumps(loader.state_dict()))
+    # another process would unpickle the dataset and connect on its own
+    fresh = pickle.loads(pickle.dumps(g.dataset("numbers")))
+    assert fresh.session._client is None and fresh.fingerprint == numbers.fingerprint
+    rest = fresh.to_torch(**kw)
+    rest.load_state_dict(state)
+    assert first + _ids(rest) == whole
+
+
+def test_spawned_loader_workers_open_their_own_connection(numbers):
+    ids = _ids(numbers.to_torch(batch_size=100, shuffle=True, seed=3, num_workers=2, multiprocessing_context="spawn"))
+    assert sorted(ids) == list(range(1000))
+
+
+def test_a_table_is_read_from_one_snapshot_while_others_write(g, grid):
+    name = f"snap_{uuid.uuid4().hex[:6]}"
+    g.sql(f"CREATE TABLE {name} (id BIGINT PRIMARY KEY, v DOUBLE)")
+    g.put(name, pd.DataFrame({"id": np.arange(100), "v": np.zeros(100)}))
+    ds = g.dataset(name)
+    assert g.dataset(name).fingerprint == ds.fingerprint  # nothing written: the same snapshot
+    g.put(name, pd.DataFrame({"id": [0, 100], "v": [1.0, 1.0]}))
+    assert ds.to_arrow().column("v").to_pylist() == [0.0] * 100  # the reader's snapshot, not the new rows
+    newer = g.dataset(name)
+    assert newer.num_rows == 101 and newer.fingerprint != ds.fingerprint
+    grid.services["datasets"]._snapshots.clear()  # the server let the old rows go (evicted, restarted)
+    assert newer.num_rows == newer.to_arrow().num_rows == 101  # the current rows are taken again: same digest
+    with pytest.raises(SnapshotError, match=f"table '{name}' changed since this reader opened it"):
+        ds.read_rows(0, 0, 5)
+
+
+def test_trainer_fits_on_a_grid_dataset(g, grid_digits):
+    from tests.train.models import mlp, sgd, to_float
+
+    train = g.dataset("digits")
+    assert isinstance(train, GridDataset)
+    result = tg.Trainer(model=mlp, loss=torch.nn.CrossEntropyLoss(), optimizer=sgd, features="image",
+                        label="label", transform=to_float, batch_size=64, epochs=1, workers=1, engine="local",
+                        quiet=True).fit(train)
+    assert len(result.history) == 1 and np.isfinite(result.history[0]["loss"])
