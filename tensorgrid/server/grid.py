@@ -158,6 +158,7 @@ class GridServer(flight.FlightServerBase):
             return [flight.Result(pa.py_buffer(r)) for r in self.services[prefix].do_action(context, verb, body)]
         if action.type == "CreatePreparedStatement":
             request = _expect(sqlproto.unpack(body), sqlproto.ActionCreatePreparedStatementRequest)
+            auth.require(context, auth.WRITE if _writes_sql(request.query) else auth.READ)
             return [flight.Result(sqlproto.pack(self._prepare(request.query)))]
         if action.type == "ClosePreparedStatement":
             request = _expect(sqlproto.unpack(body), sqlproto.ActionClosePreparedStatementRequest)
@@ -172,7 +173,9 @@ class GridServer(flight.FlightServerBase):
             svc, path = self._service_of(descriptor)
             return svc.get_flight_info(context, descriptor, path)
         command = _command(descriptor)
-        auth.require(context, auth.WRITE if _writes(command) else auth.READ)
+        writes = _writes(command) or (type(command) is sqlproto.CommandPreparedStatementQuery and _writes_sql(
+            self._prepared_statement(command.prepared_statement_handle).query))
+        auth.require(context, auth.WRITE if writes else auth.READ)
         held = self._run_command(command)
         try:
             handle = self._results.put(held)
@@ -372,7 +375,7 @@ def _writes(command) -> bool:
     kind = type(command).DESCRIPTOR.name
     if kind == "CommandStatementQuery":
         return _writes_sql(command.query)
-    return False  # metadata; a prepared query was checked when its parameters were bound or it was made
+    return False  # metadata (a prepared query: its SQL is looked up by the caller)
 
 
 def _writes_sql(query: str) -> bool:

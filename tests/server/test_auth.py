@@ -324,9 +324,6 @@ def test_adbc_reader_is_refused_unparameterised_writes(server, sql):
     assert _query(admin, f"SELECT count(*) AS n FROM {t}", options).column("n").to_pylist() == [1]
 
 
-@pytest.mark.xfail(strict=True, reason="grid.py checks no right on CreatePreparedStatement and counts GetFlightInfo "
-                   "of a prepared query as a read, so a client that ignores is_update runs a prepared INSERT as a "
-                   "reader. Fix in grid.py: require WRITE there when the prepared SQL writes (_writes_sql).")
 def test_reader_cannot_run_a_prepared_write_through_get_flight_info(server):
     admin, admin_options = _signed_in(server, "ignite", "ignite")
     t = _name("victim")
@@ -341,4 +338,24 @@ def test_reader_cannot_run_a_prepared_write_through_get_flight_info(server):
         client.do_get(info.endpoints[0].ticket, options).read_all()
     except flight.FlightUnauthorizedError:
         pass
+    assert _query(admin, f"SELECT count(*) AS n FROM {t}", admin_options).column("n").to_pylist() == [1]
+
+
+def test_a_reader_cannot_run_a_write_someone_else_prepared(server):
+    """Handles are not secrets to rely on: running a prepared write checks the caller's right too."""
+    admin, admin_options = _signed_in(server, "ignite", "ignite")
+    t = _name("victim")
+    _update(admin, f"CREATE TABLE {t} AS SELECT 1 AS id", admin_options)
+    request = sqlproto.ActionCreatePreparedStatementRequest(query=f"DELETE FROM {t}")
+    [result] = admin.do_action(flight.Action("CreatePreparedStatement", sqlproto.pack(request)), admin_options)
+    handle = sqlproto.unpack(result.body.to_pybytes()).prepared_statement_handle
+    client, options = _signed_in(server, "rd", "read-only")
+    command = sqlproto.CommandPreparedStatementQuery(prepared_statement_handle=handle)
+    with pytest.raises(flight.FlightUnauthorizedError, match="may not write"):
+        client.get_flight_info(flight.FlightDescriptor.for_command(sqlproto.pack(command)), options)
+    update = sqlproto.CommandPreparedStatementUpdate(prepared_statement_handle=handle)
+    with pytest.raises(flight.FlightUnauthorizedError, match="may not write"):
+        writer, _ = client.do_put(flight.FlightDescriptor.for_command(sqlproto.pack(update)), pa.schema([]),
+                                  options)
+        writer.close()  # a DoPut's refusal arrives when the stream is closed
     assert _query(admin, f"SELECT count(*) AS n FROM {t}", admin_options).column("n").to_pylist() == [1]
