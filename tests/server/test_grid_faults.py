@@ -3,8 +3,9 @@ clients in processes of their own (procs_grid.py), SIGKILL for the faults. No mo
 
 Load: 16 reader processes (8 through SQL: aggregates and full reads; 8 through the loader over g.dataset) while
 one process INSERTs into a table (and UPDATEs it), one writes new versions of a store dataset and one moves the
-server's loaded copy to the latest version (g.load(refresh=True)). Every read must be one consistent snapshot (the data is
-built so that each read checks itself: see procs_grid.py), no process may meet an error, no row may be lost.
+server's loaded copy to the latest version (g.load(refresh=True)). Every read must be one consistent snapshot
+(the data is built so that each read checks itself, and a read mixing two states shows: see procs_grid.py), no
+process may meet an error, no row may be lost.
 
 Faults: the server SIGKILLed while a client streams a large SQL result or iterates a loader epoch: the client
 raises GridConnectionError (named, one line, no gRPC dump) without hanging; a server restarted on the same
@@ -123,8 +124,8 @@ def test_16_readers_while_one_inserts_and_one_loads_new_versions_all_consistent_
     # loader epochs really overlapped the writes: versions moved and rows were inserted while epochs ran, over a
     # table the loaders fetch block by block
     assert moved >= 1 and written >= 1 and max(r["blocks"] for r in by_role["loader"]) >= 2, (moved, written)
-    print(f"\n{reads} consistent reads by 16 processes in {elapsed:.1f} s while {writer['batches'] - FIRST_BATCHES} inserts and "
-          f"{len(appender['versions'])} appends ran; table states seen {len(seen_ledger)}, versions "
+    print(f"\n{reads} consistent reads by 16 processes in {elapsed:.1f} s while {writer['batches'] - FIRST_BATCHES} "
+          f"inserts and {len(appender['versions'])} new versions ran; table states seen {len(seen_ledger)}, versions "
           f"{sorted(seen_events)}; loader epochs that outlived their version {moved}, that saw inserts {written}")
 
     # no lost rows: every acknowledged insert and append is there, once
