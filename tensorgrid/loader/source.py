@@ -136,6 +136,15 @@ class Source:
             return []
         return [(names, v[start:stop]) for names, v in self._packs.get(shard, ())]
 
+    @property
+    def takes_rows(self) -> bool:
+        """Whether rows are fetched by number (``take``): a remote kind that sends just the rows asked for."""
+        return self.dataset.takes_rows and self.cache is None
+
+    def take(self, shard: int, rows: np.ndarray) -> pa.Table:
+        """Rows ``rows`` (sorted, distinct) of a shard, fetched as such."""
+        return self.dataset.read_take(shard, rows, self.columns)
+
     def _read_through(self, shard: int, start: int, stop: int) -> pa.Table:
         """Rows [start, stop) through the dataset's contract (no cache)."""
         if self.dataset.zero_copy_reads and self.dataset.reads_ranges:  # views: nothing worth keeping

@@ -82,17 +82,22 @@ def window_columns(plan: Plan, source: Source, pos: np.ndarray) -> dict:
         packs = {sh: source.packs(sh, r0, r1) for sh, (r0, r1) in ranges.items()}
         return concat_then_take(tables, [(sh, s0 - ranges[sh][0], s1 - ranges[sh][0]) for sh, s0, s1 in segs.tolist()],
                                 local, packs)
+    if source.takes_rows and not contiguous:  # over a network: fetch only these rows (a rank's share)
+        shard, row = _shard_rows(segs, local)
+        tables, groups = [], []
+        for s in np.unique(shard):
+            out = np.flatnonzero(shard == s)
+            wanted, where = np.unique(row[out], return_inverse=True)
+            groups.append((len(tables), None if len(out) == n else out, where))
+            tables.append(source.take(int(s), wanted))
+        return take_per_table(tables, groups, n)
     if source.cache_dir and len(segs) > 1 and not contiguous:
-        lens = segs[:, 2] - segs[:, 1]
-        seg_start = np.concatenate([[0], np.cumsum(lens)])
-        seg = np.repeat(np.arange(len(segs)), lens)[local]  # a gather, cheaper than a search per row
-        row = segs[seg, 1] + (local - seg_start[seg])
+        shard, row = _shard_rows(segs, local)
         shards = np.unique(segs[:, 0])
         if len(shards) == 1:
             r0, r1 = int(row.min()), int(row.max()) + 1
             sh = int(shards[0])
             return take_per_table([source.read(sh, r0, r1)], [(0, None, row - r0)], n, [source.packs(sh, r0, r1)])
-        shard = segs[seg, 0]
         tables, groups, packs = [], [], []
         for s in shards:
             out = np.flatnonzero(shard == s)
@@ -121,6 +126,14 @@ def window_columns(plan: Plan, source: Source, pos: np.ndarray) -> dict:
         return concat_then_take({i: p for i, p in enumerate(parts)}, [(i, 0, p.num_rows) for i, p in enumerate(parts)],
                            local)
     return take_to_torch(table, local)
+
+
+def _shard_rows(segs: np.ndarray, local: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(shard, row) of each position ``local`` of the concatenation of the row ranges ``segs``."""
+    lens = segs[:, 2] - segs[:, 1]
+    seg_start = np.concatenate([[0], np.cumsum(lens)])
+    seg = np.repeat(np.arange(len(segs)), lens)[local]  # a gather, cheaper than a search per row
+    return segs[seg, 0], segs[seg, 1] + (local - seg_start[seg])
 
 
 class Chunk:
@@ -342,12 +355,14 @@ def _check_stack(stack, schema: pa.Schema, columns: list[str] | None) -> dict | 
     return out
 
 
-def _context(ctx):
-    """None, a start method's name, or a multiprocessing context. Unset in a process that runs Ray:
-    "spawn" (forking a process whose gRPC threads are running can abort the child)."""
+def _context(ctx, dataset: Dataset):
+    """None, a start method's name, or a multiprocessing context. Unset in a process that runs Ray, or over a
+    dataset that is not fork-safe (a grid server's gRPC client): "spawn" (forking a process whose gRPC
+    threads are running can abort or hang the child)."""
     if ctx is None:
         ray = sys.modules.get("ray")
-        return "spawn" if ray is not None and getattr(ray, "is_initialized", lambda: False)() else None
+        ray_on = ray is not None and getattr(ray, "is_initialized", lambda: False)()
+        return "spawn" if ray_on or not dataset.fork_safe else None
     if callable(getattr(ctx, "get_start_method", None)):
         return ctx
     return check_choice("multiprocessing_context", ctx, mp.get_all_start_methods())
@@ -396,7 +411,7 @@ class Loader:
             raise ArgumentError(f"transform must be callable, got {type(transform).__name__}")
         self.shuffle, self.drop_last = _flag("shuffle", shuffle), _flag("drop_last", drop_last)
         self.timeout = check_number("timeout", timeout, 0)
-        self.context = _context(multiprocessing_context)
+        self.context = _context(multiprocessing_context, dataset)
         self.pin_memory = _pin_choice(pin_memory)
         self.rank, self.world_size = _rank_world(rank, world_size)
         self.dataset = dataset

@@ -42,7 +42,7 @@ from .. import fs as tgfs
 from ..args import check_int
 from ..errors import TensorGridError
 from . import auth
-from .griddataset import ticket_bytes
+from .griddataset import decode_rows, ticket_bytes
 from .ingest import duckdb_friendly
 from .metadata import quote as sql_name
 from .results import batches_by_bytes
@@ -158,6 +158,15 @@ class DatasetsService(Service):
             raise error("ArgumentError", f"rows [{start}, {stop}) are outside partition {part} of {name!r} "
                                          f"({rows} rows)")
         table = held.table.slice(first + start, stop - start)
+        if "rows" in query:  # only these rows of the range (a loader rank's share)
+            try:
+                wanted = decode_rows(query["rows"], table.num_rows)
+            except ValueError as e:
+                raise ProtocolError(f"dataset ticket: {e}") from None
+            if len(wanted) and wanted[-1] >= table.num_rows:
+                raise error("ArgumentError", f"row {int(wanted[-1])} is outside partition {part} of {name!r} "
+                                             f"({rows} rows)")
+            table = table.take(pa.array(wanted))
         if "columns" in query:
             columns = json.loads(query["columns"])
             missing = [c for c in columns if c not in table.schema.names]

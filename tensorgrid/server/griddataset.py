@@ -14,13 +14,16 @@ one-line message (no gRPC noise).
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
 import threading
+import zlib
 from dataclasses import dataclass, field
 from urllib.parse import quote
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.flight as flight
@@ -160,6 +163,8 @@ class GridDataset(Dataset):
     partition and row range. ``partition=k`` reads only that partition (its one shard)."""
 
     zero_copy_reads = False  # every read is fresh buffers from the network
+    takes_rows = True  # a loader rank fetches only its own rows of a shuffled window (read_take)
+    fork_safe = False  # a process forked after gRPC ran hangs on its first call: loader workers are spawned
 
     def __init__(self, session: Session, name: str, partition: int | None = None):
         self.session = session
@@ -197,6 +202,10 @@ class GridDataset(Dataset):
 
     def read_rows(self, shard: int, start: int, stop: int, columns: list[str] | None = None) -> pa.Table:
         return self._fetch(shard, start, stop, columns)
+
+    def read_take(self, shard: int, rows, columns: list[str] | None = None) -> pa.Table:
+        """Rows ``rows`` (sorted, distinct) of a partition, and only those, from the server."""
+        return self._fetch(shard, None, None, columns, rows=rows)
 
     def bytes_per_row(self) -> float:
         total = sum(self._all_rows)
@@ -239,20 +248,50 @@ class GridDataset(Dataset):
         state.pop("_handles", None)
         return state
 
-    def _fetch(self, shard: int, start: int | None, stop: int | None, columns: list[str] | None) -> pa.Table:
+    def _fetch(self, shard: int, start: int | None, stop: int | None, columns: list[str] | None,
+               rows=None) -> pa.Table:
         if not 0 <= shard < self.num_shards:
             raise IndexError(f"{self.url} has {self.num_shards} shards, not {shard}")
         part = self.partition if self.partition is not None else shard
         columns = self.check_columns(columns)
-        table = self.session.do_get(ticket_bytes(self.name, part, self.snapshot, start, stop, columns))
+        table = self.session.do_get(ticket_bytes(self.name, part, self.snapshot, start, stop, columns, rows))
         return table.replace_schema_metadata(None) if table.schema.metadata else table
 
 
 def ticket_bytes(name: str, part: int, snapshot: str | None = None, start: int | None = None,
-                 stop: int | None = None, columns: list[str] | None = None) -> bytes:
-    """``datasets/<name>/<partition>?snapshot=..&start=..&stop=..&columns=..`` (each part optional)."""
+                 stop: int | None = None, columns: list[str] | None = None, rows=None) -> bytes:
+    """``datasets/<name>/<partition>?snapshot=..&start=..&stop=..&columns=..&rows=..`` (each part optional;
+    ``rows``: sorted distinct row numbers, ``encode_rows``)."""
     query = [f"{k}={quote(str(v), safe='')}" for k, v in (("snapshot", snapshot), ("start", start), ("stop", stop))
              if v is not None]
     if columns is not None:
         query.append("columns=" + quote(json.dumps(list(columns)), safe=""))
+    if rows is not None:
+        query.append("rows=" + encode_rows(rows))
     return f"datasets/{quote(name, safe='')}/{part}{'?' + '&'.join(query) if query else ''}".encode()
+
+
+def encode_rows(rows) -> str:
+    """Sorted distinct row numbers as URL-safe text: the first, then the gaps (uint32), zlib-compressed (a
+    rank's share of a shuffled window, every other row or so, costs about a byte per 10 rows)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    gaps = np.diff(rows, prepend=np.int64(0))
+    if len(rows) and (rows[0] < 0 or (gaps[1:] <= 0).any() or gaps.max() >= 2**32):
+        raise ArgumentError("rows must be sorted, distinct and non-negative")
+    return base64.urlsafe_b64encode(zlib.compress(gaps.astype("<u4").tobytes(), 1)).decode()
+
+
+def decode_rows(text: str, limit: int) -> np.ndarray:
+    """The row numbers of ``encode_rows`` (ValueError when malformed, unsorted or beyond ``limit`` rows)."""
+    try:
+        packed = base64.b64decode(text.encode("ascii"), altchars=b"-_", validate=True)
+        inflate = zlib.decompressobj()
+        raw = inflate.decompress(packed, 4 * limit + 4)
+    except (zlib.error, ValueError, UnicodeEncodeError) as e:
+        raise ValueError(f"malformed rows: {e}") from None
+    if not inflate.eof or len(raw) % 4 or len(raw) > 4 * limit:
+        raise ValueError("malformed rows (not a whole list, or more rows than the range holds)")
+    gaps = np.frombuffer(raw, dtype="<u4").astype(np.int64)
+    if len(gaps) > 1 and (gaps[1:] == 0).any():
+        raise ValueError("rows must be sorted and distinct")
+    return np.cumsum(gaps)

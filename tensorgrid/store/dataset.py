@@ -93,6 +93,20 @@ class Dataset(abc.ABC):
         """Rows [start, stop) of a shard (the loader asks for whole blocks). Default: the shard, sliced."""
         return self.read_shard(shard, columns).slice(start, stop - start)
 
+    #: Whether ``read_take`` fetches just the rows named (a kind across a network, e.g. a grid server's): a
+    #: loader rank then reads only its own rows of a shuffled window, never the whole span.
+    takes_rows: bool = False
+
+    def read_take(self, shard: int, rows, columns: list[str] | None = None) -> pa.Table:
+        """Rows ``rows`` (sorted, distinct row numbers of the shard) in that order. Default: the range they
+        span, then a take."""
+        lo, hi = int(rows[0]), int(rows[-1]) + 1
+        return self.read_rows(shard, lo, hi, columns).take(pa.array(rows - lo))
+
+    #: Whether a loader worker may be forked from a process that has used this dataset (a gRPC client is
+    #: not: its forked children hang), else the loader's workers are spawned.
+    fork_safe: bool = True
+
     def bytes_per_row(self) -> float:
         """Average bytes per row once in memory (for memory budgets). Default: from the first shard."""
         for i, n in enumerate(self.shard_rows):

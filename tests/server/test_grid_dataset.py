@@ -80,9 +80,48 @@ def test_resume_mid_epoch_equals_the_uninterrupted_epoch(numbers, g):
     assert first + _ids(rest) == whole
 
 
+def test_a_rank_fetches_only_its_own_rows(numbers, grid):
+    """Shuffled over two ranks, each rank downloads its share of every window, not the window."""
+    service = grid.services["datasets"]
+    served = []
+    for rank in range(2):
+        before = service.rows_served
+        ids = _ids(numbers.to_torch(batch_size=64, shuffle=True, seed=2, rank=rank, world_size=2,
+                                    memory_budget=64 << 10))  # small windows: many fetches per epoch
+        served.append((service.rows_served - before, len(ids)))
+    for rows, mine in served:
+        assert mine <= rows <= mine + 64  # its rows, and at most a batch of padding rows
+    assert sum(m for _, m in served) == 1000
+
+
 def test_spawned_loader_workers_open_their_own_connection(numbers):
     ids = _ids(numbers.to_torch(batch_size=100, shuffle=True, seed=3, num_workers=2, multiprocessing_context="spawn"))
     assert sorted(ids) == list(range(1000))
+
+
+def test_loader_workers_are_spawned_by_default_over_a_grid_dataset(numbers):
+    """A process forked after gRPC ran hangs on its first call: the loader spawns its workers instead."""
+    loader = numbers.to_torch(batch_size=100, shuffle=True, seed=3, num_workers=2, timeout=120)
+    assert loader._start_method() == "spawn"
+    assert sorted(_ids(loader)) == list(range(1000))
+
+
+def test_malformed_row_lists_in_a_ticket_are_refused(grid):
+    import pyarrow.flight as flight
+
+    from tensorgrid.server.griddataset import decode_rows, encode_rows
+
+    rows = np.array([0, 3, 4, 900], dtype=np.int64)
+    assert decode_rows(encode_rows(rows), 1000).tolist() == rows.tolist()
+    for bad in ([3, 1], [2, 2], [-1, 4]):
+        with pytest.raises(ArgumentError):
+            encode_rows(np.array(bad))
+    client = flight.connect(grid.url)
+    for text in ("!!!", encode_rows(np.arange(5000)), "eJzLSM3JyQcABiwCFQ=="):  # not base64; too many; not gaps
+        ticket = f"datasets/numbers/0?rows={text}".encode()
+        with pytest.raises(flight.FlightError, match="invalid request|outside partition"):
+            client.do_get(flight.Ticket(ticket)).read_all()
+    client.close()
 
 
 def test_a_table_is_read_from_one_snapshot_while_others_write(g, grid):
