@@ -13,7 +13,7 @@ import tensorgrid as tg
 PKG = pathlib.Path(tg.__file__).parent
 # what each layer may import from the package at module level (besides the shared leaf modules)
 LEAVES = {"errors", "fs", "args", "cores", "rng"}
-ALLOWED = {"store": set(), "loader": {"store"}, "train": {"store", "loader", "transforms"},
+ALLOWED = {"store": set(), "loader": {"store"}, "train": {"store", "loader", "transforms"}, "server": {"store"},
            "transforms": set(), "errors": set(), "fs": set(), "args": set(), "cores": set(), "rng": set()}
 
 
@@ -57,6 +57,11 @@ tg.sql("SELECT sum(a) AS s FROM t", t=ds).to_pandas()
 tg.list_datasets({str(tmp_path)!r})
 from tensorgrid import cli  # `tensorgrid info` and `tensorgrid cache` too (they read the loader's cache)
 cli.main(["info", {str(tmp_path / 'd')!r}]); cli.main(["cache"])
+from tensorgrid.server import GridServer  # a grid server and its clients: SQL, datasets, grid:// files
+with GridServer({str(tmp_path / 'grid')!r}) as server:
+    g = tg.connect(server.url)
+    g.sql("CREATE TABLE t AS SELECT 1 AS a"); g.dataset("t").to_arrow()
+    import fsspec; fsspec.open(f"grid://127.0.0.1:{{server.port}}/x.txt", "w").open().close()
 print(json.dumps([m for m in ("torch", "PIL", "sklearn", "tensorboard") if m in sys.modules]))
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
