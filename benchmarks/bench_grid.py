@@ -201,8 +201,8 @@ class Child:
 
 
 # ====================================================================== data
-def write_datasets(data: str, rows1mb: int, records: int, images: int) -> dict:
-    """Store datasets under ``data`` (written once, kept for the next run): {name: url}."""
+def write_datasets(data: str, rows1mb: int, records: int, images: int, wanted: set) -> dict:
+    """Store datasets under ``data`` (written once, kept for the next run), those in ``wanted``: {name: url}."""
     import pyarrow as pa
 
     import tensorgrid as tg
@@ -231,6 +231,8 @@ def write_datasets(data: str, rows1mb: int, records: int, images: int) -> dict:
             "label": rng.integers(0, 10, images, dtype=np.int64)})],
     }
     for k, url in urls.items():
+        if k not in wanted:
+            continue
         if not os.path.exists(url):
             t0 = time.perf_counter()
             tg.write(url + ".tmp", makers[k]())
@@ -621,7 +623,9 @@ def main() -> None:
             f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; "
             f"MemAvailable {avail:.1f} GiB; 1 MiB rows: {rows1mb:,}{note}"]
     print("\n".join(head), flush=True)
-    urls = write_datasets(a.data, rows1mb, a.records, a.images)
+    wanted = ({"rows1mb", "fsb1mb"} if only & {"ignite", "cold"} else set()) | (
+        {"records", "images"} if "loader" in only else set())
+    urls = write_datasets(a.data, rows1mb, a.records, a.images, wanted)
     warm_files(os.path.join(a.data, "store"))
     memcpy0 = memcpy_gbs()
     results = {"machine": head, "memcpy_gbs_start": memcpy0}
