@@ -25,7 +25,8 @@ from . import auth, metadata, sqlproto
 from .ingest import ingest
 from .results import Expiring, batches_by_bytes
 from .sandbox import flight_error, open_database
-from .services import default_services
+from .datasets import DatasetsService
+from .files import FilesService
 from .sqlproto import ProtocolError
 
 _VERSION = "0.1.0"
@@ -390,6 +391,11 @@ def _writes_sql(query: str) -> bool:
 
 _READS = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN, duckdb.StatementType.PRAGMA,
           duckdb.StatementType.RELATION}
+
+
+def default_services(server) -> list:
+    """What a GridServer offers beside Flight SQL (``services.py``): its datasets and its files."""
+    return [DatasetsService(server), FilesService(server)]
 
 
 def _command(descriptor: flight.FlightDescriptor):

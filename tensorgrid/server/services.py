@@ -34,11 +34,3 @@ def _unsupported(prefix: str, what: str):
     import pyarrow.flight as flight
 
     return flight.FlightServerError(f"the {prefix!r} service does not take {what}")
-
-
-def default_services(server) -> list[Service]:
-    """The services a GridServer starts with."""
-    from .datasets import DatasetsService
-    from .files import FilesService
-
-    return [DatasetsService(server), FilesService(server)]
