@@ -27,7 +27,7 @@ import tensorgrid as tg  # noqa: E402
 from tensorgrid import transforms as T  # noqa: E402
 from tensorgrid.quickstart import digits_frame  # noqa: E402
 from tensorgrid.train import checkpoint as ckpt  # noqa: E402
-from tensorgrid.train.allocator import tune_malloc  # noqa: E402
+from tensorgrid.allocator import tune_malloc  # noqa: E402
 
 
 def mnist_cnn():
@@ -91,7 +91,7 @@ def _raw_worker(rank: int, world: int, make, batch: int, steps: int, port: int, 
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    tune_malloc()  # the ceiling: with the allocator tuning the trainer applies (tensorgrid/train/allocator.py)
+    tune_malloc()  # the ceiling: with the allocator tuning the trainer applies (tensorgrid/allocator.py)
     if world > 1:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         dist.init_process_group("gloo", rank=rank, world_size=world)

@@ -45,6 +45,7 @@ from .workers import Watch
 
 VALID = "_valid"
 DEFAULT_MEMORY_BUDGET = 512 << 20
+REMOTE_CHUNK_BYTES = 8 << 20  # in process over a network: a chunk fetched while the previous one is used
 WINDOWS_IN_FLIGHT = 4  # in process: the window being consumed, the next being built, their gather copies
 
 
@@ -453,9 +454,16 @@ class Loader:
     def plan(self, epoch: int | None = None) -> Plan:
         return Plan(self.source.layout, self.batch_size, self.world_size, self.rank, self.shuffle, self.seed,
                     self.epoch if epoch is None else epoch, self.drop_last, self.window_rows,
-                    max_chunk_batches=None if self.in_process else (
+                    max_chunk_batches=self._in_process_chunk() if self.in_process else (
                         1 if self.transform is not None else max(1, self.chunk_rows // self.batch_size)),
                     span_rows=self.span_rows)
+
+    def _in_process_chunk(self) -> int | None:
+        """Batches per chunk built in this process: a whole window; over a network, about REMOTE_CHUNK_BYTES,
+        so the next chunk's fetch (a background thread) overlaps this one's gather and use."""
+        if not self.dataset.is_remote:
+            return None
+        return max(1, int(REMOTE_CHUNK_BYTES / max(1.0, self.source.row_bytes) / self.batch_size))
 
     @property
     def in_process(self) -> bool:

@@ -17,6 +17,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.flight as flight
 
+from ..allocator import tune_malloc
 from ..errors import ArgumentError, SQLError
 from . import sqlproto
 from .griddataset import (
@@ -46,6 +47,7 @@ def connect(url: str | None = None, username: str | None = None, password: str |
     ``username``/``password``; ``tls_root_certs`` (PEM bytes or a file) to trust the server's certificate,
     ``cert_chain``/``private_key`` for mutual TLS; ``timeout`` in seconds for every call. The server is asked
     once here, so a wrong address or password fails now, not at the first query."""
+    tune_malloc()  # gRPC's receive buffers reuse freed memory instead of faulting in fresh pages (allocator.py)
     roots, chain, key = (_pem(n, v) for n, v in (("tls_root_certs", tls_root_certs), ("cert_chain", cert_chain),
                                                  ("private_key", private_key)))
     session = Session(_server_url(url, tls=roots is not None), username, password, token, roots, chain, key, timeout)

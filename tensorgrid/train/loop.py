@@ -32,7 +32,7 @@ from ..loader import Loader
 from ..rng import seed_all
 from ..store import Dataset
 from . import checkpoint as ckpt
-from .allocator import tune_malloc
+from ..allocator import tune_malloc
 from .callbacks import RankZeroFailed, Runner, TrainState
 from .features import feature_columns, loader_stack
 from .losses import BatchLoss, Sums, is_classifier, micro_batches

@@ -7,7 +7,7 @@ import sys
 
 PROBE = """
 import resource, torch
-from tensorgrid.train.allocator import tune_malloc
+from tensorgrid.allocator import tune_malloc
 torch.set_num_threads(1)
 tuned = tune_malloc() if {tune} else False
 nn = torch.nn
@@ -33,7 +33,7 @@ print(tuned, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 # (trim threshold 128 KiB, at most 64 MiB after its dynamic adjustment), so each round faults it in again.
 HEAP_PROBE = """
 import ctypes, resource
-from tensorgrid.train.allocator import tune_malloc
+from tensorgrid.allocator import tune_malloc
 tuned = tune_malloc() if {tune} else False
 libc = ctypes.CDLL(None)
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]

@@ -6,10 +6,13 @@ activations every step pays page faults for all of them, every step. Measured he
 (benchmarks/bench_train.py): 29 k samples/s with the defaults, 47 k with the thresholds below. The usual
 remedy for PyTorch on CPU is to preload jemalloc or tcmalloc; raising the two glibc thresholds gets the
 same effect without a dependency. Training processes keep up to ``TRIM_BYTES`` of freed memory for reuse.
+A grid client (``tg.connect``) does the same: gRPC receives every message into fresh glibc memory, and a
+process whose freed buffers went back to the kernel faulted ~300 pages per MiB on each read (bench_grid.py:
+a second 1 GiB read 0.56 -> 1.5-2.1 GB/s with the thresholds raised).
 
 Users who set ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` / ``glibc.malloc.*`` tunables
 themselves (or preload another allocator) are left alone, as is every platform without glibc. With
-``workers=1`` training runs in the caller's process, so the setting stays for the rest of it.
+``workers=1`` training (and ``tg.connect``) runs in the caller's process, so the setting stays for the rest of it.
 """
 
 from __future__ import annotations
