@@ -8,6 +8,17 @@ import torch
 torch.set_num_threads(1)
 
 
+def pytest_collection_modifyitems(session, config, items):
+    """The grid server's tests run last. They leave gRPC threads in this process (the session's server, its
+    clients), and a fork() taken while such threads hold a lock can deadlock the child: later tests that
+    fork (writer processes, loader workers) or start a subprocess with a preexec_fn (Spark's JVM, Ray,
+    setrlimit) hung until their timeouts. Users meet the same rule: fork before connecting, or spawn."""
+    server = [it for it in items if "/tests/server/" in str(it.fspath)]
+    if server:
+        rest = [it for it in items if "/tests/server/" not in str(it.fspath)]
+        items[:] = rest + server
+
+
 @pytest.fixture
 def mem_url():
     """A fresh memory:// dataset URL, cleaned up afterwards."""
