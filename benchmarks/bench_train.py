@@ -25,9 +25,9 @@ from common import DATA, machine, table  # noqa: E402
 
 import tensorgrid as tg  # noqa: E402
 from tensorgrid import transforms as T  # noqa: E402
+from tensorgrid.allocator import tune_malloc  # noqa: E402
 from tensorgrid.quickstart import digits_frame  # noqa: E402
 from tensorgrid.train import checkpoint as ckpt  # noqa: E402
-from tensorgrid.allocator import tune_malloc  # noqa: E402
 
 
 def mnist_cnn():

@@ -91,7 +91,7 @@ def with_packs(table: pa.Table) -> pa.Table:
     return table
 
 
-def split_packs(table: pa.Table) -> tuple[pa.Table, list[tuple[tuple, "np.ndarray"]]]:
+def split_packs(table: pa.Table) -> tuple[pa.Table, list[tuple[tuple, np.ndarray]]]:
     """(the table without its pack columns, [(column names, row-major numpy view), ...])."""
     packs, keep = [], []
     for i, field in enumerate(table.schema):

@@ -41,6 +41,7 @@ import xxhash
 from .. import fs as tgfs
 from ..args import check_int
 from ..errors import TensorGridError
+from ..store.memory import table_digest
 from . import auth
 from .griddataset import decode_rows, ticket_bytes
 from .ingest import duckdb_friendly
@@ -491,22 +492,8 @@ def _even(rows: int, parts: int) -> list[tuple[int, int]]:
 
 
 def _digest(table: pa.Table, bounds) -> str:
-    """A digest of the rows (as Arrow IPC) and their partitions, streamed through xxh3."""
-    h = xxhash.xxh3_64(repr(bounds).encode())
-
-    class Sink:
-        closed = False
-
-        def write(self, data):
-            h.update(data)
-            return len(data)
-
-        def flush(self):
-            pass
-
-    with pa.ipc.new_stream(pa.PythonFile(Sink(), mode="w"), table.schema) as w:
-        w.write_table(table)
-    return h.hexdigest()
+    """A digest of the rows (as Arrow IPC) and their partitions."""
+    return table_digest(table, repr(bounds))
 
 
 def _ticket(held: Held, part: int, start: int | None = None, stop: int | None = None,

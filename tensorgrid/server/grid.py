@@ -22,11 +22,11 @@ import pyarrow.flight as flight
 from ..args import check_int, check_number
 from ..errors import ArgumentError
 from . import auth, metadata, sqlproto
+from .datasets import DatasetsService
+from .files import FilesService
 from .ingest import ingest
 from .results import Expiring, batches_by_bytes
 from .sandbox import flight_error, open_database
-from .datasets import DatasetsService
-from .files import FilesService
 from .sqlproto import ProtocolError
 
 _VERSION = "0.1.0"

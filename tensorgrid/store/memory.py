@@ -61,21 +61,7 @@ class ArrowDataset(Dataset):
         """A digest of the table's rows as Arrow IPC (only the rows, also of a slice of a bigger table),
         streamed through xxh3 in bounded memory; computed once."""
         if self._fingerprint is None:
-            h = xxhash.xxh3_64(repr(self._bounds).encode())
-
-            class Sink:  # a file-like object that hashes what the IPC writer writes
-                closed = False
-
-                def write(self, data):
-                    h.update(data)
-                    return len(data)
-
-                def flush(self):
-                    pass
-
-            with pa.ipc.new_stream(pa.PythonFile(Sink(), mode="w"), self._table.schema) as w:
-                w.write_table(self._table)
-            self._fingerprint = "arrow:" + h.hexdigest()
+            self._fingerprint = "arrow:" + table_digest(self._table, repr(self._bounds))
         return self._fingerprint
 
     def verify(self) -> dict:
@@ -101,3 +87,23 @@ def from_arrow(table: pa.Table | pa.RecordBatch | pa.RecordBatchReader) -> Arrow
     elif not isinstance(table, pa.Table):
         raise UnsupportedDataError(f"from_arrow takes a pyarrow Table, RecordBatch or reader, got {type(table).__name__}")
     return ArrowDataset(table)
+
+
+def table_digest(table: pa.Table, salt: str = "") -> str:
+    """xxh3 (hex) of ``salt`` then the table's rows as an Arrow IPC stream, hashed as written: bounded memory,
+    and only the rows (a slice of a bigger table digests like a table of those rows)."""
+    h = xxhash.xxh3_64(salt.encode())
+
+    class Sink:  # a file-like object that hashes what the IPC writer writes
+        closed = False
+
+        def write(self, data):
+            h.update(data)
+            return len(data)
+
+        def flush(self):
+            pass
+
+    with pa.ipc.new_stream(pa.PythonFile(Sink(), mode="w"), table.schema) as w:
+        w.write_table(table)
+    return h.hexdigest()

@@ -28,11 +28,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..allocator import tune_malloc
 from ..loader import Loader
 from ..rng import seed_all
 from ..store import Dataset
 from . import checkpoint as ckpt
-from ..allocator import tune_malloc
 from .callbacks import RankZeroFailed, Runner, TrainState
 from .features import feature_columns, loader_stack
 from .losses import BatchLoss, Sums, is_classifier, micro_batches
