@@ -44,7 +44,7 @@ from ..errors import TensorGridError
 from ..store.memory import table_digest
 from . import auth
 from .griddataset import decode_rows, ticket_bytes
-from .ingest import duckdb_friendly
+from .ingest import copy_in, duckdb_friendly
 from .metadata import quote as sql_name
 from .results import batches_by_bytes
 from .services import Service
@@ -440,16 +440,8 @@ class DatasetsService(Service):
                 raise error("DatasetNotFoundError", f"no table named {name!r}: create it first with g.sql('CREATE "
                                                     f"TABLE ...')")
             verb = "INSERT OR REPLACE" if _primary_key(cur, table_name) else "INSERT"
-            cur.register(_SOURCE, duckdb_friendly(reader))
-            cur.begin()
-            try:
-                rows = cur.sql(f"{verb} INTO {sql_name(table_name)} BY NAME SELECT * FROM {_SOURCE}").fetchall()
-                cur.commit()
-            except BaseException:
-                cur.rollback()
-                raise
-            finally:
-                cur.unregister(_SOURCE)
+            rows = copy_in(cur, reader, lambda src: f"{verb} INTO {sql_name(table_name)} BY NAME SELECT * FROM {src}",
+                           _SOURCE)
         return int(rows[0][0]) if rows and rows[0][0] is not None else 0
 
 

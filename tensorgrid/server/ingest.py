@@ -30,28 +30,37 @@ def ingest(cur: duckdb.DuckDBPyConnection, command, reader: pa.RecordBatchReader
     schema = command.schema if command.HasField("schema") else None
     target = quote(catalog, schema, command.table)
     options = command.table_definition_options
-    cur.register(_SOURCE, duckdb_friendly(reader))
-    cur.begin()
-    try:
+
+    def statement(source: str) -> str:  # decided inside the transaction: the table cannot appear meanwhile
         if _exists(cur, catalog, schema, command.table):
             if options.if_exists == TableExistsOption.REPLACE:
-                sql = f"CREATE OR REPLACE TABLE {target} AS SELECT * FROM {_SOURCE}"
-            elif options.if_exists == TableExistsOption.APPEND:
-                sql = f"INSERT INTO {target} BY NAME SELECT * FROM {_SOURCE}"
-            else:
-                raise flight.FlightServerError(f"table {target} already exists (ingest mode 'create')")
-        elif options.if_not_exist == TableNotExistOption.CREATE:
-            sql = f"CREATE TABLE {target} AS SELECT * FROM {_SOURCE}"
-        else:
-            raise flight.FlightServerError(f"table {target} does not exist (ingest mode 'append')")
-        rows = cur.sql(sql).fetchall()
+                return f"CREATE OR REPLACE TABLE {target} AS SELECT * FROM {source}"
+            if options.if_exists == TableExistsOption.APPEND:
+                return f"INSERT INTO {target} BY NAME SELECT * FROM {source}"
+            raise flight.FlightServerError(f"table {target} already exists (ingest mode 'create')")
+        if options.if_not_exist == TableNotExistOption.CREATE:
+            return f"CREATE TABLE {target} AS SELECT * FROM {source}"
+        raise flight.FlightServerError(f"table {target} does not exist (ingest mode 'append')")
+
+    rows = copy_in(cur, reader, statement)
+    return int(rows[0][0]) if rows and rows[0] and rows[0][0] is not None else -1
+
+
+def copy_in(cur: duckdb.DuckDBPyConnection, reader: pa.RecordBatchReader, statement,
+            source: str = _SOURCE) -> list:
+    """Run ``statement(source)`` (SQL reading the uploaded rows as table ``source``) in one transaction on
+    ``cur``: the stream registered for it only, a failure rolled back (nothing half-written). Its result rows."""
+    cur.register(source, duckdb_friendly(reader))
+    cur.begin()
+    try:
+        rows = cur.sql(statement(source)).fetchall()
         cur.commit()
+        return rows
     except BaseException:
         cur.rollback()
         raise
     finally:
-        cur.unregister(_SOURCE)
-    return int(rows[0][0]) if rows and rows[0] and rows[0][0] is not None else -1
+        cur.unregister(source)
 
 
 def _exists(cur, catalog: str | None, schema: str | None, table: str) -> bool:
