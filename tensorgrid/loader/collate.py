@@ -152,10 +152,10 @@ class _Dest:
     k) view of the source: such a group is gathered in one pass, row by row, into an (n, k) array whose
     transpose is its block."""
 
-    def __init__(self, names: list[str], protos: dict, n: int, packs: dict | None = None):
+    def __init__(self, names: list[str], protos: dict, n: int, packs: dict | None = None, empty=np.empty):
         self.names, self.where, self.blocks, self.values, self.rows = names, {}, [], {}, {}
         for group, p in (packs or {}).items():  # row-major: a sample's values side by side, as gathered
-            rows = np.empty((n, len(group)), p.dtype)
+            rows = empty((n, len(group)), p.dtype)
             self.rows[group] = rows
             self.blocks.append((group, rows.T))
             self.where.update({name: rows[:, j] for j, name in enumerate(group)})
@@ -166,12 +166,12 @@ class _Dest:
                 by_dtype.setdefault(p.dtype, []).append(name)
         for dtype, group in by_dtype.items():
             if len(group) > 1:
-                block = np.empty((len(group), n), dtype)
+                block = empty((len(group), n), dtype)
                 self.blocks.append((tuple(group), block))
                 self.where.update({name: block[j] for j, name in enumerate(group)})
         for name, p in protos.items():
             if name not in self.where:
-                self.where[name] = np.empty((n,) + p.shape[1:], p.dtype)
+                self.where[name] = empty((n,) + p.shape[1:], p.dtype)
 
     @property
     def rows_of(self) -> set:
@@ -191,12 +191,12 @@ class _Dest:
         return out
 
 
-def take_to_torch(table: pa.Table, indices: np.ndarray) -> Columns:
+def take_to_torch(table: pa.Table, indices: np.ndarray, empty=np.empty) -> Columns:
     """Rows ``indices`` of a table as batch columns, gathered chunk by chunk (chunks are never
     concatenated)."""
     col0 = table.column(0)
     if col0.num_chunks <= 1:
-        return take_per_table([table], [(0, None, indices)], len(indices))
+        return take_per_table([table], [(0, None, indices)], len(indices), empty=empty)
     bounds0 = [len(c) for c in col0.chunks]
     if any([len(c) for c in col.chunks] != bounds0 for col in table.columns[1:]):
         table = pa.Table.from_batches(table.to_batches(), table.schema)  # align the columns' chunks (zero-copy)
@@ -209,15 +209,16 @@ def take_to_torch(table: pa.Table, indices: np.ndarray) -> Columns:
               for k in range(col0.num_chunks)]
     groups = [(k, order[bounds[k]:bounds[k + 1]], indices[order[bounds[k]:bounds[k + 1]]] - starts[k])
               for k in range(col0.num_chunks) if bounds[k + 1] > bounds[k]]
-    return take_per_table(pieces, groups, len(indices))
+    return take_per_table(pieces, groups, len(indices), empty=empty)
 
 
-def take_per_table(tables: list[pa.Table], groups: list, n: int, packs: list | None = None) -> Columns:
+def take_per_table(tables: list[pa.Table], groups: list, n: int, packs: list | None = None,
+                   empty=np.empty) -> Columns:
     """Batch columns of ``n`` rows assembled from several tables: group (t, out, rows) puts rows ``rows``
     of table t at output positions ``out`` (None: all of them, in order). Numeric and tensor columns are
     gathered with numpy into their block rows (one pass, no per-row Python), the rest with Arrow take;
     ``packs`` (per table, row-major views of wide columns: ``Source.packs``) gather a group of columns in
-    one pass."""
+    one pass. ``empty`` makes the output arrays (a loader's BufferPool reuses them)."""
     names = tables[0].column_names
     common = _common_packs(packs, len(tables))
     views = {}
@@ -225,7 +226,8 @@ def take_per_table(tables: list[pa.Table], groups: list, n: int, packs: list | N
         vs = [_single_view(t.column(name)) for t in tables]
         if all(v is not None for v in vs):
             views[name] = vs
-    dest = _Dest(names, {name: vs[0] for name, vs in views.items()}, n, {g: vs[0] for g, vs in common.items()})
+    dest = _Dest(names, {name: vs[0] for name, vs in views.items()}, n, {g: vs[0] for g, vs in common.items()},
+                 empty)
     if views and len(groups) == 1 and groups[0][1] is None:
         _check_range(groups[0][2], len(tables[groups[0][0]]))
     for group, vs in common.items():
@@ -258,13 +260,21 @@ def take_per_table(tables: list[pa.Table], groups: list, n: int, packs: list | N
     return dest.columns()
 
 
-def concat_then_take(tables: dict, pieces: list, indices: np.ndarray, packs: dict | None = None) -> Columns:
+def _joined(parts: list, empty) -> np.ndarray:
+    """The arrays end to end (along rows), in memory from ``empty``."""
+    out = empty((sum(len(p) for p in parts),) + parts[0].shape[1:], parts[0].dtype)
+    return np.concatenate(parts, out=out)
+
+
+def concat_then_take(tables: dict, pieces: list, indices: np.ndarray, packs: dict | None = None,
+                     empty=np.empty) -> Columns:
     """Rows ``indices`` of the concatenation of ``pieces`` (key, start, stop): slices of ``tables[key]``
     laid end to end. Numeric and tensor columns cost one sequential copy of the pieces and one gather in
     output order (into their block rows); scattering each table's rows to their output positions instead
     costs a random write per row (1.5x slower on a shuffle window, measured), and gathering straight from
     the tables reads a fresh copy-on-write map at random (a fault per page) over a range often twice the
-    pieces (measured slower too)."""
+    pieces (measured slower too). ``empty`` makes the output and the scratch copy (a loader's BufferPool:
+    no fresh pages to fault in and zero per window)."""
     names = next(iter(tables.values())).column_names
     keys = list(tables)
     common = _common_packs([packs[k] for k in keys] if packs else None, len(keys))
@@ -278,12 +288,12 @@ def concat_then_take(tables: dict, pieces: list, indices: np.ndarray, packs: dic
         if ps and all(v is not None for v in ps):
             parts[name] = ps
     dest = _Dest(names, {name: ps[0] for name, ps in parts.items()}, len(indices),
-                 {g: vs[0] for g, vs in common.items()})
+                 {g: vs[0] for g, vs in common.items()}, empty)
     if parts:
         _check_range(indices, sum(len(p) for p in next(iter(parts.values()))))
     for group, vs in common.items():
         by_key = dict(zip(keys, vs))
-        np.take(np.concatenate([by_key[k][a:b] for k, a, b in pieces]), indices, axis=0, out=dest.rows[group],
+        np.take(_joined([by_key[k][a:b] for k, a, b in pieces], empty), indices, axis=0, out=dest.rows[group],
                 mode="clip")
     gathered = dest.rows_of
     for name in names:
@@ -291,7 +301,7 @@ def concat_then_take(tables: dict, pieces: list, indices: np.ndarray, packs: dic
             continue
         if name in parts:
             # numpy's take buffers its output unless mode is clip/wrap (the indices were checked above)
-            np.take(np.concatenate(parts[name]), indices, axis=0, out=dest.array(name), mode="clip")
+            np.take(_joined(parts[name], empty), indices, axis=0, out=dest.array(name), mode="clip")
         else:
             col = tables[pieces[0][0]].column(name)
             chunks = [c for k, a, b in pieces for c in tables[k].column(name).slice(a, b - a).chunks]

@@ -21,6 +21,7 @@ import pyarrow as pa
 from ..errors import ArgumentError, CacheRebuiltWarning  # noqa: F401 - CacheRebuiltWarning: re-exported
 from ..store.dataset import Dataset
 from . import cache as _cache
+from .buffers import BufferPool
 from .cache import _verified, checks  # noqa: F401 - the process's checked files and counters (tests)
 from .plan import Layout
 
@@ -34,6 +35,7 @@ class Source:
         self.dataset = dataset
         self.fill_cache = fill  # False: read the cache files that are there, never build any (one pass)
         self.memory_budget = memory_budget
+        self.buffers = BufferPool(memory_budget)  # gathers' output and scratch, reused once unreferenced
         self.columns = dataset.check_columns(columns)
         folder = _cache.resolve_dir(cache_dir)
         # shards without a content key (in memory: already zero-copy; foreign files) are never cached

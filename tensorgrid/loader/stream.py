@@ -68,6 +68,7 @@ def window_columns(plan: Plan, source: Source, pos: np.ndarray) -> dict:
     lo, hi = int(local.min()), int(local.max()) + 1
     local = local - lo
     n = len(local)
+    empty = source.buffers.empty  # reused blocks: no fresh pages per window (buffers.py)
     segs = np.asarray(plan.segments(a + lo, a + hi), dtype=np.int64).reshape(-1, 3)
     contiguous = local[-1] - local[0] == n - 1 and (n == 1 or bool(np.all(np.diff(local) == 1)))
     one_shard = len(np.unique(segs[:, 0])) == 1
@@ -82,7 +83,7 @@ def window_columns(plan: Plan, source: Source, pos: np.ndarray) -> dict:
         tables = {sh: source.read(sh, r0, r1) for sh, (r0, r1) in ranges.items()}
         packs = {sh: source.packs(sh, r0, r1) for sh, (r0, r1) in ranges.items()}
         return concat_then_take(tables, [(sh, s0 - ranges[sh][0], s1 - ranges[sh][0]) for sh, s0, s1 in segs.tolist()],
-                                local, packs)
+                                local, packs, empty)
     if source.takes_rows and not contiguous:  # over a network: fetch only these rows (a rank's share)
         shard, row = _shard_rows(segs, local)
         tables, groups = [], []
@@ -91,14 +92,15 @@ def window_columns(plan: Plan, source: Source, pos: np.ndarray) -> dict:
             wanted, where = np.unique(row[out], return_inverse=True)
             groups.append((len(tables), None if len(out) == n else out, where))
             tables.append(source.take(int(s), wanted))
-        return take_per_table(tables, groups, n)
+        return take_per_table(tables, groups, n, empty=empty)
     if source.cache_dir and len(segs) > 1 and not contiguous:
         shard, row = _shard_rows(segs, local)
         shards = np.unique(segs[:, 0])
         if len(shards) == 1:
             r0, r1 = int(row.min()), int(row.max()) + 1
             sh = int(shards[0])
-            return take_per_table([source.read(sh, r0, r1)], [(0, None, row - r0)], n, [source.packs(sh, r0, r1)])
+            return take_per_table([source.read(sh, r0, r1)], [(0, None, row - r0)], n, [source.packs(sh, r0, r1)],
+                                  empty)
         tables, groups, packs = [], [], []
         for s in shards:
             out = np.flatnonzero(shard == s)
@@ -108,7 +110,7 @@ def window_columns(plan: Plan, source: Source, pos: np.ndarray) -> dict:
                 groups.append((len(tables), out, rows - r0))
                 tables.append(source.read(int(s), r0, r1))
                 packs.append(source.packs(int(s), r0, r1))
-        return take_per_table(tables, groups, n, packs)
+        return take_per_table(tables, groups, n, packs, empty)
     parts = [source.read(int(sh), int(s0), int(s1)) for sh, s0, s1 in segs]
     table = parts[0] if len(parts) == 1 else pa.concat_tables(parts)
     if contiguous:
@@ -125,8 +127,8 @@ def window_columns(plan: Plan, source: Source, pos: np.ndarray) -> dict:
         return cols
     if 2 * n >= len(table):
         return concat_then_take({i: p for i, p in enumerate(parts)}, [(i, 0, p.num_rows) for i, p in enumerate(parts)],
-                           local)
-    return take_to_torch(table, local)
+                                local, empty=empty)
+    return take_to_torch(table, local, empty)
 
 
 def _shard_rows(segs: np.ndarray, local: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -456,7 +458,7 @@ class Loader:
                     self.epoch if epoch is None else epoch, self.drop_last, self.window_rows,
                     max_chunk_batches=self._in_process_chunk() if self.in_process else (
                         1 if self.transform is not None else max(1, self.chunk_rows // self.batch_size)),
-                    span_rows=self.span_rows)
+                    span_rows=self.span_rows, ramp=not self.source.cache_complete())
 
     def _in_process_chunk(self) -> int | None:
         """Batches per chunk built in this process: a whole window; over a network, about REMOTE_CHUNK_BYTES,

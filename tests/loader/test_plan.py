@@ -26,6 +26,7 @@ plans = st.fixed_dictionaries({
     "window_rows": st.integers(1, 64),
     "max_chunk_batches": st.one_of(st.none(), st.integers(1, 5)),
     "span_rows": st.one_of(st.none(), st.integers(1, 100)),  # None: whole blocks (states saved before pieces)
+    "ramp": st.booleans(),  # the first window's chunks grow from one batch (off when all rows are cached)
 })
 
 
@@ -89,6 +90,12 @@ def test_resume_from_any_batch_gives_the_remaining_batches(p, data):
     for c in chunks:
         assert c and len(c) <= fresh.batches_per_chunk
         assert len({b // fresh.batches_per_window for b in c}) == 1
+    if k == 0 and p["ramp"] and len(chunks) > 1:
+        assert len(chunks[0]) == 1  # the epoch's first batch waits for one batch's gather only
+    # chunks only group batches: the rows do not depend on them
+    other = Plan(fresh.layout, **{**{k2: v for k2, v in p.items() if k2 not in ("shard_rows", "block")},
+                                  "ramp": not p["ramp"], "rank": 0})
+    assert [other.rows_at(other.batch_positions(j)).tolist() for j in range(k, other.num_batches)] == full[k:]
 
 
 @settings(max_examples=150, deadline=None)
