@@ -3,7 +3,6 @@ is never written over by a later window or epoch, and blocks are reused when bat
 
 import numpy as np
 import pyarrow as pa
-import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
