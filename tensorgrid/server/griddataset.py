@@ -135,7 +135,18 @@ class Session:
         return self._client, self._options
 
     def call(self, fn, default: type = GridError):
-        """``fn(client, options)``, its Flight errors raised as TensorGrid errors."""
+        """``fn(client, options)``, its Flight errors raised as TensorGrid errors. A session that signed in
+        with a password signs in again once when its token was refused (it expires ``token_ttl`` after its
+        last use): the server checks the token before doing anything, so the call is safe to repeat."""
+        client, options = self.connection()
+        try:
+            return fn(client, options)
+        except flight.FlightUnauthenticatedError as exc:
+            if self.password is None or self.token is not None:
+                raise translate(exc, self.url, default) from None
+        except (flight.FlightError, pa.ArrowException, OSError) as exc:
+            raise translate(exc, self.url, default) from None
+        self.close()
         client, options = self.connection()
         try:
             return fn(client, options)

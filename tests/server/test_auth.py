@@ -176,6 +176,25 @@ def test_an_expired_token_is_unauthenticated(tmp_path):
             _query(client, "SELECT 1", options)
 
 
+def test_tg_connect_signs_in_again_when_its_token_expired_but_a_given_token_does_not(tmp_path):
+    import tensorgrid as tg
+    from tensorgrid.server.client import GridAuthenticationError
+
+    with GridServer(tmp_path, memory_limit="256MB", threads=1,
+                    **auth.server_options(USERS, token_ttl=0.3)) as s:
+        g = tg.connect(s.url, username="ignite", password="ignite")
+        g.sql("CREATE TABLE t (id BIGINT PRIMARY KEY)")
+        time.sleep(0.6)  # the token expired: the next calls sign in again with the password
+        assert g.sql("INSERT INTO t VALUES (1)") == 1  # done once, not twice
+        assert g.sql("SELECT count(*) AS n FROM t").to_pandas()["n"].tolist() == [1]
+        client, options, header = _signed_in(s, "ignite", "ignite", with_header=True)
+        token = header[1].decode().split(" ", 1)[1]
+        g2 = tg.connect(s.url, token=token)
+        time.sleep(0.6)
+        with pytest.raises(GridAuthenticationError, match="expired"):
+            g2.sql("SELECT 1")
+
+
 def test_a_token_from_another_server_is_unauthenticated(server, tmp_path):
     with GridServer(tmp_path, memory_limit="256MB", threads=1, **auth.server_options(USERS)) as other:
         _, options = _signed_in(other, "ignite", "ignite")
