@@ -44,7 +44,7 @@ from ..errors import TensorGridError
 from ..store.memory import table_digest
 from . import auth
 from .griddataset import decode_rows, ticket_bytes
-from .ingest import copy_in, duckdb_friendly
+from .ingest import blob_tensors, copy_in, duckdb_friendly
 from .metadata import quote as sql_name
 from .results import batches_by_bytes
 from .services import Service
@@ -194,14 +194,18 @@ class DatasetsService(Service):
 
     # -- SQL sees loaded datasets ------------------------------------------------------------------------------
 
-    def register(self, cur, query: str | None = None) -> None:
-        """Register loaded datasets on a request's cursor as views: those ``query`` names (all when None)."""
+    def register(self, cur, query: str | None = None) -> dict:
+        """Register loaded datasets on a request's cursor as views: those ``query`` names (all when None).
+        Returns their tensor columns that SQL sees as BLOBs, by name (for ``tensors_back``)."""
         with self._lock:
             loaded = list(self._loaded.values())
         text = query.lower() if query is not None else None
+        tensors = {}
         for held in loaded:
             if text is None or held.name.lower() in text:
                 cur.register(held.name, held.sql_table)
+                tensors.update(blob_tensors(held.table.schema))
+        return tensors
 
     # -- loaded datasets ---------------------------------------------------------------------------------------
 

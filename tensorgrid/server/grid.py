@@ -24,7 +24,7 @@ from ..errors import ArgumentError
 from . import auth, metadata, sqlproto
 from .datasets import DatasetsService
 from .files import FilesService
-from .ingest import ingest
+from .ingest import ingest, tensors_back
 from .results import Expiring, batches_by_bytes
 from .sandbox import flight_error, open_database
 from .sqlproto import ProtocolError
@@ -252,15 +252,19 @@ class GridServer(flight.FlightServerBase):
     def _sql_cursor(self, views: str | bool) -> duckdb.DuckDBPyConnection:
         """A cursor for client SQL, loaded datasets registered on it as views: all of them (``views=True``,
         for metadata) or those a query names (``views=<sql>``)."""
+        return self._registered(views)[0]
+
+    def _registered(self, views: str | bool) -> tuple[duckdb.DuckDBPyConnection, dict]:
+        """``_sql_cursor`` and the registered datasets' tensor columns that SQL sees as BLOBs (by name)."""
         cur = self._cursor()
         datasets = self.services.get("datasets")
-        if hasattr(datasets, "register"):
-            try:
-                datasets.register(cur, None if views is True else views)
-            except BaseException:
-                cur.close()
-                raise
-        return cur
+        if not hasattr(datasets, "register"):
+            return cur, {}
+        try:
+            return cur, datasets.register(cur, None if views is True else views) or {}
+        except BaseException:
+            cur.close()
+            raise
 
     @contextlib.contextmanager
     def writing(self):
@@ -327,13 +331,14 @@ class GridServer(flight.FlightServerBase):
         return self._query_on(query, rows)
 
     def _query_on(self, query: str, rows: list[list]) -> _Held:
-        cur = self._sql_cursor(query)
+        cur, blobs = self._registered(query)
         try:
             if len(rows) <= 1:  # the common case: stream straight from DuckDB
                 relation = cur.sql(query, params=rows[0] if rows else None)
-                reader = _relation_reader(relation, self.rows_per_batch)
+                reader = tensors_back(_relation_reader(relation, self.rows_per_batch), blobs)
                 return _Held(reader, cur)
-            tables = [_relation_reader(cur.sql(query, params=row), self.rows_per_batch).read_all() for row in rows]
+            tables = [tensors_back(_relation_reader(cur.sql(query, params=row), self.rows_per_batch), blobs).read_all()
+                      for row in rows]
             result = pa.concat_tables(tables)
             cur.close()
             return _Held(pa.RecordBatchReader.from_batches(result.schema, result.to_batches()))

@@ -4,18 +4,27 @@ The uploaded stream is registered on the request's own cursor and copied by one 
 ``INSERT ... BY NAME`` inside a transaction: a failed upload leaves the table as it was. Arrow's fixed-shape
 tensor columns become nested fixed-size lists, which DuckDB keeps as ``FLOAT[3][2]`` arrays, so the shape
 survives the round trip (DuckDB would otherwise flatten the extension type to its storage, ``FLOAT[6]``).
+Tensors of more than ``BLOB_BYTES`` a row become BLOBs of their row-major bytes instead: DuckDB allocates an
+ARRAY column 2,048 rows at a time, and 1 MiB images asked it for 2 GiB per vector (out of memory even for a
+300-row ``SELECT *``, measured). A query over a loaded dataset gets such columns back as tensors
+(``tensors_back``: a result column with the tensor column's name and size).
 """
 
 from __future__ import annotations
+
+import itertools
+import math
 
 import duckdb
 import pyarrow as pa
 import pyarrow.flight as flight
 
+from ..store.encoding import binary_to_tensor, tensor_to_binary
 from .metadata import quote
 from .sqlproto import TableExistsOption, TableNotExistOption
 
 _SOURCE = "__tensorgrid_ingest"
+BLOB_BYTES = 16 << 10  # tensors with bigger rows are BLOBs in SQL (their row-major bytes), smaller ones ARRAYs
 
 
 def ingest(cur: duckdb.DuckDBPyConnection, command, reader: pa.RecordBatchReader) -> int:
@@ -71,20 +80,98 @@ def _exists(cur, catalog: str | None, schema: str | None, table: str) -> bool:
 
 
 def duckdb_friendly(reader: pa.RecordBatchReader) -> pa.RecordBatchReader:
-    """``reader`` with fixed-shape tensor columns turned into nested fixed-size lists (streamed, no copy)."""
+    """``reader`` with fixed-shape tensor columns turned into nested fixed-size lists, or into BLOBs of their
+    row-major bytes when a row is over ``BLOB_BYTES`` (streamed, no copy of the values)."""
     fields = list(reader.schema)
     if not any(isinstance(f.type, pa.FixedShapeTensorType) for f in fields):
         return reader
-    schema = pa.schema([pa.field(f.name, _nested_type(f.type), f.nullable)
+    schema = pa.schema([pa.field(f.name, _sql_type(f.type), f.nullable)
                         if isinstance(f.type, pa.FixedShapeTensorType) else f for f in fields])
 
     def batches():
         for batch in reader:
-            yield pa.RecordBatch.from_arrays(
-                [_nested(col) if isinstance(col.type, pa.FixedShapeTensorType) else col for col in batch.columns],
-                schema=schema)
+            yield pa.RecordBatch.from_arrays([_for_sql(col) for col in batch.columns], schema=schema)
 
     return pa.RecordBatchReader.from_batches(schema, batches())
+
+
+def blob_tensors(schema: pa.Schema) -> dict[str, pa.FixedShapeTensorType]:
+    """The tensor columns of ``schema`` that SQL sees as BLOBs (by name)."""
+    return {f.name: f.type for f in schema if isinstance(f.type, pa.FixedShapeTensorType) and _as_blob(f.type)}
+
+
+def tensors_back(reader: pa.RecordBatchReader, tensors: dict[str, pa.FixedShapeTensorType]) -> pa.RecordBatchReader:
+    """``reader`` (a query's result) with BLOB columns named like a tensor column of ``tensors`` turned back
+    into that tensor type when every value has the tensor's size (else left as they are)."""
+    wanted = {i: tensors[f.name] for i, f in enumerate(reader.schema) if f.name in tensors
+              and (pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type) or pa.types.is_fixed_size_binary(f.type))}
+    if not wanted:
+        return reader
+    try:  # an empty result still shows whether the types convert
+        schema = pa.schema([f.with_type(wanted[i]) if i in wanted else f for i, f in enumerate(reader.schema)])
+    except (pa.ArrowInvalid, KeyError):
+        return reader
+    peeked = []
+
+    def convert(batch: pa.RecordBatch) -> pa.RecordBatch | None:
+        cols = list(batch.columns)
+        for i, ttype in wanted.items():
+            col = _blob_to_tensor(cols[i], ttype)
+            if col is None:
+                return None
+            cols[i] = col
+        return pa.RecordBatch.from_arrays(cols, schema=schema)
+
+    for batch in reader:  # the first batch decides (a result whose bytes do not fit is passed on unchanged)
+        converted = convert(batch)
+        if converted is None:
+            return pa.RecordBatchReader.from_batches(reader.schema, itertools.chain([batch], reader))
+        peeked.append(converted)
+        break
+
+    def rest():
+        yield from peeked
+        for batch in reader:
+            converted = convert(batch)
+            if converted is None:
+                raise flight.FlightServerError(f"a result column named like a tensor column holds values of "
+                                               f"another size: select it under another name")
+            yield converted
+
+    return pa.RecordBatchReader.from_batches(schema, rest())
+
+
+def _blob_to_tensor(column, ttype: pa.FixedShapeTensorType):
+    width = _row_bytes(ttype)
+    try:
+        fixed = column.cast(pa.binary(width)) if not pa.types.is_fixed_size_binary(column.type) else column
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return None
+    if fixed.type.byte_width != width:
+        return None
+    return binary_to_tensor(fixed, ttype)
+
+
+def _row_bytes(tensor: pa.FixedShapeTensorType) -> int:
+    return math.prod(tensor.shape) * tensor.value_type.bit_width // 8
+
+
+def _as_blob(tensor: pa.FixedShapeTensorType) -> bool:
+    # DuckDB allocates a vector of 2,048 rows of an ARRAY column at once: a 1 MiB tensor asked for 2 GiB
+    return _row_bytes(tensor) > BLOB_BYTES
+
+
+def _sql_type(tensor: pa.FixedShapeTensorType) -> pa.DataType:
+    return pa.binary(_row_bytes(tensor)) if _as_blob(tensor) else _nested_type(tensor)
+
+
+def _for_sql(column):
+    if not isinstance(column.type, pa.FixedShapeTensorType):
+        return column
+    if _as_blob(column.type):
+        _check_row_major(column.type)
+        return tensor_to_binary(column)
+    return _nested(column)
 
 
 def _nested_type(tensor: pa.FixedShapeTensorType) -> pa.DataType:
@@ -97,10 +184,14 @@ def _nested_type(tensor: pa.FixedShapeTensorType) -> pa.DataType:
 def _nested(column) -> pa.Array:
     """A fixed-shape tensor column as nested fixed-size lists in row-major order."""
     tensor = column.type
-    if tensor.permutation is not None and list(tensor.permutation) != sorted(tensor.permutation):
-        raise flight.FlightServerError("fixed-shape tensors with a permutation are not supported by ingest")
+    _check_row_major(tensor)
     storage = column.storage
     values = storage.flatten()  # the row-major elements of every valid-or-not row
     for size in reversed(tensor.shape[1:]):
         values = pa.FixedSizeListArray.from_arrays(values, size)
     return pa.FixedSizeListArray.from_arrays(values, tensor.shape[0], mask=storage.is_null() if storage.null_count else None)
+
+
+def _check_row_major(tensor: pa.FixedShapeTensorType) -> None:
+    if tensor.permutation is not None and list(tensor.permutation) != sorted(tensor.permutation):
+        raise flight.FlightServerError("fixed-shape tensors with a permutation are not supported by SQL")

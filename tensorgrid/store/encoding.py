@@ -59,7 +59,7 @@ def normalize_schema(schema: pa.Schema) -> pa.Schema:
     return pa.schema(fields)
 
 
-def _tensor_to_binary(arr: pa.Array) -> pa.Array:
+def tensor_to_binary(arr: pa.Array) -> pa.Array:
     t = arr.type
     storage = arr.storage
     n = int(np.prod(t.shape))
@@ -74,7 +74,7 @@ def _tensor_to_binary(arr: pa.Array) -> pa.Array:
     return pa.Array.from_buffers(pa.binary(width), len(arr), [validity, data], null_count=storage.null_count)
 
 
-def _binary_to_tensor(arr: pa.Array, ttype: pa.FixedShapeTensorType) -> pa.Array:
+def binary_to_tensor(arr: pa.Array, ttype: pa.FixedShapeTensorType) -> pa.Array:
     n = int(np.prod(ttype.shape))
     width = arr.type.byte_width
     data = arr.buffers()[1].slice(arr.offset * width, len(arr) * width)
@@ -140,9 +140,9 @@ def encode(batch: pa.RecordBatch | pa.Table, physical: pa.Schema) -> pa.RecordBa
         col = batch.column(i)
         if tensor_type_of(f) is not None:
             if isinstance(col, pa.ChunkedArray):
-                col = pa.chunked_array([_tensor_to_binary(c) for c in col.chunks], f.type)
+                col = pa.chunked_array([tensor_to_binary(c) for c in col.chunks], f.type)
             else:
-                col = _tensor_to_binary(col)
+                col = tensor_to_binary(col)
         cols.append(col)
     return type(batch).from_arrays(cols, schema=physical)
 
@@ -171,7 +171,7 @@ def decode(table: pa.Table, like: pa.Schema | None = None) -> pa.Table:
         col = table.column(i)
         tt = tensor_type_of(f)
         if tt is not None:
-            col = pa.chunked_array([_binary_to_tensor(c, tt) for c in col.chunks], tt)
+            col = pa.chunked_array([binary_to_tensor(c, tt) for c in col.chunks], tt)
         cols.append(col)
     return pa.Table.from_arrays(cols, schema=schema)
 

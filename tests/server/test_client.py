@@ -165,3 +165,35 @@ def test_a_restarted_server_has_its_tables_and_loaded_datasets_back(tmp_path):
         pd.testing.assert_frame_equal(g.tables(), before[2])
         assert g.sql("SELECT sum(x) AS s FROM d").to_pandas()["s"][0] == sum(range(100))
         assert g.get("t", 2) == {"id": 2, "v": "b"}
+
+
+def test_big_tensors_are_blobs_to_sql_and_come_back_as_tensors(g, grid):
+    """A tensor of more than BLOB_BYTES a row is a BLOB inside DuckDB (an ARRAY of 1 MiB images asked DuckDB
+    for 2 GiB per vector: out of memory); a result column with its name and size is a tensor again, for this
+    client and for the ADBC driver; small tensors stay SQL arrays."""
+    from tensorgrid.server.ingest import BLOB_BYTES
+
+    n, name = 40, _name("big")
+    rng = np.random.default_rng(3)
+    big = rng.standard_normal((n, 80, 80)).astype(np.float32)  # 25 KiB a row
+    small = rng.standard_normal((n, 2, 3)).astype(np.float32)
+    assert big[0].nbytes > BLOB_BYTES > small[0].nbytes
+    tg.write(os.path.join(grid.root, name), pa.table({
+        "id": np.arange(n), "big": pa.FixedShapeTensorArray.from_numpy_ndarray(big),
+        "small": pa.FixedShapeTensorArray.from_numpy_ndarray(small)}))
+    g.load(name, name)
+    types = g.sql(f"SELECT typeof(big) AS b, typeof(small) AS s FROM {name} LIMIT 1").to_pandas().iloc[0].tolist()
+    assert types == ["BLOB", "FLOAT[3][2]"]
+    got = g.sql(f"SELECT id, big FROM {name} WHERE id >= 30 ORDER BY id").to_arrow()
+    assert isinstance(got.schema.field("big").type, pa.FixedShapeTensorType)
+    np.testing.assert_array_equal(got.column("big").combine_chunks().to_numpy_ndarray(), big[30:])
+    import adbc_driver_flightsql.dbapi as flight_sql  # the dev extras' Flight SQL driver
+
+    with flight_sql.connect(grid.url, autocommit=True) as conn, conn.cursor() as cur:
+        cur.execute(f"SELECT * FROM {name} ORDER BY id")
+        table = cur.fetch_arrow_table()
+    np.testing.assert_array_equal(table.column("big").combine_chunks().to_numpy_ndarray(), big)
+    # under another name, or cut to another size, it is the bytes
+    other = g.sql(f"SELECT big AS raw, big[1:4] AS big FROM {name} WHERE id = 0").to_arrow()
+    assert other.column("raw").to_pylist() == [big[0].tobytes()]
+    assert other.column("big").to_pylist() == [big[0].tobytes()[:4]]
