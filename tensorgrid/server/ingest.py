@@ -134,8 +134,8 @@ def tensors_back(reader: pa.RecordBatchReader, tensors: dict[str, pa.FixedShapeT
         for batch in reader:
             converted = convert(batch)
             if converted is None:
-                raise flight.FlightServerError(f"a result column named like a tensor column holds values of "
-                                               f"another size: select it under another name")
+                raise flight.FlightServerError("a result column named like a tensor column holds values of "
+                                               "another size: select it under another name")
             yield converted
 
     return pa.RecordBatchReader.from_batches(schema, rest())
