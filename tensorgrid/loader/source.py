@@ -166,15 +166,17 @@ class Source:
     def _block(self, shard: int, a: int, b: int) -> pa.Table:
         """A block, decoded once and kept (bounded in bytes): consecutive shuffle windows share blocks."""
         key = (shard, a)
-        t = self._groups.get(key)
-        if t is not None:
-            self._groups.move_to_end(key)
-            return t
+        with self._lock:  # chunks of a remote dataset are fetched by two threads at once
+            t = self._groups.get(key)
+            if t is not None:
+                self._groups.move_to_end(key)
+                return t
         t = self.dataset.read_rows(shard, a, b, self.columns)
-        self._groups[key] = t
-        limit = max(self.memory_budget // 2, 2 * t.nbytes)  # a span of the plan, decoded
-        while sum(g.nbytes for g in self._groups.values()) > limit and len(self._groups) > 1:
-            self._groups.popitem(last=False)
+        with self._lock:
+            self._groups[key] = t
+            limit = max(self.memory_budget // 2, 2 * t.nbytes)  # a span of the plan, decoded
+            while sum(g.nbytes for g in self._groups.values()) > limit and len(self._groups) > 1:
+                self._groups.popitem(last=False)
         return t
 
     # --- the Arrow IPC cache ----------------------------------------------------------------------

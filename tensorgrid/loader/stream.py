@@ -13,6 +13,7 @@ import multiprocessing as mp
 import os
 import sys
 import warnings
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 import cloudpickle
@@ -45,6 +46,7 @@ from .workers import Watch
 
 VALID = "_valid"
 DEFAULT_MEMORY_BUDGET = 512 << 20
+REMOTE_IN_FLIGHT = 2  # chunks fetched at once over a network
 REMOTE_CHUNK_BYTES = 8 << 20  # in process over a network: a chunk fetched while the previous one is used
 WINDOWS_IN_FLIGHT = 4  # in process: the window being consumed, the next being built, their gather copies
 
@@ -259,16 +261,21 @@ class _Chunks(IterableDataset):
                 self.source.start_fills()  # the cache fills once the chunk is out, not while it is built
                 yield chunk
             return
-        # remote storage: fetch and build the next chunk while this one is consumed
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            pending = pool.submit(build, mine[0])
-            for c in mine[1:]:
-                ready = pending.result()
+        # remote storage: fetch and build the next chunks while this one is consumed (REMOTE_IN_FLIGHT
+        # requests at a time: one round trip's latency hides behind another's transfer; only where rows are
+        # fetched by number, which touches none of the source's caches)
+        depth = REMOTE_IN_FLIGHT if self.source.takes_rows else 1
+        with ThreadPoolExecutor(max_workers=depth) as pool:
+            pending = deque(pool.submit(build, c) for c in mine[:depth])
+            for c in mine[depth:]:
+                ready = pending.popleft().result()
                 self.source.start_fills()
-                pending = pool.submit(build, c)
+                pending.append(pool.submit(build, c))
                 yield ready
-            yield pending.result()
-            self.source.start_fills()
+            while pending:
+                ready = pending.popleft().result()
+                self.source.start_fills()
+                yield ready
 
 
 def _identity(x):
