@@ -7,8 +7,11 @@ import uuid
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import tensorgrid as tg
 from tensorgrid.errors import ArgumentError
@@ -149,3 +152,20 @@ def test_trainer_fits_on_a_grid_dataset(g, grid_digits):
                         label="label", transform=to_float, batch_size=64, epochs=1, workers=1, engine="local",
                         quiet=True).fit(train)
     assert len(result.history) == 1 and np.isfinite(result.history[0]["loss"])
+
+
+@settings(max_examples=60, deadline=None)
+@given(sizes=st.lists(st.integers(1, 30), min_size=1, max_size=6), data=st.data())
+def test_rows_taken_batch_by_batch_equal_arrows_take(sizes, data):
+    from tensorgrid.server.datasets import _take_sorted
+
+    start, batches = 0, []
+    for n in sizes:
+        ids = np.arange(start, start + n)
+        batches.append(pa.record_batch({"id": ids, "t": pa.FixedShapeTensorArray.from_numpy_ndarray(
+            np.stack([ids, -ids], axis=1).reshape(n, 2, 1).astype(np.float32))}))
+        start += n
+    table = pa.Table.from_batches(batches)
+    rows = np.array(sorted(data.draw(st.sets(st.integers(0, max(0, start - 1)), max_size=start))), dtype=np.int64)
+    rows = rows[rows < start]
+    assert _take_sorted(table, rows).equals(table.take(pa.array(rows, pa.int64())))
