@@ -110,9 +110,23 @@ class Session:
     _lock: object = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def __getstate__(self):
+        """What another process connects with: never the password. A session that signed in with one sends
+        a bearer token minted for the copy (workers, Ray and Spark tasks use it; it expires ``token_ttl``
+        after its last use, and the copy cannot sign in again: its calls then fail with
+        GridAuthenticationError)."""
         state = self.__dict__.copy()
         state.update(_client=None, _options=None, _pid=None, _lock=None)
+        if self.password is not None and self.token is None:
+            state.update(password=None, token=self._mint_token())
         return state
+
+    def _mint_token(self) -> str:
+        client, _ = self.connection()
+        try:
+            _, value = client.authenticate_basic_token(self.username or "", self.password)
+        except (flight.FlightError, pa.ArrowException, OSError) as exc:
+            raise translate(exc, self.url) from None
+        return value.decode().split(" ", 1)[1]  # b"Bearer <token>"
 
     def __setstate__(self, state):
         self.__dict__.update(state)

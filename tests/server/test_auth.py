@@ -195,6 +195,24 @@ def test_tg_connect_signs_in_again_when_its_token_expired_but_a_given_token_does
             g2.sql("SELECT 1")
 
 
+def test_a_pickled_grid_dataset_carries_a_token_not_the_password(tmp_path):
+    import pickle
+
+    import tensorgrid as tg
+
+    with GridServer(tmp_path, memory_limit="256MB", threads=1, **auth.server_options(USERS)) as s:
+        g = tg.connect(s.url, username="ignite", password="ignite")
+        g.sql("CREATE TABLE p (id BIGINT PRIMARY KEY)")
+        g.sql("INSERT INTO p SELECT range FROM range(10)")
+        reader = tg.connect(s.url, username="rd", password="read-only")
+        blob = pickle.dumps(reader.dataset("p"))
+        assert b"read-only" not in blob
+        copy = pickle.loads(blob)
+        assert copy.session.password is None and copy.session.token
+        assert sorted(copy.to_arrow().column("id").to_pylist()) == list(range(10))
+        assert reader.sql("SELECT count(*) AS n FROM p").to_pandas()["n"].tolist() == [10]
+
+
 def test_a_token_from_another_server_is_unauthenticated(server, tmp_path):
     with GridServer(tmp_path, memory_limit="256MB", threads=1, **auth.server_options(USERS)) as other:
         _, options = _signed_in(other, "ignite", "ignite")
