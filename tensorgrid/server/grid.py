@@ -419,9 +419,20 @@ def _optional(message, name: str):
     return getattr(message, name) if message.HasField(name) else None
 
 
+MAX_PARAMETER_BYTES = 64 << 20  # parameters are held in memory with their statement: a client cannot send GBs
+
+
 def _read_parameters(reader) -> pa.Table | None:
-    """Parameter rows a client bound to a prepared statement (None when it sent no columns)."""
-    table = reader.read_all()
+    """Parameter rows a client bound to a prepared statement (None when it sent no columns), at most
+    MAX_PARAMETER_BYTES of them (bulk rows go through ingest, which streams into DuckDB)."""
+    batches, size = [], 0
+    for chunk in reader:
+        size += chunk.data.nbytes
+        if size > MAX_PARAMETER_BYTES:
+            raise flight.FlightServerError(f"parameters over {MAX_PARAMETER_BYTES >> 20} MiB: send bulk rows with "
+                                           f"ingest (adbc_ingest, g.put) instead")
+        batches.append(chunk.data)
+    table = pa.Table.from_batches(batches, reader.schema)
     return table if table.num_columns else None
 
 

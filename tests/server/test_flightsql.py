@@ -89,6 +89,26 @@ def test_executemany_runs_a_prepared_update_once_per_parameter_row(conn):
     assert cur.fetchall() == [(6, "abc")]
 
 
+def test_parameters_over_the_limit_are_refused_and_the_table_is_unchanged(raw, conn):
+    from tensorgrid.server.grid import MAX_PARAMETER_BYTES
+
+    table = _name("params")
+    conn.cursor().execute(f"CREATE TABLE {table} (id BIGINT, blob BLOB)")
+    body = sqlproto.pack(sqlproto.ActionCreatePreparedStatementRequest(query=f"INSERT INTO {table} VALUES (?, ?)"))
+    handle = sqlproto.unpack(next(raw.do_action(flight.Action("CreatePreparedStatement", body))).body.to_pybytes())
+    command = sqlproto.CommandPreparedStatementUpdate(prepared_statement_handle=handle.prepared_statement_handle)
+    batch = pa.record_batch({"id": np.arange(8), "blob": [b"x" * (1 << 20)] * 8})  # 8 MiB per message
+    writer, _ = raw.do_put(flight.FlightDescriptor.for_command(sqlproto.pack(command)), batch.schema)
+    with pytest.raises(flight.FlightServerError, match="parameters over 64 MiB"):
+        for _ in range(MAX_PARAMETER_BYTES // batch.nbytes + 2):
+            writer.write_batch(batch)
+        writer.done_writing()
+        writer.close()
+    with conn.cursor() as cur:
+        cur.execute(f"SELECT count(*) FROM {table}")
+        assert cur.fetchall() == [(0,)]
+
+
 def test_adbc_ingest_creates_appends_and_replaces(conn):
     table = _name("cats")
     cur = conn.cursor()
