@@ -1,7 +1,10 @@
 """Batch-level transforms for ``to_torch(transform=...)``: each takes the batch dict and returns it.
 
 Use one directly (``transform=decode_image``) or configure it (``decode_image(size=(64, 64))`` returns a
-picklable callable, so it also works in spawned workers). ``compose(a, b, ...)`` chains them.
+picklable callable, so it also works in spawned workers). ``compose(a, b, ...)`` chains them. Random
+transforms (``random_crop``, ``horizontal_flip``) draw from a stream the loader gives each batch (seed, epoch,
+rank, batch number: ``rng.batch_keys``), so the same seed gives the same crops with any number of workers;
+called outside a loader they draw from torch's global generator.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import cores
+from . import cores, rng
 
 
 def _configurable(fn):
@@ -76,9 +79,14 @@ def _decode_image(batch: dict, column: str = "image", mode: str = "RGB", size: t
     return batch
 
 
-def _resize(batch: dict, size: tuple[int, int], column: str = "image", antialias: bool = True) -> dict:
-    """Resize an (N, C, H, W) image tensor to ``size=(height, width)`` (bilinear); keeps the dtype."""
+def _resize(batch: dict, size: int | tuple[int, int], column: str = "image", antialias: bool = True) -> dict:
+    """Resize an (N, C, H, W) image tensor to ``size=(height, width)``, or with ``size=s`` (an int) so that
+    its shorter side is ``s`` and the aspect ratio is kept (bilinear); keeps the dtype."""
     x = batch[column]
+    _check_images(x, column, "resize")
+    if isinstance(size, int) and not isinstance(size, bool):
+        h, w = x.shape[-2:]
+        size = (size, max(1, round(w * size / h))) if h <= w else (max(1, round(h * size / w)), size)
     y = torch.nn.functional.interpolate(x.float(), size=tuple(size), mode="bilinear", antialias=antialias,
                                         align_corners=False)
     batch[column] = y.round_().clamp_(0, 255).to(x.dtype) if not x.is_floating_point() else y.to(x.dtype)
@@ -106,7 +114,65 @@ def _normalize(batch: dict, mean: Sequence[float], std: Sequence[float], column:
     return batch
 
 
+def _check_images(x, column: str, what: str) -> None:
+    if not isinstance(x, torch.Tensor) or x.ndim < 3:
+        raise ValueError(f"{what} takes an (N, C, H, W) image tensor in column {column!r}, got "
+                         f"{type(x).__name__} {tuple(getattr(x, 'shape', ()))}: decode the images first")
+
+
+def _crop_size(x, size, column: str, what: str) -> tuple[int, int]:
+    _check_images(x, column, what)
+    th, tw = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    h, w = x.shape[-2:]
+    if not (0 < th <= h and 0 < tw <= w):
+        raise ValueError(f"{what}: cannot cut {th}x{tw} out of {h}x{w} images in column {column!r} "
+                         f"(resize them first)")
+    return th, tw
+
+
+def _center_crop(batch: dict, size: int | tuple[int, int], column: str = "image") -> dict:
+    """The central ``size=(height, width)`` (or ``size=s``: s x s) of every image of an (N, C, H, W) tensor."""
+    x = batch[column]
+    th, tw = _crop_size(x, size, column, "center_crop")
+    top, left = (x.shape[-2] - th) // 2, (x.shape[-1] - tw) // 2
+    batch[column] = x[..., top:top + th, left:left + tw].contiguous()
+    return batch
+
+
+def _random_crop(batch: dict, size: int | tuple[int, int], column: str = "image") -> dict:
+    """A ``size`` window at a random place of each image (its own place per image). Under the loader the
+    places depend on (seed, epoch, rank, batch) only: the same for any number of workers and after resume."""
+    x = batch[column]
+    th, tw = _crop_size(x, size, column, "random_crop")
+    n, (h, w) = x.shape[0], x.shape[-2:]
+    g = rng.generator()
+    tops = torch.randint(0, h - th + 1, (n,), generator=g).tolist()
+    lefts = torch.randint(0, w - tw + 1, (n,), generator=g).tolist()
+    out = x.new_empty(x.shape[:-2] + (th, tw))
+    for i, (t, left) in enumerate(zip(tops, lefts)):
+        out[i] = x[i, ..., t:t + th, left:left + tw]
+    batch[column] = out
+    return batch
+
+
+def _horizontal_flip(batch: dict, p: float = 0.5, column: str = "image") -> dict:
+    """Mirror each image left-right with probability ``p`` (drawn per image, like ``random_crop``)."""
+    x = batch[column]
+    _check_images(x, column, "horizontal_flip")
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"horizontal_flip: p must be in [0, 1], got {p}")
+    flip = torch.rand(x.shape[0], generator=rng.generator()) < p
+    if flip.any():
+        x = x.clone()
+        x[flip] = x[flip].flip(-1)
+    batch[column] = x
+    return batch
+
+
 decode_image = _configurable(_decode_image)
+center_crop = _configurable(_center_crop)
+random_crop = _configurable(_random_crop)
+horizontal_flip = _configurable(_horizontal_flip)
 resize = _configurable(_resize)
 to_float = _configurable(_to_float)
 normalize = _configurable(_normalize)

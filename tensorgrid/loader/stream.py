@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..args import check_choice, check_int, check_number
 from ..errors import ArgumentError, EmptyDataError, ResumeError, TransformError
-from ..rng import seed_all
+from ..rng import batch_keys, seed_all
 from ..store.dataset import Dataset
 from .collate import (
     LENGTHS,
@@ -149,6 +149,7 @@ class Chunk:
                  transform=None, plan: Plan | None = None, pos: np.ndarray | None = None):
         self.first, self.cols, self.bounds, self.batches = first, cols, bounds, batches
         self.transform, self.plan, self.pos = transform, plan, pos
+        self.keys = (plan.seed, plan.epoch, plan.rank) if plan is not None else (0, 0, 0)
         self.pin = None  # set in the main process only: pinned memory is valid where it is allocated
 
     def pin_memory(self, pin) -> None:
@@ -172,7 +173,8 @@ class Chunk:
             batch = slice_batch(self.cols, self.bounds[i], self.bounds[i + 1], self.pin)
             if self.transform is not None:
                 try:
-                    batch = self.transform(batch)
+                    with batch_keys(*self.keys, self.first + i):  # random transforms draw per batch (rng.py)
+                        batch = self.transform(batch)
                 except Exception as e:  # noqa: BLE001 - re-raised with where it happened
                     k = self.first + i
                     where = _describe(self.plan, self.plan.rows_at(self.pos[self.bounds[i]:self.bounds[i + 1]]))
