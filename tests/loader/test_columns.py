@@ -226,10 +226,10 @@ def test_pinned_batches_are_views_of_memory_pinned_once_per_chunk(monkeypatch, t
     monkeypatch.setattr(stream, "_pin", fake)
     loader = ds.to_torch(batch_size=50, shuffle=True, num_workers=workers, multiprocessing_context="fork")
     assert loader.pin_memory
-    batches = list(loader)
+    chunks = loader.plan(0).num_chunks  # the epoch's plan: taken before the cache is filled (its chunking
+    batches = list(loader)              # depends on whether every row is cached; the order does not)
     tensors = [v for b in batches for v in b.values() if isinstance(v, torch.Tensor)]
     assert all(fake.pinned(v) for v in tensors)
-    chunks = loader.plan(0).num_chunks
     # per batch the padded list and lengths; the rest (the packed block, id, each other column) once per chunk
     assert chunks < len(batches) and fake.calls <= 2 * len(batches) + 3 * chunks
     _check_batches(table.drop_columns(["t"]), [{k: v for k, v in b.items() if k[0] != "t"} for b in batches])
