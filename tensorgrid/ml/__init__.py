@@ -1,5 +1,7 @@
-"""Machine-learning stages over TensorGrid datasets (the layer above the trainer): evaluators so far."""
+"""Machine-learning stages over TensorGrid datasets (the layer above the trainer): Spark-ML-style estimators
+and transformers for PyTorch (``NNEstimator``, ``NNClassifier``, ``NNModel``, ``Pipeline``), evaluators."""
 
 from . import evaluate
+from .stages import FormatVersionError, NNClassifier, NNEstimator, NNModel, Pipeline, PipelineModel
 
-__all__ = ["evaluate"]
+__all__ = ["evaluate", "NNEstimator", "NNClassifier", "NNModel", "Pipeline", "PipelineModel", "FormatVersionError"]

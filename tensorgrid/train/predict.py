@@ -18,19 +18,21 @@ from .features import feature_columns, loader_stack, stack_features
 
 def predict(model: torch.nn.Module, data, features="features", *, transform=None, batch_size: int = 256,
             out: str | None = None, classifier: bool = False, keep=None, mode: str = "create",
-            label_names: list[str] | None = None) -> Dataset:
+            label_names: list[str] | None = None, prediction_col: str = "prediction",
+            probability_col: str = "probability") -> Dataset:
     """Run ``model`` over every row of ``data`` (a Dataset or a URL), in order, in this process (RANK and
     WORLD_SIZE are ignored); returns a Dataset with the ``keep`` columns (default: all but ``features``) and
     ``prediction``, written to ``out`` (with ``mode``) when given, else in memory. ``features``: a column,
     or a list of numeric columns stacked into one float32 tensor per batch, as the trainer does (a wide table).
 
     ``transform`` runs on each batch as in training. ``classifier=True``: the model's 2-D outputs are class
-    scores (logits or log-probabilities): ``prediction`` is the argmax (int64), ``probabilities`` the softmax
+    scores (logits or log-probabilities): ``prediction`` is the argmax (int64), ``probability`` the softmax
     (float32 tensors) and, when there are class names, ``prediction_label`` the class name: names from
     ``label_names``, else the data's own (``ds.label_names``, which a test split of an ingested image folder
     keeps); their number must match the model's outputs. Otherwise ``prediction`` is the output itself (a
     scalar per row when it has one value, else a tensor). A kept column named ``prediction``,
-    ``probabilities`` or ``prediction_label`` is replaced. A transform gets every column; without one, only
+    ``probability`` or ``prediction_label`` is replaced (Spark ML's names; ``prediction_col`` and
+    ``probability_col`` rename the first two). A transform gets every column; without one, only
     ``keep`` and ``features`` are read. The model runs in eval mode on its own device under
     ``torch.no_grad()``; its train/eval flags are restored afterwards.
     """
@@ -47,7 +49,10 @@ def predict(model: torch.nn.Module, data, features="features", *, transform=None
     stack = None if transform is not None else loader_stack(ds.schema, features, keep)
     loader = Loader(ds, batch_size, columns=columns, transform=transform, rank=0, world_size=1, cache_fill=False,
                     stack=stack)
-    batches = _batches(model, loader, features, keep, bool(classifier), names)
+    for name, value in (("prediction_col", prediction_col), ("probability_col", probability_col)):
+        if not isinstance(value, str) or not value:
+            raise ArgumentError(f"{name} must be a column name, got {value!r}")
+    batches = _batches(model, loader, features, keep, bool(classifier), names, (prediction_col, probability_col))
     if out is None:
         return from_arrow(pa.Table.from_batches(list(batches)))
     return write(out, batches, mode=mode)
@@ -93,7 +98,8 @@ def _label_names(ds: Dataset, label_names, classifier: bool) -> list | None:
 
 
 def _batches(model: torch.nn.Module, loader: Loader, features, keep: list[str],
-             classifier: bool, names: list | None = None) -> Iterator[pa.RecordBatch]:
+             classifier: bool, names: list | None = None,
+             outputs: tuple[str, str] = ("prediction", "probability")) -> Iterator[pa.RecordBatch]:
     """Record batches of the kept columns plus the model's predictions, one per loader batch."""
     modes = [(m, m.training) for m in model.modules()]
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -106,24 +112,24 @@ def _batches(model: torch.nn.Module, loader: Loader, features, keep: list[str],
             if not isinstance(y, torch.Tensor):
                 raise TensorGridError(f"predict: the model returned a {type(y).__name__}, not a tensor")
             cols = {c: _column(batch[c], batch.get(c + LENGTHS)) for c in keep
-                    if c not in ("prediction", "probabilities", "prediction_label")}
-            cols.update(_outputs(y.detach().cpu(), classifier))
-            if names is not None and "probabilities" in cols:
-                cols["prediction_label"] = _named(cols["prediction"], names, y.shape[1])
+                    if c not in (*outputs, "prediction_label")}
+            cols.update(_outputs(y.detach().cpu(), classifier, outputs))
+            if names is not None and outputs[1] in cols:
+                cols["prediction_label"] = _named(cols[outputs[0]], names, y.shape[1])
             yield pa.RecordBatch.from_pydict(cols)
     finally:
         for m, training in modes:
             m.training = training
 
 
-def _outputs(y: torch.Tensor, classifier: bool) -> dict:
+def _outputs(y: torch.Tensor, classifier: bool, names: tuple[str, str] = ("prediction", "probability")) -> dict:
     if classifier and y.ndim == 2:
         p = torch.softmax(y.float(), dim=1).numpy()
-        return {"prediction": pa.array(p.argmax(axis=1).astype(np.int64)),
-                "probabilities": pa.FixedShapeTensorArray.from_numpy_ndarray(p.astype(np.float32))}
+        return {names[0]: pa.array(p.argmax(axis=1).astype(np.int64)),
+                names[1]: pa.FixedShapeTensorArray.from_numpy_ndarray(p.astype(np.float32))}
     yn = y.float().numpy()
     yn = yn.reshape(len(yn)) if yn.ndim == 2 and yn.shape[1] == 1 else yn
-    return {"prediction": _column(yn)}
+    return {names[0]: _column(yn)}
 
 
 def _named(prediction: pa.Array, names: list, classes: int) -> pa.Array:

@@ -374,7 +374,7 @@ class Trainer:
 
     def predict(self, ds, out: str | None = None, batch_size: int | None = None, model=None, mode: str = "create"):
         """Run the trained model over ``ds``; returns a Dataset with its columns (but the features) plus
-        ``prediction`` (and ``probabilities`` for classifiers). Written to ``out`` when given. The same as
+        ``prediction`` (and ``probability`` for classifiers). Written to ``out`` when given. The same as
         ``tensorgrid.train.predict`` with this trainer's features, transform and batch size."""
         batch_size = check_int("batch_size", batch_size, 1, none=True, error=TrainingConfigError)
         model = model if model is not None else (self.result.model if self.result else None)

@@ -88,5 +88,5 @@ def test_evaluate_reads_what_tg_predict_writes(tmp_path):
         model.bias.zero_()
     pred = tg.predict(model, ds, features="x", classifier=True)
     assert evaluate.accuracy(pred, label_col="label_index") == 1.0
-    assert evaluate.log_loss(pred, label_col="label_index", probability_col="probabilities") < 0.5
+    assert evaluate.log_loss(pred, label_col="label_index", probability_col="probability") < 0.5
     assert evaluate.confusion_matrix(pred, label_col="label_index").matrix.trace() == 200

@@ -60,7 +60,7 @@ def test_a_wide_model_predicts_from_the_same_columns(wide):
     t = trainer(features=PX, transform=None, epochs=1)
     t.fit(table)
     pred = t.predict(table)
-    assert pred.num_rows == table.num_rows and {"prediction", "probabilities", "label"} <= set(pred.schema.names)
+    assert pred.num_rows == table.num_rows and {"prediction", "probability", "label"} <= set(pred.schema.names)
     assert not set(PX) & set(pred.schema.names)
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import tensorgrid as tg
+from tensorgrid.errors import ArgumentError
 from tensorgrid.train import predict
 
 
@@ -48,16 +49,20 @@ def test_a_classifier_gets_argmax_and_probabilities_written_to_out(rows, tmp_pat
     out = predict(model, ds, "x", transform=lambda b: {**b, "x": b["x"] * 2}, classifier=True, out=url, keep="id")
     assert isinstance(out, tg.Dataset) and tg.open(url).num_rows == 1001
     df = tg.open(url).to_pandas()
-    assert list(df.columns) == ["id", "prediction", "probabilities"]
+    assert list(df.columns) == ["id", "prediction", "probability"]
     logits = model.eval()(torch.from_numpy(x) * 2).detach()  # the transform ran; dropout was off
     np.testing.assert_array_equal(df["prediction"].to_numpy(), logits.argmax(dim=1).numpy())
-    probs = np.stack(df["probabilities"])
+    probs = np.stack(df["probability"])
     assert probs.dtype == np.float32 and probs.shape == (1001, 5)
     np.testing.assert_allclose(probs, torch.softmax(logits, dim=1).numpy(), rtol=1e-5, atol=1e-7)
     model.train()
     model[1].eval()
     predict(model, ds, "x", classifier=True)
     assert model.training and model[0].training and not model[1].training
+    renamed = predict(model, ds, "x", classifier=True, keep="id", prediction_col="cls", probability_col="p")
+    assert renamed.schema.names == ["id", "cls", "p"]
+    with pytest.raises(ArgumentError, match="prediction_col must be a column name"):
+        predict(model, ds, "x", prediction_col="")
     assert all(p.grad is None for p in model.parameters())
 
 
@@ -105,7 +110,7 @@ def test_predictions_of_an_ingested_image_folder_map_back_to_its_class_names(tmp
     ds = tg.open(url)
     assert ds.label_names == ["cat", "dog", "ant"]
     out = predict(_WidthClassifier(), ds, "width", keep=["label"], classifier=True).to_pandas()
-    assert list(out.columns) == ["label", "prediction", "probabilities", "prediction_label"]
+    assert list(out.columns) == ["label", "prediction", "probability", "prediction_label"]
     assert out["prediction_label"].tolist() == out["label"].tolist()  # the names, in the data's own order
     named = predict(_WidthClassifier(), ds, "width", keep=[], classifier=True, label_names=["x", "y", "z"])
     assert sorted(named.to_pandas()["prediction_label"]) == ["x", "x", "y", "y", "z"]

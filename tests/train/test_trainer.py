@@ -23,9 +23,9 @@ def test_learns_digits_and_predicts(digits, tmp_path):
     assert len(r.history) == 8 and r.history[-1]["loss"] < r.history[0]["loss"]
     pred = t.predict(val, out=str(tmp_path / "pred"))
     df = pred.to_pandas()
-    assert set(df.columns) == {"label", "prediction", "probabilities"}
+    assert set(df.columns) == {"label", "prediction", "probability"}
     assert (df["prediction"] == df["label"]).mean() >= 0.9
-    assert abs(df["probabilities"][0].sum() - 1) < 1e-5 and df["probabilities"][0].shape == (10,)
+    assert abs(df["probability"][0].sum() - 1) < 1e-5 and df["probability"][0].shape == (10,)
     assert tg.open(str(tmp_path / "pred")).num_rows == val.num_rows
 
 
@@ -194,7 +194,7 @@ def test_predict_on_data_without_labels(digits):
     t.fit(train)
     unlabelled = tg.from_arrow(val.to_arrow().drop_columns(["label"]))
     pred = t.predict(unlabelled)
-    assert pred.num_rows == val.num_rows and set(pred.schema.names) == {"prediction", "probabilities"}
+    assert pred.num_rows == val.num_rows and set(pred.schema.names) == {"prediction", "probability"}
 
 
 def test_a_diverged_loss_is_reported(digits):

@@ -1,0 +1,192 @@
+"""Spark-ML-style stages for PyTorch: ``NNEstimator`` / ``NNClassifier`` (fit -> ``NNModel``), ``NNModel``
+(a transformer: batch inference that adds a column), ``Pipeline`` / ``PipelineModel`` (fit and transform in
+order, save and load). Training runs on the Trainer (any engine), inference through ``tg.predict``.
+
+Names follow Spark ML and BigDL: ``criterion``, ``max_epoch``, ``features_col``, ``label_col``,
+``prediction_col``, ``probability_col``; ``batch_size`` is the global batch, as in the Trainer. The engine
+and the number of workers are ``fit`` arguments (``fit(data, engine="local", workers=2)``), for stages and
+pipelines alike. ``get_params()``, ``copy(**changes)`` and ``set_<param>(value)`` work like scikit-learn's
+and Spark ML's, so a pipeline can be refit with other settings.
+"""
+
+from __future__ import annotations
+
+import copy as _copy
+import inspect
+import json
+import os
+
+import cloudpickle
+import torch
+
+from .. import fs as tgfs
+from ..errors import ArgumentError, TensorGridError
+from ..store.dataset import Dataset
+from ..train.predict import predict
+from ..train.trainer import Trainer
+
+FORMAT = 1  # the saved pipeline's layout; another one is refused with FormatVersionError
+
+
+class FormatVersionError(TensorGridError):
+    """A saved pipeline written in a layout this version cannot read."""
+
+
+class _Stage:
+    """Parameters are the constructor's arguments: ``get_params``, ``copy`` and ``set_<name>`` follow them."""
+
+    _attrs: dict = {}  # a parameter kept under another attribute name (NNModel's transform: the verb's name)
+
+    def get_params(self) -> dict:
+        return {name: getattr(self, self._attrs.get(name, name))
+                for name in inspect.signature(type(self).__init__).parameters if name != "self"}
+
+    def copy(self, **changes):
+        """A new stage with the same parameters (deep-copied: a module is not shared) except ``changes``."""
+        unknown = set(changes) - set(self.get_params())
+        if unknown:
+            raise ArgumentError(f"{type(self).__name__} has no parameter {sorted(unknown)[0]!r}; parameters: "
+                                f"{sorted(self.get_params())}")
+        return type(self)(**{**_copy.deepcopy(self.get_params()), **changes})
+
+    def __getattr__(self, name: str):
+        if name.startswith("set_") and name[4:] in inspect.signature(type(self).__init__).parameters:
+            def setter(value):
+                setattr(self, self._attrs.get(name[4:], name[4:]), value)
+                return self
+            return setter
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __repr__(self) -> str:
+        shown = {k: v for k, v in self.get_params().items() if not isinstance(v, torch.nn.Module)}
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
+
+
+class NNModel(_Stage):
+    """A transformer: ``model`` (an ``nn.Module``, or a TorchScript file's path) over every row of the
+    ``features_col`` column(s) (after ``transform``), adding ``prediction_col`` (and ``probability_col``
+    with ``classifier=True``: softmax of the outputs, ``prediction`` their argmax). As a frozen backbone
+    (``prediction_col="embedding"``) its outputs are the features of the next stage."""
+
+    _attrs = {"transform": "transform_fn"}  # ``transform`` is also the verb (Spark ML's)
+
+    def __init__(self, model, transform=None, features_col="features", prediction_col: str = "prediction",
+                 batch_size: int = 256, classifier: bool = False, probability_col: str = "probability"):
+        self.model, self.transform_fn, self.features_col = model, transform, features_col
+        self.prediction_col, self.batch_size, self.classifier = prediction_col, batch_size, classifier
+        self.probability_col = probability_col
+
+    def module(self) -> torch.nn.Module:
+        if isinstance(self.model, torch.nn.Module):
+            return self.model
+        if isinstance(self.model, (str, os.PathLike)):
+            try:
+                return torch.jit.load(os.fspath(self.model), map_location="cpu")
+            except (RuntimeError, ValueError, OSError) as e:
+                raise ArgumentError(f"{self.model}: not a TorchScript file torch.jit.load reads ({e})"[:300]) from None
+        raise ArgumentError(f"model must be an nn.Module or a TorchScript file, got {type(self.model).__name__}")
+
+    def transform(self, data, out: str | None = None, mode: str = "create") -> Dataset:
+        """The data's columns (but the features) plus the predictions; written to ``out`` when given."""
+        return predict(self.module(), data, self.features_col, transform=self.transform_fn,
+                       batch_size=self.batch_size, out=out, classifier=self.classifier, mode=mode,
+                       prediction_col=self.prediction_col, probability_col=self.probability_col)
+
+
+class NNEstimator(_Stage):
+    """An estimator: ``fit`` trains ``model`` with ``criterion`` on the Trainer and returns an ``NNModel``.
+    ``optimizer``: a function of the model's parameters (default Adam, lr 1e-3)."""
+
+    classifier = False
+
+    def __init__(self, model, criterion, optimizer=None, batch_size: int = 32, max_epoch: int = 10,
+                 features_col="features", label_col: str = "label", transform=None,
+                 prediction_col: str = "prediction", seed: int = 0):
+        self.model, self.criterion, self.optimizer = model, criterion, optimizer
+        self.batch_size, self.max_epoch = batch_size, max_epoch
+        self.features_col, self.label_col, self.transform = features_col, label_col, transform
+        self.prediction_col, self.seed = prediction_col, seed
+
+    def fit(self, data, engine: str = "local", workers: int = 1, val=None) -> NNModel:
+        model = self.model() if callable(self.model) and not isinstance(self.model, torch.nn.Module) else self.model
+        trainer = Trainer(model, loss=self.criterion, optimizer=self.optimizer, features=self.features_col,
+                          label=self.label_col, transform=self.transform, batch_size=self.batch_size,
+                          epochs=self.max_epoch, workers=workers, engine=engine, seed=self.seed, quiet=True,
+                          metrics=("accuracy",) if self.classifier else ())
+        result = trainer.fit(data, val=val)
+        fitted = NNModel(result.model, transform=self.transform, features_col=self.features_col,
+                         prediction_col=self.prediction_col, batch_size=max(self.batch_size, 256),
+                         classifier=self.classifier)
+        fitted.history = result.history
+        return fitted
+
+
+class NNClassifier(NNEstimator):
+    """``NNEstimator`` for integer class labels (``label_col``): the fitted model's ``prediction`` is the
+    argmax of its outputs and ``probability`` their softmax."""
+
+    classifier = True
+
+
+class PipelineModel(_Stage):
+    """Fitted stages, applied in order by ``transform``; ``save(url)`` / ``PipelineModel.load(url)``."""
+
+    def __init__(self, stages: list):
+        self.stages = list(stages)
+
+    def transform(self, data, out: str | None = None, mode: str = "create") -> Dataset:
+        for i, stage in enumerate(self.stages):
+            last = i == len(self.stages) - 1
+            data = stage.transform(data, out=out if last else None, mode=mode) if last else stage.transform(data)
+        return data
+
+    def save(self, url: str) -> str:
+        """Each stage (its parameters and module, pickled by value) and a manifest naming the format, under
+        ``url`` (any URL the store takes); files are written whole."""
+        fs, root = tgfs.resolve(os.fspath(url))
+        fs.makedirs(root, exist_ok=True)
+        names = []
+        for i, stage in enumerate(self.stages):
+            name = f"stage-{i}.pkl"
+            tgfs.put_atomic(fs, f"{root}/{name}", cloudpickle.dumps(stage))
+            names.append({"file": name, "class": type(stage).__name__})
+        manifest = {"format": FORMAT, "kind": "tensorgrid.ml.PipelineModel", "stages": names}
+        tgfs.put_atomic(fs, f"{root}/pipeline.json", json.dumps(manifest, indent=1).encode())
+        return url
+
+    @classmethod
+    def load(cls, url: str) -> PipelineModel:
+        fs, root = tgfs.resolve(os.fspath(url))
+        try:
+            manifest = json.loads(fs.cat_file(f"{root}/pipeline.json"))
+        except FileNotFoundError:
+            raise ArgumentError(f"{url} holds no saved pipeline (no pipeline.json)") from None
+        except ValueError as e:
+            raise FormatVersionError(f"{url}/pipeline.json is not a pipeline manifest: {e}") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            found = manifest.get("format") if isinstance(manifest, dict) else None
+            raise FormatVersionError(f"{url} was saved in pipeline format {found!r}; this TensorGrid reads "
+                                     f"format {FORMAT}: save it again with a matching version")
+        return cls([cloudpickle.loads(fs.cat_file(f"{root}/{s['file']}")) for s in manifest["stages"]])
+
+
+class Pipeline(_Stage):
+    """Stages fitted in order: an estimator is fitted on what the stages before it produce (``fit``'s
+    ``engine``/``workers`` apply to each), a transformer is applied; the result is a ``PipelineModel``."""
+
+    def __init__(self, stages: list):
+        if not isinstance(stages, (list, tuple)) or not stages:
+            raise ArgumentError("a Pipeline takes a non-empty list of stages")
+        for s in stages:
+            if not hasattr(s, "fit") and not hasattr(s, "transform"):
+                raise ArgumentError(f"{type(s).__name__} is not a stage (it has neither fit nor transform)")
+        self.stages = list(stages)
+
+    def fit(self, data, engine: str = "local", workers: int = 1) -> PipelineModel:
+        fitted = []
+        for i, stage in enumerate(self.stages):
+            model = stage.fit(data, engine=engine, workers=workers) if hasattr(stage, "fit") else stage
+            fitted.append(model)
+            if i < len(self.stages) - 1:
+                data = model.transform(data)
+        return PipelineModel(fitted)
