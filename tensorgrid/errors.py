@@ -74,6 +74,10 @@ class UnsupportedDataError(TensorGridError, TypeError):
     """Input data TensorGrid cannot turn into Arrow (unknown container or Python objects)."""
 
 
+class ImageDecodeError(TensorGridError, ValueError):
+    """A file of an image folder is not a readable image (ingest with ``on_error="raise"``)."""
+
+
 class EmptyDataError(TensorGridError, ValueError):
     """Writing data that has no rows."""
 

@@ -11,12 +11,24 @@ block: the pool then makes a new one, never writes into memory a batch still sho
 
 from __future__ import annotations
 
+import mmap
 import sys
 import threading
 
 import numpy as np
 
 MIN_BYTES = 1 << 20  # smaller arrays: malloc reuses its own free lists, nothing to gain
+HEAP_BYTES = 32 << 20  # glibc serves blocks up to this from its heap (when its threshold is raised)
+
+
+def _new_block(nbytes: int) -> np.ndarray:
+    """A block below HEAP_BYTES gets a mapping of its own, outside malloc's heap: kept for reuse, it would
+    pin the heap and let freed memory below it pile up (RSS grew ~75 MB over ten epochs in a long-lived
+    process whose thresholds were raised); dropped, it goes back to the kernel. Bigger ones come from
+    malloc, which maps them anyway (measured 10-30% faster gathers into them than into Python's mmap)."""
+    if nbytes >= HEAP_BYTES:
+        return np.empty(nbytes, np.uint8)
+    return np.frombuffer(mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS), np.uint8)
 
 
 class BufferPool:
@@ -46,7 +58,7 @@ class BufferPool:
             block = self._take(nbytes)
             if block is None:
                 self._make_room(nbytes)
-                block = np.empty(nbytes, np.uint8)
+                block = _new_block(nbytes)
                 self.made += 1
             else:
                 self.reused += 1

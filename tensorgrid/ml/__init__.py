@@ -2,6 +2,7 @@
 and transformers for PyTorch (``NNEstimator``, ``NNClassifier``, ``NNModel``, ``Pipeline``), evaluators."""
 
 from . import evaluate
+from .images import read_images
 from .stages import FormatVersionError, NNClassifier, NNEstimator, NNModel, Pipeline, PipelineModel
 
-__all__ = ["evaluate", "NNEstimator", "NNClassifier", "NNModel", "Pipeline", "PipelineModel", "FormatVersionError"]
+__all__ = ["evaluate", "read_images", "NNEstimator", "NNClassifier", "NNModel", "Pipeline", "PipelineModel", "FormatVersionError"]

@@ -18,7 +18,14 @@ from concurrent.futures import ThreadPoolExecutor
 import pyarrow as pa
 
 from .. import fs as tgfs
-from ..errors import ArgumentError, DatasetNotFoundError, EmptyDataError, SchemaMismatchError, TensorGridError
+from ..errors import (
+    ArgumentError,
+    DatasetNotFoundError,
+    EmptyDataError,
+    ImageDecodeError,
+    SchemaMismatchError,
+    TensorGridError,
+)
 from .labels import with_names
 from .writer import write
 
@@ -52,7 +59,8 @@ def _schema(labelled: bool, names: list[str | None] | None = None, index_type: p
 
 
 def ingest_images(folder: str, url: str, label: str | None = "folder", mode: str = "create",
-                  shard_bytes: int | None = None, progress: Callable[[int], None] | None = None):
+                  shard_bytes: int | None = None, progress: Callable[[int], None] | None = None,
+                  on_error: str = "skip"):
     """Pack every image under ``folder`` into the dataset at ``url``.
 
     Columns: image (bytes), path (relative to folder), label (first sub-folder name) and label_index
@@ -63,8 +71,11 @@ def ingest_images(folder: str, url: str, label: str | None = "folder", mode: str
     (count and first paths); ``Dataset.skipped`` lists them all, with the reason. On a local disk,
     symbolic links (to files and folders) are followed, each real folder walked once: links that loop
     or lead to a folder already walked, dangling links, FIFOs, sockets and devices are skipped and
-    reported the same way (never opened, so nothing blocks).
+    reported the same way (never opened, so nothing blocks). ``on_error="raise"``: the first such file is
+    an ImageDecodeError naming its path instead, and nothing is written.
     """
+    if on_error not in ("skip", "raise"):
+        raise ArgumentError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
     if label not in ("folder", None):
         raise ArgumentError(f"label must be 'folder' or None, got {label!r}")
     fs, root = tgfs.resolve(folder)
@@ -73,6 +84,8 @@ def ingest_images(folder: str, url: str, label: str | None = "folder", mode: str
     root = root.rstrip("/") or "/"
     local = tgfs.is_local(fs)
     files, skipped = _walk_local(root) if local else _find(fs, root)
+    if skipped and on_error == "raise":
+        raise ImageDecodeError(f"{skipped[0][0]} under {folder}: {skipped[0][1]}")
     seen_files = len(files) + len(skipped)
     if not files and not skipped:
         raise EmptyDataError(f"no files under {folder}")
@@ -96,6 +109,8 @@ def ingest_images(folder: str, url: str, label: str | None = "folder", mode: str
                 cols = {k: [] for k in schema.names}
                 for i, data, probe in zip(chunk, datas, probes):
                     if isinstance(probe, str):
+                        if on_error == "raise":  # before the write commits: nothing is written
+                            raise ImageDecodeError(f"{rel[i]} under {folder} is not a readable image: {probe}")
                         skipped.append((rel[i], probe))
                         continue
                     cols["image"].append(data)

@@ -105,7 +105,8 @@ def test_workers_killed_at_random_moments_always_surface_as_loader_worker_error(
         if outcome == "completed":  # only if the kill came after the last batch was handed over
             assert sorted(seen) == list(range(8000)), outcomes
     assert sum(o == "LoaderWorkerError" for *_, o in outcomes) >= 8, outcomes
-    assert time.time() - t0 < 30, outcomes
+    # a hang guard, not a speed test: 11 epochs with fork/spawn workers took 10-44 s on this shared machine
+    assert time.time() - t0 < 120, outcomes
 
 
 def test_a_worker_killed_while_starting_is_loader_worker_error(big):
