@@ -13,6 +13,7 @@ from ..errors import ArgumentError, ColumnNotFoundError, TensorGridError
 from ..loader import Loader
 from ..loader.collate import LENGTHS
 from ..store import Dataset, from_arrow, write
+from ..store.encoding import numpy_to_tensor
 from .features import feature_columns, loader_stack, stack_features
 
 
@@ -126,7 +127,7 @@ def _outputs(y: torch.Tensor, classifier: bool, names: tuple[str, str] = ("predi
     if classifier and y.ndim == 2:
         p = torch.softmax(y.float(), dim=1).numpy()
         return {names[0]: pa.array(p.argmax(axis=1).astype(np.int64)),
-                names[1]: pa.FixedShapeTensorArray.from_numpy_ndarray(p.astype(np.float32))}
+                names[1]: numpy_to_tensor(p.astype(np.float32))}
     yn = y.float().numpy()
     yn = yn.reshape(len(yn)) if yn.ndim == 2 and yn.shape[1] == 1 else yn
     return {names[0]: _column(yn)}
@@ -149,5 +150,5 @@ def _column(v, lengths=None):
         return pa.ListArray.from_arrays(pa.array(offsets), pa.array(v.numpy()[keep]))
     a = v.numpy() if isinstance(v, torch.Tensor) else v
     if isinstance(a, np.ndarray):
-        return pa.array(a) if a.ndim == 1 else pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(a))
+        return pa.array(a) if a.ndim == 1 else numpy_to_tensor(a)
     return pa.array(v)

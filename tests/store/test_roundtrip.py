@@ -10,6 +10,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import tensorgrid as tg
 
@@ -166,3 +168,14 @@ def test_large_types_from_pandas_append_to_plain(any_url):
     tg.write(any_url, pa.table({"s": pa.array(["b"], pa.large_string())}), mode="append")
     tg.write(any_url, pd.DataFrame({"s": ["c"]}), mode="append")
     assert tg.open(any_url).to_arrow().column("s").to_pylist() == ["a", "b", "c"]
+
+
+@settings(max_examples=50, deadline=None)
+@given(shape=st.lists(st.integers(1, 5), min_size=1, max_size=3), rows=st.integers(1, 20),
+       dtype=st.sampled_from(["float32", "float64", "int64", "uint8", "int16"]))
+def test_numpy_to_tensor_equals_pyarrows_own_conversion(shape, rows, dtype):
+    from tensorgrid.store.encoding import numpy_to_tensor
+
+    a = (np.arange(rows * int(np.prod(shape))) % 100).astype(dtype).reshape(rows, *shape)
+    assert numpy_to_tensor(a).equals(pa.FixedShapeTensorArray.from_numpy_ndarray(a))
+    assert numpy_to_tensor(a[:, ...][::-1]).equals(pa.FixedShapeTensorArray.from_numpy_ndarray(a[::-1].copy()))
