@@ -146,12 +146,13 @@ def _random_crop(batch: dict, size: int | tuple[int, int], column: str = "image"
     th, tw = _crop_size(x, size, column, "random_crop")
     n, (h, w) = x.shape[0], x.shape[-2:]
     g = rng.generator()
-    tops = torch.randint(0, h - th + 1, (n,), generator=g).tolist()
-    lefts = torch.randint(0, w - tw + 1, (n,), generator=g).tolist()
-    out = x.new_empty(x.shape[:-2] + (th, tw))
-    for i, (t, left) in enumerate(zip(tops, lefts)):
-        out[i] = x[i, ..., t:t + th, left:left + tw]
-    batch[column] = out
+    tops = torch.randint(0, h - th + 1, (n,), generator=g)
+    lefts = torch.randint(0, w - tw + 1, (n,), generator=g)
+    flat = x.reshape(n, -1, h, w)  # every channel (and any other middle axis) cut at its image's place
+    rows = (tops[:, None] + torch.arange(th))[:, None, :, None]
+    cols = (lefts[:, None] + torch.arange(tw))[:, None, None, :]
+    out = flat[torch.arange(n)[:, None, None, None], torch.arange(flat.shape[1])[None, :, None, None], rows, cols]
+    batch[column] = out.reshape(x.shape[:-2] + (th, tw))  # one indexing pass, no loop over images
     return batch
 
 

@@ -88,7 +88,3 @@ class BufferPool:
                 held -= self._blocks.pop(i).nbytes
             else:
                 i += 1
-
-    def clear(self) -> None:
-        with self._lock:
-            self._blocks = [b for b in self._blocks if not self._free(b)]

@@ -9,16 +9,15 @@ holding a label column and a ``prediction`` column (or ``probability``: Spark ML
 
 from __future__ import annotations
 
-import io
-import os
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from .. import fs as tgfs
-from ..errors import ArgumentError, ColumnNotFoundError, EmptyDataError, TensorGridError
+from ..errors import ArgumentError, ColumnNotFoundError, EmptyDataError
+from ..train.plot import check_path, new_figure, save_figure
 
 
 def accuracy(data, label_col: str = "label", prediction_col: str = "prediction") -> float:
@@ -76,18 +75,10 @@ class ConfusionMatrix:
     def plot(self, path, title: str | None = None) -> str:
         """Draw the matrix with its counts and class names to ``path`` (.png/.svg/.pdf; a local path or any
         URL the store takes, written whole); returns where. Needs matplotlib (``tensorgrid[plot]``)."""
-        if not isinstance(path, (str, os.PathLike)) or not str(path):
-            raise ArgumentError(f"path must be a file name such as 'cm.png', got {path!r}")
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg", force=False)
-            from matplotlib.figure import Figure
-        except ImportError:
-            raise TensorGridError("plotting needs matplotlib: pip install 'tensorgrid[plot]'") from None
+        check_path(path, "cm.png")
         k = len(self.labels)
         side = min(16.0, 2.5 + 0.55 * k)
-        fig = Figure(figsize=(side + 1.2, side), layout="constrained")
+        fig = new_figure((side + 1.2, side))
         ax = fig.add_subplot()
         image = ax.imshow(self.matrix, cmap="Blues")
         fig.colorbar(image, ax=ax, shrink=0.8)
@@ -103,12 +94,7 @@ class ConfusionMatrix:
                         color="white" if top and count > top / 2 else "black")
         ax.set_title(title or f"confusion matrix ({int(self.matrix.sum())} rows, accuracy "
                               f"{np.trace(self.matrix) / max(1, self.matrix.sum()):.3f})")
-        url = os.fspath(path)
-        fs, where = tgfs.resolve(url)
-        buf = io.BytesIO()
-        fig.savefig(buf, format=os.path.splitext(where)[1].lstrip(".").lower() or "png", dpi=110)
-        tgfs.put_atomic(fs, where, buf.getvalue())
-        return os.path.abspath(where) if tgfs.is_local(fs) else tgfs.to_url(fs, where)
+        return save_figure(fig, path)
 
 
 def confusion_matrix(data, label_col: str = "label", prediction_col: str = "prediction", labels=None,
@@ -117,18 +103,22 @@ def confusion_matrix(data, label_col: str = "label", prediction_col: str = "pred
     seen, sorted); ``label_names``: display names for integer classes 0..k-1 (default: a Dataset's
     ``label_names`` when the labels index them)."""
     y, p = _pair(data, label_col, prediction_col)
-    if labels is None:
-        labels = sorted(set(np.unique(y).tolist()) | set(np.unique(p).tolist()))
-    labels = list(labels)
-    index = {v: i for i, v in enumerate(labels)}
-    outside = [v for v in set(np.unique(y).tolist()) | set(np.unique(p).tolist()) if v not in index]
-    if outside:
-        raise ArgumentError(f"{sorted(outside)[:5]} in {label_col!r}/{prediction_col!r} are not among the "
-                            f"labels {labels[:20]}")
+    seen = np.unique(np.concatenate([y, p]))
+    labels = seen.tolist() if labels is None else list(labels)
     k = len(labels)
+    # each row's class position by a search over the sorted labels (no per-row Python)
+    try:
+        order = np.argsort(np.asarray(labels, dtype=y.dtype), kind="stable")
+        ranked = np.asarray(labels, dtype=y.dtype)[order]
+        found = ranked[np.minimum(np.searchsorted(ranked, seen), k - 1)] == seen if k else np.zeros(len(seen), bool)
+    except (TypeError, ValueError):  # classes of another kind than the column's values
+        raise ArgumentError(f"labels {labels[:20]} are not of the kind {label_col!r} holds "
+                            f"({seen[:5].tolist()}, ...)") from None
+    if not found.all():
+        raise ArgumentError(f"{seen[~found][:5].tolist()} in {label_col!r}/{prediction_col!r} are not among the "
+                            f"labels {labels[:20]}")
     matrix = np.zeros((k, k), dtype=np.int64)
-    np.add.at(matrix, (np.array([index[v] for v in y.tolist()], dtype=np.int64),
-                       np.array([index[v] for v in p.tolist()], dtype=np.int64)), 1)
+    np.add.at(matrix, (order[np.searchsorted(ranked, y)], order[np.searchsorted(ranked, p)]), 1)
     if label_names is None:
         known = getattr(data, "label_names", None)
         if known and all(isinstance(v, int) and 0 <= v < len(known) for v in labels):
@@ -218,11 +208,13 @@ def _matrix(col, name: str) -> np.ndarray:
     if isinstance(col.type, pa.FixedShapeTensorType):
         return np.asarray(col.to_numpy_ndarray(), dtype=np.float64).reshape(len(col), -1)
     if pa.types.is_list(col.type) or pa.types.is_large_list(col.type) or pa.types.is_fixed_size_list(col.type):
-        rows = col.to_pylist()
-        widths = {len(r) for r in rows}
+        widths = np.unique(pc.list_value_length(col).to_numpy(zero_copy_only=False))
         if len(widths) != 1:
-            raise ArgumentError(f"{name!r} holds probability lists of different lengths: {sorted(widths)[:5]}")
-        out = np.asarray(rows, dtype=np.float64)
+            raise ArgumentError(f"{name!r} holds probability lists of different lengths: {widths[:5].tolist()}")
+        values = col.flatten()
+        if values.null_count or not (pa.types.is_floating(values.type) or pa.types.is_integer(values.type)):
+            raise ArgumentError(f"{name!r} must hold numbers without nulls, got {values.type}")
+        out = values.to_numpy(zero_copy_only=False).astype(np.float64).reshape(len(col), int(widths[0]))
         if not np.all(np.isfinite(out)):
             raise ArgumentError(f"{name!r} holds values that are not finite numbers")
         return out

@@ -15,6 +15,7 @@ import copy as _copy
 import inspect
 import json
 import os
+import uuid
 
 import cloudpickle
 import torch
@@ -108,8 +109,8 @@ class NNEstimator(_Stage):
         self.prediction_col, self.seed = prediction_col, seed
 
     def fit(self, data, engine: str = "local", workers: int = 1, val=None) -> NNModel:
-        model = self.model() if callable(self.model) and not isinstance(self.model, torch.nn.Module) else self.model
-        trainer = Trainer(model, loss=self.criterion, optimizer=self.optimizer, features=self.features_col,
+        # the Trainer trains a copy of a module (or calls a factory): this estimator's model stays untrained
+        trainer = Trainer(self.model, loss=self.criterion, optimizer=self.optimizer, features=self.features_col,
                           label=self.label_col, transform=self.transform, batch_size=self.batch_size,
                           epochs=self.max_epoch, workers=workers, engine=engine, seed=self.seed, quiet=True,
                           metrics=("accuracy",) if self.classifier else ())
@@ -135,23 +136,30 @@ class PipelineModel(_Stage):
         self.stages = list(stages)
 
     def transform(self, data, out: str | None = None, mode: str = "create") -> Dataset:
-        for i, stage in enumerate(self.stages):
-            last = i == len(self.stages) - 1
-            data = stage.transform(data, out=out if last else None, mode=mode) if last else stage.transform(data)
-        return data
+        for stage in self.stages[:-1]:
+            data = stage.transform(data)
+        return self.stages[-1].transform(data, out=out, mode=mode)  # only the result is written
 
     def save(self, url: str) -> str:
         """Each stage (its parameters and module, pickled by value) and a manifest naming the format, under
-        ``url`` (any URL the store takes); files are written whole."""
+        ``url`` (any URL the store takes). Stage files get fresh names and the manifest is replaced last, whole:
+        a reader sees the earlier save or this one, never a mix; the earlier save's stage files go after."""
         fs, root = tgfs.resolve(os.fspath(url))
         fs.makedirs(root, exist_ok=True)
+        before = _stage_files(fs, root)
+        tag = uuid.uuid4().hex[:12]
         names = []
         for i, stage in enumerate(self.stages):
-            name = f"stage-{i}.pkl"
+            name = f"stage-{i}-{tag}.pkl"
             tgfs.put_atomic(fs, f"{root}/{name}", cloudpickle.dumps(stage))
             names.append({"file": name, "class": type(stage).__name__})
         manifest = {"format": FORMAT, "kind": "tensorgrid.ml.PipelineModel", "stages": names}
         tgfs.put_atomic(fs, f"{root}/pipeline.json", json.dumps(manifest, indent=1).encode())
+        for name in before:
+            try:
+                fs.rm(f"{root}/{name}")
+            except FileNotFoundError:
+                pass
         return url
 
     @classmethod
@@ -167,7 +175,25 @@ class PipelineModel(_Stage):
             found = manifest.get("format") if isinstance(manifest, dict) else None
             raise FormatVersionError(f"{url} was saved in pipeline format {found!r}; this TensorGrid reads "
                                      f"format {FORMAT}: save it again with a matching version")
-        return cls([cloudpickle.loads(fs.cat_file(f"{root}/{s['file']}")) for s in manifest["stages"]])
+        stages = []
+        for entry in manifest.get("stages") or []:
+            where = f"{root}/{entry.get('file') if isinstance(entry, dict) else entry}"
+            try:
+                stages.append(cloudpickle.loads(fs.cat_file(where)))
+            except Exception as e:  # noqa: BLE001 - missing, truncated, or made by code this process lacks
+                raise ArgumentError(f"{where}: the saved stage cannot be loaded ({type(e).__name__}: {e})"[:400]) \
+                    from None
+        if not stages:
+            raise FormatVersionError(f"{url}/pipeline.json names no stages")
+        return cls(stages)
+
+
+def _stage_files(fs, root: str) -> list[str]:
+    """The stage files the current manifest names (none when there is no readable one)."""
+    try:
+        return [s["file"] for s in json.loads(fs.cat_file(f"{root}/pipeline.json")).get("stages", [])]
+    except (FileNotFoundError, ValueError, TypeError, KeyError, AttributeError):
+        return []
 
 
 class Pipeline(_Stage):

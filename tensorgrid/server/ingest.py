@@ -107,10 +107,7 @@ def tensors_back(reader: pa.RecordBatchReader, tensors: dict[str, pa.FixedShapeT
               and (pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type) or pa.types.is_fixed_size_binary(f.type))}
     if not wanted:
         return reader
-    try:  # an empty result still shows whether the types convert
-        schema = pa.schema([f.with_type(wanted[i]) if i in wanted else f for i, f in enumerate(reader.schema)])
-    except (pa.ArrowInvalid, KeyError):
-        return reader
+    schema = pa.schema([f.with_type(wanted[i]) if i in wanted else f for i, f in enumerate(reader.schema)])
     peeked = []
 
     def convert(batch: pa.RecordBatch) -> pa.RecordBatch | None:

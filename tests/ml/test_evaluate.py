@@ -70,6 +70,10 @@ def test_bad_input_is_a_named_error(tmp_path):
         evaluate.accuracy(pd.DataFrame({"label": [0, None], "prediction": [0, 1]}))
     with pytest.raises(ArgumentError, match="a Dataset, a pandas DataFrame or an Arrow table"):
         evaluate.accuracy([(0, 0)])
+    with pytest.raises(ArgumentError, match="not of the kind 'label' holds"):
+        evaluate.confusion_matrix(pd.DataFrame({"label": ["a", "b"], "prediction": ["a", "a"]}), labels=[0, 1])
+    with pytest.raises(ArgumentError, match="different lengths"):
+        evaluate.log_loss(pd.DataFrame({"label": [0, 1], "probability": [[0.5, 0.5], [1.0]]}))
     with pytest.raises(ArgumentError, match="different kinds"):
         evaluate.accuracy(pd.DataFrame({"label": ["a", "b"], "prediction": [0, 1]}))
 

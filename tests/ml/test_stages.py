@@ -68,7 +68,16 @@ def test_a_frozen_backbone_pipeline_learns_new_classes_from_a_few_hundred_rows(d
     model.save(str(tmp_path / "m"))
     again = PipelineModel.load(str(tmp_path / "m")).transform(digits["held"]).to_pandas()
     np.testing.assert_array_equal(again["prediction"], pred.to_pandas()["prediction"])
+    model.save(str(tmp_path / "m"))  # saved again over itself: the first save's stage files are gone
     manifest = json.loads((tmp_path / "m" / "pipeline.json").read_text())
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == sorted(
+        ["pipeline.json", *(s["file"] for s in manifest["stages"])])
+    stage0 = tmp_path / "m" / manifest["stages"][0]["file"]
+    saved = stage0.read_bytes()
+    stage0.write_bytes(saved[:100])  # truncated
+    with pytest.raises(ArgumentError, match="the saved stage cannot be loaded"):
+        PipelineModel.load(str(tmp_path / "m"))
+    stage0.write_bytes(saved)
     (tmp_path / "m" / "pipeline.json").write_text(json.dumps({**manifest, "format": 99}))
     with pytest.raises(FormatVersionError, match="format 99"):
         PipelineModel.load(str(tmp_path / "m"))
