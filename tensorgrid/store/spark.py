@@ -22,6 +22,7 @@ import json
 import os
 import re
 import tempfile
+import time
 import uuid
 import weakref
 from concurrent.futures import ThreadPoolExecutor
@@ -81,11 +82,9 @@ def write_spark(url: str, sdf, mode: str = "create", shard_rows: int | None = No
         staging = tgfs.join(root, DATA_DIR, f".spark-{txn}")
         moved: list[str] = []
         try:
-            try:
-                write = _partition_writer(tgfs.to_url(fs, staging), logical, physical, shard_rows, shard_bytes)
-                meta = sdf.mapInArrow(write, _META_DDL).collect()
-            except Exception as e:  # noqa: BLE001 - py4j/pyspark wrap the executors' errors
-                raise _executor_error(e) from None
+            fs.makedirs(tgfs.join(staging, DATA_DIR), exist_ok=True)  # the tasks write into it, never create it
+            write = _partition_writer(tgfs.to_url(fs, staging), logical, physical, shard_rows, shard_bytes)
+            meta = _collect_or_stop(sdf.mapInArrow(write, _META_DDL), f"tensorgrid-write-{txn}")
             return _publish_names(fs, root, staging, txn, meta, moved)
         except BaseException:
             _remove(fs, moved)
@@ -94,6 +93,47 @@ def write_spark(url: str, sdf, mode: str = "create", shard_rows: int | None = No
             _remove_tree(fs, staging)
 
     return write_with(url, mode, physical, produce)
+
+
+def _collect_or_stop(sdf, group: str) -> list:
+    """``sdf.collect()`` as a job group of its own; if it fails, its tasks still running are cancelled and
+    waited for (Spark fails a job on its first failed task while the others keep writing), so nothing
+    writes into the staging folder once this returns. The caller's job group is restored."""
+    try:
+        sc = sdf.sparkSession.sparkContext
+    except Exception:  # noqa: BLE001 - Spark Connect has no SparkContext: its server stops the job
+        sc = None
+    keys = ("spark.jobGroup.id", "spark.job.description", "spark.job.interruptOnCancel")
+    before = [sc.getLocalProperty(k) for k in keys] if sc is not None else None
+    if sc is not None:
+        sc.setJobGroup(group, "tensorgrid: write a DataFrame as a dataset", interruptOnCancel=True)
+    try:
+        return sdf.collect()
+    except Exception as e:  # noqa: BLE001 - py4j/pyspark wrap the executors' errors
+        if sc is not None:
+            sc.cancelJobGroup(group)
+            _wait_for_tasks(sc, group)
+        raise _executor_error(e) from None
+    finally:
+        if sc is not None:
+            for k, v in zip(keys, before):
+                sc.setLocalProperty(k, v)
+
+
+def _wait_for_tasks(sc, group: str, timeout: float = 60.0) -> None:
+    """Until no task of the group's jobs runs (Spark's status tracker), at most ``timeout`` seconds."""
+    tracker = sc.statusTracker()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        active = 0
+        for job in tracker.getJobIdsForGroup(group):
+            info = tracker.getJobInfo(job)
+            for stage in (info.stageIds if info else ()):
+                st = tracker.getStageInfo(stage)
+                active += st.numActiveTasks if st else 0
+        if not active:
+            return
+        time.sleep(0.05)
 
 
 def arrow_schema(sdf) -> pa.Schema:

@@ -20,7 +20,6 @@ Why a committed version never loses a file, whatever the timing:
 
 from __future__ import annotations
 
-import re
 import time
 from collections import defaultdict
 
@@ -30,9 +29,8 @@ from .. import fs as tgfs
 from ..args import check_choice, check_number
 from ..errors import DatasetNotFoundError
 from . import claims, manifest
-from .manifest import DATA_DIR, META_DIR
+from .manifest import DATA_DIR, META_DIR, SPARK_STAGING
 
-SPARK_STAGING = re.compile(r"\.spark-[0-9a-f]{12}")  # data/.spark-<txn>/: a Spark write's staged shards (spark.py)
 
 # Test hook: called as _after_scan(fs, root) once the manifests have been read.
 _after_scan = None
@@ -82,6 +80,7 @@ def vacuum_root(fs: fsspec.AbstractFileSystem, root: str, min_age_s: float = 600
         finally:
             claims.release(fs, root, txn, token)
     _break_stale_claims(fs, root, stale_before, set(by_txn))
+    _remove_empty_staging(fs, root, cutoff)
     return {"removed": len(removed), "bytes": freed, "kept_young": kept, "files": removed,
             "unknown": sorted(rel for _, rel, _ in unknown)}
 
@@ -144,6 +143,24 @@ def _break_stale_claims(fs, root: str, stale_before: float, done: set[str]) -> N
     for txn in claims.held(fs, root):
         if txn not in done:
             claims.break_if_stale(fs, root, txn, stale_before)
+
+
+def _remove_empty_staging(fs, root: str, cutoff: float) -> None:
+    """The folders of failed Spark writes (``data/.spark-<txn>/``) once no file is left in them and they
+    are older than ``cutoff`` (a job under way makes its folder before its tasks write)."""
+    try:
+        entries = fs.ls(tgfs.join(root, DATA_DIR), detail=True)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    for e in entries:
+        path = e["name"]
+        if e.get("type") != "directory" or not SPARK_STAGING.fullmatch(tgfs.name(path)):
+            continue
+        if _mtime(e, start_default=cutoff) < cutoff and not fs.find(path):
+            try:
+                fs.rm(path, recursive=True)
+            except (FileNotFoundError, OSError):
+                pass
 
 
 def _remove(fs, files) -> tuple[list[str], int]:

@@ -90,8 +90,8 @@ def _split(batches: Iterator[pa.RecordBatch], max_rows: int | None, max_bytes: i
 class _ShardWriter:
     """Encodes and uploads shards on a small thread pool, at most two in flight (bounded memory)."""
 
-    def __init__(self, fs: fsspec.AbstractFileSystem, root: str, physical: pa.Schema):
-        self.fs, self.root, self.physical = fs, root, physical
+    def __init__(self, fs: fsspec.AbstractFileSystem, root: str, physical: pa.Schema, make_dirs: bool = True):
+        self.fs, self.root, self.physical, self.make_dirs = fs, root, physical, make_dirs
         self.txn = uuid.uuid4().hex[:12]
         self.pool = ThreadPoolExecutor(max_workers=2)
         self.inflight: list[Future] = []
@@ -99,6 +99,8 @@ class _ShardWriter:
         self.paths: list[str] = []
         self.committing = False  # set once a manifest naming these shards may exist: never delete them then
         self.seq = 0
+        if not make_dirs:
+            return
         try:
             fs.makedirs(tgfs.join(root, DATA_DIR), exist_ok=True)
         except (FileExistsError, NotADirectoryError) as e:  # data/ is a file: a damaged layout
@@ -121,7 +123,8 @@ class _ShardWriter:
         data = _encode_shard(table, rg_rows)
         path = tgfs.join(self.root, rel)
         if tgfs.is_local(self.fs):
-            os.makedirs(os.path.dirname(path), exist_ok=True)  # a concurrent failed first write may have removed it
+            if self.make_dirs:  # a concurrent failed first write may have removed it
+                os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path, "wb") as f:
                 f.write(data)
                 f.flush()
@@ -266,8 +269,9 @@ def write_with(url: str, mode: str, physical: pa.Schema, produce: Callable[[fssp
 def write_shards(fs: fsspec.AbstractFileSystem, root: str, physical: pa.Schema, batches: Iterator[pa.RecordBatch],
                  shard_rows: int | None = None, shard_bytes: int | None = None) -> list[Shard]:
     """Write logical ``batches`` as shards under ``root``/data/ without committing them (a Spark task's
-    partition, on an executor: store/spark.py); a failure deletes them."""
-    writer = _ShardWriter(fs, root, physical)
+    partition, on an executor: store/spark.py); a failure deletes them. ``root``/data/ must exist: a task
+    still running after its job failed cannot recreate a folder the driver removed."""
+    writer = _ShardWriter(fs, root, physical, make_dirs=False)
     try:
         return _fill(writer, batches, shard_rows, shard_bytes)
     except BaseException:
@@ -398,8 +402,9 @@ def _refuse_foreign(fs: fsspec.AbstractFileSystem, root: str, url: str) -> None:
         name = tgfs.name(entry)
         if name == manifest.META_DIR:
             continue
-        if name == DATA_DIR and fs.isdir(entry) and all(
-                _OWN_SHARD.fullmatch(tgfs.name(p)) for p in fs.ls(entry, detail=False)):
+        if name == DATA_DIR and fs.isdir(entry) and all(  # shards and Spark staging a failed write left
+                _OWN_SHARD.fullmatch(tgfs.name(p)) or manifest.SPARK_STAGING.fullmatch(tgfs.name(p))
+                for p in fs.ls(entry, detail=False)):
             continue
         raise ReadOnlyError(f"{url} holds files that are not a TensorGrid dataset ({name!r}, ...); foreign "
                             "Parquet/CSV is opened read-only: write to a new or empty path")

@@ -142,6 +142,32 @@ def test_a_staged_shard_removed_before_the_commit_is_a_conflict(tmp_path):
     assert not e.value.retryable and moved == []
 
 
+def test_a_task_that_outlives_its_failed_job_cannot_recreate_the_staging(tmp_path):
+    """Spark fails a job on its first failed task while others still run; once the driver removed the
+    staging folder, a late task's shard write fails instead of making the folder again."""
+    from tensorgrid.store.writer import write_shards
+
+    staging = tmp_path / "d" / "data" / ".spark-0123456789ab"
+    schema = pa.schema([("x", pa.int64())])
+    batch = pa.record_batch([pa.array([1, 2])], schema=schema)
+    with pytest.raises(FileNotFoundError):
+        write_shards(*tg.fs.resolve(str(staging)), schema, iter([batch]))
+    assert not (tmp_path / "d").exists()
+    (staging / "data").mkdir(parents=True)  # the driver makes it before the job
+    assert [s.rows for s in write_shards(*tg.fs.resolve(str(staging)), schema, iter([batch]))] == [2]
+
+
+def test_staging_a_killed_driver_left_does_not_block_a_new_write_and_is_vacuumed(tmp_path):
+    url = tmp_path / "d"
+    left = url / "data" / ".spark-0123456789ab" / "data" / "part-aaaaaaaaaaaa-00000.parquet"
+    left.parent.mkdir(parents=True)
+    left.write_bytes(b"half a shard")
+    ds = tg.write(str(url), pd.DataFrame({"x": [1, 2]}))  # not taken for a folder of foreign files
+    assert ds.to_pandas()["x"].tolist() == [1, 2]
+    tg.vacuum(str(url), min_age_s=0)
+    assert not left.parent.parent.exists() and tg.open(str(url)).to_pandas()["x"].tolist() == [1, 2]
+
+
 def test_an_executors_tensorgrid_error_comes_back_as_itself(spark, tmp_path):
     sdf = spark.createDataFrame(pd.DataFrame({"img": [bytes(6), bytes(5)]})).withMetadata("img", TENSOR)
     with pytest.raises(tg.errors.UnsupportedDataError, match="'img'.*6 bytes.*holds 5 bytes"):
