@@ -27,6 +27,7 @@ from .errors import (
     EmptyDataError,
     ImageDecodeError,
     LoaderWorkerError,
+    ModelLoadError,
     ReadOnlyError,
     ResumeError,
     SchemaMismatchError,
@@ -82,5 +83,5 @@ __all__ = [
     "DatasetExistsError", "DatasetNotFoundError", "EmptyDataError", "ImageDecodeError", "ReadOnlyError", "SchemaMismatchError",
     "SQLError", "UnsupportedDataError", "UnsupportedFormatError", "UnsupportedURLError", "ColumnNotFoundError",
     "TrainingConfigError", "WorkerFailedError", "CheckpointError", "TransformError", "LoaderWorkerError",
-    "ResumeError", "CallbackError", "CacheRebuiltWarning",
+    "ResumeError", "CallbackError", "ModelLoadError", "CacheRebuiltWarning",
 ]

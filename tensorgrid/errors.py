@@ -132,3 +132,7 @@ class CallbackError(TensorGridError):
 class CacheRebuiltWarning(UserWarning):
     """A file of the loader's Arrow cache was damaged (bytes changed, truncated, emptied, or its checksum
     record missing or unreadable) and was rebuilt from the verified shard."""
+
+
+class ModelLoadError(TensorGridError):
+    """A model file (TorchScript, ONNX) that cannot be loaded: missing, not a model, or its runtime not installed."""

@@ -131,6 +131,14 @@ def create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes, dura
         return True
 
 
+def remove_tree(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    """Delete a folder and everything under it; nothing if it is already gone."""
+    try:
+        fs.rm(path, recursive=True)
+    except (FileNotFoundError, OSError):
+        pass
+
+
 def put_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` so readers see the old file or the new one, never a partial one."""
     parent = path.rsplit("/", 1)[0]

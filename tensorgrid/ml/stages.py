@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy as _copy
 import inspect
+import io
 import json
 import os
 import uuid
@@ -21,10 +22,13 @@ import cloudpickle
 import torch
 
 from .. import fs as tgfs
-from ..errors import ArgumentError, TensorGridError
+from ..args import check_choice, check_int
+from ..errors import ArgumentError, ModelLoadError, TensorGridError
 from ..store.dataset import Dataset
-from ..train.predict import predict
+from ..train.engines import ENGINES
+from ..train.predict import Inference, predict
 from ..train.trainer import Trainer
+from . import inference
 
 FORMAT = 1  # the saved pipeline's layout; another one is refused with FormatVersionError
 
@@ -81,17 +85,49 @@ class NNModel(_Stage):
         if isinstance(self.model, torch.nn.Module):
             return self.model
         if isinstance(self.model, (str, os.PathLike)):
-            try:
-                return torch.jit.load(os.fspath(self.model), map_location="cpu")
-            except (RuntimeError, ValueError, OSError) as e:
-                raise ArgumentError(f"{self.model}: not a TorchScript file torch.jit.load reads ({e})"[:300]) from None
-        raise ArgumentError(f"model must be an nn.Module or a TorchScript file, got {type(self.model).__name__}")
+            return load_model(os.fspath(self.model))
+        raise ArgumentError(f"model must be an nn.Module, a TorchScript file or an ONNX file, got "
+                            f"{type(self.model).__name__}")
 
-    def transform(self, data, out: str | None = None, mode: str = "create") -> Dataset:
-        """The data's columns (but the features) plus the predictions; written to ``out`` when given."""
-        return predict(self.module(), data, self.features_col, transform=self.transform_fn,
-                       batch_size=self.batch_size, out=out, classifier=self.classifier, mode=mode,
-                       prediction_col=self.prediction_col, probability_col=self.probability_col)
+    def transform(self, data, out: str | None = None, mode: str = "create", engine: str = "local",
+                  workers: int = 1, part_rows: int | None = None) -> Dataset:
+        """The data's columns (but the features) plus the predictions; written to ``out`` when given.
+
+        With ``out`` or ``workers > 1`` the rows go in parts (``part_rows`` each; by default at least 16,384
+        and at most 1,000 parts), spread over ``workers`` on ``engine`` ("local" processes, "ray", "spark"),
+        each part written whole as it is done: a rerun after a crash computes only the parts still missing
+        (``self.last_run`` says how many were computed and reused), then one version is committed."""
+        check_choice("engine", engine, ENGINES)
+        workers = check_int("workers", workers, 1)
+        model = self.module()  # a file that does not load fails here, before any worker starts
+        settings = dict(transform=self.transform_fn, batch_size=self.batch_size, classifier=self.classifier,
+                        prediction_col=self.prediction_col, probability_col=self.probability_col)
+        if out is None and workers == 1 and engine == "local":  # in this process, in one pass, in memory
+            self.last_run = {"parts": 1, "computed": 1, "reused": 0}
+            return predict(model, data, self.features_col, **settings)
+        job = Inference(data, self.features_col, **settings)
+        source = model if isinstance(self.model, torch.nn.Module) else (load_model, os.fspath(self.model))
+        ds, self.last_run = inference.run(source, job, out, mode, engine, workers, part_rows)
+        return ds
+
+
+def load_model(url: str) -> torch.nn.Module:
+    """A model file as a module: ONNX (``.onnx``, through onnxruntime) or TorchScript."""
+    if url.lower().endswith(".onnx"):
+        from . import onnx
+
+        return onnx.load(url)
+    fs, path = tgfs.resolve(url)
+    try:
+        data = fs.cat_file(path)
+    except FileNotFoundError:
+        raise ModelLoadError(f"{url}: no such model file") from None
+    except OSError as e:
+        raise ModelLoadError(f"{url}: cannot be read ({e})") from None
+    try:
+        return torch.jit.load(io.BytesIO(data), map_location="cpu")
+    except (RuntimeError, ValueError) as e:
+        raise ModelLoadError(f"{url}: not a TorchScript file torch.jit.load reads ({e})"[:300]) from None
 
 
 class NNEstimator(_Stage):
@@ -135,10 +171,13 @@ class PipelineModel(_Stage):
     def __init__(self, stages: list):
         self.stages = list(stages)
 
-    def transform(self, data, out: str | None = None, mode: str = "create") -> Dataset:
+    def transform(self, data, out: str | None = None, mode: str = "create", engine: str = "local",
+                  workers: int = 1) -> Dataset:
+        """Each stage's transform in order (``engine``/``workers`` apply to each NNModel); only the result
+        is written to ``out``."""
         for stage in self.stages[:-1]:
-            data = stage.transform(data)
-        return self.stages[-1].transform(data, out=out, mode=mode)  # only the result is written
+            data = _apply(stage, data, engine=engine, workers=workers)
+        return _apply(self.stages[-1], data, out=out, mode=mode, engine=engine, workers=workers)
 
     def save(self, url: str) -> str:
         """Each stage (its parameters and module, pickled by value) and a manifest naming the format, under
@@ -214,5 +253,14 @@ class Pipeline(_Stage):
             model = stage.fit(data, engine=engine, workers=workers) if hasattr(stage, "fit") else stage
             fitted.append(model)
             if i < len(self.stages) - 1:
-                data = model.transform(data)
+                data = _apply(model, data, engine=engine, workers=workers)
         return PipelineModel(fitted)
+
+
+def _apply(stage, data, engine: str, workers: int, **options):
+    """``stage.transform`` with ``engine``/``workers`` when it takes them (a user's own transformer may not)."""
+    accepted = inspect.signature(stage.transform).parameters
+    for name, value in (("engine", engine), ("workers", workers)):
+        if name in accepted or any(p.kind is p.VAR_KEYWORD for p in accepted.values()):
+            options[name] = value
+    return stage.transform(data, **options)

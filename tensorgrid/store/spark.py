@@ -25,7 +25,6 @@ import tempfile
 import time
 import uuid
 import weakref
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
@@ -34,13 +33,13 @@ from fsspec.implementations.memory import MemoryFileSystem
 
 from .. import errors
 from .. import fs as tgfs
-from ..errors import ConflictError, TensorGridError, UnsupportedDataError, UnsupportedURLError
+from ..errors import TensorGridError, UnsupportedDataError, UnsupportedURLError
 from . import encoding
 from .manifest import DATA_DIR, Shard
+from .writer import MAX_SHARDS, publish
 
 TENSOR_KEY = encoding.TENSOR_KEY.decode()  # the same key as in the shards' Arrow field metadata
 STAGING_ENV = "TENSORGRID_SPARK_STAGING"
-MAX_SHARDS = 100_000  # a write's shards are numbered with 5 digits
 _META = pa.schema([("partition", pa.int32()), ("path", pa.string()), ("rows", pa.int64()), ("bytes", pa.int64()),
                    ("checksum", pa.string()), ("row_group_rows", pa.int64())])
 _META_DDL = "partition int, path string, rows long, bytes long, checksum string, row_group_rows long"
@@ -90,7 +89,7 @@ def write_spark(url: str, sdf, mode: str = "create", shard_rows: int | None = No
             _remove(fs, moved)
             raise
         finally:
-            _remove_tree(fs, staging)
+            tgfs.remove_tree(fs, staging)
 
     return write_with(url, mode, physical, produce)
 
@@ -267,34 +266,12 @@ def _to_tensor(col: pa.Array, field: pa.Field) -> pa.ExtensionArray:
 
 
 def _publish_names(fs, root: str, staging: str, txn: str, meta, moved: list[str]) -> list[Shard]:
-    """Rename the staged shards to ``data/part-<txn>-<seq>.parquet``, in partition order (the DataFrame's
-    row order), numbering them 0, 1, 2... as the manifest requires; ``moved`` collects the new paths."""
+    """The staged shards, renamed in partition order (the DataFrame's row order)."""
     rows = sorted(meta, key=lambda r: (r["partition"], r["path"]))
     if len(rows) > MAX_SHARDS:
         raise UnsupportedDataError(f"the DataFrame would make {len(rows)} shards (one or more per partition); a write "
                                    f"holds at most {MAX_SHARDS}: coalesce() it to fewer partitions")
-    plan = [(tgfs.join(staging, r["path"]), f"{DATA_DIR}/part-{txn}-{i:05d}.parquet") for i, r in enumerate(rows)]
-
-    def rename(item: tuple[str, str]) -> None:
-        src, rel = item
-        dst = tgfs.join(root, rel)
-        try:
-            if tgfs.is_local(fs):
-                os.rename(src, dst)
-            else:
-                fs.mv(src, dst)  # object stores: a copy inside the store, never through this process
-        except FileNotFoundError:
-            raise ConflictError(f"a staged shard of this write is gone ({src}): a vacuum with a min_age_s shorter "
-                                "than the Spark job removed it; nothing was committed: write the data again") from None
-        moved.append(dst)
-
-    if tgfs.is_local(fs):
-        for item in plan:
-            rename(item)
-    else:
-        with ThreadPoolExecutor(8) as pool:
-            list(pool.map(rename, plan))
-    return [Shard(rel, r["rows"], r["bytes"], r["checksum"], r["row_group_rows"]) for (_, rel), r in zip(plan, rows)]
+    return publish(fs, root, staging, txn, [r.asDict() if hasattr(r, "asDict") else r for r in rows], moved)
 
 
 def _executor_error(e: Exception) -> Exception:
@@ -319,13 +296,6 @@ def _remove(fs, paths: list[str]) -> None:
             pass
 
 
-def _remove_tree(fs, path: str) -> None:
-    try:
-        fs.rm(path, recursive=True)
-    except (FileNotFoundError, OSError):
-        pass
-
-
 # --- a DataFrame staged as a temporary dataset (the Spark engine's fit, ML stages) ------------
 _STAGED: dict[str, weakref.finalize] = {}
 
@@ -341,9 +311,9 @@ def stage(sdf, where: str | None = None):
     try:
         ds = write_spark(url, sdf)
     except BaseException:
-        _remove_tree(fs, root)
+        tgfs.remove_tree(fs, root)
         raise
-    _STAGED[ds.url] = weakref.finalize(ds, _remove_tree, fs, root)
+    _STAGED[ds.url] = weakref.finalize(ds, tgfs.remove_tree, fs, root)
     return ds
 
 

@@ -73,8 +73,9 @@ class SubsetDataset(Dataset):
         sel = ids[start:stop]
         if not len(sel):
             return self.base.read_rows(s, 0, 0, cols)
-        lo = int(sel[0])
-        return self.base.read_rows(s, lo, int(sel[-1]) + 1, cols).take(sel - lo)
+        lo, hi = int(sel[0]), int(sel[-1]) + 1
+        table = self.base.read_rows(s, lo, hi, cols)
+        return table if hi - lo == len(sel) else table.take(sel - lo)  # a contiguous range needs no take
 
     def blocks(self) -> list[tuple[int, int, int]]:
         """The base's blocks (row groups...) cut down to this subset's rows: a block is read in one go."""
@@ -152,6 +153,14 @@ def _view(ds: Dataset, positions: np.ndarray | None, columns: list[str] | None, 
     if positions is not None:
         rows = positions.astype(np.int64) if rows is None else rows[positions]
     return SubsetDataset(base, rows, cols if columns is None else columns, what)
+
+
+def rows(ds: Dataset, start: int, stop: int) -> SubsetDataset:
+    """Rows [start, stop) of ``ds`` in order (a part of a job that goes over the data in pieces)."""
+    n = ds.num_rows
+    if not (0 <= start <= stop <= n):
+        raise ArgumentError(f"rows {start}..{stop} are not within the dataset's {n} rows")
+    return _view(ds, np.arange(start, stop, dtype=np.int64), None, f"rows {start}..{stop}")
 
 
 # --- select --------------------------------------------------------------------------------------

@@ -29,8 +29,7 @@ from .. import fs as tgfs
 from ..args import check_choice, check_number
 from ..errors import DatasetNotFoundError
 from . import claims, manifest
-from .manifest import DATA_DIR, META_DIR, SPARK_STAGING
-
+from .manifest import DATA_DIR, META_DIR, STAGING
 
 # Test hook: called as _after_scan(fs, root) once the manifests have been read.
 _after_scan = None
@@ -86,14 +85,14 @@ def vacuum_root(fs: fsspec.AbstractFileSystem, root: str, min_age_s: float = 600
 
 
 def _ours(rel: str) -> bool:
-    """Whether a file under the dataset is one TensorGrid writes: a shard, a Spark write's staged file, or a
+    """Whether a file under the dataset is one TensorGrid writes: a shard, a staged file (a Spark write's, resumable inference's), or a
     temporary under the metadata folder (a user's file in data/ is none of these: vacuum keeps it)."""
     parts = rel.split("/")
     if parts[0] == META_DIR:
         return True
     return parts[0] == DATA_DIR and (
         (len(parts) == 2 and manifest.SHARD_NAME.fullmatch(parts[1]) is not None)
-        or (len(parts) >= 3 and SPARK_STAGING.fullmatch(parts[1]) is not None))
+        or (len(parts) >= 3 and STAGING.fullmatch(parts[1]) is not None))
 
 
 def _referenced(fs: fsspec.AbstractFileSystem, root: str, versions) -> set[str]:
@@ -146,7 +145,7 @@ def _break_stale_claims(fs, root: str, stale_before: float, done: set[str]) -> N
 
 
 def _remove_empty_staging(fs, root: str, cutoff: float) -> None:
-    """The folders of failed Spark writes (``data/.spark-<txn>/``) once no file is left in them and they
+    """The staging folders of failed writes (``data/.spark-<txn>/``, ``data/.stage-<key>/``) once no file is left in them and they
     are older than ``cutoff`` (a job under way makes its folder before its tasks write)."""
     try:
         entries = fs.ls(tgfs.join(root, DATA_DIR), detail=True)
@@ -154,7 +153,7 @@ def _remove_empty_staging(fs, root: str, cutoff: float) -> None:
         return
     for e in entries:
         path = e["name"]
-        if e.get("type") != "directory" or not SPARK_STAGING.fullmatch(tgfs.name(path)):
+        if e.get("type") != "directory" or not STAGING.fullmatch(tgfs.name(path)):
             continue
         if _mtime(e, start_default=cutoff) < cutoff and not fs.find(path):
             try:

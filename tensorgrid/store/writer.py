@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import os
 import posixpath
@@ -36,6 +37,7 @@ from .manifest import DATA_DIR, Manifest, Shard
 DEFAULT_SHARD_BYTES = 128 << 20
 ROW_GROUP_BYTES = 8 << 20
 MODES = ("create", "append", "overwrite")
+MAX_SHARDS = 100_000  # a write's shards are numbered with 5 digits
 
 # Test hook: called as _before_commit(fs, root, version) right before the manifest is published.
 _before_commit = None
@@ -63,6 +65,56 @@ def _encode_shard(table: pa.Table, row_group_rows: int) -> pa.Buffer:
     pq.write_table(table, sink, row_group_size=row_group_rows, store_schema=True,
                    **_parquet_options(table.schema))
     return sink.getvalue()
+
+
+def _encoded(table: pa.Table) -> tuple[pa.Buffer, int]:
+    """A physical table as a shard's bytes, with row groups of about ROW_GROUP_BYTES; and their rows."""
+    row_bytes = max(1, table.nbytes // max(1, table.num_rows))
+    rg_rows = max(1, min(table.num_rows, ROW_GROUP_BYTES // row_bytes))
+    return _encode_shard(table, rg_rows), rg_rows
+
+
+def write_part(fs: fsspec.AbstractFileSystem, path: str, table: pa.Table) -> dict:
+    """A logical table as one shard file at ``path``, written whole (a reader sees all of it or nothing),
+    not committed; returns what a manifest says of it (rows, bytes, checksum, row_group_rows) and its
+    physical schema (base64 IPC) so that parts written apart can be checked to agree."""
+    physical = encoding.physical_schema(table.schema)
+    data, rg_rows = _encoded(encoding.encode(table, physical))
+    tgfs.put_atomic(fs, path, data)
+    return {"rows": table.num_rows, "bytes": data.size, "checksum": manifest.checksum(data),
+            "row_group_rows": rg_rows, "schema": base64.b64encode(physical.serialize().to_pybytes()).decode()}
+
+
+def publish(fs: fsspec.AbstractFileSystem, root: str, staging: str, txn: str, parts: list[dict],
+            moved: list[str]) -> list[Shard]:
+    """Rename staged shard files (``parts``: dicts with ``path`` relative to ``staging``, rows, bytes,
+    checksum, row_group_rows, in the order the rows go) to ``data/part-<txn>-<seq>.parquet`` as the manifest
+    requires; ``moved`` collects the new paths (for the caller's clean-up). Object stores copy inside the
+    store, never through this process."""
+    if len(parts) > MAX_SHARDS:
+        raise UnsupportedDataError(f"the write would make {len(parts)} shards; a write holds at most {MAX_SHARDS}")
+    plan = [(tgfs.join(staging, r["path"]), f"{DATA_DIR}/part-{txn}-{i:05d}.parquet") for i, r in enumerate(parts)]
+
+    def rename(item: tuple[str, str]) -> None:
+        src, rel = item
+        dst = tgfs.join(root, rel)
+        try:
+            if tgfs.is_local(fs):
+                os.rename(src, dst)
+            else:
+                fs.mv(src, dst)
+        except FileNotFoundError:
+            raise ConflictError(f"a staged shard of this write is gone ({src}): a vacuum with a min_age_s shorter "
+                                "than the job removed it; nothing was committed: write the data again") from None
+        moved.append(dst)
+
+    if tgfs.is_local(fs):
+        for item in plan:
+            rename(item)
+    else:
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(rename, plan))
+    return [Shard(rel, r["rows"], r["bytes"], r["checksum"], r["row_group_rows"]) for (_, rel), r in zip(plan, parts)]
 
 
 def _split(batches: Iterator[pa.RecordBatch], max_rows: int | None, max_bytes: int) -> Iterator[list[pa.RecordBatch]]:
@@ -118,9 +170,7 @@ class _ShardWriter:
         self.inflight.append(self.pool.submit(self._write, table, rel))
 
     def _write(self, table: pa.Table, rel: str) -> Shard:
-        row_bytes = max(1, table.nbytes // max(1, table.num_rows))
-        rg_rows = max(1, min(table.num_rows, ROW_GROUP_BYTES // row_bytes))
-        data = _encode_shard(table, rg_rows)
+        data, rg_rows = _encoded(table)
         path = tgfs.join(self.root, rel)
         if tgfs.is_local(self.fs):
             if self.make_dirs:  # a concurrent failed first write may have removed it
@@ -279,6 +329,11 @@ def write_shards(fs: fsspec.AbstractFileSystem, root: str, physical: pa.Schema, 
         raise
 
 
+def check_target(url: str, mode: str) -> None:
+    """Refuse a write to ``url`` with ``mode`` that ``write`` would refuse, before any work is done."""
+    _target(url, mode)
+
+
 def _target(url: str, mode: str) -> tuple[fsspec.AbstractFileSystem, str, bool, Manifest | None]:
     """Where a write goes (filesystem, root, whether it existed, latest version), refusing what it must."""
     fs, root = tgfs.resolve(url)
@@ -402,8 +457,8 @@ def _refuse_foreign(fs: fsspec.AbstractFileSystem, root: str, url: str) -> None:
         name = tgfs.name(entry)
         if name == manifest.META_DIR:
             continue
-        if name == DATA_DIR and fs.isdir(entry) and all(  # shards and Spark staging a failed write left
-                _OWN_SHARD.fullmatch(tgfs.name(p)) or manifest.SPARK_STAGING.fullmatch(tgfs.name(p))
+        if name == DATA_DIR and fs.isdir(entry) and all(  # shards and staging a failed write left
+                _OWN_SHARD.fullmatch(tgfs.name(p)) or manifest.STAGING.fullmatch(tgfs.name(p))
                 for p in fs.ls(entry, detail=False)):
             continue
         raise ReadOnlyError(f"{url} holds files that are not a TensorGrid dataset ({name!r}, ...); foreign "

@@ -164,7 +164,8 @@ def evaluate(spec: Spec, model, ds: Dataset, device, rank: int, world: int, prec
 
 def train(spec: Spec, rank: int = 0, world: int = 1, restarted: bool = False, report=None) -> dict | None:
     """Train; rank 0 returns the final weights, history and metrics. ``report``: a ``watch.Reporter`` that
-    tells the driver this rank's progress, its own error or its end (so a hang or an early exit is named)."""
+    tells the driver this rank's progress, its own error or its end (so a hang or an early exit is named).
+    ``spec`` may instead be any job with a ``run_rank(rank, world)`` method: each worker runs that."""
     device, backend = device_and_backend()
     tune_malloc()
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
@@ -174,7 +175,10 @@ def train(spec: Spec, rank: int = 0, world: int = 1, restarted: bool = False, re
         dist.init_process_group(backend, timeout=timedelta(seconds=spec.timeout_s))
     try:
         try:
-            out = _train(spec, rank, world, device, restarted, report)
+            if hasattr(spec, "run_rank"):  # another job on the same workers (ml/inference.py's parts)
+                out = spec.run_rank(rank, world)
+            else:
+                out = _train(spec, rank, world, device, restarted, report)
         except RankZeroFailed:  # rank 0's callback failed: rank 0 raises that error, this rank just leaves
             out = None
         if report is not None:

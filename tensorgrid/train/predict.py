@@ -39,24 +39,41 @@ def predict(model: torch.nn.Module, data, features="features", *, transform=None
     """
     if not isinstance(model, torch.nn.Module):
         raise ArgumentError(f"model must be an nn.Module, got {type(model).__name__}")
-    ds = _dataset(data)
-    batch_size = check_int("batch_size", batch_size, 1)
-    inputs = feature_columns(features) if features is not None else []
-    keep = _keep(ds, inputs, keep)
-    names = _label_names(ds, label_names, bool(classifier))
-    # a transform may read any column: it gets them all; else only what is kept and the features are read
-    columns = None if transform is not None else list(dict.fromkeys([*keep, *inputs]))
-    # one pass: cached shards are read from the cache, none is built for it
-    stack = None if transform is not None else loader_stack(ds.schema, features, keep)
-    loader = Loader(ds, batch_size, columns=columns, transform=transform, rank=0, world_size=1, cache_fill=False,
-                    stack=stack)
-    for name, value in (("prediction_col", prediction_col), ("probability_col", probability_col)):
-        if not isinstance(value, str) or not value:
-            raise ArgumentError(f"{name} must be a column name, got {value!r}")
-    batches = _batches(model, loader, features, keep, bool(classifier), names, (prediction_col, probability_col))
+    job = Inference(data, features, transform=transform, batch_size=batch_size, classifier=classifier, keep=keep,
+                    label_names=label_names, prediction_col=prediction_col, probability_col=probability_col)
+    batches = job.batches(model)
     if out is None:
         return from_arrow(pa.Table.from_batches(list(batches)))
     return write(out, batches, mode=mode)
+
+
+class Inference:
+    """What ``predict`` runs over a dataset, checked once; picklable, so that a worker runs it over a part of
+    the rows (``batches(model, rows)``, rows: a view of the dataset) with the same columns and names."""
+
+    def __init__(self, data, features="features", *, transform=None, batch_size: int = 256,
+                 classifier: bool = False, keep=None, label_names: list[str] | None = None,
+                 prediction_col: str = "prediction", probability_col: str = "probability"):
+        self.ds = ds = _dataset(data)
+        self.batch_size = check_int("batch_size", batch_size, 1)
+        self.features, self.transform, self.classifier = features, transform, bool(classifier)
+        inputs = feature_columns(features) if features is not None else []
+        self.keep = _keep(ds, inputs, keep)
+        self.names = _label_names(ds, label_names, self.classifier)
+        # a transform may read any column: it gets them all; else only what is kept and the features are read
+        self.columns = None if transform is not None else list(dict.fromkeys([*self.keep, *inputs]))
+        self.stack = None if transform is not None else loader_stack(ds.schema, features, self.keep)
+        for name, value in (("prediction_col", prediction_col), ("probability_col", probability_col)):
+            if not isinstance(value, str) or not value:
+                raise ArgumentError(f"{name} must be a column name, got {value!r}")
+        self.outputs = (prediction_col, probability_col)
+
+    def batches(self, model: torch.nn.Module, rows: Dataset | None = None) -> Iterator[pa.RecordBatch]:
+        """Record batches of the kept columns plus the predictions, over ``rows`` (default: all the data)."""
+        # one pass: cached shards are read from the cache, none is built for it
+        loader = Loader(self.ds if rows is None else rows, self.batch_size, columns=self.columns,
+                        transform=self.transform, rank=0, world_size=1, cache_fill=False, stack=self.stack)
+        return _batches(model, loader, self.features, self.keep, self.classifier, self.names, self.outputs)
 
 
 def _dataset(data) -> Dataset:

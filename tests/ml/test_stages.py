@@ -109,5 +109,5 @@ def test_nnmodel_runs_a_torchscript_file_and_refuses_one_that_is_not(digits, tmp
     x = torch.from_numpy(np.stack(digits["held"].to_pandas()["image"])).float().div(255).flatten(1)
     np.testing.assert_allclose(np.stack(out.to_pandas()["z"]), net(x).detach().numpy(), rtol=1e-5, atol=1e-6)
     (tmp_path / "bad.pt").write_bytes(b"not a model")
-    with pytest.raises(ArgumentError, match="not a TorchScript file"):
+    with pytest.raises(tg.errors.ModelLoadError, match="not a TorchScript file"):
         NNModel(str(tmp_path / "bad.pt"), features_col="image").transform(digits["held"])

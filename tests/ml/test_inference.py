@@ -1,0 +1,144 @@
+"""NNModel.transform in parts: parallel on the local engine, resumable after a crash (an exception, a worker
+killed with SIGKILL), one committed version whose rows equal a one-pass prediction."""
+
+import glob
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import tensorgrid as tg
+from tensorgrid.errors import DatasetExistsError, ModelLoadError, WorkerFailedError
+from tensorgrid.ml import NNModel
+from tensorgrid.ml.inference import MAX_PARTS, PART_ROWS, parts_of
+from tensorgrid.quickstart import digits_frame
+
+
+def _to_float(batch):
+    batch["image"] = batch["image"].float().div_(255).flatten(1)
+    return batch
+
+
+class FailOnce:
+    """A transform that fails once on the batch holding row ``row`` while ``flag`` exists: by raising, or
+    by killing its own process with SIGKILL (a worker lost for real)."""
+
+    def __init__(self, flag, row, kill=False):
+        self.flag, self.row, self.kill = str(flag), row, kill
+
+    def __call__(self, batch):
+        if bool((batch["id"] == self.row).any()) and os.path.exists(self.flag):
+            os.remove(self.flag)
+            if self.kill:
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise RuntimeError(f"row {self.row} failed")
+        return _to_float(batch)
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    frame = digits_frame().iloc[:1000].reset_index(drop=True)
+    frame.insert(0, "id", np.arange(len(frame)))
+    return tg.write(str(tmp_path_factory.mktemp("d") / "digits"), frame, shard_rows=300)
+
+
+def _expected(digits):
+    return NNModel(_model(), transform=_to_float, features_col="image", classifier=True).transform(digits).to_pandas()
+
+
+def _staged(out):
+    return sorted(glob.glob(os.path.join(out, "data", ".stage-*", "part-*.json")))
+
+
+def _same(got, want):
+    assert got["id"].tolist() == want["id"].tolist()
+    assert got["prediction"].tolist() == want["prediction"].tolist()
+    np.testing.assert_allclose(np.stack(got["probability"]), np.stack(want["probability"]), rtol=1e-5, atol=1e-7)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.one_of(st.tuples(st.integers(0, 10**9), st.none()),
+                 st.tuples(st.integers(0, 10**5), st.integers(1, 10**5))))
+def test_parts_cover_every_row_once_in_order_and_stay_few(case):
+    n, part_rows = case
+    parts = parts_of(n, part_rows)
+    assert [a for a, _ in parts] == ([0] if parts else []) + [b for _, b in parts[:-1]]
+    assert (parts[-1][1] if parts else 0) == n and all(b > a for a, b in parts)
+    if part_rows is None:
+        assert len(parts) <= MAX_PARTS and all(b - a >= PART_ROWS for a, b in parts[:-1])
+    else:
+        assert all(b - a == part_rows for a, b in parts[:-1])
+
+
+def test_a_rerun_after_a_failure_computes_only_the_missing_parts(digits, tmp_path):
+    out = str(tmp_path / "pred")
+    flag = tmp_path / "armed"
+    flag.touch()
+    stage = NNModel(_model(), transform=FailOnce(flag, 650), features_col="image", classifier=True)
+    with pytest.raises(tg.errors.TransformError, match="row 650 failed"):
+        stage.transform(digits, out=out, part_rows=200)
+    assert len(_staged(out)) == 3  # parts 0-2 were written whole; nothing is committed
+    with pytest.raises(tg.DatasetNotFoundError):
+        tg.open(out)
+    got = stage.transform(digits, out=out, part_rows=200)
+    assert stage.last_run == {"parts": 5, "computed": 2, "reused": 3}
+    _same(got.to_pandas(), _expected(digits))
+    assert tg.open(out).version == 1 and _staged(out) == [] and not glob.glob(os.path.join(out, "data", ".stage-*"))
+    with pytest.raises(DatasetExistsError):  # refused before any work
+        stage.transform(digits, out=out, part_rows=200)
+
+
+def test_a_killed_worker_stops_the_run_and_the_rerun_resumes_on_two_workers(digits, tmp_path):
+    out = str(tmp_path / "pred")
+    flag = tmp_path / "armed"
+    flag.touch()
+    stage = NNModel(_model(), transform=FailOnce(flag, 750, kill=True), features_col="image", classifier=True)
+    with pytest.raises(WorkerFailedError, match="SIGKILL"):
+        stage.transform(digits, out=out, workers=2, part_rows=100)  # rank 1 has parts 1, 3, 5, 7, 9
+    done = len(_staged(out))
+    assert 3 <= done < 10
+    got = stage.transform(digits, out=out, workers=2, part_rows=100)
+    assert stage.last_run["reused"] == done and stage.last_run["computed"] == 10 - done
+    _same(got.to_pandas(), _expected(digits))
+
+
+def test_other_weights_are_other_work_and_in_memory_results_leave_no_files(digits, tmp_path):
+    out = str(tmp_path / "pred")
+    flag = tmp_path / "armed"
+    flag.touch()
+    with pytest.raises(tg.errors.TransformError):
+        NNModel(_model(), transform=FailOnce(flag, 999), features_col="image").transform(digits, out=out,
+                                                                                        part_rows=250)
+    other = _model()
+    with torch.no_grad():
+        other[0].weight.add_(1.0)
+    stage = NNModel(other, transform=_to_float, features_col="image")
+    stage.transform(digits, out=out, part_rows=250)
+    assert stage.last_run["reused"] == 0  # the parts of other weights are never taken
+    before = set(os.listdir(os.environ.get("TMPDIR", "/tmp")))
+    mem = NNModel(_model(), transform=_to_float, features_col="image", classifier=True)
+    got = mem.transform(digits, workers=2, part_rows=300)
+    assert mem.last_run == {"parts": 4, "computed": 4, "reused": 0}
+    _same(got.to_pandas(), _expected(digits))
+    assert not [n for n in set(os.listdir(os.environ.get("TMPDIR", "/tmp"))) - before if "infer" in n]
+
+
+def test_a_torchscript_file_is_loaded_by_each_worker_and_a_bad_one_is_refused_first(digits, tmp_path):
+    path = str(tmp_path / "m.pt")
+    torch.jit.script(_model()).save(path)
+    stage = NNModel(path, transform=_to_float, features_col="image", classifier=True)
+    _same(stage.transform(digits, workers=2).to_pandas(), _expected(digits))
+    (tmp_path / "bad.pt").write_bytes(b"not a model")
+    for bad in (str(tmp_path / "bad.pt"), str(tmp_path / "missing.pt")):
+        with pytest.raises(ModelLoadError, match=os.path.basename(bad)):
+            NNModel(bad, features_col="image").transform(digits, out=str(tmp_path / "o"), workers=2)
+    assert not (tmp_path / "o").exists()
