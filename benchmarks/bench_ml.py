@@ -1,5 +1,7 @@
 """Issue 12: ``NNModel.transform`` (batch inference through tg.predict) against a hand-written PyTorch loop
-over the same rows, same model, same batch size, same consumer (the outputs kept as an Arrow column).
+over the same rows, same model, same batch size, same consumer (the outputs kept as an Arrow column); and
+in parts written to a dataset (resumable) with one worker in this process and with two worker processes
+(one torch thread each: the same two cores).
 
 Data: scikit-learn's 1,797 digits (8x8 uint8), repeated to ``--rows`` rows, written as a TensorGrid dataset
 (the hand-written loop reads the same rows as one numpy array loaded before the clock starts: its best
@@ -63,10 +65,19 @@ def main() -> None:
     def nnmodel() -> int:
         return stage.transform(ds).num_rows
 
+    outs = iter(range(10**6))
+
+    def nnmodel_out(workers: int):
+        def run() -> int:  # in parts, written as a dataset (resumable); a fresh output each pass
+            return stage.transform(ds, out=f"{root}/pred-{next(outs)}", workers=workers).num_rows
+        return run
+
     memcpy = memcpy_gbs()
     print(f"machine: {machine()}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
           f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}, memcpy {memcpy:.1f} GB/s", flush=True)
-    runs = {"hand-written torch loop (numpy in memory)": hand_written, "NNModel.transform (tg dataset)": nnmodel}
+    runs = {"hand-written torch loop (numpy in memory)": hand_written, "NNModel.transform (tg dataset)": nnmodel,
+            "NNModel.transform(out=, workers=1): parts, written": nnmodel_out(1),
+            "NNModel.transform(out=, workers=2): 2 processes": nnmodel_out(2)}
     for fn in runs.values():
         fn()  # warm-up: page cache, the Arrow cache, torch's kernels
     times = {k: [] for k in runs}

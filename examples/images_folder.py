@@ -8,7 +8,6 @@ import tempfile
 import torch
 from PIL import Image
 
-import tensorgrid as tg
 import tensorgrid.transforms as T
 from tensorgrid.ml import NNClassifier, evaluate, read_images
 from tensorgrid.quickstart import digits_cnn, digits_frame

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 import tensorgrid as tg
-from tensorgrid.ml import NNClassifier, NNModel, Pipeline, evaluate
+from tensorgrid.ml import NNClassifier, NNModel, Pipeline, evaluate, load_weights
 from tensorgrid.quickstart import digits_frame
 
 ROWS = 300  # images of digits 5-9 the new classifier learns from
@@ -51,8 +51,12 @@ pretrained = NNClassifier(cnn(), torch.nn.CrossEntropyLoss(), optimizer=adam, ba
                           features_col="image", transform=scaled).fit(pretrain)
 print(f"pretrained on digits 0-4: training accuracy {pretrained.history[-1]['accuracy']:.3f}")
 
-# 2. freeze its convolutions; fit a linear head on their features of the few 5-9 images
-backbone = torch.nn.Sequential(*list(pretrained.model)[:7])
+torch.save(pretrained.model.state_dict(), f"{root}/pretrained.pt")  # the weights file a user has
+
+# 2. the backbone: the architecture's convolutions with the pretrained weights (a local path or any URL:
+#    s3://, https://, grid://...; strict=False leaves out the pretrained head), frozen; a linear head is
+#    fitted on their features of the few 5-9 images
+backbone = load_weights(torch.nn.Sequential(*list(cnn())[:7]), f"{root}/pretrained.pt", strict=False)
 for p in backbone.parameters():
     p.requires_grad_(False)
 torch.manual_seed(1)

@@ -142,3 +142,12 @@ def test_a_torchscript_file_is_loaded_by_each_worker_and_a_bad_one_is_refused_fi
         with pytest.raises(ModelLoadError, match=os.path.basename(bad)):
             NNModel(bad, features_col="image").transform(digits, out=str(tmp_path / "o"), workers=2)
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("engine", ["ray", "spark"])
+def test_the_parts_run_on_ray_and_spark_workers(digits, tmp_path, engine, request):
+    request.getfixturevalue("ray_cluster" if engine == "ray" else "spark")
+    stage = NNModel(_model(), transform=_to_float, features_col="image", classifier=True)
+    got = stage.transform(digits, out=str(tmp_path / "pred"), engine=engine, workers=2, part_rows=250)
+    assert stage.last_run == {"parts": 4, "computed": 4, "reused": 0}
+    _same(got.to_pandas(), _expected(digits))
