@@ -27,6 +27,7 @@ from .errors import (
     EmptyDataError,
     ImageDecodeError,
     LoaderWorkerError,
+    ModelInputError,
     ModelLoadError,
     ReadOnlyError,
     ResumeError,
@@ -83,5 +84,5 @@ __all__ = [
     "DatasetExistsError", "DatasetNotFoundError", "EmptyDataError", "ImageDecodeError", "ReadOnlyError", "SchemaMismatchError",
     "SQLError", "UnsupportedDataError", "UnsupportedFormatError", "UnsupportedURLError", "ColumnNotFoundError",
     "TrainingConfigError", "WorkerFailedError", "CheckpointError", "TransformError", "LoaderWorkerError",
-    "ResumeError", "CallbackError", "ModelLoadError", "CacheRebuiltWarning",
+    "ResumeError", "CallbackError", "ModelLoadError", "ModelInputError", "CacheRebuiltWarning",
 ]

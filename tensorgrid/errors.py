@@ -136,3 +136,8 @@ class CacheRebuiltWarning(UserWarning):
 
 class ModelLoadError(TensorGridError):
     """A model file (TorchScript, ONNX) that cannot be loaded: missing, not a model, or its runtime not installed."""
+
+
+class ModelInputError(TensorGridError):
+    """The model cannot take the batch it was given (another shape or dtype than it expects, e.g. from a
+    transform that returns the wrong size): the message names the features, their shape and torch's reason."""

@@ -4,10 +4,12 @@ wide table (px0..px63); a classifier's integer labels widened to the int64 its l
 
 from __future__ import annotations
 
+import re
+
 import pyarrow as pa
 import torch
 
-from ..errors import TrainingConfigError
+from ..errors import ModelInputError, TrainingConfigError
 
 ACCEPTED = "features must be a column name or a list of column names"
 STACKED = "_features"  # the loader's one (rows, k) tensor of a list of features (``loader_stack``)
@@ -66,6 +68,24 @@ def stack_features(batch: dict, features) -> torch.Tensor:
     if all(v.ndim == 1 for v in cols):
         return torch.stack(cols, dim=1)
     return torch.cat([v.reshape(len(v), -1) for v in cols], dim=1)
+
+
+# torch's words for an input the model cannot take (shapes, sizes, channels, dtypes), not for its own failures
+_INPUT_MISMATCH = re.compile(r"shape|size|channel|dimension|mat1 and mat2|type|dtype|expected input", re.I)
+
+
+def forward(model, x, features):
+    """``model(x)``; an input the model cannot take is a ``ModelInputError`` naming the features and shape."""
+    try:
+        return model(x)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if isinstance(e, torch.OutOfMemoryError) or not _INPUT_MISMATCH.search(first):
+            raise
+        shape = f"{tuple(x.shape)} {str(x.dtype).replace('torch.', '')}" if isinstance(x, torch.Tensor) else \
+            type(x).__name__
+        raise ModelInputError(f"the model cannot take the features {features!r} as the loader and the transform "
+                              f"give them, a batch of {shape}: {first[:300]}") from None
 
 
 def label_for_loss(y, classifier: bool):

@@ -171,7 +171,7 @@ def train(spec: Spec, rank: int = 0, world: int = 1, restarted: bool = False, re
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     if local_world > 1 and device.type == "cpu":  # share the cores: oversubscribed OpenMP threads crawl
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-    if world > 1 and not dist.is_initialized():
+    if world > 1 and not dist.is_initialized() and not hasattr(spec, "run_rank"):  # other jobs need no group
         dist.init_process_group(backend, timeout=timedelta(seconds=spec.timeout_s))
     try:
         try:

@@ -7,7 +7,7 @@ import copy
 
 import torch
 
-from .features import label_for_loss, stack_features
+from .features import forward, label_for_loss, stack_features
 
 
 def is_classifier(loss) -> bool:
@@ -43,7 +43,7 @@ class BatchLoss:
         real = min(self.global_batch, self.rows - k * self.global_batch)
         if self.spec.step is not None:
             return self._user_step(batch, valid, real)
-        out = self.model(_to(stack_features(batch, self.spec.features), self.device))
+        out = forward(self.model, _to(stack_features(batch, self.spec.features), self.device), self.spec.features)
         y = label_for_loss(_to(batch[self.spec.label], self.device), self.classifier)
         if self.lossn is not None:
             loss, loss_sum = self._per_row(out, y, valid, real)

@@ -14,7 +14,7 @@ from ..loader import Loader
 from ..loader.collate import LENGTHS
 from ..store import Dataset, from_arrow, write
 from ..store.encoding import numpy_to_tensor
-from .features import feature_columns, loader_stack, stack_features
+from .features import feature_columns, forward, loader_stack, stack_features
 
 
 def predict(model: torch.nn.Module, data, features="features", *, transform=None, batch_size: int = 256,
@@ -126,7 +126,7 @@ def _batches(model: torch.nn.Module, loader: Loader, features, keep: list[str],
         for batch in loader:
             x = stack_features(batch, features)
             with torch.no_grad():
-                y = model(x.to(device) if isinstance(x, torch.Tensor) else x)
+                y = forward(model, x.to(device) if isinstance(x, torch.Tensor) else x, features)
             if not isinstance(y, torch.Tensor):
                 raise TensorGridError(f"predict: the model returned a {type(y).__name__}, not a tensor")
             cols = {c: _column(batch[c], batch.get(c + LENGTHS)) for c in keep

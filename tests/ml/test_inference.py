@@ -151,3 +151,19 @@ def test_the_parts_run_on_ray_and_spark_workers(digits, tmp_path, engine, reques
     got = stage.transform(digits, out=str(tmp_path / "pred"), engine=engine, workers=2, part_rows=250)
     assert stage.last_run == {"parts": 4, "computed": 4, "reused": 0}
     _same(got.to_pandas(), _expected(digits))
+
+
+def test_a_transform_that_gives_the_wrong_shape_is_a_model_input_error(digits, tmp_path):
+    def crop_too_much(batch):  # 63 values a row where the model takes 64
+        batch["image"] = batch["image"].float().flatten(1)[:, :63]
+        return batch
+
+    with pytest.raises(tg.errors.ModelInputError, match=r"'image'.*\(256, 63\) float32.*mat1 and mat2"):
+        NNModel(_model(), transform=crop_too_much, features_col="image").transform(digits)
+    with pytest.raises(tg.errors.ModelInputError, match=r"'image'.*\(100, 63\) float32"):
+        NNModel(_model(), transform=crop_too_much, features_col="image").transform(digits, out=str(tmp_path / "o"),
+                                                                                 part_rows=100)
+    assert not glob.glob(str(tmp_path / "o" / "data" / ".stage-*" / "*.json"))
+    with pytest.raises(tg.TrainingConfigError, match=r"does not fit the data.*\(256, 63\)"):  # checked first
+        tg.Trainer(_model(), loss="cross_entropy", features="image", label="label", transform=crop_too_much,
+                   epochs=1, quiet=True).fit(digits)
