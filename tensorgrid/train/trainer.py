@@ -8,6 +8,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import cloudpickle
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from ..args import check_choice, check_int, check_number
@@ -247,6 +249,27 @@ class Trainer:
         if not (isinstance(loss, torch.Tensor) and loss.numel() == 1):
             raise TrainingConfigError(f"the loss must be a scalar tensor, got {type(loss).__name__} "
                                       f"{tuple(getattr(loss, 'shape', ()))}")
+        if self.step is None and self.transform is None and is_classifier(self.loss) and out.ndim == 2:
+            self._check_label_range(ds, out.shape[1])
+
+    def _check_label_range(self, ds: Dataset, classes: int) -> None:
+        """Every label of the data is one of the model's classes (a batch's look sees only some of them: a
+        label out of range deep in an epoch would fail there). One scan of the label column."""
+        if not pa.types.is_integer(ds.schema.field(self.label).type):
+            return
+        ignore = getattr(self.loss, "ignore_index", None)
+        lo = hi = None
+        for i in range(ds.num_shards):
+            col = ds.read_shard(i, [self.label]).column(0)
+            if ignore is not None:
+                col = pc.filter(col, pc.not_equal(col, ignore))
+            mm = pc.min_max(col).as_py()
+            if mm["min"] is not None:
+                lo = mm["min"] if lo is None else min(lo, mm["min"])
+                hi = mm["max"] if hi is None else max(hi, mm["max"])
+        if lo is not None and (lo < 0 or hi >= classes):
+            raise TrainingConfigError(f"label {self.label!r} holds classes {lo}..{hi} but the model scores {classes} "
+                                      f"classes (0..{classes - 1}): give the model {hi + 1} outputs or map the labels")
 
     def _build_model(self, ds: Dataset) -> torch.nn.Module:
         """The model as a worker builds it: a copy of the given module, or what the factory returns."""

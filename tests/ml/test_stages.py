@@ -4,6 +4,7 @@ frozen NNModel backbone and an NNClassifier head; save/load; parameters; bad inp
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -111,3 +112,18 @@ def test_nnmodel_runs_a_torchscript_file_and_refuses_one_that_is_not(digits, tmp
     (tmp_path / "bad.pt").write_bytes(b"not a model")
     with pytest.raises(tg.errors.ModelLoadError, match="not a TorchScript file"):
         NNModel(str(tmp_path / "bad.pt"), features_col="image").transform(digits["held"])
+
+
+def test_a_label_outside_the_models_classes_is_refused_before_training_wherever_it_is(tmp_path):
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 5, 3000)
+    labels[2990] = 7  # in the last shard: no first batch sees it
+    ds = tg.write(str(tmp_path / "d"), pd.DataFrame({"x": list(rng.random((3000, 4), dtype=np.float32)),
+                                                    "label": labels}), shard_rows=1000)
+    clf = NNClassifier(torch.nn.Linear(4, 5), torch.nn.CrossEntropyLoss(), features_col="x", max_epoch=1)
+    with pytest.raises(tg.TrainingConfigError, match=r"'label' holds classes 0..7 but the model scores 5"):
+        clf.fit(ds)
+    labels[2990] = -100  # CrossEntropyLoss's ignore_index: allowed
+    ds = tg.write(str(tmp_path / "e"), pd.DataFrame({"x": list(rng.random((3000, 4), dtype=np.float32)),
+                                                    "label": labels}), shard_rows=1000)
+    assert clf.fit(ds).history
