@@ -35,7 +35,7 @@ def predict(model: torch.nn.Module, data, features="features", *, transform=None
     ``probability`` or ``prediction_label`` is replaced (Spark ML's names; ``prediction_col`` and
     ``probability_col`` rename the first two). A transform gets every column; without one, only
     ``keep`` and ``features`` are read. The model runs in eval mode on its own device under
-    ``torch.no_grad()``; its train/eval flags are restored afterwards.
+    ``torch.inference_mode()``; its train/eval flags are restored afterwards.
     """
     if not isinstance(model, torch.nn.Module):
         raise ArgumentError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -125,7 +125,7 @@ def _batches(model: torch.nn.Module, loader: Loader, features, keep: list[str],
     try:
         for batch in loader:
             x = stack_features(batch, features)
-            with torch.no_grad():
+            with torch.inference_mode():  # no autograd bookkeeping at all (the outputs leave torch)
                 y = forward(model, x.to(device) if isinstance(x, torch.Tensor) else x, features)
             if not isinstance(y, torch.Tensor):
                 raise TensorGridError(f"predict: the model returned a {type(y).__name__}, not a tensor")
