@@ -16,8 +16,11 @@ local engine runs in this process.
 from __future__ import annotations
 
 import base64
+import functools
 import json
+import marshal
 import os
+import pickle
 import shutil
 import tempfile
 
@@ -25,25 +28,35 @@ import cloudpickle
 import pyarrow as pa
 import torch
 import xxhash
+from fsspec.implementations.memory import MemoryFileSystem
 
 from .. import fs as tgfs
-from ..errors import SchemaMismatchError, TensorGridError
+from ..errors import (
+    EmptyDataError,
+    SchemaMismatchError,
+    TensorGridError,
+    UnsupportedURLError,
+    WorkerFailedError,
+)
 from ..store import from_arrow, subsets
+from ..store import open as open_dataset
 from ..store.manifest import DATA_DIR
-from ..store.writer import check_target, publish, write_part, write_with
+from ..store.writer import check_target, latest, mark_dataset, publish, write_part, write_with
 from ..train import engines
 from ..train.loop import device_and_backend
 from ..train.predict import Inference
 
+PART_BYTES = 256 << 20  # the largest part, in input bytes (held in memory while it is encoded)
 PART_ROWS = 16_384  # the smallest part: a part's set-up (loader, output file) stays a small share of its time
 MAX_PARTS = 1_000  # larger data gets larger parts, so that a run never makes more than this many files
 TIMEOUT_S = 300.0  # how long the workers' rendezvous waits for a slow one
 
 
-def parts_of(num_rows: int, part_rows: int | None = None) -> list[tuple[int, int]]:
+def parts_of(num_rows: int, part_rows: int | None = None, row_bytes: float = 1.0) -> list[tuple[int, int]]:
     """Row ranges [start, stop) covering ``num_rows`` in order: ``part_rows`` each, by default at least
-    PART_ROWS and few enough for at most MAX_PARTS parts."""
-    size = part_rows or max(PART_ROWS, -(-num_rows // MAX_PARTS))
+    PART_ROWS rows and few enough for at most MAX_PARTS parts, but no more than PART_BYTES of input rows
+    (``row_bytes`` each: a part is held in memory while it is encoded)."""
+    size = part_rows or min(max(PART_ROWS, -(-num_rows // MAX_PARTS)), max(1, int(PART_BYTES // max(row_bytes, 1.0))))
     return [(a, min(a + size, num_rows)) for a in range(0, num_rows, size)]
 
 
@@ -52,45 +65,101 @@ def run(model, job: Inference, out: str | None, mode: str, engine: str, workers:
     """Run ``job`` with ``model`` (an nn.Module or a ``(loader, path)`` pair each worker calls) over every
     part not done yet; commit the parts as a version of ``out`` (None: a dataset in memory). Returns the
     dataset and ``{"parts", "computed", "reused"}``."""
-    parts = parts_of(job.ds.num_rows, part_rows)
+    if job.ds.num_rows == 0:
+        raise EmptyDataError(f"{job.ds.url or 'the dataset'} has no rows to run the model on")
+    parts = parts_of(job.ds.num_rows, part_rows, job.ds.bytes_per_row())
     scratch = tempfile.mkdtemp(prefix="tensorgrid-infer-") if out is None else None
     try:
         target = os.path.join(scratch, "out") if scratch else out
-        check_target(target, mode)  # refused before any work: an existing dataset to create, foreign files, nesting
+        _check_reachable(target, engine, workers, "out" if out else "the temporary folder (out=None)")
         fs, root = tgfs.resolve(target)
         staging = tgfs.join(root, DATA_DIR, f".stage-{_key(model, job, parts)}")
+        done = [_done(fs, staging, k) for k in range(len(parts))]
+        if all(done) and _committed(fs, root, done):  # a run that died after its commit, before its clean-up
+            tgfs.remove_tree(fs, staging)
+            return _result(open_dataset(target), scratch), {"parts": len(parts), "computed": 0, "reused": len(parts)}
+        check_target(target, mode)  # refused before any work: an existing dataset to create, foreign files, nesting
+        if latest(fs, root) is None:
+            mark_dataset(fs, root)  # vacuum cleans a failed run's parts; they are never foreign files
         fs.makedirs(staging, exist_ok=True)
-        todo = [k for k in range(len(parts)) if _done(fs, staging, k) is None]
+        todo = [k for k, m in enumerate(done) if m is None]
         if todo:
-            work = _Work(model, job, parts, todo, tgfs.to_url(fs, staging))
-            if engine == "local" and workers == 1:
-                work.run_rank(0, 1)  # in this process
-            else:
-                engines.get(engine)(cloudpickle.dumps(work), workers, 0, TIMEOUT_S, None)
+            _compute(_Work(model, job, parts, todo, tgfs.to_url(fs, staging)), fs, staging, engine, workers)
         metas = [_done(fs, staging, k) for k in range(len(parts))]
-        if any(m is None for m in metas):
+        if not all(metas):
             lost = [k for k, m in enumerate(metas) if m is None]
-            raise TensorGridError(f"inference parts {lost[:5]} were not written by the workers; run it again "
-                                  "(the parts done are kept)")
+            raise TensorGridError(f"inference parts {lost[:5]} are missing from {tgfs.to_url(fs, staging)} after the "
+                                  "workers ended; the parts done are kept: run it again")
         physical = _one_schema(metas)
-        moved: list[str] = []
-
-        def produce(fs, root, txn):
-            try:
-                return publish(fs, root, staging, txn, metas, moved)
-            except BaseException:
-                for p in moved:
-                    fs.rm_file(p)
-                raise
-
-        ds = write_with(target, mode, physical, produce)
+        # the staged parts stay (linked or copied into place) until the commit is done: a failed commit loses none
+        ds = write_with(target, mode, physical, lambda fs, root, txn: publish(fs, root, staging, txn, metas, [],
+                                                                                   keep=True))
         tgfs.remove_tree(fs, staging)
-        if scratch:
-            ds = from_arrow(ds.to_arrow())
-        return ds, {"parts": len(parts), "computed": len(todo), "reused": len(parts) - len(todo)}
+        return _result(ds, scratch), {"parts": len(parts), "computed": len(todo), "reused": len(parts) - len(todo)}
     finally:
         if scratch:
             shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _result(ds, scratch: str | None):
+    return from_arrow(ds.to_arrow()) if scratch else ds
+
+
+def _compute(work: _Work, fs, staging: str, engine: str, workers: int) -> None:
+    """The parts still to do, in this process (one local worker) or on the engine's workers; a worker's
+    TensorGrid error (TransformError, ModelInputError...) is raised here as itself."""
+    if engine == "local" and workers == 1:
+        work.run_rank(0, 1)
+        return
+    try:
+        engines.get(engine)(cloudpickle.dumps(work), workers, 0, TIMEOUT_S, None)
+    except WorkerFailedError as e:
+        for path in sorted(fs.glob(tgfs.join(staging, ".error-*"))):
+            try:
+                error = pickle.loads(fs.cat_file(path))
+            except Exception:  # noqa: BLE001 - unreadable: the engine's own error says enough
+                continue
+            finally:
+                fs.rm_file(path)
+            raise error from None
+        raise WorkerFailedError(f"inference: {str(e).split(' (last checkpoint')[0].split(' (no checkpoint')[0]}; "
+                                "the parts done are kept: run it again") from None
+
+
+def _check_reachable(url: str, engine: str, workers: int, what: str) -> None:
+    """Refuse an output the workers cannot write to: memory:// lives in one process; a path on this machine
+    suits local processes and clusters on this machine only."""
+    if engine == "local" and workers == 1:
+        return
+    fs, _ = tgfs.resolve(url)
+    if isinstance(fs, MemoryFileSystem):
+        raise UnsupportedURLError(f"{what} is {url!r}: memory:// lives inside one process and the {workers} workers "
+                                  "run in others; give a path or a URL they can all reach")
+    if not tgfs.is_local(fs):
+        return
+    if engine == "spark":
+        from pyspark.sql import SparkSession
+
+        from ..store.spark import master_of, require_shared
+
+        session = SparkSession.getActiveSession()
+        if session is not None:  # none: the engine starts a local one
+            require_shared(url, master_of(session), what)
+    elif engine == "ray":
+        import ray
+
+        if ray.is_initialized():
+            here = ray.util.get_node_ip_address()
+            hosts = {n.get("NodeManagerAddress") for n in ray.nodes() if n.get("Alive")}
+            if hosts - {here}:
+                raise UnsupportedURLError(f"{what} is {url!r}, a path on this machine, but the Ray cluster has "
+                                          f"nodes on {sorted(hosts - {here})}: give out= a URL every node can reach")
+
+
+def _committed(fs, root: str, metas: list[dict]) -> bool:
+    """Whether the newest version already holds every part (by checksum)."""
+    base = latest(fs, root)
+    return base is not None and {m["checksum"] for m in metas} <= {s.checksum for s in base.shards}
 
 
 class _Work:
@@ -107,17 +176,24 @@ class _Work:
             model.to(device_and_backend()[0])  # a worker of its own: its GPU when there is one
         fs, staging = tgfs.resolve(self.staging_url)
         mine = self.todo[rank::world]
-        for k in mine:
-            start, stop = self.parts[k]
-            rows = subsets.rows(self.job.ds, start, stop)
-            batches = list(self.job.batches(model, rows))
-            table = pa.Table.from_batches(batches) if batches else None
-            if table is None or table.num_rows != stop - start:
-                raise TensorGridError(f"inference part {k} gave {0 if table is None else table.num_rows} rows for "
-                                      f"{stop - start}")
-            meta = write_part(fs, tgfs.join(staging, _name(k)), table)
-            tgfs.put_atomic(fs, tgfs.join(staging, _name(k, ".json")), json.dumps({"path": _name(k), **meta}).encode())
+        try:
+            for k in mine:
+                self._part(model, fs, staging, k)
+        except TensorGridError as e:
+            if world > 1:  # for the driver to raise as itself (the engine only says the worker failed)
+                tgfs.put_atomic(fs, tgfs.join(staging, f".error-{rank}"), pickle.dumps(e))
+            raise
         return {"parts": len(mine)}
+
+    def _part(self, model, fs, staging: str, k: int) -> None:
+        start, stop = self.parts[k]
+        batches = list(self.job.batches(model, subsets.rows(self.job.ds, start, stop)))
+        table = pa.Table.from_batches(batches) if batches else None
+        if table is None or table.num_rows != stop - start:
+            raise TensorGridError(f"inference part {k} gave {0 if table is None else table.num_rows} rows for "
+                                  f"{stop - start}")
+        meta = write_part(fs, tgfs.join(staging, _name(k)), table)
+        tgfs.put_atomic(fs, tgfs.join(staging, _name(k, ".json")), json.dumps({"path": _name(k), **meta}).encode())
 
 
 def _name(k: int, ext: str = ".parquet") -> str:
@@ -146,24 +222,39 @@ def _one_schema(metas: list[dict]) -> pa.Schema:
 def _key(model, job: Inference, parts) -> str:
     """A digest of what decides the outputs: the input rows, the model's weights, the settings, the parts."""
     h = xxhash.xxh3_64(job.ds.fingerprint.encode())
-    h.update(repr((parts, job.features, job.keep, job.names, job.outputs, job.classifier, _describe(job.transform))).encode())
+    h.update(repr((parts, job.features, job.keep, job.names, job.outputs, job.classifier)).encode())
+    h.update(_pickled(job.transform))  # its code, arguments and closure: a fixed transform is other work
     if isinstance(model, tuple):
         h.update(model[1].encode())
         fs, path = tgfs.resolve(model[1])
         h.update(fs.cat_file(path))
     else:
-        h.update(type(model).__qualname__.encode())
+        h.update(repr(model).encode())  # the architecture and settings not in the weights (LeakyReLU's slope...)
         for name, t in model.state_dict().items():
+            if not isinstance(t, torch.Tensor):  # extra state, a quantized layer's dtype and packing
+                h.update(f"{name}|{t!r}".encode())
+                continue
             t = t.detach().cpu().contiguous()
             h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b"")
+            if t.numel() and not t.is_quantized:
+                h.update(t.reshape(-1).view(torch.uint8).numpy())
+            elif t.numel():
+                h.update(t.int_repr().reshape(-1).numpy().tobytes())
         h.update(getattr(model, "_bytes", b""))  # an ONNX model's file
     return h.hexdigest()[:12]
 
 
-def _describe(fn) -> str:
-    """A transform's description that is the same in every run (not its memory address)."""
+def _pickled(fn) -> bytes:
+    """A transform as bytes that change with its code and settings (b"" for none; its name if it does not
+    pickle: then only its name tells runs apart)."""
     if fn is None:
-        return ""
-    text = repr(fn)
-    return getattr(fn, "__qualname__", type(fn).__qualname__) if " at 0x" in text else text
+        return b""
+    inner = fn
+    while isinstance(inner, functools.partial):
+        inner = inner.func
+    code = getattr(inner, "__code__", None) or getattr(vars(type(inner)).get("__call__"), "__code__", None)
+    body = marshal.dumps(code) if code is not None else b""  # an importable function pickles by name only
+    try:
+        return body + cloudpickle.dumps(fn)
+    except Exception:  # noqa: BLE001 - it could not go to workers either; one process only
+        return body + getattr(fn, "__qualname__", type(fn).__qualname__).encode()

@@ -9,7 +9,7 @@ import os
 import numpy as np
 import torch
 
-from ..errors import ModelLoadError
+from ..errors import ModelInputError, ModelLoadError
 from ..fs import resolve
 
 INSTALL = "pip install 'tensorgrid[onnx]'"
@@ -57,7 +57,13 @@ class OnnxModule(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         session = self._session if self._session is not None else self._open()
         x = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=self._dtype)
-        (y,) = session.run([self._output], {self._input: x})
+        try:
+            (y,) = session.run([self._output], {self._input: x})
+        except Exception as e:  # noqa: BLE001 - onnxruntime's errors derive from Exception only
+            if type(e).__name__ != "InvalidArgument":
+                raise
+            raise ModelInputError(f"{self.url}: the ONNX model cannot take a batch of {x.shape} {x.dtype}: "
+                                  f"{str(e).strip()[:300]}") from None
         return torch.from_numpy(y)
 
     def extra_repr(self) -> str:

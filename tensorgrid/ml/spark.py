@@ -16,8 +16,8 @@ array<float> of the outputs flattened, carrying their shape as tensor metadata.
 
 The torch objects (``model``, ``criterion``, ``optimizer``, ``transform``) are not Params (not JSON): they
 are constructor arguments kept as attributes (``transform_fn`` for ``transform``), saved as a cloudpickle
-file beside the Params' metadata. ``transform`` runs on the features alone when scoring: Spark gives it a
-batch ``{featuresCol: tensor}``, so a transform that reads other columns works in fit only.
+file beside the Params' metadata. ``transform`` sees the features and the label in fit (the other columns
+are not passed on) and ``{featuresCol: tensor}`` alone when scoring.
 """
 
 from __future__ import annotations
@@ -578,7 +578,7 @@ def _returned(spec: _ScoreSpec, module: torch.nn.Module, transform, probability_
 def _probe(module: torch.nn.Module, transform, spec: _ScoreSpec) -> torch.Tensor:
     """One row's output, from two rows of zeros of the features' shape (the model's eval mode restored)."""
     x = np.zeros((2, *spec.shape), np.dtype(spec.dtype))
-    was_training = module.training
+    modes = [(m, m.training) for m in module.modules()]  # each module's own flag (a frozen BatchNorm stays so)
     module.eval()
     try:
         with torch.no_grad():
@@ -589,7 +589,8 @@ def _probe(module: torch.nn.Module, transform, spec: _ScoreSpec) -> torch.Tensor
         raise ArgumentError(f"the model does not take features of shape {list(spec.shape)} (column {spec.col!r}): "
                             f"{type(e).__name__}: {e}"[:400]) from None
     finally:
-        module.train(was_training)
+        for m, training in modes:
+            m.training = training
     if not isinstance(out, torch.Tensor) or out.ndim < 1 or out.shape[0] != 2:
         raise ArgumentError(f"the model must return a tensor with one row per input row, got "
                             f"{getattr(out, 'shape', type(out).__name__)}")

@@ -15,10 +15,15 @@ import urllib.error
 import urllib.request
 from collections.abc import Mapping
 
+import numpy as np
 import torch
 
 from .. import fs as tgfs
 from ..errors import ArgumentError, ModelLoadError
+
+# what unpickling a numpy array needs (TensorGrid checkpoints hold numpy's RNG state beside the weights)
+_NUMPY = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, *(t for t in vars(np.dtypes).values()
+                                                                     if isinstance(t, type))]
 
 
 def load_weights(model: torch.nn.Module, url: str | os.PathLike, strict: bool = True) -> torch.nn.Module:
@@ -29,7 +34,8 @@ def load_weights(model: torch.nn.Module, url: str | os.PathLike, strict: bool = 
         raise ArgumentError(f"model must be an nn.Module, got {type(model).__name__}")
     url = os.fspath(url)
     try:
-        state = torch.load(io.BytesIO(_read(url)), map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_NUMPY):  # a checkpoint's numpy RNG state: arrays, no code
+            state = torch.load(io.BytesIO(_read(url)), map_location="cpu", weights_only=True)
     except ModelLoadError:
         raise
     except Exception as e:  # noqa: BLE001 - torch.load's errors for a file that is not a state dict vary

@@ -89,7 +89,7 @@ def write_spark(url: str, sdf, mode: str = "create", shard_rows: int | None = No
             _remove(fs, moved)
             raise
         finally:
-            tgfs.remove_tree(fs, staging)
+            _remove_staging(fs, staging)
 
     return write_with(url, mode, physical, produce)
 
@@ -122,17 +122,30 @@ def _collect_or_stop(sdf, group: str) -> list:
 def _wait_for_tasks(sc, group: str, timeout: float = 60.0) -> None:
     """Until no task of the group's jobs runs (Spark's status tracker), at most ``timeout`` seconds."""
     tracker = sc.statusTracker()
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    start = time.monotonic()
+    while time.monotonic() < start + timeout:
+        jobs = tracker.getJobIdsForGroup(group)
         active = 0
-        for job in tracker.getJobIdsForGroup(group):
+        for job in jobs:
             info = tracker.getJobInfo(job)
+            if info is None or info.status == "RUNNING":  # its end not seen yet: nor perhaps its tasks'
+                active += 1
             for stage in (info.stageIds if info else ()):
                 st = tracker.getStageInfo(stage)
                 active += st.numActiveTasks if st else 0
-        if not active:
+        # the tracker learns of jobs and tasks from Spark's event bus, which lags behind under load
+        if not active and (jobs or time.monotonic() > start + 5):
             return
         time.sleep(0.05)
+
+
+def _remove_staging(fs, staging: str) -> None:
+    """Delete the staging folder; again if a task still finishing made a file while it was being deleted."""
+    for _ in range(50):
+        tgfs.remove_tree(fs, staging)
+        if not fs.exists(staging):
+            return
+        time.sleep(0.1)
 
 
 def arrow_schema(sdf) -> pa.Schema:

@@ -20,6 +20,7 @@ Why a committed version never loses a file, whatever the timing:
 
 from __future__ import annotations
 
+import os
 import time
 from collections import defaultdict
 
@@ -145,20 +146,27 @@ def _break_stale_claims(fs, root: str, stale_before: float, done: set[str]) -> N
 
 
 def _remove_empty_staging(fs, root: str, cutoff: float) -> None:
-    """The staging folders of failed writes (``data/.spark-<txn>/``, ``data/.stage-<key>/``) once no file is left in them and they
-    are older than ``cutoff`` (a job under way makes its folder before its tasks write)."""
+    """The staging folders of failed writes (``data/.spark-<txn>/``, ``data/.stage-<key>/``) once no file is
+    left in them and they are older than ``cutoff`` (a job under way makes its folder before its tasks
+    write). Bottom-up, each folder only if empty (rmdir refuses one a writer just put a file into). Object
+    stores have no folders: nothing to do there."""
+    if not tgfs.is_local(fs):
+        return
+    data = tgfs.join(root, DATA_DIR)
     try:
-        entries = fs.ls(tgfs.join(root, DATA_DIR), detail=True)
+        entries = fs.ls(data, detail=True)
     except (FileNotFoundError, NotADirectoryError):
         return
     for e in entries:
         path = e["name"]
         if e.get("type") != "directory" or not STAGING.fullmatch(tgfs.name(path)):
             continue
-        if _mtime(e, start_default=cutoff) < cutoff and not fs.find(path):
+        if _mtime(e, start_default=cutoff) >= cutoff:
+            continue
+        for folder, _, _ in os.walk(path, topdown=False):  # the deepest first
             try:
-                fs.rm(path, recursive=True)
-            except (FileNotFoundError, OSError):
+                os.rmdir(folder)
+            except OSError:  # not empty (a file left or just written), or gone
                 pass
 
 

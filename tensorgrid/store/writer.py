@@ -86,11 +86,12 @@ def write_part(fs: fsspec.AbstractFileSystem, path: str, table: pa.Table) -> dic
 
 
 def publish(fs: fsspec.AbstractFileSystem, root: str, staging: str, txn: str, parts: list[dict],
-            moved: list[str]) -> list[Shard]:
+            moved: list[str], keep: bool = False) -> list[Shard]:
     """Rename staged shard files (``parts``: dicts with ``path`` relative to ``staging``, rows, bytes,
     checksum, row_group_rows, in the order the rows go) to ``data/part-<txn>-<seq>.parquet`` as the manifest
-    requires; ``moved`` collects the new paths (for the caller's clean-up). Object stores copy inside the
-    store, never through this process."""
+    requires; ``moved`` collects the new paths (for the caller's clean-up). ``keep``: the staged files stay
+    (a hard link on local disks, a copy elsewhere), so a failed commit loses no staged work. Object stores
+    copy inside the store, never through this process."""
     if len(parts) > MAX_SHARDS:
         raise UnsupportedDataError(f"the write would make {len(parts)} shards; a write holds at most {MAX_SHARDS}")
     plan = [(tgfs.join(staging, r["path"]), f"{DATA_DIR}/part-{txn}-{i:05d}.parquet") for i, r in enumerate(parts)]
@@ -100,9 +101,9 @@ def publish(fs: fsspec.AbstractFileSystem, root: str, staging: str, txn: str, pa
         dst = tgfs.join(root, rel)
         try:
             if tgfs.is_local(fs):
-                os.rename(src, dst)
+                (os.link if keep else os.rename)(src, dst)
             else:
-                fs.mv(src, dst)
+                (fs.copy if keep else fs.mv)(src, dst)
         except FileNotFoundError:
             raise ConflictError(f"a staged shard of this write is gone ({src}): a vacuum with a min_age_s shorter "
                                 "than the job removed it; nothing was committed: write the data again") from None
@@ -343,7 +344,7 @@ def _target(url: str, mode: str) -> tuple[fsspec.AbstractFileSystem, str, bool, 
             raise DatasetExistsError(f"{url} is a file, not a dataset directory")
         _refuse_nested(fs, root, url)
         _refuse_foreign(fs, root, url)
-    base = _latest(fs, root)
+    base = latest(fs, root)
     if mode == "create" and base is not None:
         raise DatasetExistsError(f"a dataset already exists at {url} (version {base.version}); "
                                  "use mode='append' or mode='overwrite'")
@@ -355,11 +356,17 @@ def _begin(fs, root: str, url: str, mode: str, base: Manifest | None, physical: 
         raise SchemaMismatchError(f"cannot append to {url}: {_schema_diff(base.schema, physical)}")
     if mode == "append" and base is not None:
         _appended_schema(base.schema, physical, url)  # class names that disagree: refused before any shard
-    if base is None:  # mark the directory as a dataset first, so orphans are never taken for foreign Parquet
-        fs.makedirs(tgfs.join(root, manifest.META_DIR), exist_ok=True)
-        if not tgfs.is_local(fs):
-            fs.pipe_file(tgfs.join(root, manifest.META_DIR, "format"), manifest.FORMAT.encode())
+    if base is None:
+        mark_dataset(fs, root)
     return _ShardWriter(fs, root, physical)
+
+
+def mark_dataset(fs: fsspec.AbstractFileSystem, root: str) -> None:
+    """Mark a directory as a dataset before its first shard: orphans are then never taken for foreign
+    Parquet, and vacuum cleans them."""
+    fs.makedirs(tgfs.join(root, manifest.META_DIR), exist_ok=True)
+    if not tgfs.is_local(fs):
+        fs.pipe_file(tgfs.join(root, manifest.META_DIR, "format"), manifest.FORMAT.encode())
 
 
 def _fill(writer: _ShardWriter, batches: Iterator[pa.RecordBatch], shard_rows: int | None,
@@ -407,7 +414,7 @@ def _commit(fs, root: str, url: str, mode: str, base: Manifest | None, physical:
         raise ConflictError(
             f"another writer committed version {version} of {url} first; this write's {len(shards)} "
             f"shard(s) are kept: call .retry() on this error to commit them on the new latest version",
-            retry=lambda: attempt(_latest(fs, root)))
+            retry=lambda: attempt(latest(fs, root)))
 
     return attempt(base)
 
@@ -496,7 +503,8 @@ def _remove_empty_dirs(fs: fsspec.AbstractFileSystem, root: str, existed: bool) 
             pass
 
 
-def _latest(fs: fsspec.AbstractFileSystem, root: str) -> Manifest | None:
+def latest(fs: fsspec.AbstractFileSystem, root: str) -> Manifest | None:
+    """The newest version's manifest, or None when there is none."""
     try:
         return manifest.load(fs, root)
     except DatasetNotFoundError:

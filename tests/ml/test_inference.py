@@ -164,6 +164,69 @@ def test_a_transform_that_gives_the_wrong_shape_is_a_model_input_error(digits, t
         NNModel(_model(), transform=crop_too_much, features_col="image").transform(digits, out=str(tmp_path / "o"),
                                                                                  part_rows=100)
     assert not glob.glob(str(tmp_path / "o" / "data" / ".stage-*" / "*.json"))
-    with pytest.raises(tg.TrainingConfigError, match=r"does not fit the data.*\(256, 63\)"):  # checked first
-        tg.Trainer(_model(), loss="cross_entropy", features="image", label="label", transform=crop_too_much,
-                   epochs=1, quiet=True).fit(digits)
+    with pytest.raises(tg.TrainingConfigError, match=r"does not fit the data.*\(256, 63\).*mat1 and mat2"):
+        tg.Trainer(_model(), loss=torch.nn.CrossEntropyLoss(), features="image", label="label",
+                   transform=crop_too_much, epochs=1, quiet=True).fit(digits)  # the Trainer's own first check
+
+
+def _scaled_by(scale, fail_flag=None):
+    def scaled(batch):  # the same name and code whatever the scale: only its closure differs
+        if fail_flag is not None and os.path.exists(fail_flag) and bool((batch["id"] >= 400).any()):
+            raise RuntimeError("a bug")
+        batch["image"] = batch["image"].float().div_(255).flatten(1) * scale
+        return batch
+    return scaled
+
+
+def test_a_fixed_transform_of_the_same_name_never_reuses_the_buggy_parts_and_a_failed_run_vacuums(digits, tmp_path):
+    out = str(tmp_path / "pred")
+    flag = tmp_path / "armed"
+    flag.touch()
+    with pytest.raises(tg.errors.TransformError, match="a bug"):
+        NNModel(_model(), transform=_scaled_by(1000, str(flag)), features_col="image").transform(
+            digits, out=out, part_rows=200)
+    assert len(_staged(out)) == 2
+    fixed = NNModel(_model(), transform=_scaled_by(1), features_col="image", classifier=True)
+    _same(fixed.transform(digits, out=out, part_rows=200).to_pandas(), _expected(digits))
+    assert fixed.last_run["reused"] == 0
+    assert tg.vacuum(out, min_age_s=0)["removed"] == 4  # the buggy run's 2 parts and their descriptions
+    assert not glob.glob(os.path.join(out, "data", ".stage-*"))
+
+
+def test_workers_errors_come_back_as_themselves_and_unreachable_outputs_are_refused_first(digits, tmp_path):
+    flag = tmp_path / "armed"
+    flag.touch()
+    with pytest.raises(tg.errors.TransformError, match="row 450 failed"):
+        NNModel(_model(), transform=FailOnce(flag, 450), features_col="image").transform(
+            digits, out=str(tmp_path / "o"), workers=2, part_rows=250)
+    with pytest.raises(tg.errors.UnsupportedURLError, match="memory://"):
+        NNModel(_model(), transform=_to_float, features_col="image").transform(digits, out="memory://x/p", workers=2)
+    empty = tg.from_arrow(digits.to_arrow().slice(0, 0))
+    with pytest.raises(tg.errors.EmptyDataError):
+        NNModel(_model(), transform=_to_float, features_col="image").transform(empty, out=str(tmp_path / "e"))
+
+
+def test_a_run_that_died_after_its_commit_is_not_committed_twice(digits, tmp_path, monkeypatch):
+    import tensorgrid.ml.inference as inference
+
+    out = str(tmp_path / "pred")
+    real = inference.tgfs.remove_tree
+
+    def interrupted(fs, path):
+        raise KeyboardInterrupt  # the driver stops between its commit and its clean-up
+
+    monkeypatch.setattr(inference.tgfs, "remove_tree", interrupted)
+    stage = NNModel(_model(), transform=_to_float, features_col="image", classifier=True)
+    with pytest.raises(KeyboardInterrupt):
+        stage.transform(digits, out=out, mode="append", part_rows=400)
+    monkeypatch.setattr(inference.tgfs, "remove_tree", real)
+    got = stage.transform(digits, out=out, mode="append", part_rows=400)
+    assert stage.last_run == {"parts": 3, "computed": 0, "reused": 3}
+    assert got.version == 1 and got.num_rows == 1000 and not _staged(out)
+
+
+def test_a_quantized_model_is_keyed_and_run_in_parts(digits, tmp_path):
+    q = torch.ao.quantization.quantize_dynamic(_model(), {torch.nn.Linear}, dtype=torch.qint8)
+    stage = NNModel(q, transform=_to_float, features_col="image", classifier=True)
+    got = stage.transform(digits, out=str(tmp_path / "q"), part_rows=500).to_pandas()
+    assert got["prediction"].tolist() == stage.transform(digits).to_pandas()["prediction"].tolist()

@@ -100,3 +100,14 @@ def test_a_file_that_does_not_load_is_a_model_load_error_naming_it(tmp_path, mon
 class _Add(torch.nn.Module):
     def forward(self, a, b):
         return a + b
+
+
+def test_a_batch_of_another_shape_is_a_model_input_error(cnn_file, tmp_path):
+    from tensorgrid.errors import ModelInputError
+    from tensorgrid.ml import NNModel
+
+    with pytest.raises(ModelInputError, match=r"cnn.onnx.*\(4, 1, 7, 7\)"):
+        load(cnn_file)(torch.randn(4, 1, 7, 7))
+    ds = tg.write(str(tmp_path / "d"), pd.DataFrame({"x": list(np.zeros((10, 3, 8, 8), np.float32))}))
+    with pytest.raises(ModelInputError, match=r"\(10, 3, 8, 8\)"):  # 3 channels for a 1-channel model
+        NNModel(cnn_file, features_col="x").transform(ds)

@@ -70,3 +70,17 @@ def test_files_that_do_not_fit_are_named_errors(tmp_path, http_root):
     torch.save({"x.weight": torch.zeros(1)}, tmp_path / "other.pt")
     with pytest.raises(ModelLoadError, match="no tensor name matches"):
         load_weights(_net(), tmp_path / "other.pt", strict=False)
+
+
+def test_a_trainer_checkpoint_loads_as_weights(tmp_path):
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    ds = tg.write(str(tmp_path / "d"), pd.DataFrame({"x": list(rng.random((64, 8), dtype=np.float32)),
+                                                     "label": rng.integers(0, 5, 64)}))
+    result = tg.Trainer(_net(), loss=torch.nn.CrossEntropyLoss(), features="x", label="label", epochs=1, quiet=True,
+                        checkpoint_dir=str(tmp_path / "ckpt")).fit(ds)
+    path = tg.train.checkpoint.latest(str(tmp_path / "ckpt"))
+    fresh = load_weights(_net(), path)
+    assert _same(fresh, result.model)
