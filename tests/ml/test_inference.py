@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 import tensorgrid as tg
 from tensorgrid.errors import DatasetExistsError, ModelLoadError, WorkerFailedError
 from tensorgrid.ml import NNModel
-from tensorgrid.ml.inference import MAX_PARTS, PART_ROWS, parts_of
+from tensorgrid.ml.inference import MAX_PARTS, PART_BYTES, PART_ROWS, parts_of
 from tensorgrid.quickstart import digits_frame
 
 
@@ -66,17 +66,20 @@ def _same(got, want):
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.one_of(st.tuples(st.integers(0, 10**9), st.none()),
-                 st.tuples(st.integers(0, 10**5), st.integers(1, 10**5))))
-def test_parts_cover_every_row_once_in_order_and_stay_few(case):
+@given(st.one_of(st.tuples(st.integers(0, 10**8), st.none()),
+                 st.tuples(st.integers(0, 10**5), st.integers(1, 10**5))),
+       st.floats(1, 1 << 16))
+def test_parts_cover_every_row_once_in_order_and_stay_few_and_bounded(case, row_bytes):
     n, part_rows = case
-    parts = parts_of(n, part_rows)
+    parts = parts_of(n, part_rows, row_bytes)
     assert [a for a, _ in parts] == ([0] if parts else []) + [b for _, b in parts[:-1]]
     assert (parts[-1][1] if parts else 0) == n and all(b > a for a, b in parts)
-    if part_rows is None:
-        assert len(parts) <= MAX_PARTS and all(b - a >= PART_ROWS for a, b in parts[:-1])
-    else:
+    if part_rows is not None:
         assert all(b - a == part_rows for a, b in parts[:-1])
+        return
+    assert all((b - a) * row_bytes <= PART_BYTES for a, b in parts)  # a part held in memory stays bounded
+    if row_bytes <= 1024:  # narrow rows: the row bounds decide
+        assert len(parts) <= MAX_PARTS and all(b - a >= PART_ROWS for a, b in parts[:-1])
 
 
 def test_a_rerun_after_a_failure_computes_only_the_missing_parts(digits, tmp_path):
