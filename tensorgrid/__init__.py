@@ -22,6 +22,7 @@ from .errors import (
     ConflictError,
     CorruptManifestError,
     CorruptShardError,
+    CurveFitError,
     DatasetExistsError,
     DatasetNotFoundError,
     EmptyDataError,
@@ -84,5 +85,5 @@ __all__ = [
     "DatasetExistsError", "DatasetNotFoundError", "EmptyDataError", "ImageDecodeError", "ReadOnlyError", "SchemaMismatchError",
     "SQLError", "UnsupportedDataError", "UnsupportedFormatError", "UnsupportedURLError", "ColumnNotFoundError",
     "TrainingConfigError", "WorkerFailedError", "CheckpointError", "TransformError", "LoaderWorkerError",
-    "ResumeError", "CallbackError", "ModelLoadError", "ModelInputError", "CacheRebuiltWarning",
+    "ResumeError", "CallbackError", "ModelLoadError", "ModelInputError", "CurveFitError", "CacheRebuiltWarning",
 ]

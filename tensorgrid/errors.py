@@ -141,3 +141,8 @@ class ModelLoadError(TensorGridError):
 class ModelInputError(TensorGridError):
     """The model cannot take the batch it was given (another shape or dtype than it expects, e.g. from a
     transform that returns the wrong size): the message names the features, their shape and torch's reason."""
+
+
+class CurveFitError(TensorGridError, ValueError):
+    """Learning-curve points that do not support a power-law fit (too few sizes, an error that does not
+    fall, a poor fit), or an error the fitted law cannot reach: the message says why."""
