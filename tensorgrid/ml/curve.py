@@ -1,188 +1,223 @@
-"""Learning curves: the power law of generalisation error against training-set size, fitted to measured
-points, and what it predicts (Hestness et al., "Deep Learning Scaling is Predictable, Empirically", 2017:
-error(m) = alpha * m**beta + gamma between a small-data region and an irreducible-error floor, beta between
--0.07 and -0.35 in their domains, -0.5 in theory).
+"""Learning curves on the user's own model and data: ``learning_curve(trainer, train, val)`` trains on
+nested, stratified, seeded subsets of growing size (each larger subset holds the smaller ones), measures the
+validation error of each run, and fits the power law of error against size (``powerlaw.py``).
 
-This module holds the fit (``fit_power_law``) and the fitted law (``PowerLaw``): bounded nonlinear least
-squares (scipy) on the logarithm of the error, the small-data region found and left out, intervals by a
-bootstrap over each size's repeated runs. A set of points that does not follow a power law (too few sizes,
-an error that does not fall, a poor fit) is refused with the reason (``CurveFitError``), never fitted into
-nonsense.
+Each run's error is written whole to a work folder keyed by the data, the trainer and the plan, so a curve
+interrupted part-way resumes from the runs already done. With ``parallel`` > 1 the runs go to that many
+local worker processes at once (the Trainer's engine machinery: fresh interpreters, so flat scripts work);
+each run keeps the trainer's own settings.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
-from dataclasses import dataclass, field
+import os
 
+import cloudpickle
 import numpy as np
-from scipy.optimize import least_squares
+import pandas as pd
+import pyarrow.compute as pc
 
-from ..errors import CurveFitError
+from .. import fs as tgfs
+from ..args import check_int
+from ..errors import ArgumentError, CurveFitError
+from ..store import subsets
+from ..store.dataset import Dataset
+from ..train import engines
+from ..train.predict import predict
+from ..train.trainer import Trainer
+from .powerlaw import PowerLaw, fit_power_law
 
-MIN_SIZES = 4  # fewer points cannot tell three parameters from noise
-MAX_LOG_RMS = 0.15  # a fit worse than ~15% typical relative error is not a power law (refused)
-LEVEL = 0.95
+MIN_AUTO_SIZES = 6
+TIMEOUT_S = 300.0
 
 
-@dataclass
-class PowerLaw:
-    """error(m) = alpha * m**beta + gamma, fitted on ``sizes`` (the small-data region left out); each
-    ``samples`` row is one bootstrap fit (alpha, beta, gamma), from which the intervals come."""
+class LearningCurve:
+    """Measured errors by training-set size (``table``) and the fitted law (``law``; None when refused,
+    ``refused`` says why)."""
 
-    alpha: float
-    beta: float
-    gamma: float
-    sizes: list[int]
-    small_data: list[int] = field(default_factory=list)  # sizes left out as the small-data region
-    log_rms: float = 0.0  # the fit's RMS residual of log(error): its goodness
-    samples: np.ndarray = field(default_factory=lambda: np.empty((0, 3)))
-
-    def __call__(self, m):
-        return self.alpha * np.asarray(m, dtype=float) ** self.beta + self.gamma
+    def __init__(self, runs: pd.DataFrame, law: PowerLaw | None, refused: str | None = None):
+        self.runs, self.law, self.refused = runs, law, refused
 
     @property
-    def beta_interval(self) -> tuple[float, float]:
-        return _interval(self.samples[:, 1]) if len(self.samples) else (self.beta, self.beta)
+    def table(self) -> pd.DataFrame:
+        """One row per size: size, error_mean, error_std, n_runs."""
+        g = self.runs.groupby("size")["error"]
+        return pd.DataFrame({"size": g.mean().index.astype(int), "error_mean": g.mean().values,
+                             "error_std": g.std(ddof=1).fillna(0.0).values, "n_runs": g.count().values})
+
+    def _law(self) -> PowerLaw:
+        if self.law is None:
+            raise CurveFitError(f"no power law was fitted: {self.refused}")
+        return self.law
 
     def predict(self, m: float) -> tuple[float, float, float]:
-        """The predicted error at ``m`` rows and its 95% interval (over the bootstrap fits)."""
-        m = _positive("m", m)
-        value = float(self(m))
-        if not len(self.samples):
-            return value, value, value
-        a, b, g = self.samples.T
-        lo, hi = _interval(a * m ** b + g)
-        return value, min(lo, value), max(hi, value)
+        """The predicted error at ``m`` rows: (value, low, high), a 95% interval."""
+        return self._law().predict(m)
 
     def size_for(self, error: float) -> tuple[float, float, float]:
-        """Rows needed for ``error``, with a 95% interval. An error at or below the floor ``gamma`` is
-        unreachable by more data: ``CurveFitError`` says so (an upper bound of the interval that is
-        unreachable is ``inf``)."""
-        error = _positive("error", error)
-        if error <= self.gamma:
-            raise CurveFitError(f"an error of {error:.4g} is unreachable: the fitted floor (irreducible error) is "
-                                f"{self.gamma:.4g}; more data alone does not get below it")
-        m = _inverse(self.alpha, self.beta, self.gamma, error)
-        if not len(self.samples):
-            return m, m, m
-        sizes = np.array([_inverse(a, b, g, error) for a, b, g in self.samples])
-        lo, hi = _interval(sizes)
-        return m, min(lo, m), max(hi, m)
+        """Rows needed for ``error``: (value, low, high); CurveFitError when below the floor."""
+        return self._law().size_for(error)
 
-    def to_dict(self) -> dict:
-        return {"alpha": self.alpha, "beta": self.beta, "gamma": self.gamma, "sizes": self.sizes,
-                "small_data": self.small_data, "log_rms": self.log_rms, "samples": self.samples.tolist()}
+    def save(self, url: str) -> str:
+        fs, path = tgfs.resolve(os.fspath(url))
+        body = {"format": 1, "runs": self.runs.to_dict(orient="list"),
+                "law": self.law.to_dict() if self.law else None, "refused": self.refused}
+        tgfs.put_atomic(fs, path, json.dumps(body).encode())
+        return url
 
     @classmethod
-    def from_dict(cls, d: dict) -> PowerLaw:
-        return cls(d["alpha"], d["beta"], d["gamma"], list(d["sizes"]), list(d["small_data"]), d["log_rms"],
-                   np.asarray(d["samples"], dtype=float).reshape(-1, 3))
+    def load(cls, url: str) -> LearningCurve:
+        fs, path = tgfs.resolve(os.fspath(url))
+        try:
+            body = json.loads(fs.cat_file(path))
+        except FileNotFoundError:
+            raise ArgumentError(f"{url}: no saved learning curve") from None
+        except ValueError as e:
+            raise ArgumentError(f"{url}: not a saved learning curve ({e})") from None
+        if not isinstance(body, dict) or body.get("format") != 1:
+            raise ArgumentError(f"{url}: not a saved learning curve of format 1")
+        law = PowerLaw.from_dict(body["law"]) if body.get("law") else None
+        return cls(pd.DataFrame(body["runs"]), law, body.get("refused"))
+
+    def __repr__(self) -> str:
+        if self.law is None:
+            return f"LearningCurve({len(self.runs)} runs; no fit: {self.refused})"
+        lo, hi = self.law.beta_interval
+        return (f"LearningCurve({len(self.runs)} runs; error = {self.law.alpha:.3g} * m^{self.law.beta:.3f} "
+                f"+ {self.law.gamma:.3g}, beta in [{lo:.3f}, {hi:.3f}])")
 
 
-def fit_power_law(sizes, errors, bootstrap: int = 400, seed: int = 0) -> PowerLaw:
-    """Fit error(m) = alpha * m**beta + gamma to ``errors[i]`` (the errors of the repeated runs at
-    ``sizes[i]`` rows). Leading sizes that bend below the law (the small-data region) are left out while at
-    least MIN_SIZES remain; ``bootstrap`` refits on the repeats resampled within each size give the intervals.
-    Raises ``CurveFitError`` when the points do not support a fit."""
-    m, runs = _check(sizes, errors)
-    means = np.array([np.mean(r) for r in runs])
-    if means[-1] >= means[0] or np.ptp(means) == 0 or np.corrcoef(np.log(m), means)[0, 1] > -0.5:
-        raise CurveFitError(f"the error does not fall with more data (from {means[0]:.4g} at {m[0]:,.0f} rows to "
-                            f"{means[-1]:.4g} at {m[-1]:,.0f}): no power law to fit; check the model learns, or "
-                            "try larger sizes")
-    start = 0
-    params = _fit(m, means)
-    # the small-data region: at the smallest sizes the error saturates (near a guess's), far below what the
-    # law of the larger sizes says; drop the smallest point while it is the one furthest below the fit
-    while len(m) - start > MIN_SIZES:
-        resid = np.log(means[start:]) - np.log(_law(params, m[start:]))
-        if not (resid[0] < -0.05 and resid[0] <= resid.min()):
-            break
-        start += 1
-        params = _fit(m[start:], means[start:])
-    used = slice(start, len(m))
-    rms = float(np.sqrt(np.mean((np.log(means[used]) - np.log(_law(params, m[used]))) ** 2)))
-    if rms > MAX_LOG_RMS:
-        raise CurveFitError(f"the points do not follow a power law (RMS error of the fit {rms:.2f} in log space, "
-                            f"more than {MAX_LOG_RMS}); more repeats or other sizes may help")
-    alpha, beta, gamma = params
-    if beta > -0.01:
-        raise CurveFitError(f"the fitted exponent {beta:.3f} is flat: the error barely falls with more data")
-    # Parametric bootstrap in log space: each size's mean drawn around the fitted law with the larger of (the
-    # runs' spread pooled over sizes / sqrt(runs), the fit's own RMS): a few repeats per size estimate their
-    # spread poorly one by one, and a misfit widens the intervals as it should.
-    spread = _pooled_log_spread(runs[start:])
-    sd = np.maximum([spread / math.sqrt(len(r)) for r in runs[start:]], rms)
-    rng = np.random.default_rng(seed)
-    centre = np.log(_law(params, m[used]))
-    samples = [_fit(m[used], np.exp(centre + rng.normal(0, sd)), params) for _ in range(bootstrap)]
-    return PowerLaw(float(alpha), float(beta), float(gamma), [int(x) for x in m[used]],
-                    [int(x) for x in m[:start]], rms, np.array(samples).reshape(-1, 3))
-
-
-def _pooled_log_spread(runs: list[np.ndarray]) -> float:
-    """The standard deviation of one run's log error around its size's mean, pooled over the sizes."""
-    dev = [np.log(r) - np.log(r).mean() for r in runs if len(r) > 1 and np.all(r > 0)]
-    dof = sum(len(d) - 1 for d in dev)
-    return float(np.sqrt(sum((d ** 2).sum() for d in dev) / dof)) if dof else 0.0
-
-
-def _check(sizes, errors) -> tuple[np.ndarray, list[np.ndarray]]:
-    m = np.asarray(list(sizes), dtype=float)
-    runs = [np.asarray(list(e) if np.ndim(e) else [e], dtype=float) for e in errors]
-    if len(m) != len(runs):
-        raise CurveFitError(f"{len(m)} sizes but {len(runs)} lists of errors")
-    if len(m) < MIN_SIZES:
-        raise CurveFitError(f"{len(m)} sizes: a power law needs at least {MIN_SIZES} (three parameters and a check)")
-    if np.any(m <= 0) or np.any(np.diff(m) <= 0):
-        raise CurveFitError(f"sizes must be positive and increasing, got {m.tolist()}")
-    for size, r in zip(m, runs):
-        if not len(r) or not np.all(np.isfinite(r)) or np.any(r < 0):
-            raise CurveFitError(f"the errors at {size:,.0f} rows must be finite and >= 0, got {r.tolist()}")
-    if any(np.mean(r) <= 0 for r in runs):
-        raise CurveFitError("an error of 0 at some size: the validation set is too easy or too small to measure a "
-                            "curve on (its log is undefined)")
-    return m, runs
-
-
-def _law(params, m):
-    alpha, beta, gamma = params
-    return alpha * m ** beta + gamma
-
-
-def _fit(m: np.ndarray, err: np.ndarray, start=None) -> tuple[float, float, float]:
-    """Bounded least squares on log(error): alpha > 0, -2 <= beta <= 0, 0 <= gamma < min(error)."""
-    floor = float(err.min()) * 0.999
-    if start is None:
-        slope, intercept = np.polyfit(np.log(m), np.log(err), 1)
-        start = (math.exp(intercept), min(max(slope, -1.99), -1e-3), 0.0)
-    x0 = [math.log(max(start[0], 1e-300)), min(max(start[1], -1.99), -1e-3), min(max(start[2], 0.0), floor * 0.5)]
-    result = least_squares(lambda p: np.log(np.exp(p[0]) * m ** p[1] + p[2]) - np.log(err), x0,
-                           bounds=([-700, -2.0, 0.0], [700, 0.0, max(floor, 1e-12)]), method="trf")
-    return float(math.exp(result.x[0])), float(result.x[1]), float(result.x[2])
-
-
-def _inverse(alpha: float, beta: float, gamma: float, error: float) -> float:
-    if error <= gamma or beta >= 0:
-        return math.inf
-    return float(((error - gamma) / alpha) ** (1.0 / beta))
-
-
-def _interval(values) -> tuple[float, float]:
-    values = np.asarray(values, dtype=float)
-    tail = (1 - LEVEL) / 2 * 100
-    finite = values[np.isfinite(values)]
-    if len(finite) < len(values) * (1 - (1 - LEVEL) / 2):  # more than the upper tail unreachable
-        return (float(np.percentile(finite, tail)) if len(finite) else math.inf), math.inf
-    return float(np.nanpercentile(values, tail)), float(np.nanpercentile(values, 100 - tail))
-
-
-def _positive(name: str, v) -> float:
+def learning_curve(trainer, train: Dataset, val: Dataset, sizes="auto", repeats: int = 3, seed: int = 0,
+                   parallel: int = 1, label: str | None = None, work_dir: str | None = None) -> LearningCurve:
+    """Train ``trainer`` (a ``tg.Trainer`` or an estimator with ``fit``) on nested stratified subsets of
+    ``train`` and measure the classification error on ``val``; fit the power law. ``sizes``: "auto" (at
+    least 6, geometric, up to all of ``train``) or a list; ``repeats``: runs per size (other seeds, other
+    subsets); ``parallel``: runs at once in local worker processes. Runs already done (same data, trainer
+    and plan) are read back from ``work_dir`` (default: under the loader's cache folder)."""
+    repeats = check_int("repeats", repeats, 1)
+    parallel = check_int("parallel", parallel, 1)
+    label = label or getattr(trainer, "label", None) or getattr(trainer, "label_col", None) or "label"
+    for name, ds in (("train", train), ("val", val)):
+        if not isinstance(ds, Dataset):
+            raise ArgumentError(f"{name} must be a Dataset, got {type(ds).__name__}")
+        if label not in ds.schema.names:
+            raise ArgumentError(f"{name} has no label column {label!r}; columns: {ds.schema.names}")
+    if train.fingerprint == val.fingerprint:
+        raise ArgumentError("val is the training data itself: measure the error on rows the runs never train on")
+    labels = _labels(train, label)
+    sizes = _sizes(sizes, len(labels), len(np.unique(labels)))
+    orders = [_nested_order(labels, seed + r) for r in range(repeats)]
+    plan = [(m, r) for m in sizes for r in range(repeats)]
+    folder = _work_folder(work_dir, trainer, train, val, sizes, repeats, seed)
+    todo = [k for k, (m, r) in enumerate(plan) if _done(folder, m, r) is None]
+    job = _Runs(trainer, train, val, label, plan, orders, todo, folder)
+    if todo:
+        if parallel == 1:
+            job.run_rank(0, 1)
+        else:
+            engines.get("local")(cloudpickle.dumps(job), min(parallel, len(todo)), 0, TIMEOUT_S, None)
+    runs = pd.DataFrame([{"size": m, "repeat": r, "error": _done(folder, m, r)} for m, r in plan])
+    table = runs.groupby("size")["error"].apply(list)
     try:
-        v = float(v)
-    except (TypeError, ValueError):
-        raise CurveFitError(f"{name} must be a positive number, got {v!r}") from None
-    if not (v > 0 and math.isfinite(v)):
-        raise CurveFitError(f"{name} must be a positive number, got {v!r}")
-    return v
+        law = fit_power_law(table.index.tolist(), table.tolist(), seed=seed)
+        return LearningCurve(runs, law)
+    except CurveFitError as e:
+        return LearningCurve(runs, None, str(e))
+
+
+class _Runs:
+    """The runs still to do, ``todo[rank::world]`` on each worker; each writes its error whole."""
+
+    timeout_s = TIMEOUT_S
+
+    def __init__(self, trainer, train, val, label, plan, orders, todo, folder):
+        self.trainer, self.train, self.val, self.label = trainer, train, val, label
+        self.plan, self.orders, self.todo, self.folder = plan, orders, todo, folder
+
+    def run_rank(self, rank: int, world: int) -> dict:
+        for k in self.todo[rank::world]:
+            m, r = self.plan[k]
+            subset = subsets._view(self.train, np.sort(self.orders[r][:m]), None, f"{m} rows, repeat {r}")
+            error = _error(self.trainer, subset, self.val, self.label, seed=r)
+            tgfs.put_atomic(*tgfs.resolve(_run_path(self.folder, m, r)), json.dumps({"error": error}).encode())
+        return {"runs": len(self.todo[rank::world])}
+
+
+def _error(trainer, subset: Dataset, val: Dataset, label: str, seed: int) -> float:
+    """One run: train on ``subset`` (another seed per repeat), the error on ``val``."""
+    if isinstance(trainer, Trainer):
+        t = _reseeded(trainer, seed)
+        model = t.fit(subset).model
+        pred = predict(model, val, t.features, transform=t.transform, classifier=True, keep=[label])
+    else:
+        est = trainer.copy(seed=seed) if "seed" in trainer.get_params() else trainer.copy()
+        pred = est.fit(subset).transform(val)
+    y = pred.to_arrow(columns=[label, "prediction"])
+    return float(1.0 - pc.mean(pc.cast(pc.equal(y.column(label), y.column("prediction")), "float64")).as_py())
+
+
+def _reseeded(trainer: Trainer, seed: int) -> Trainer:
+    import copy
+
+    t = copy.copy(trainer)
+    t.seed, t.quiet = seed, True
+    return t
+
+
+def _labels(ds: Dataset, label: str) -> np.ndarray:
+    col = ds.to_arrow(columns=[label]).column(0)
+    if col.null_count:
+        raise ArgumentError(f"the label column {label!r} has {col.null_count} nulls")
+    return col.to_numpy()
+
+
+def _sizes(sizes, n: int, classes: int) -> list[int]:
+    if isinstance(sizes, str):
+        if sizes != "auto":
+            raise ArgumentError(f"sizes must be 'auto' or a list of row counts, got {sizes!r}")
+        low = min(n // 8, max(10 * classes, 50))
+        count = max(MIN_AUTO_SIZES, int(math.log2(n / max(low, 1))) + 1)
+        out = sorted({int(round(x)) for x in np.geomspace(max(low, 1), n, count)})
+    else:
+        out = sorted({int(s) for s in sizes})
+    if len(out) < 4:
+        raise CurveFitError(f"{len(out)} sizes: a learning curve needs at least 4 (the data has {n} rows)")
+    if out[0] < classes or out[-1] > n:
+        raise ArgumentError(f"sizes must lie between the number of classes ({classes}) and the training rows ({n}); "
+                            f"got {out[0]}..{out[-1]}")
+    return out
+
+
+def _nested_order(labels: np.ndarray, seed: int) -> np.ndarray:
+    """Row positions in an order whose every prefix is stratified by label: each class's rows shuffled,
+    then interleaved by their position within the class relative to its size."""
+    rng = np.random.default_rng(seed)
+    key = np.empty(len(labels))
+    for c in np.unique(labels):
+        rows = np.flatnonzero(labels == c)
+        rng.shuffle(rows)
+        key[rows] = (np.arange(len(rows)) + rng.random()) / len(rows)
+    return np.argsort(key, kind="stable")
+
+
+def _work_folder(work_dir, trainer, train, val, sizes, repeats, seed) -> str:
+    h = hashlib.sha256(cloudpickle.dumps(trainer))
+    h.update(repr((train.fingerprint, val.fingerprint, sizes, repeats, seed)).encode())
+    base = work_dir or os.path.join(os.environ.get("TENSORGRID_CACHE_DIR") or
+                                    os.path.join(os.path.expanduser("~"), ".cache", "tensorgrid"), "curves")
+    return tgfs.join(base, h.hexdigest()[:16])
+
+
+def _run_path(folder: str, m: int, r: int) -> str:
+    return tgfs.join(folder, f"run-{m}-{r}.json")
+
+
+def _done(folder: str, m: int, r: int) -> float | None:
+    fs, path = tgfs.resolve(_run_path(folder, m, r))
+    try:
+        return float(json.loads(fs.cat_file(path))["error"])
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        return None

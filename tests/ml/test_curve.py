@@ -1,67 +1,74 @@
-"""The power-law fit of learning curves on points with a known law (noise, a small-data region, a floor):
-the law and its intervals recovered, predictions and sizes with intervals, refusals with reasons."""
+"""learning_curve on real data (scikit-learn's digits): nested stratified subsets, runs in this process and
+on two worker processes, resumed from the runs done, a fitted law, save/load, bad input."""
 
-import math
+import os
 
 import numpy as np
 import pytest
+import torch
 
-from tensorgrid.ml.curve import CurveFitError, PowerLaw, fit_power_law
-
-SIZES = [100, 200, 400, 800, 1600, 3200, 6400]
-
-
-def _points(alpha=2.0, beta=-0.35, gamma=0.02, noise=0.03, repeats=3, sizes=SIZES, seed=0):
-    rng = np.random.default_rng(seed)
-    return [list((alpha * m ** beta + gamma) * np.exp(rng.normal(0, noise, repeats))) for m in sizes]
+import tensorgrid as tg
+from tensorgrid.errors import ArgumentError, CurveFitError
+from tensorgrid.ml.curve import LearningCurve, _nested_order, learning_curve
+from tensorgrid.quickstart import digits_frame
 
 
-def test_a_known_law_is_recovered_and_its_intervals_hold_the_truth_about_as_often_as_they_say():
-    truth = 2.0 * 20_000 ** -0.35 + 0.02  # 3x beyond the largest size measured
-    beta_in = value_in = size_in = 0
-    for seed in range(20):
-        law = fit_power_law(SIZES, _points(seed=seed), bootstrap=200, seed=seed)
-        lo, hi = law.beta_interval
-        beta_in += lo <= -0.35 <= hi
-        value, lo, hi = law.predict(20_000)
-        value_in += lo <= truth <= hi
-        m, mlo, mhi = law.size_for(truth)
-        size_in += mlo <= 20_000 <= mhi
-        assert abs(value - truth) / truth < 0.15 and law.small_data == [] and law.log_rms < 0.05
-    assert beta_in >= 16 and value_in >= 16 and size_in >= 16  # 95% intervals: at least 80% of 20 runs
+def _scaled(batch):
+    batch["image"] = batch["image"].float().div_(16).flatten(1)
+    return batch
 
 
-def test_the_small_data_region_is_left_out():
-    # the law says more than a guess's error at the smallest sizes: there the error stays near the guess
-    points = [[min(0.9, e) for e in run] for run in _points(alpha=20, beta=-0.5, noise=0.02)]
-    law = fit_power_law(SIZES, points)
-    assert law.small_data[:2] == [100, 200] and law.sizes == SIZES[len(law.small_data):]
-    assert law.beta_interval[0] <= -0.5 <= law.beta_interval[1]
+def _trainer():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+    return tg.Trainer(net, loss=torch.nn.CrossEntropyLoss(), features="image", label="label", transform=_scaled,
+                      optimizer=lambda p: torch.optim.Adam(p, lr=1e-2), batch_size=32, epochs=6, quiet=True)
 
 
-def test_an_error_below_the_floor_is_unreachable():
-    law = fit_power_law(SIZES, _points(gamma=0.05, noise=0.01))
-    with pytest.raises(CurveFitError, match="unreachable.*floor"):
-        law.size_for(law.gamma * 0.9)
-    assert math.isfinite(law.size_for(law.gamma * 1.5)[0])
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    frame = digits_frame().sample(frac=1.0, random_state=0).reset_index(drop=True)
+    root = tmp_path_factory.mktemp("curve")
+    return tg.write(str(root / "train"), frame.iloc[:1200]), tg.write(str(root / "val"), frame.iloc[1200:])
 
 
-def test_it_saves_and_loads():
-    law = fit_power_law(SIZES, _points())
-    back = PowerLaw.from_dict(law.to_dict())
-    assert back.predict(10_000) == law.predict(10_000) and back.beta_interval == law.beta_interval
+def test_every_prefix_of_the_order_is_stratified_and_nested():
+    labels = np.repeat(np.arange(4), [100, 50, 30, 20])
+    order = _nested_order(labels, seed=3)
+    assert sorted(order) == list(range(200))
+    for m in (20, 40, 100):
+        counts = np.bincount(labels[order[:m]], minlength=4)
+        assert np.all(np.abs(counts - m * np.array([100, 50, 30, 20]) / 200) <= 1.0)
 
 
-@pytest.mark.parametrize("sizes, errors, message", [
-    (SIZES[:3], _points(sizes=SIZES[:3]), "at least 4"),
-    (SIZES, list(reversed(_points())), "does not fall"),
-    (SIZES, [[0.3, 0.31, 0.29]] * len(SIZES), "does not fall"),
-    (SIZES, [[0.5], [0.1], [0.45], [0.05], [0.4], [0.02], [0.3]], "does not (fall|follow)"),
-    (list(reversed(SIZES)), _points(), "increasing"),
-    (SIZES, _points()[:-1], "7 sizes but 6"),
-    (SIZES, [[0.5]] * 6 + [[float("nan")]], "finite"),
-    (SIZES, [[0.5], [0.4], [0.3], [0.2], [0.1], [0.05], [0.0]], "an error of 0"),
-])
-def test_points_without_a_power_law_are_refused_with_the_reason(sizes, errors, message):
-    with pytest.raises(CurveFitError, match=message):
-        fit_power_law(sizes, errors)
+def test_a_curve_on_digits_falls_fits_resumes_and_saves(digits, tmp_path):
+    train, val = digits
+    work = str(tmp_path / "work")
+    sizes = [60, 120, 240, 480, 960]
+    curve = learning_curve(_trainer(), train, val, sizes=sizes, repeats=2, work_dir=work)
+    t = curve.table
+    assert t["size"].tolist() == sizes and t["n_runs"].tolist() == [2] * 5
+    assert t["error_mean"].iloc[-1] < t["error_mean"].iloc[0]
+    assert curve.law is not None, curve.refused
+    assert curve.law.beta < 0 and curve.predict(1200)[0] < t["error_mean"].iloc[-1] + 0.02
+    (folder,) = os.listdir(work)
+    os.remove(os.path.join(work, folder, "run-960-1.json"))  # as if stopped before its last run
+    again = learning_curve(_trainer(), train, val, sizes=sizes, repeats=2, work_dir=work, parallel=2)
+    assert again.runs.drop(index=9).equals(curve.runs.drop(index=9))  # 9 runs read back, one run again
+    assert abs(again.runs["error"].iloc[9] - curve.runs["error"].iloc[9]) < 0.05
+    curve.save(str(tmp_path / "c.json"))
+    back = LearningCurve.load(str(tmp_path / "c.json"))
+    assert back.table.equals(curve.table) and back.predict(1200) == curve.predict(1200)
+
+
+def test_bad_input_is_refused_before_any_run(digits, tmp_path):
+    train, val = digits
+    cases = [(dict(val=train), ArgumentError, "training data itself"),
+             (dict(sizes=[100, 200, 400]), CurveFitError, "at least 4"),
+             (dict(sizes=[100, 200, 400, 5000]), ArgumentError, "training rows \\(1200\\)"),
+             (dict(label="nope"), ArgumentError, "no label column 'nope'")]
+    for changes, error, message in cases:
+        args = {**dict(trainer=_trainer(), train=train, val=val, work_dir=str(tmp_path)), **changes}
+        with pytest.raises(error, match=message):
+            learning_curve(**args)
+    assert not os.listdir(tmp_path)
