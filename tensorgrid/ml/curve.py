@@ -61,6 +61,79 @@ class LearningCurve:
         """Rows needed for ``error``: (value, low, high); CurveFitError when below the floor."""
         return self._law().size_for(error)
 
+    @property
+    def regions(self) -> dict:
+        """The sizes of each region: ``small_data`` (left out of the fit: the error stays near a guess's),
+        ``power_law`` (the fitted sizes), ``plateau`` (fitted sizes within 10% of the floor gamma, when seen)."""
+        law = self._law()
+        plateau = [m for m in law.sizes if law(m) <= law.gamma * 1.1] if law.gamma > 0 else []
+        return {"small_data": list(law.small_data), "power_law": [m for m in law.sizes if m not in plateau],
+                "plateau": plateau}
+
+    def roi(self, cost_per_row: float, value_per_point: float, factor: float = 10.0) -> dict:
+        """What ``factor`` times more rows buy: the predicted error there, the points of error gained (1
+        point = 0.01), their value (``value_per_point`` each), the rows' cost and the net; and the marginal
+        value of one more row at today's size. ``summary`` says it in words."""
+        law = self._law()
+        now = int(self.runs["size"].max())
+        later = now * factor
+        e_now, e_later = float(law(now)), law.predict(later)
+        gained = (e_now - e_later[0]) * 100
+        cost = (later - now) * cost_per_row
+        value = gained * value_per_point
+        marginal = -law.alpha * law.beta * now ** (law.beta - 1) * 100 * value_per_point  # value of one more row
+        summary = (f"{factor:g}x the data ({now:,} -> {later:,.0f} rows) is predicted to take the error from "
+                   f"{e_now:.2%} to {e_later[0]:.2%} (95%: {e_later[1]:.2%}..{e_later[2]:.2%}), {gained:.2f} points, "
+                   f"worth {value:,.2f} for a cost of {cost:,.2f}: net {value - cost:,.2f}. One more row is worth "
+                   f"{marginal:.4g} at {now:,} rows against its cost of {cost_per_row:g}"
+                   + ("; the next rows pay off" + (f", though not all the way to {factor:g}x." if value < cost else ".")
+                      if marginal > cost_per_row else "; more rows cost more than they bring."))
+        return {"rows_now": now, "rows_later": later, "error_now": e_now, "error_later": e_later,
+                "points_gained": gained, "value": value, "cost": cost, "net": value - cost,
+                "marginal_value_per_row": marginal, "summary": summary}
+
+    def plot(self, path, target_error: float | None = None, title: str | None = None) -> str:
+        """A log-log PNG (or .svg/.pdf; a local path or any URL the store takes): the measured errors with
+        their spread, the fitted law and its 95% band extrapolated to 10x the largest size, the small-data
+        sizes marked, the floor, and the predicted size for ``target_error`` when given. Needs matplotlib."""
+        from ..train.plot import check_path, new_figure, save_figure
+
+        check_path(path, "curve.png")
+        t = self.table
+        fig = new_figure((7.5, 5.0))
+        ax = fig.add_subplot()
+        ax.errorbar(t["size"], t["error_mean"], yerr=t["error_std"], fmt="o", color="black", capsize=3,
+                    label=f"measured (mean +- std of {int(t['n_runs'].max())} runs)")
+        if self.law is not None:
+            law = self.law
+            right = t["size"].max() * 10
+            if target_error is not None and target_error > law.gamma:
+                right = max(right, law.size_for(target_error)[0] * 1.3)  # the band reaches the target's size
+            grid = np.geomspace(t["size"].min(), right, 200)
+            band = np.array([law.predict(x) for x in grid])
+            ax.plot(grid, band[:, 0], color="tab:blue",
+                    label=f"fit: {law.alpha:.3g} * m^{law.beta:.3f} + {law.gamma:.3g}")
+            ax.fill_between(grid, band[:, 1], band[:, 2], color="tab:blue", alpha=0.2, label="95% interval")
+            if law.small_data:
+                ax.axvspan(t["size"].min() * 0.9, max(law.small_data) * 1.05, color="grey", alpha=0.15,
+                           label="small-data region (not fitted)")
+            if law.gamma > 0:
+                ax.axhline(law.gamma, color="tab:red", linestyle=":", label=f"floor (irreducible) {law.gamma:.3g}")
+            if target_error is not None and target_error > law.gamma:
+                m, lo, hi = law.size_for(target_error)
+                ax.axhline(target_error, color="tab:green", linestyle="--")
+                ax.axvline(m, color="tab:green", linestyle="--",
+                           label=f"error {target_error:.3g} at ~{m:,.0f} rows ({lo:,.0f}..{hi:,.0f})")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("training rows (log scale)")
+        ax.set_ylabel("validation error, share of rows wrong (log scale)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+        ax.set_title(title or (f"learning curve: beta {self.law.beta:.3f}" if self.law else
+                               f"learning curve (no fit: {self.refused})"[:90]))
+        return save_figure(fig, path)
+
     def save(self, url: str) -> str:
         fs, path = tgfs.resolve(os.fspath(url))
         body = {"format": 1, "runs": self.runs.to_dict(orient="list"),

@@ -72,3 +72,25 @@ def test_bad_input_is_refused_before_any_run(digits, tmp_path):
         with pytest.raises(error, match=message):
             learning_curve(**args)
     assert not os.listdir(tmp_path)
+
+
+def test_plot_regions_and_what_more_data_buys(tmp_path):
+    from tensorgrid.ml.powerlaw import fit_power_law
+
+    sizes = [50, 100, 200, 400, 800, 1600]
+    rng = np.random.default_rng(0)
+    errors = [list(np.minimum(0.9, 6 * m ** -0.5 + 0.01) * np.exp(rng.normal(0, 0.02, 3))) for m in sizes]
+    runs = [{"size": m, "repeat": r, "error": e} for m, es in zip(sizes, errors) for r, e in enumerate(es)]
+    import pandas as pd
+
+    curve = LearningCurve(pd.DataFrame(runs), fit_power_law(sizes, errors))
+    assert curve.regions["small_data"] == curve.law.small_data and curve.regions["power_law"]
+    r = curve.roi(cost_per_row=0.001, value_per_point=100.0)
+    assert r["rows_later"] == 16_000 and 0 < r["points_gained"] < 100 * r["error_now"]
+    assert r["net"] == pytest.approx(r["value"] - r["cost"]) and "10x the data" in r["summary"]
+    png = curve.plot(str(tmp_path / "curve.png"), target_error=0.05)
+    from PIL import Image
+
+    with Image.open(png) as im:
+        assert im.size[0] > 600 and im.size[1] > 400
+    assert (tmp_path / "curve.png").stat().st_size > 20_000
