@@ -277,6 +277,36 @@ def cmd_quickstart(a) -> None:
     run(a.root, train=not a.no_train, overwrite=a.overwrite)
 
 
+def cmd_curve(a) -> None:
+    import runpy
+
+    from .ml.curve import learning_curve
+    from .store import open as open_dataset
+
+    path, _, name = a.trainer.rpartition(":")
+    if not path or not name:
+        raise ArgumentError(f"--trainer is FILE.py:FUNCTION (a function that returns a Trainer or an estimator), "
+                            f"got {a.trainer!r}")
+    if not os.path.isfile(path):
+        raise ArgumentError(f"--trainer: no such file {path!r}")
+    make = runpy.run_path(path, run_name="tensorgrid_curve_trainer").get(name)  # its __main__ block does not run
+    if not callable(make):
+        raise ArgumentError(f"{path} defines no function {name!r}")
+    try:
+        sizes = "auto" if a.sizes == "auto" else [int(x) for x in a.sizes.split(",") if x.strip()]
+    except ValueError:
+        raise ArgumentError(f"--sizes is 'auto' or row counts separated by commas, got {a.sizes!r}") from None
+    curve = learning_curve(make(), open_dataset(a.data), open_dataset(a.val), sizes=sizes, repeats=a.repeats,
+                           parallel=a.parallel, work_dir=a.work_dir, seed=a.seed)
+    print(curve.table.to_string(index=False))
+    print(curve)
+    if curve.law is not None:
+        top = int(curve.table["size"].max())
+        value, low, high = curve.predict(top * 10)
+        print(f"predicted error with 10x the data ({top * 10:,} rows): {value:.4f} (95%: {low:.4f}..{high:.4f})")
+    print(f"plot: {curve.plot(a.png)}")
+
+
 def cmd_serve(a) -> None:
     import logging
 
@@ -386,6 +416,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("action", nargs="?", choices=["list", "clear"], default="list")
     sp.add_argument("--dir", default=None, help="a cache_dir= folder (default: $TENSORGRID_CACHE_DIR, else "
                                                 "$XDG_CACHE_HOME/tensorgrid, else ~/.cache/tensorgrid)")
+    sp = add("curve", cmd_curve, "a learning curve: train on growing subsets, fit the power law of error vs rows")
+    sp.add_argument("--data", required=True, metavar="URL", help="the training dataset")
+    sp.add_argument("--val", required=True, metavar="URL", help="the validation dataset (no rows of --data)")
+    sp.add_argument("--trainer", required=True, metavar="FILE.py:FUNCTION",
+                    help="a Python file and the function in it that builds the Trainer or estimator")
+    sp.add_argument("--sizes", default="auto", help="'auto' (default) or row counts: 100,200,400,800")
+    sp.add_argument("--repeats", type=int, default=3, help="runs per size (default 3)")
+    sp.add_argument("--parallel", type=int, default=1, help="runs at once in worker processes (default 1)")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--png", default="curve.png", help="where the plot goes (default curve.png)")
+    sp.add_argument("--work-dir", default=None, help="where each run's result is kept (a rerun resumes)")
     _add_serve(add)
     sp = add("versions", cmd_versions, "the history of a dataset")
     sp.add_argument("ds")

@@ -14,6 +14,9 @@ import hashlib
 import json
 import math
 import os
+import sys
+import threading
+import warnings
 
 import cloudpickle
 import numpy as np
@@ -31,6 +34,7 @@ from ..train.trainer import Trainer
 from .powerlaw import PowerLaw, fit_power_law
 
 MIN_AUTO_SIZES = 6
+METRICS = ("error", "log_loss")
 TIMEOUT_S = 300.0
 
 
@@ -164,41 +168,88 @@ class LearningCurve:
 
 
 def learning_curve(trainer, train: Dataset, val: Dataset, sizes="auto", repeats: int = 3, seed: int = 0,
-                   parallel: int = 1, label: str | None = None, work_dir: str | None = None) -> LearningCurve:
+                   metric="error", parallel: int = 1, label: str | None = None, work_dir: str | None = None,
+                   progress: bool | None = None) -> LearningCurve:
     """Train ``trainer`` (a ``tg.Trainer`` or an estimator with ``fit``) on nested stratified subsets of
-    ``train`` and measure the classification error on ``val``; fit the power law. ``sizes``: "auto" (at
-    least 6, geometric, up to all of ``train``) or a list; ``repeats``: runs per size (other seeds, other
-    subsets); ``parallel``: runs at once in local worker processes. Runs already done (same data, trainer
-    and plan) are read back from ``work_dir`` (default: under the loader's cache folder)."""
+    ``train`` and measure ``metric`` on ``val``; fit the power law. ``sizes``: "auto" (at least 6,
+    geometric, up to all of ``train``) or a list; ``repeats``: runs per size (other seeds, other subsets);
+    ``metric``: "error" (classification error), "log_loss" (validation cross-entropy of the predicted
+    probabilities) or a function ``(predictions: Dataset, label) -> float`` (lower is better);
+    ``parallel``: runs at once in local worker processes. Runs already done (same data, trainer, metric and
+    plan) are read back from ``work_dir`` (default: under the loader's cache folder). ``progress``: a bar of
+    the runs on stderr (default: on a terminal)."""
     repeats = check_int("repeats", repeats, 1)
     parallel = check_int("parallel", parallel, 1)
+    if not (callable(metric) or metric in METRICS):
+        raise ArgumentError(f"metric must be one of {METRICS} or a function (predictions, label) -> float, "
+                            f"got {metric!r}")
     label = label or getattr(trainer, "label", None) or getattr(trainer, "label_col", None) or "label"
     for name, ds in (("train", train), ("val", val)):
         if not isinstance(ds, Dataset):
             raise ArgumentError(f"{name} must be a Dataset, got {type(ds).__name__}")
         if label not in ds.schema.names:
             raise ArgumentError(f"{name} has no label column {label!r}; columns: {ds.schema.names}")
-    if train.fingerprint == val.fingerprint:
-        raise ArgumentError("val is the training data itself: measure the error on rows the runs never train on")
+    if train.fingerprint == val.fingerprint or _shared_rows(train, val):
+        raise ArgumentError("val shares rows with train: measure the error on rows the runs never train on "
+                            "(ds.split gives disjoint parts)")
     labels = _labels(train, label)
     sizes = _sizes(sizes, len(labels), len(np.unique(labels)))
     orders = [_nested_order(labels, seed + r) for r in range(repeats)]
     plan = [(m, r) for m in sizes for r in range(repeats)]
-    folder = _work_folder(work_dir, trainer, train, val, sizes, repeats, seed)
+    folder = _work_folder(work_dir, trainer, train, val, sizes, repeats, seed, metric)
     todo = [k for k, (m, r) in enumerate(plan) if _done(folder, m, r) is None]
-    job = _Runs(trainer, train, val, label, plan, orders, todo, folder)
+    job = _Runs(trainer, train, val, label, plan, orders, todo, folder, metric)
     if todo:
-        if parallel == 1:
-            job.run_rank(0, 1)
-        else:
-            engines.get("local")(cloudpickle.dumps(job), min(parallel, len(todo)), 0, TIMEOUT_S, None)
+        with _Bar(plan, folder, progress):
+            if parallel == 1:
+                job.run_rank(0, 1)
+            else:
+                engines.get("local")(cloudpickle.dumps(job), min(parallel, len(todo)), 0, TIMEOUT_S, None)
     runs = pd.DataFrame([{"size": m, "repeat": r, "error": _done(folder, m, r)} for m, r in plan])
     table = runs.groupby("size")["error"].apply(list)
     try:
         law = fit_power_law(table.index.tolist(), table.tolist(), seed=seed)
         return LearningCurve(runs, law)
     except CurveFitError as e:
+        warnings.warn(f"tensorgrid: no power law fitted to the learning curve: {e}", RuntimeWarning, stacklevel=2)
         return LearningCurve(runs, None, str(e))
+
+
+class _Bar:
+    """Runs done out of all, on stderr while the runs go (here or in worker processes: the work folder is
+    watched), when ``progress`` (default: stderr is a terminal)."""
+
+    def __init__(self, plan, folder: str, progress: bool | None):
+        self.plan, self.folder = plan, folder
+        self.on = sys.stderr.isatty() if progress is None else bool(progress)
+        self.stop = threading.Event()
+
+    def __enter__(self):
+        if self.on:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("learning curve runs"), BarColumn(), MofNCompleteColumn(),
+                                TimeRemainingColumn(), transient=False)
+            self.task = self.bar.add_task("runs", total=len(self.plan))
+            self.bar.start()
+            self.thread = threading.Thread(target=self._watch, daemon=True)
+            self.thread.start()
+        return self
+
+    def _count(self) -> int:
+        return sum(_done(self.folder, m, r) is not None for m, r in self.plan)
+
+    def _watch(self) -> None:
+        while not self.stop.wait(0.5):
+            self.bar.update(self.task, completed=self._count())
+
+    def __exit__(self, *exc):
+        if self.on:
+            self.stop.set()
+            self.thread.join()
+            self.bar.update(self.task, completed=self._count())
+            self.bar.stop()
+        return False
 
 
 class _Runs:
@@ -206,21 +257,21 @@ class _Runs:
 
     timeout_s = TIMEOUT_S
 
-    def __init__(self, trainer, train, val, label, plan, orders, todo, folder):
+    def __init__(self, trainer, train, val, label, plan, orders, todo, folder, metric):
         self.trainer, self.train, self.val, self.label = trainer, train, val, label
-        self.plan, self.orders, self.todo, self.folder = plan, orders, todo, folder
+        self.plan, self.orders, self.todo, self.folder, self.metric = plan, orders, todo, folder, metric
 
     def run_rank(self, rank: int, world: int) -> dict:
         for k in self.todo[rank::world]:
             m, r = self.plan[k]
             subset = subsets._view(self.train, np.sort(self.orders[r][:m]), None, f"{m} rows, repeat {r}")
-            error = _error(self.trainer, subset, self.val, self.label, seed=r)
+            error = _error(self.trainer, subset, self.val, self.label, r, self.metric)
             tgfs.put_atomic(*tgfs.resolve(_run_path(self.folder, m, r)), json.dumps({"error": error}).encode())
         return {"runs": len(self.todo[rank::world])}
 
 
-def _error(trainer, subset: Dataset, val: Dataset, label: str, seed: int) -> float:
-    """One run: train on ``subset`` (another seed per repeat), the error on ``val``."""
+def _error(trainer, subset: Dataset, val: Dataset, label: str, seed: int, metric="error") -> float:
+    """One run: train on ``subset`` (another seed per repeat), ``metric`` on ``val``."""
     if isinstance(trainer, Trainer):
         t = _reseeded(trainer, seed)
         model = t.fit(subset).model
@@ -228,8 +279,32 @@ def _error(trainer, subset: Dataset, val: Dataset, label: str, seed: int) -> flo
     else:
         est = trainer.copy(seed=seed) if "seed" in trainer.get_params() else trainer.copy()
         pred = est.fit(subset).transform(val)
+    if callable(metric):
+        value = metric(pred, label)
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            raise ArgumentError(f"the metric returned {value!r}, not a number") from None
+        return value
+    if metric == "log_loss":
+        from .evaluate import log_loss
+
+        return float(log_loss(pred, label_col=label))
     y = pred.to_arrow(columns=[label, "prediction"])
     return float(1.0 - pc.mean(pc.cast(pc.equal(y.column(label), y.column("prediction")), "float64")).as_py())
+
+
+def _shared_rows(train: Dataset, val: Dataset) -> bool:
+    """Whether two views of one dataset (``ds.split``, ``sample``, ``filter``) hold a row in common."""
+    a, b = (isinstance(d, subsets.SubsetDataset) for d in (train, val))
+    base_a, base_b = (train.base if a else train), (val.base if b else val)
+    if base_a.fingerprint != base_b.fingerprint:
+        return False
+    rows_a = train._rows if a else None
+    rows_b = val._rows if b else None
+    if rows_a is None or rows_b is None:  # one of them is all of it
+        return True
+    return bool(np.intersect1d(rows_a, rows_b, assume_unique=True).size)
 
 
 def _reseeded(trainer: Trainer, seed: int) -> Trainer:
@@ -276,9 +351,10 @@ def _nested_order(labels: np.ndarray, seed: int) -> np.ndarray:
     return np.argsort(key, kind="stable")
 
 
-def _work_folder(work_dir, trainer, train, val, sizes, repeats, seed) -> str:
+def _work_folder(work_dir, trainer, train, val, sizes, repeats, seed, metric="error") -> str:
     h = hashlib.sha256(cloudpickle.dumps(trainer))
     h.update(repr((train.fingerprint, val.fingerprint, sizes, repeats, seed)).encode())
+    h.update(cloudpickle.dumps(metric))
     base = work_dir or os.path.join(os.environ.get("TENSORGRID_CACHE_DIR") or
                                     os.path.join(os.path.expanduser("~"), ".cache", "tensorgrid"), "curves")
     return tgfs.join(base, h.hexdigest()[:16])

@@ -63,7 +63,7 @@ def test_a_curve_on_digits_falls_fits_resumes_and_saves(digits, tmp_path):
 
 def test_bad_input_is_refused_before_any_run(digits, tmp_path):
     train, val = digits
-    cases = [(dict(val=train), ArgumentError, "training data itself"),
+    cases = [(dict(val=train), ArgumentError, "shares rows"),
              (dict(sizes=[100, 200, 400]), CurveFitError, "at least 4"),
              (dict(sizes=[100, 200, 400, 5000]), ArgumentError, "training rows \\(1200\\)"),
              (dict(label="nope"), ArgumentError, "no label column 'nope'")]
@@ -94,3 +94,47 @@ def test_plot_regions_and_what_more_data_buys(tmp_path):
     with Image.open(png) as im:
         assert im.size[0] > 600 and im.size[1] > 400
     assert (tmp_path / "curve.png").stat().st_size > 20_000
+
+
+def test_other_metrics_overlapping_rows_and_a_refused_fit_warn_or_refuse(digits, tmp_path):
+    train, val = digits
+    sizes = [60, 120, 240, 480]
+    loss = learning_curve(_trainer(), train, val, sizes=sizes, repeats=1, metric="log_loss", work_dir=str(tmp_path))
+    assert loss.table["error_mean"].iloc[-1] < loss.table["error_mean"].iloc[0]
+    with pytest.warns(RuntimeWarning, match="no power law fitted"):  # a flat metric: no power law
+        custom = learning_curve(_trainer(), train, val, sizes=sizes, repeats=1, work_dir=str(tmp_path),
+                                metric=lambda pred, label: 0.3)
+    assert custom.law is None and "does not fall" in custom.refused
+    with pytest.raises(CurveFitError, match="no power law was fitted"):
+        custom.predict(1000)
+    a, b = train.split([0.7, 0.3], seed=0)
+    with pytest.raises(ArgumentError, match="shares rows"):
+        learning_curve(_trainer(), a, train, sizes=sizes, work_dir=str(tmp_path))
+    assert learning_curve(_trainer(), a, b, sizes=[60, 120, 240, 480], repeats=1, work_dir=str(tmp_path)).law
+
+
+def test_the_cli_prints_the_table_and_the_fit_and_writes_the_plot(digits, tmp_path):
+    import subprocess
+    import sys
+
+    train, val = digits
+    maker = tmp_path / "make.py"
+    maker.write_text(
+        "import torch\nimport tensorgrid as tg\n\n"
+        "def scaled(b):\n    b['image'] = b['image'].float().div_(16).flatten(1)\n    return b\n\n"
+        "def make_trainer():\n    torch.manual_seed(0)\n"
+        "    net = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))\n"
+        "    return tg.Trainer(net, loss=torch.nn.CrossEntropyLoss(), features='image', label='label',\n"
+        "                      transform=scaled, optimizer=lambda p: torch.optim.Adam(p, lr=1e-2), epochs=6, quiet=True)\n\n"
+        "if __name__ == '__main__':\n    raise SystemExit('not run by the CLI')\n")
+    cli = [sys.executable, "-m", "tensorgrid.cli", "curve", "--data", train.url, "--val", val.url]
+    done = subprocess.run(cli + ["--trainer", f"{maker}:make_trainer", "--sizes", "60,120,240,480", "--repeats", "2",
+                                 "--parallel", "2", "--png", str(tmp_path / "c.png"), "--work-dir",
+                                 str(tmp_path / "w")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "error_mean" in done.stdout and "LearningCurve(8 runs" in done.stdout and "plot: " in done.stdout
+    assert (tmp_path / "c.png").stat().st_size > 10_000
+    for bad, message in (([f"{maker}:nope"], "defines no function 'nope'"), (["missing.py:f"], "no such file"),
+                         ([f"{maker}:make_trainer", "--sizes", "a,b"], "--sizes")):
+        done = subprocess.run(cli + ["--trainer", *bad], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 1 and message in done.stderr and "Traceback" not in done.stderr
