@@ -21,7 +21,6 @@ import warnings
 import cloudpickle
 import numpy as np
 import pandas as pd
-import pyarrow.compute as pc
 
 from .. import fs as tgfs
 from ..args import check_int
@@ -31,6 +30,7 @@ from ..store.dataset import Dataset
 from ..train import engines
 from ..train.predict import predict
 from ..train.trainer import Trainer
+from . import evaluate
 from .powerlaw import PowerLaw, fit_power_law
 
 MIN_AUTO_SIZES = 6
@@ -189,7 +189,7 @@ def learning_curve(trainer, train: Dataset, val: Dataset, sizes="auto", repeats:
             raise ArgumentError(f"{name} must be a Dataset, got {type(ds).__name__}")
         if label not in ds.schema.names:
             raise ArgumentError(f"{name} has no label column {label!r}; columns: {ds.schema.names}")
-    if train.fingerprint == val.fingerprint or _shared_rows(train, val):
+    if subsets.shares_rows(train, val):
         raise ArgumentError("val shares rows with train: measure the error on rows the runs never train on "
                             "(ds.split gives disjoint parts)")
     labels = _labels(train, label)
@@ -264,7 +264,7 @@ class _Runs:
     def run_rank(self, rank: int, world: int) -> dict:
         for k in self.todo[rank::world]:
             m, r = self.plan[k]
-            subset = subsets._view(self.train, np.sort(self.orders[r][:m]), None, f"{m} rows, repeat {r}")
+            subset = subsets.take(self.train, np.sort(self.orders[r][:m]), f"{m} rows, repeat {r}")
             error = _error(self.trainer, subset, self.val, self.label, r, self.metric)
             tgfs.put_atomic(*tgfs.resolve(_run_path(self.folder, m, r)), json.dumps({"error": error}).encode())
         return {"runs": len(self.todo[rank::world])}
@@ -287,24 +287,8 @@ def _error(trainer, subset: Dataset, val: Dataset, label: str, seed: int, metric
             raise ArgumentError(f"the metric returned {value!r}, not a number") from None
         return value
     if metric == "log_loss":
-        from .evaluate import log_loss
-
-        return float(log_loss(pred, label_col=label))
-    y = pred.to_arrow(columns=[label, "prediction"])
-    return float(1.0 - pc.mean(pc.cast(pc.equal(y.column(label), y.column("prediction")), "float64")).as_py())
-
-
-def _shared_rows(train: Dataset, val: Dataset) -> bool:
-    """Whether two views of one dataset (``ds.split``, ``sample``, ``filter``) hold a row in common."""
-    a, b = (isinstance(d, subsets.SubsetDataset) for d in (train, val))
-    base_a, base_b = (train.base if a else train), (val.base if b else val)
-    if base_a.fingerprint != base_b.fingerprint:
-        return False
-    rows_a = train._rows if a else None
-    rows_b = val._rows if b else None
-    if rows_a is None or rows_b is None:  # one of them is all of it
-        return True
-    return bool(np.intersect1d(rows_a, rows_b, assume_unique=True).size)
+        return float(evaluate.log_loss(pred, label_col=label))
+    return 1.0 - evaluate.accuracy(pred, label_col=label)
 
 
 def _reseeded(trainer: Trainer, seed: int) -> Trainer:

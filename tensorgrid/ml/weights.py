@@ -22,8 +22,9 @@ from .. import fs as tgfs
 from ..errors import ArgumentError, ModelLoadError
 
 # what unpickling a numpy array needs (TensorGrid checkpoints hold numpy's RNG state beside the weights)
-_NUMPY = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, *(t for t in vars(np.dtypes).values()
-                                                                     if isinstance(t, type))]
+# (``_reconstruct`` lives in numpy.core before numpy 2 and numpy._core after: taken from an array's own pickle)
+_NUMPY = [np.zeros(0).__reduce__()[0], np.ndarray, np.dtype, *(t for t in vars(np.dtypes).values()
+                                                                if isinstance(t, type))]
 
 
 def load_weights(model: torch.nn.Module, url: str | os.PathLike, strict: bool = True) -> torch.nn.Module:

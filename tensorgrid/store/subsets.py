@@ -160,7 +160,24 @@ def rows(ds: Dataset, start: int, stop: int) -> SubsetDataset:
     n = ds.num_rows
     if not (0 <= start <= stop <= n):
         raise ArgumentError(f"rows {start}..{stop} are not within the dataset's {n} rows")
-    return _view(ds, np.arange(start, stop, dtype=np.int64), None, f"rows {start}..{stop}")
+    return take(ds, np.arange(start, stop, dtype=np.int64), f"rows {start}..{stop}")
+
+
+def take(ds: Dataset, positions: np.ndarray, what: str) -> SubsetDataset:
+    """The rows of ``ds`` at sorted, distinct ``positions`` (``what`` names the selection in its repr)."""
+    return _view(ds, np.asarray(positions, dtype=np.int64), None, what)
+
+
+def shares_rows(a: Dataset, b: Dataset) -> bool:
+    """Whether two datasets hold a row in common as views of one dataset (the same one, or splits, samples,
+    filters of it that overlap). Datasets of different origins are taken as disjoint."""
+    base_a, base_b = (d.base if isinstance(d, SubsetDataset) else d for d in (a, b))
+    if base_a.fingerprint != base_b.fingerprint:
+        return False
+    rows_a, rows_b = (d._rows if isinstance(d, SubsetDataset) else None for d in (a, b))
+    if rows_a is None or rows_b is None:  # one of them is all of its rows
+        return True
+    return bool(np.intersect1d(rows_a, rows_b, assume_unique=True).size)
 
 
 # --- select --------------------------------------------------------------------------------------
