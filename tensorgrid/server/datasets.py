@@ -45,7 +45,7 @@ from ..errors import TensorGridError
 from ..store.memory import table_digest
 from . import auth
 from .griddataset import decode_rows, ticket_bytes
-from .ingest import blob_tensors, copy_in, duckdb_friendly
+from .ingest import copy_in, duckdb_friendly, sql_tensors
 from .metadata import quote as sql_name
 from .results import batches_by_bytes
 from .services import Service
@@ -197,7 +197,7 @@ class DatasetsService(Service):
 
     def register(self, cur, query: str | None = None) -> dict:
         """Register loaded datasets on a request's cursor as views: those ``query`` names (all when None).
-        Returns their tensor columns that SQL sees as BLOBs, by name (for ``tensors_back``)."""
+        Returns their tensor columns by name (for ``tensors_back``)."""
         with self._lock:
             loaded = list(self._loaded.values())
         text = query.lower() if query is not None else None
@@ -205,8 +205,14 @@ class DatasetsService(Service):
         for held in loaded:
             if text is None or held.name.lower() in text:
                 cur.register(held.name, held.sql_table)
-                tensors.update(blob_tensors(held.table.schema))
+                tensors.update(sql_tensors(held.table.schema))
         return tensors
+
+    def tensor_columns(self, name: str) -> dict:
+        """The tensor columns of loaded dataset ``name`` by name ({} for anything else)."""
+        with self._lock:
+            held = self._loaded.get(name.lower())
+        return sql_tensors(held.table.schema) if held is not None else {}
 
     # -- loaded datasets ---------------------------------------------------------------------------------------
 

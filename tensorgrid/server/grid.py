@@ -255,7 +255,7 @@ class GridServer(flight.FlightServerBase):
         return self._registered(views)[0]
 
     def _registered(self, views: str | bool) -> tuple[duckdb.DuckDBPyConnection, dict]:
-        """``_sql_cursor`` and the registered datasets' tensor columns that SQL sees as BLOBs (by name)."""
+        """``_sql_cursor`` and the registered datasets' tensor columns (by name, for ``tensors_back``)."""
         cur = self._cursor()
         datasets = self.services.get("datasets")
         if not hasattr(datasets, "register"):
@@ -320,8 +320,15 @@ class GridServer(flight.FlightServerBase):
                 return metadata.tables(cur, _optional(command, "catalog"),
                                        _optional(command, "db_schema_filter_pattern"),
                                        _optional(command, "table_name_filter_pattern"),
-                                       list(command.table_types), command.include_schema)
+                                       list(command.table_types), command.include_schema, self._table_schema)
         raise flight.FlightServerError(f"{kind} is not supported by this server yet")
+
+    def _table_schema(self, cur, catalog: str | None, schema: str | None, table: str) -> pa.Schema:
+        """What a ``SELECT *`` of the table answers (a loaded dataset's tensor columns as tensors)."""
+        datasets = self.services.get("datasets")
+        tensors = datasets.tensor_columns(table) if hasattr(datasets, "tensor_columns") else {}
+        relation = cur.sql(f"SELECT * FROM {metadata.quote(catalog, schema, table)} LIMIT 0")
+        return tensors_back(_relation_reader(relation, 1), tensors).schema
 
     def _query(self, query: str, parameters: pa.Table | None) -> _Held:
         rows = _parameter_rows(parameters)
@@ -331,13 +338,13 @@ class GridServer(flight.FlightServerBase):
         return self._query_on(query, rows)
 
     def _query_on(self, query: str, rows: list[list]) -> _Held:
-        cur, blobs = self._registered(query)
+        cur, tensors = self._registered(query)
         try:
             if len(rows) <= 1:  # the common case: stream straight from DuckDB
                 relation = cur.sql(query, params=rows[0] if rows else None)
-                reader = tensors_back(_relation_reader(relation, self.rows_per_batch), blobs)
+                reader = tensors_back(_relation_reader(relation, self.rows_per_batch), tensors)
                 return _Held(reader, cur)
-            tables = [tensors_back(_relation_reader(cur.sql(query, params=row), self.rows_per_batch), blobs).read_all()
+            tables = [tensors_back(_relation_reader(cur.sql(query, params=row), self.rows_per_batch), tensors).read_all()
                       for row in rows]
             result = pa.concat_tables(tables)
             cur.close()

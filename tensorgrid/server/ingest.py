@@ -6,8 +6,9 @@ tensor columns become nested fixed-size lists, which DuckDB keeps as ``FLOAT[3][
 survives the round trip (DuckDB would otherwise flatten the extension type to its storage, ``FLOAT[6]``).
 Tensors of more than ``BLOB_BYTES`` a row become BLOBs of their row-major bytes instead: DuckDB allocates an
 ARRAY column 2,048 rows at a time, and 1 MiB images asked it for 2 GiB per vector (out of memory even for a
-300-row ``SELECT *``, measured). A query over a loaded dataset gets such columns back as tensors
-(``tensors_back``: a result column with the tensor column's name and size).
+300-row ``SELECT *``, measured). A query over a loaded dataset gets its tensor columns back as tensors, ARRAYs
+and BLOBs alike (``tensors_back``: a result column with the tensor column's name, shape or size), so a
+``SELECT *`` answers Arrow's tensor type to every client, as the loader does.
 """
 
 from __future__ import annotations
@@ -95,36 +96,41 @@ def duckdb_friendly(reader: pa.RecordBatchReader) -> pa.RecordBatchReader:
     return pa.RecordBatchReader.from_batches(schema, batches())
 
 
-def blob_tensors(schema: pa.Schema) -> dict[str, pa.FixedShapeTensorType]:
-    """The tensor columns of ``schema`` that SQL sees as BLOBs (by name)."""
-    return {f.name: f.type for f in schema if isinstance(f.type, pa.FixedShapeTensorType) and _as_blob(f.type)}
+def sql_tensors(schema: pa.Schema) -> dict[str, pa.FixedShapeTensorType]:
+    """The tensor columns of ``schema`` (by name): what ``tensors_back`` turns a result's columns back into."""
+    return {f.name: f.type for f in schema if isinstance(f.type, pa.FixedShapeTensorType)}
 
 
 def tensors_back(reader: pa.RecordBatchReader, tensors: dict[str, pa.FixedShapeTensorType]) -> pa.RecordBatchReader:
-    """``reader`` (a query's result) with BLOB columns named like a tensor column of ``tensors`` turned back
-    into that tensor type when every value has the tensor's size (else left as they are)."""
-    wanted = {i: tensors[f.name] for i, f in enumerate(reader.schema) if f.name in tensors
-              and (pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type) or pa.types.is_fixed_size_binary(f.type))}
-    if not wanted:
+    """``reader`` (a query's result) with columns named like a tensor column of ``tensors`` turned back into
+    that tensor type: nested fixed-size lists of its shape and value type (decided by the schema; zero-copy),
+    and BLOBs when every value has the tensor's size (else left as they are)."""
+    nested = {i: tensors[f.name] for i, f in enumerate(reader.schema)
+              if f.name in tensors and _is_nested_of(f.type, tensors[f.name])}
+    blobs = {i: tensors[f.name] for i, f in enumerate(reader.schema) if f.name in tensors
+             and (pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type) or pa.types.is_fixed_size_binary(f.type))}
+    if not nested and not blobs:
         return reader
+    wanted = {**nested, **blobs}
     schema = pa.schema([f.with_type(wanted[i]) if i in wanted else f for i, f in enumerate(reader.schema)])
     peeked = []
 
     def convert(batch: pa.RecordBatch) -> pa.RecordBatch | None:
         cols = list(batch.columns)
         for i, ttype in wanted.items():
-            col = _blob_to_tensor(cols[i], ttype)
+            col = _nested_to_tensor(cols[i], ttype) if i in nested else _blob_to_tensor(cols[i], ttype)
             if col is None:
                 return None
             cols[i] = col
         return pa.RecordBatch.from_arrays(cols, schema=schema)
 
-    for batch in reader:  # the first batch decides (a result whose bytes do not fit is passed on unchanged)
-        converted = convert(batch)
-        if converted is None:
-            return pa.RecordBatchReader.from_batches(reader.schema, itertools.chain([batch], reader))
-        peeked.append(converted)
-        break
+    if blobs:  # the first batch decides (a result whose bytes do not fit is passed on unchanged)
+        for batch in reader:
+            converted = convert(batch)
+            if converted is None:
+                return pa.RecordBatchReader.from_batches(reader.schema, itertools.chain([batch], reader))
+            peeked.append(converted)
+            break
 
     def rest():
         yield from peeked
@@ -132,10 +138,33 @@ def tensors_back(reader: pa.RecordBatchReader, tensors: dict[str, pa.FixedShapeT
             converted = convert(batch)
             if converted is None:
                 raise flight.FlightServerError("a result column named like a tensor column holds values of "
-                                               "another size: select it under another name")
+                                               "another size, or null sub-arrays: select it under another name")
             yield converted
 
     return pa.RecordBatchReader.from_batches(schema, rest())
+
+
+def _is_nested_of(dtype: pa.DataType, tensor: pa.FixedShapeTensorType) -> bool:
+    """Whether ``dtype`` is the tensor's nested fixed-size lists (its shape, outer first; its value type)."""
+    for size in tensor.shape:
+        if not pa.types.is_fixed_size_list(dtype) or dtype.list_size != size:
+            return False
+        dtype = dtype.value_type
+    return dtype == tensor.value_type
+
+
+def _nested_to_tensor(column, ttype: pa.FixedShapeTensorType):
+    """Nested fixed-size lists in row-major order as the tensor (zero-copy); None when a sub-array is null
+    (a tensor has no place for it)."""
+    storage_nulls = column.is_null() if column.null_count else None
+    values = column
+    for _ in ttype.shape:
+        if values is not column and values.null_count:
+            return None
+        size = values.type.list_size
+        values = values.values.slice(values.offset * size, len(values) * size)
+    storage = pa.FixedSizeListArray.from_arrays(values, math.prod(ttype.shape), mask=storage_nulls)
+    return pa.ExtensionArray.from_storage(ttype, storage)
 
 
 def _blob_to_tensor(column, ttype: pa.FixedShapeTensorType):

@@ -1,7 +1,8 @@
 """Flight SQL metadata answers (SqlInfo, catalogs, schemas, tables, table types) from DuckDB's catalog.
 
 Each function returns an Arrow table in the schema the protocol fixes for its command. Only databases the
-server opened itself are listed (DuckDB's internal ``system`` and ``temp`` catalogs are left out).
+server opened itself are listed (DuckDB's internal ``system`` catalog is left out), and ``temp``, where DuckDB
+keeps the views of loaded datasets, when any is loaded (its views are the datasets: ``temp.main.<name>``).
 """
 
 from __future__ import annotations
@@ -76,7 +77,9 @@ def sql_info(info: dict[int, object], wanted) -> pa.Table:
     return pa.Table.from_arrays([pa.array(codes, pa.uint32()), union], schema=SQL_INFO_SCHEMA)
 
 
-_OWN_DATABASES = "SELECT database_name FROM duckdb_databases() WHERE NOT internal"
+# the server's own databases, and ``temp`` when it holds views: the loaded datasets, registered on the cursor
+_OWN_DATABASES = ("SELECT database_name FROM duckdb_databases() WHERE NOT internal OR database_name IN "
+                  "(SELECT table_catalog FROM information_schema.tables WHERE table_catalog = 'temp')")
 
 
 def catalogs(cur: duckdb.DuckDBPyConnection) -> pa.Table:
@@ -93,7 +96,9 @@ def db_schemas(cur: duckdb.DuckDBPyConnection, catalog: str | None, pattern: str
 
 
 def tables(cur: duckdb.DuckDBPyConnection, catalog: str | None, schema_pattern: str | None,
-           table_pattern: str | None, table_types: list[str], include_schema: bool) -> pa.Table:
+           table_pattern: str | None, table_types: list[str], include_schema: bool, schema_of=None) -> pa.Table:
+    """The tables and views that match; with their Arrow schemas (``schema_of(cur, catalog, schema, table)``,
+    default ``table_schema``) when ``include_schema``."""
     rows = cur.sql(
         "SELECT table_catalog, table_schema, table_name, CASE table_type WHEN 'BASE TABLE' THEN 'TABLE' "
         "ELSE table_type END AS kind FROM information_schema.tables "
@@ -104,9 +109,10 @@ def tables(cur: duckdb.DuckDBPyConnection, catalog: str | None, schema_pattern: 
     out = [{"catalog_name": c, "db_schema_name": s, "table_name": t, "table_type": k} for c, s, t, k in rows]
     if not include_schema:
         return pa.Table.from_pylist(out, schema=TABLES_SCHEMA)
+    schema_of = schema_of or table_schema
     for row in out:
-        row["table_schema"] = table_schema(cur, row["catalog_name"], row["db_schema_name"],
-                                           row["table_name"]).serialize().to_pybytes()
+        row["table_schema"] = schema_of(cur, row["catalog_name"], row["db_schema_name"],
+                                        row["table_name"]).serialize().to_pybytes()
     return pa.Table.from_pylist(out, schema=TABLES_WITH_SCHEMA_SCHEMA)
 
 

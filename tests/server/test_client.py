@@ -197,3 +197,32 @@ def test_big_tensors_are_blobs_to_sql_and_come_back_as_tensors(g, grid):
     other = g.sql(f"SELECT big AS raw, big[1:4] AS big FROM {name} WHERE id = 0").to_arrow()
     assert other.column("raw").to_pylist() == [big[0].tobytes()]
     assert other.column("big").to_pylist() == [big[0].tobytes()[:4]]
+
+
+def test_select_star_of_loaded_28x28_images_answers_tensors_to_adbc_and_tg_connect(g, grid):
+    """A loaded dataset's small tensors are ARRAYs to SQL (indexable, typeof UTINYINT[28][28]) and come back
+    to every client as Arrow's fixed-shape tensor type, the rows whole; the table schema says so too."""
+    import adbc_driver_flightsql.dbapi as flight_sql
+
+    n, name = 3000, _name("mnist")
+    images = np.random.default_rng(5).integers(0, 256, (n, 28, 28), dtype=np.uint8)
+    tg.write(os.path.join(grid.root, name), pa.table({
+        "id": np.arange(n), "image": pa.FixedShapeTensorArray.from_numpy_ndarray(images)}), shard_rows=1000)
+    g.load(name, name)
+    tensor = pa.fixed_shape_tensor(pa.uint8(), [28, 28])
+    ours = g.sql(f"SELECT * FROM {name}").to_arrow()
+    with flight_sql.connect(grid.url, autocommit=True) as conn, conn.cursor() as cur:
+        cur.execute(f"SELECT * FROM {name}")
+        theirs = cur.fetch_arrow_table()
+        schema = conn.adbc_get_table_schema(name)
+    for table in (ours, theirs):
+        assert table.num_rows == n and table.schema.field("image").type == tensor
+        table = table.sort_by("id")
+        np.testing.assert_array_equal(table.column("id").to_numpy(), np.arange(n))
+        np.testing.assert_array_equal(table.column("image").combine_chunks().to_numpy_ndarray(), images)
+    assert schema.field("image").type == tensor
+    got = g.sql(f"SELECT typeof(image) AS t, image[2][3] AS px, image FROM {name} WHERE id IN (7, 17) "
+                f"ORDER BY id").to_arrow()
+    assert got.column("t").to_pylist() == ["UTINYINT[28][28]"] * 2
+    assert got.column("px").to_pylist() == [int(images[7, 1, 2]), int(images[17, 1, 2])]
+    np.testing.assert_array_equal(got.column("image").combine_chunks().to_numpy_ndarray(), images[[7, 17]])
