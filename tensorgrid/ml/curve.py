@@ -4,13 +4,13 @@ validation error of each run, and fits the power law of error against size (``po
 
 Each run's error is written whole to a work folder keyed by the data, the trainer and the plan, so a curve
 interrupted part-way resumes from the runs already done. With ``parallel`` > 1 the runs go to that many
-local worker processes at once (the Trainer's engine machinery: fresh interpreters, so flat scripts work);
-each run keeps the trainer's own settings.
+processes at once: children forked from this one on Linux (started in milliseconds; nothing of
+``__main__`` runs again, so flat scripts and notebooks work), else the Trainer's local engine (fresh
+interpreters); each run keeps the trainer's own settings.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -24,13 +24,14 @@ import pandas as pd
 
 from .. import fs as tgfs
 from ..args import check_int
-from ..errors import ArgumentError, CurveFitError
+from ..errors import ArgumentError, CurveFitError, WorkerFailedError
 from ..store import subsets
 from ..store.dataset import Dataset
 from ..train import engines
 from ..train.predict import predict
 from ..train.trainer import Trainer
 from . import evaluate
+from .digest import stable_digest
 from .powerlaw import PowerLaw, fit_power_law
 
 MIN_AUTO_SIZES = 6
@@ -199,12 +200,15 @@ def learning_curve(trainer, train: Dataset, val: Dataset, sizes="auto", repeats:
     folder = _work_folder(work_dir, trainer, train, val, sizes, repeats, seed, metric)
     todo = [k for k, (m, r) in enumerate(plan) if _done(folder, m, r) is None]
     job = _Runs(trainer, train, val, label, plan, orders, todo, folder, metric)
-    if todo:
+    workers = min(parallel, len(todo))
+    if workers > 1 and _can_fork(trainer, train, val):
+        _forked(job, workers, _Bar(plan, folder, progress))
+    elif todo:
         with _Bar(plan, folder, progress):
-            if parallel == 1:
+            if workers == 1:
                 job.run_rank(0, 1)
             else:
-                engines.get("local")(cloudpickle.dumps(job), min(parallel, len(todo)), 0, TIMEOUT_S, None)
+                engines.get("local")(cloudpickle.dumps(job), workers, 0, TIMEOUT_S, None)
     runs = pd.DataFrame([{"size": m, "repeat": r, "error": _done(folder, m, r)} for m, r in plan])
     table = runs.groupby("size")["error"].apply(list)
     try:
@@ -263,11 +267,108 @@ class _Runs:
 
     def run_rank(self, rank: int, world: int) -> dict:
         for k in self.todo[rank::world]:
-            m, r = self.plan[k]
-            subset = subsets.take(self.train, np.sort(self.orders[r][:m]), f"{m} rows, repeat {r}")
-            error = _error(self.trainer, subset, self.val, self.label, r, self.metric)
-            tgfs.put_atomic(*tgfs.resolve(_run_path(self.folder, m, r)), json.dumps({"error": error}).encode())
+            self.run(k)
         return {"runs": len(self.todo[rank::world])}
+
+    def run(self, k: int) -> None:
+        m, r = self.plan[k]
+        subset = subsets.take(self.train, np.sort(self.orders[r][:m]), f"{m} rows, repeat {r}")
+        error = _error(self.trainer, subset, self.val, self.label, r, self.metric)
+        tgfs.put_atomic(*tgfs.resolve(_run_path(self.folder, m, r)), json.dumps({"error": error}).encode())
+
+
+def _can_fork(trainer, train: Dataset, val: Dataset) -> bool:
+    """Whether the runs can go to children forked from this process (they start in milliseconds, with torch
+    and the data already loaded; nothing of ``__main__`` runs again): on Linux, over fork-safe datasets, with
+    neither Ray nor a gRPC client (Flight) running here (forking their threads hangs the child), and runs
+    that train in their own process (a Ray or Spark trainer would start its engine once per child)."""
+    ray = sys.modules.get("ray")
+    return (sys.platform == "linux" and train.fork_safe and val.fork_safe
+            and not (ray is not None and getattr(ray, "is_initialized", lambda: False)())
+            and "pyarrow._flight" not in sys.modules
+            and getattr(trainer, "engine", "local") == "local")
+
+
+def _forked(job: _Runs, workers: int, bar: _Bar) -> None:
+    """The runs on ``workers`` forked children, each with its share of torch's threads, taking the next run
+    from a pipe (largest first, so the last runs to finish are short ones). A child's exception comes back
+    as itself; a child killed by a signal, or Ctrl-C here, stops the others (the runs done stay in the work
+    folder: a rerun resumes)."""
+    import pickle
+    import signal
+    import struct
+    import tempfile
+
+    import torch
+
+    order = sorted(job.todo, key=lambda k: -job.plan[k][0])
+    threads = max(1, torch.get_num_threads() // workers)
+    read, write = os.pipe()
+    errors = tempfile.mkdtemp(prefix="tensorgrid-curve-")
+    children: dict[int, int] = {}
+    try:
+        sys.stdout.flush(), sys.stderr.flush()
+        for i in range(workers):
+            pid = os.fork()
+            if pid == 0:  # the child: never returns
+                os.close(write)
+                code = 0
+                try:
+                    torch.set_num_threads(threads)
+                    while chunk := os.read(read, 4):
+                        job.run(struct.unpack("<I", chunk)[0])
+                except KeyboardInterrupt:
+                    code = 130
+                except BaseException as e:  # noqa: BLE001 - every failure goes back to the parent
+                    code = 1
+                    try:
+                        blob = pickle.dumps(e)
+                    except Exception:  # noqa: BLE001 - an unpicklable exception comes back as its text
+                        blob = pickle.dumps(RuntimeError(f"{type(e).__name__}: {e}"))
+                    with open(os.path.join(errors, str(i)), "wb") as f:
+                        f.write(blob)
+                finally:
+                    sys.stdout.flush(), sys.stderr.flush()
+                    os._exit(code)
+            children[pid] = i
+        os.close(read)
+        try:
+            for start in range(0, len(order), 1024):  # a pipe holds 64 KiB: the children read while this writes
+                os.write(write, b"".join(struct.pack("<I", k) for k in order[start:start + 1024]))
+        except BrokenPipeError:  # every child has ended already: their statuses say why
+            pass
+        os.close(write)
+        write = None
+        with bar:
+            while children:
+                pid, status = os.wait()
+                i = children.pop(pid, None)
+                if i is None or os.waitstatus_to_exitcode(status) == 0:
+                    continue
+                code = os.waitstatus_to_exitcode(status)
+                path = os.path.join(errors, str(i))
+                if os.path.exists(path):
+                    with open(path, "rb") as f:
+                        raise pickle.load(f)
+                if code == 130:
+                    raise KeyboardInterrupt
+                raise WorkerFailedError(f"learning curve worker {i} was killed by signal {-code}; the runs it "
+                                        f"finished are kept in {job.folder}: run the curve again to resume")
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"learning curve interrupted: the runs done are kept in {job.folder}: run the "
+                                "curve again to resume") from None
+    finally:
+        if write is not None:
+            os.close(write)
+        for pid in children:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            except OSError:
+                pass
+        import shutil
+
+        shutil.rmtree(errors, ignore_errors=True)
 
 
 def _error(trainer, subset: Dataset, val: Dataset, label: str, seed: int, metric="error") -> float:
@@ -336,12 +437,10 @@ def _nested_order(labels: np.ndarray, seed: int) -> np.ndarray:
 
 
 def _work_folder(work_dir, trainer, train, val, sizes, repeats, seed, metric="error") -> str:
-    h = hashlib.sha256(cloudpickle.dumps(trainer))
-    h.update(repr((train.fingerprint, val.fingerprint, sizes, repeats, seed)).encode())
-    h.update(cloudpickle.dumps(metric))
+    key = stable_digest(trainer, (train.fingerprint, val.fingerprint, sizes, repeats, seed), metric)
     base = work_dir or os.path.join(os.environ.get("TENSORGRID_CACHE_DIR") or
                                     os.path.join(os.path.expanduser("~"), ".cache", "tensorgrid"), "curves")
-    return tgfs.join(base, h.hexdigest()[:16])
+    return tgfs.join(base, key[:16])
 
 
 def _run_path(folder: str, m: int, r: int) -> str:

@@ -2,13 +2,15 @@
 on two worker processes, resumed from the runs done, a fitted law, save/load, bad input."""
 
 import os
+import signal
 
 import numpy as np
 import pytest
 import torch
 
 import tensorgrid as tg
-from tensorgrid.errors import ArgumentError, CurveFitError
+from tensorgrid.errors import ArgumentError, CurveFitError, WorkerFailedError
+from tensorgrid.ml import curve as curve_module
 from tensorgrid.ml.curve import LearningCurve, _nested_order, learning_curve
 from tensorgrid.quickstart import digits_frame
 
@@ -41,7 +43,18 @@ def test_every_prefix_of_the_order_is_stratified_and_nested():
         assert np.all(np.abs(counts - m * np.array([100, 50, 30, 20]) / 200) <= 1.0)
 
 
-def test_a_curve_on_digits_falls_fits_resumes_and_saves(digits, tmp_path):
+def test_a_trainer_rebuilt_the_same_way_finds_the_same_work_folder(digits, tmp_path):
+    train, val = digits
+    same = [curve_module._work_folder(str(tmp_path), _trainer(), train, val, [60, 120], 2, 0) for _ in range(2)]
+    assert same[0] == same[1]  # torch pickles a tensor under its address: the key reads its content instead
+    t = _trainer()
+    with torch.no_grad():
+        t.model[0].weight[0, 0] += 1e-3
+    assert curve_module._work_folder(str(tmp_path), t, train, val, [60, 120], 2, 0) != same[0]
+    assert curve_module._work_folder(str(tmp_path), _trainer(), train, val, [60, 120], 2, 1) != same[0]
+
+
+def test_a_curve_on_digits_falls_fits_resumes_and_saves(digits, tmp_path, monkeypatch):
     train, val = digits
     work = str(tmp_path / "work")
     sizes = [60, 120, 240, 480, 960]
@@ -53,12 +66,50 @@ def test_a_curve_on_digits_falls_fits_resumes_and_saves(digits, tmp_path):
     assert curve.law.beta < 0 and curve.predict(1200)[0] < t["error_mean"].iloc[-1] + 0.02
     (folder,) = os.listdir(work)
     os.remove(os.path.join(work, folder, "run-960-1.json"))  # as if stopped before its last run
+    monkeypatch.setattr(curve_module, "_can_fork", lambda *a: False)  # where forking is not safe: the local engine
     again = learning_curve(_trainer(), train, val, sizes=sizes, repeats=2, work_dir=work, parallel=2)
     assert again.runs.drop(index=9).equals(curve.runs.drop(index=9))  # 9 runs read back, one run again
     assert abs(again.runs["error"].iloc[9] - curve.runs["error"].iloc[9]) < 0.05
     curve.save(str(tmp_path / "c.json"))
     back = LearningCurve.load(str(tmp_path / "c.json"))
     assert back.table.equals(curve.table) and back.predict(1200) == curve.predict(1200)
+
+
+def test_parallel_runs_go_to_forked_children_and_a_killed_child_loses_no_finished_run(digits, tmp_path):
+    train, val = digits
+    calls, kill, work = tmp_path / "calls", tmp_path / "kill", str(tmp_path / "work")
+    calls.mkdir()
+
+    def metric(pred, label):  # the error, and who measured it; the third run's worker dies if asked to
+        (calls / f"{os.getpid()}-{os.getppid()}-{len(os.listdir(calls))}").touch()
+        if kill.exists() and len(os.listdir(calls)) >= 3:
+            try:
+                kill.unlink()
+            except FileNotFoundError:
+                pass
+            else:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return 1.0 - tg.ml.evaluate.accuracy(pred, label_col=label)
+
+    sizes = [60, 120, 240, 480]
+    kill.touch()
+    with pytest.raises(WorkerFailedError, match="killed by signal 9.*run the curve again to resume"):
+        learning_curve(_trainer(), train, val, sizes=sizes, repeats=2, parallel=2, metric=metric, work_dir=work)
+    (folder,) = os.listdir(work)
+    kept = {f: os.stat(os.path.join(work, folder, f)).st_mtime_ns for f in os.listdir(os.path.join(work, folder))}
+    assert 2 <= len(kept) < 8
+    curve = learning_curve(_trainer(), train, val, sizes=sizes, repeats=2, parallel=2, metric=metric, work_dir=work)
+    assert curve.table["n_runs"].tolist() == [2] * 4 and curve.law is not None
+    assert all(os.stat(os.path.join(work, folder, f)).st_mtime_ns == t for f, t in kept.items())  # not run again
+    # 8 runs measured once each, the one killed mid-measure, and at most one the other child had measured
+    # but not yet written when it was stopped
+    assert 8 + 1 <= len(os.listdir(calls)) <= 8 + 2
+    workers = {name.split("-")[0] for name in os.listdir(calls)}
+    assert len(workers) >= 3 and {name.split("-")[1] for name in os.listdir(calls)} == {str(os.getpid())}
+
+    with pytest.raises(ArgumentError, match="the metric returned 'x'"):  # a child's error comes back as itself
+        learning_curve(_trainer(), train, val, sizes=sizes, repeats=1, parallel=2, work_dir=work,
+                       metric=lambda pred, label: "x")
 
 
 def test_bad_input_is_refused_before_any_run(digits, tmp_path):
