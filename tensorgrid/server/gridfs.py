@@ -113,12 +113,24 @@ class GridFileSystem(AbstractFileSystem):
                     raise _error(exc, self.netloc, self.netloc) from None
             return self._conn
 
+    def _call(self, fn, where: str):
+        """``fn(client, options)``; a filesystem that signed in with a password signs in again once when its
+        token expired (the server refuses before doing anything, so the call is safe to repeat)."""
+        for attempt in (0, 1):
+            client, options = self._flight()
+            try:
+                return fn(client, options)
+            except flight.FlightUnauthenticatedError as exc:
+                if attempt or self.password is None or self.token is not None:
+                    raise _error(exc, where, self.netloc) from None
+                with self._lock:
+                    self._conn = None
+            except flight.FlightError as exc:
+                raise _error(exc, where, self.netloc) from None
+
     def _action(self, verb: str, where: str, **body):
-        client, options = self._flight()
-        try:
-            results = list(client.do_action(flight.Action(f"files.{verb}", json.dumps(body).encode()), options))
-        except flight.FlightError as exc:
-            raise _error(exc, where, self.netloc) from None
+        action = flight.Action(f"files.{verb}", json.dumps(body).encode())
+        results = self._call(lambda client, options: list(client.do_action(action, options)), where)
         return json.loads(results[0].body.to_pybytes()) if results else None
 
     def _entry(self, e: dict) -> dict:
@@ -126,15 +138,16 @@ class GridFileSystem(AbstractFileSystem):
 
     def _read(self, path: str, offset: int, length: int | None) -> bytes:
         """Bytes [offset, offset + length) of a file (to its end when length is None), streamed in chunks."""
-        client, options = self._flight()
         ticket = flight.Ticket(b"files/" + json.dumps({"path": self._rel(path), "offset": offset,
                                                          "length": length}).encode())
-        parts = []
-        try:
+
+        def read(client, options):
+            parts = []
             for batch in client.do_get(ticket, options).to_reader():
                 parts.extend(v.as_buffer() for v in batch.column(0) if v.is_valid)
-        except flight.FlightError as exc:
-            raise _error(exc, path, self.netloc) from None
+            return parts
+
+        parts = self._call(read, path)
         return parts[0].to_pybytes() if len(parts) == 1 else b"".join(parts)
 
     # -- fsspec --------------------------------------------------------------------------------------------

@@ -295,6 +295,20 @@ def test_a_read_only_user_reads_but_cannot_write(tmp_path):
             del os.environ["TENSORGRID_USERNAME"], os.environ["TENSORGRID_PASSWORD"]
 
 
+def test_a_filesystem_idle_past_its_tokens_ttl_signs_in_again_for_reads_and_listings(tmp_path):
+    import time
+
+    users = {"rw": auth.User("rw", auth.hash_password("pw-rw"), "admin")}
+    with GridServer(tmp_path / "g", threads=1, **auth.server_options(users, token_ttl=0.3)) as server:
+        gfs = GridFileSystem(host="127.0.0.1", port=server.port, username="rw", password="pw-rw",
+                             skip_instance_cache=True)
+        gfs.pipe_file("d/f", b"data")
+        time.sleep(0.6)  # the token expired: the next calls sign in again with the password
+        assert gfs.cat_file("d/f") == b"data"
+        time.sleep(0.6)
+        assert gfs.ls("d", detail=False) == [f"127.0.0.1:{server.port}/d/f"]
+
+
 @pytest.fixture(scope="module")
 def digits640(tmp_path_factory):
     import tensorgrid as tg
