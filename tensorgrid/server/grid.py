@@ -22,12 +22,14 @@ import pyarrow.flight as flight
 from ..args import check_int, check_number
 from ..errors import ArgumentError
 from . import auth, metadata, sqlproto
+from .cancel import Running
 from .datasets import DatasetsService
 from .files import FilesService
 from .ingest import ingest, tensors_back
 from .results import Expiring, batches_by_bytes
 from .sandbox import flight_error, open_database
-from .sqlproto import ProtocolError
+from .sqlproto import CancelStatus, ProtocolError
+from .transactions import Transaction, Transactions
 
 _VERSION = "0.1.0"
 
@@ -54,6 +56,7 @@ class _Prepared:
 
     query: str
     parameters: pa.Table | None = None
+    transaction_id: bytes | None = None  # runs in this transaction (prepared with one)
 
 
 def _guarded(handler):
@@ -110,6 +113,8 @@ class GridServer(flight.FlightServerBase):
                                  threads=check_int("threads", threads, 1, none=True))
         self._results = Expiring(max_held_results, result_ttl, on_drop=_Held.close)
         self._prepared = Expiring(max_held_results, result_ttl)
+        self._transactions = Transactions(max_held_results, result_ttl)  # unused ones roll back after result_ttl
+        self._running = Running()  # cursors at work, interrupted when their call or query is cancelled
         self._info = metadata.server_info(_VERSION)
         self._scheme, _, rest = str(location).partition("://")
         self._host = rest.rsplit(":", 1)[0]
@@ -120,6 +125,7 @@ class GridServer(flight.FlightServerBase):
         except BaseException:
             for svc in getattr(self, "services", {}).values():
                 svc.close()
+            self._running.close()
             self._db.close()
             raise
 
@@ -135,6 +141,8 @@ class GridServer(flight.FlightServerBase):
             svc.close()
         self._results.clear()
         self._prepared.clear()
+        self._transactions.clear()
+        self._running.close()
         self._db.close()
 
     def __enter__(self):
@@ -149,6 +157,10 @@ class GridServer(flight.FlightServerBase):
     def list_actions(self, context):
         return [("CreatePreparedStatement", "prepare a SQL statement (Flight SQL)"),
                 ("ClosePreparedStatement", "release a prepared statement (Flight SQL)"),
+                ("BeginTransaction", "begin a transaction: statements carrying its id run in it (Flight SQL)"),
+                ("EndTransaction", "commit or roll back a transaction (Flight SQL)"),
+                ("CancelFlightInfo", "cancel the query of a FlightInfo (Flight)"),
+                ("CancelQuery", "cancel the query of a FlightInfo (Flight SQL, deprecated form)"),
                 *((f"{p}.{verb}", doc) for p, svc in self.services.items() for verb, doc in svc.actions().items())]
 
     @_guarded
@@ -160,13 +172,35 @@ class GridServer(flight.FlightServerBase):
         if action.type == "CreatePreparedStatement":
             request = _expect(sqlproto.unpack(body), sqlproto.ActionCreatePreparedStatementRequest)
             auth.require(context, auth.WRITE if _writes_sql(request.query) else auth.READ)
-            return [flight.Result(sqlproto.pack(self._prepare(request.query)))]
+            txn = _optional(request, "transaction_id")
+            if txn is not None:
+                self._transaction(context, txn)  # known and the caller's
+            return [flight.Result(sqlproto.pack(self._prepare(request.query, txn)))]
         if action.type == "ClosePreparedStatement":
             request = _expect(sqlproto.unpack(body), sqlproto.ActionClosePreparedStatementRequest)
             self._prepared.pop(request.prepared_statement_handle)
             return []
+        if action.type == "BeginTransaction":
+            _expect(sqlproto.unpack(body), sqlproto.ActionBeginTransactionRequest)
+            auth.require(context, auth.READ)
+            txn = self._transactions.begin(self._db.cursor(), _owner(context), _peer(context))
+            return [flight.Result(sqlproto.pack(sqlproto.ActionBeginTransactionResult(transaction_id=txn)))]
+        if action.type == "EndTransaction":
+            request = _expect(sqlproto.unpack(body), sqlproto.ActionEndTransactionRequest)
+            auth.require(context, auth.READ)
+            with self.writing():  # a commit changes what snapshots see
+                self._transactions.end(request.transaction_id, _owner(context), request.action)
+            return []
+        if action.type == "CancelFlightInfo":  # Flight's own: raw messages, not in an Any
+            request = sqlproto.parse(sqlproto.CancelFlightInfoRequest, body)
+            status = self._cancel(context, request.info)
+            return [flight.Result(pa.py_buffer(sqlproto.CancelFlightInfoResult(status=status).SerializeToString()))]
+        if action.type == "CancelQuery":
+            request = _expect(sqlproto.unpack(body), sqlproto.ActionCancelQueryRequest)
+            status = self._cancel(context, request.info)
+            return [flight.Result(sqlproto.pack(sqlproto.ActionCancelQueryResult(result=status)))]
         raise flight.FlightServerError(f"unknown action {action.type[:80]!r}: this server knows "
-                                       "CreatePreparedStatement and ClosePreparedStatement")
+                                       f"{', '.join(name for name, _ in self.list_actions(context))}")
 
     @_guarded
     def get_flight_info(self, context, descriptor):
@@ -177,7 +211,8 @@ class GridServer(flight.FlightServerBase):
         writes = _writes(command) or (type(command) is sqlproto.CommandPreparedStatementQuery and _writes_sql(
             self._prepared_statement(command.prepared_statement_handle).query))
         auth.require(context, auth.WRITE if writes else auth.READ)
-        held = self._run_command(command)
+        with self._running.call(context):
+            held = self._run_command(command, context)
         try:
             handle = self._results.put(held)
         except BaseException:
@@ -204,9 +239,9 @@ class GridServer(flight.FlightServerBase):
         request = _expect(sqlproto.unpack(ticket.ticket), sqlproto.TicketStatementQuery)
         held = self._results.pop(request.statement_handle)
         if held is None:
-            raise flight.FlightServerError("unknown or expired ticket: results are read once and held for "
-                                           f"{self._results.ttl:g} s; run the query again")
-        return flight.GeneratorStream(held.reader.schema, self._stream(held))
+            raise flight.FlightServerError("unknown or expired ticket (or its query was cancelled): results are "
+                                           f"read once and held for {self._results.ttl:g} s; run the query again")
+        return flight.GeneratorStream(held.reader.schema, self._stream(held, request.statement_handle))
 
     @_guarded
     def do_put(self, context, descriptor, reader, writer):
@@ -219,12 +254,18 @@ class GridServer(flight.FlightServerBase):
         auth.require(context, auth.READ if kind is sqlproto.CommandPreparedStatementQuery and
                      not _writes_sql(self._prepared_statement(command.prepared_statement_handle).query)
                      else auth.WRITE)
+        with self._running.call(context):
+            self._put_command(context, command, reader, writer)
+
+    def _put_command(self, context, command, reader, writer) -> None:
+        kind = type(command)
         if kind is sqlproto.CommandStatementUpdate:
-            count = self._update(command.query, None)
+            count = self._update(command.query, None, self._transaction(context, _optional(command, "transaction_id")))
         elif kind is sqlproto.CommandPreparedStatementUpdate:
             prepared = self._prepared_statement(command.prepared_statement_handle)
             parameters = _read_parameters(reader)
-            count = self._update(prepared.query, parameters if parameters is not None else prepared.parameters)
+            count = self._update(prepared.query, parameters if parameters is not None else prepared.parameters,
+                                 self._prepared_transaction(context, prepared))
         elif kind is sqlproto.CommandPreparedStatementQuery:
             prepared = self._prepared_statement(command.prepared_statement_handle)
             prepared.parameters = _read_parameters(reader)
@@ -232,8 +273,14 @@ class GridServer(flight.FlightServerBase):
             writer.write(pa.py_buffer(result.SerializeToString()))  # raw, not in an Any (measured with ADBC)
             return
         elif kind is sqlproto.CommandStatementIngest:
-            with self.writing(), self._cursor() as cur:
-                count = ingest(cur, command, reader.to_reader())
+            txn = self._transaction(context, _optional(command, "transaction_id"))
+            if txn is not None:
+                with self.writing(), txn.lock:
+                    self._running.attach(txn.cursor)
+                    count = ingest(txn.cursor, command, reader.to_reader(), own_transaction=False)
+            else:
+                with self.writing(), self._cursor() as cur:
+                    count = ingest(cur, command, reader.to_reader())
         else:
             raise flight.FlightServerError(f"DoPut does not take {kind.DESCRIPTOR.name}")
         writer.write(pa.py_buffer(sqlproto.DoPutUpdateResult(record_count=count).SerializeToString()))
@@ -247,7 +294,52 @@ class GridServer(flight.FlightServerBase):
         return self.services[path[0]], path[1:]
 
     def _cursor(self) -> duckdb.DuckDBPyConnection:
-        return self._db.cursor()
+        cur = self._db.cursor()
+        self._running.attach(cur)  # interrupted if the call it serves is cancelled
+        return cur
+
+    def _transaction(self, context, transaction_id: bytes | None) -> Transaction | None:
+        """The caller's open transaction ``transaction_id`` (None for none); a clear error when unknown."""
+        return None if transaction_id is None else self._transactions.get(transaction_id, _owner(context))
+
+    def _prepared_transaction(self, context, prepared: _Prepared) -> Transaction | None:
+        """The transaction a prepared statement runs in: its own, or when that ended, the one its connection
+        began since (DB-API drivers reuse prepared statements across commits: transactions.py)."""
+        if prepared.transaction_id is None:
+            return None
+        try:
+            return self._transaction(context, prepared.transaction_id)
+        except flight.FlightServerError:
+            successor = self._transactions.successor(prepared.transaction_id, _peer(context))
+            if successor is None:
+                raise
+            txn = self._transaction(context, successor)
+            prepared.transaction_id = successor
+            return txn
+
+    def _cancel(self, context, info: bytes) -> int:
+        """Cancel the query of a serialized FlightInfo: its held result dropped, or its streaming interrupted."""
+        auth.require(context, auth.READ)
+        try:
+            endpoints = flight.FlightInfo.deserialize(bytes(info)).endpoints
+        except (pa.ArrowException, ValueError, TypeError) as exc:
+            raise ProtocolError(f"a cancel request carries a serialized FlightInfo: {exc}") from None
+        found = False
+        for endpoint in endpoints:
+            ticket = endpoint.ticket.ticket
+            try:
+                handle = sqlproto.unpack(ticket).statement_handle
+            except (ProtocolError, AttributeError):
+                return int(CancelStatus.NOT_CANCELLABLE)  # a dataset's partitions: nothing runs to stop
+            held = self._results.pop(handle)
+            if held is not None:
+                held.close()
+                found = True
+            found = self._running.interrupt_stream(handle) or found
+        if not found:
+            raise flight.FlightServerError("no such query in progress or held: it finished, was read, or was "
+                                           "cancelled already")
+        return int(CancelStatus.CANCELLED)
 
     def _sql_cursor(self, views: str | bool) -> duckdb.DuckDBPyConnection:
         """A cursor for client SQL, loaded datasets registered on it as views: all of them (``views=True``,
@@ -280,11 +372,11 @@ class GridServer(flight.FlightServerBase):
         with self._generation_lock:
             self.generation = next(self._writes)
 
-    def _prepare(self, query: str):
+    def _prepare(self, query: str, transaction_id: bytes | None = None):
         statements = duckdb.extract_statements(query)  # parses: bad SQL fails here, at prepare time
         if not statements:
             raise flight.FlightServerError("empty SQL statement")
-        handle = self._prepared.put(_Prepared(query))
+        handle = self._prepared.put(_Prepared(query, transaction_id=transaction_id))
         return sqlproto.ActionCreatePreparedStatementResult(prepared_statement_handle=handle,
                                                             is_update=_writes_sql(query))
 
@@ -294,13 +386,13 @@ class GridServer(flight.FlightServerBase):
             raise flight.FlightServerError("unknown or expired prepared statement handle: prepare it again")
         return prepared
 
-    def _run_command(self, command) -> _Held:
+    def _run_command(self, command, context=None) -> _Held:
         kind = type(command).DESCRIPTOR.name
         if kind == "CommandStatementQuery":
-            return self._query(command.query, None)
+            return self._query(command.query, None, self._transaction(context, _optional(command, "transaction_id")))
         if kind == "CommandPreparedStatementQuery":
             prepared = self._prepared_statement(command.prepared_statement_handle)
-            return self._query(prepared.query, prepared.parameters)
+            return self._query(prepared.query, prepared.parameters, self._prepared_transaction(context, prepared))
         answer = self._metadata(command)
         return _Held(pa.RecordBatchReader.from_batches(answer.schema, answer.to_batches()))
 
@@ -310,6 +402,8 @@ class GridServer(flight.FlightServerBase):
             return metadata.sql_info(self._info, command.info)
         if kind == "CommandGetTableTypes":
             return metadata.table_types()
+        if kind == "CommandGetXdbcTypeInfo":
+            return metadata.xdbc_type_info(_optional(command, "data_type"))
         with self._sql_cursor(True) as cur:
             if kind == "CommandGetCatalogs":
                 return metadata.catalogs(cur)
@@ -321,6 +415,15 @@ class GridServer(flight.FlightServerBase):
                                        _optional(command, "db_schema_filter_pattern"),
                                        _optional(command, "table_name_filter_pattern"),
                                        list(command.table_types), command.include_schema, self._table_schema)
+            if kind == "CommandGetPrimaryKeys":
+                return metadata.primary_keys(cur, _optional(command, "catalog"), _optional(command, "db_schema"),
+                                             command.table)
+            if kind == "CommandGetExportedKeys":  # keys of other tables that reference this one
+                return metadata.foreign_keys(cur, _table_of(command, ""), None)
+            if kind == "CommandGetImportedKeys":  # this table's keys that reference others
+                return metadata.foreign_keys(cur, None, _table_of(command, ""))
+            if kind == "CommandGetCrossReference":
+                return metadata.foreign_keys(cur, _table_of(command, "pk_"), _table_of(command, "fk_"))
         raise flight.FlightServerError(f"{kind} is not supported by this server yet")
 
     def _table_schema(self, cur, catalog: str | None, schema: str | None, table: str) -> pa.Schema:
@@ -330,8 +433,12 @@ class GridServer(flight.FlightServerBase):
         relation = cur.sql(f"SELECT * FROM {metadata.quote(catalog, schema, table)} LIMIT 0")
         return tensors_back(_relation_reader(relation, 1), tensors).schema
 
-    def _query(self, query: str, parameters: pa.Table | None) -> _Held:
+    def _query(self, query: str, parameters: pa.Table | None, txn: Transaction | None = None) -> _Held:
         rows = _parameter_rows(parameters)
+        if txn is not None:
+            with self.writing() if _writes_sql(query) else contextlib.nullcontext():
+                table = self._in_transaction(txn, query, rows or [None], read=True)
+            return _Held(pa.RecordBatchReader.from_batches(table.schema, table.to_batches()))
         if _writes_sql(query):
             with self.writing():  # runs now: a write's relation is executed when made
                 return self._query_on(query, rows)
@@ -353,19 +460,34 @@ class GridServer(flight.FlightServerBase):
             cur.close()
             raise
 
-    def _update(self, query: str, parameters: pa.Table | None) -> int:
+    def _update(self, query: str, parameters: pa.Table | None, txn: Transaction | None = None) -> int:
         rows = _parameter_rows(parameters) or [None]
-        total = 0
-        with self.writing(), self._sql_cursor(query) as cur:
-            for row in rows:
-                relation = cur.sql(query, params=row)
-                counted = relation.fetchall() if relation is not None and relation.columns == ["Count"] else []
-                total += int(counted[0][0]) if counted and counted[0][0] is not None else 0
-        return total
+        with self.writing():
+            if txn is not None:
+                return self._in_transaction(txn, query, rows, read=False)
+            with self._sql_cursor(query) as cur:
+                return sum(_count(cur.sql(query, params=row)) for row in rows)
 
-    def _stream(self, held: _Held):
+    def _in_transaction(self, txn: Transaction, query: str, rows: list, read: bool):
+        """Run ``query`` once per parameter row on the transaction's cursor, one statement at a time: the rows
+        of a query read whole (a held reader would not survive the transaction's next statement), or the
+        number of rows an update changed."""
+        with txn.lock:
+            if txn.done:
+                raise flight.FlightServerError("the transaction has ended: begin a new one")
+            datasets = self.services.get("datasets")
+            tensors = datasets.register(txn.cursor, query) or {} if hasattr(datasets, "register") else {}
+            self._running.attach(txn.cursor)
+            if not read:
+                return sum(_count(txn.cursor.sql(query, params=row)) for row in rows)
+            tables = [tensors_back(_relation_reader(txn.cursor.sql(query, params=row), self.rows_per_batch),
+                                   tensors).read_all() for row in rows]
+            return pa.concat_tables(tables)
+
+    def _stream(self, held: _Held, handle: bytes):
         try:
-            yield from batches_by_bytes(held.reader, self.max_batch_bytes)
+            with self._running.streaming(handle, held.cursor):  # CancelFlightInfo interrupts it
+                yield from batches_by_bytes(held.reader, self.max_batch_bytes)
         except (duckdb.Error, pa.ArrowException, OSError) as exc:  # errors that only show while rows are produced
             raise flight_error(exc) from None  # (DuckDB's arrow stream reports them as OSError/ArrowException)
         except Exception as exc:  # noqa: BLE001 - no traceback to the client
@@ -380,6 +502,11 @@ _METADATA_SCHEMAS = {
     "CommandGetDbSchemas": metadata.DB_SCHEMAS_SCHEMA,
     "CommandGetTables": lambda c: metadata.TABLES_WITH_SCHEMA_SCHEMA if c.include_schema else metadata.TABLES_SCHEMA,
     "CommandGetTableTypes": metadata.TABLE_TYPES_SCHEMA,
+    "CommandGetPrimaryKeys": metadata.PRIMARY_KEYS_SCHEMA,
+    "CommandGetExportedKeys": metadata.FOREIGN_KEYS_SCHEMA,
+    "CommandGetImportedKeys": metadata.FOREIGN_KEYS_SCHEMA,
+    "CommandGetCrossReference": metadata.FOREIGN_KEYS_SCHEMA,
+    "CommandGetXdbcTypeInfo": metadata.XDBC_TYPE_INFO_SCHEMA,
 }
 
 
@@ -424,6 +551,32 @@ def _expect(message, cls):
 
 def _optional(message, name: str):
     return getattr(message, name) if message.HasField(name) else None
+
+
+def _table_of(command, prefix: str) -> tuple:
+    """(catalog, schema, table) of a key command's fields ``<prefix>catalog``, ``<prefix>db_schema``, ``<prefix>table``."""
+    return (_optional(command, prefix + "catalog"), _optional(command, prefix + "db_schema"),
+            getattr(command, prefix + "table"))
+
+
+def _owner(context) -> str | None:
+    """Who owns what a call opens (a transaction): the signed-in user (None on a server without users)."""
+    who = auth.caller(context)
+    return getattr(who, "name", None)
+
+
+def _peer(context) -> str | None:
+    """The client connection of a call (``ipv4:127.0.0.1:port``): one gRPC channel, one peer."""
+    try:
+        return context.peer()
+    except Exception:  # noqa: BLE001 - a context without a peer
+        return None
+
+
+def _count(relation) -> int:
+    """The rows a data-changing statement reports (DuckDB answers a one-cell ``Count``; DDL nothing)."""
+    counted = relation.fetchall() if relation is not None and relation.columns == ["Count"] else []
+    return int(counted[0][0]) if counted and counted[0][0] is not None else 0
 
 
 MAX_PARAMETER_BYTES = 64 << 20  # parameters are held in memory with their statement: a client cannot send GBs

@@ -28,9 +28,9 @@ _SOURCE = "__tensorgrid_ingest"
 BLOB_BYTES = 16 << 10  # tensors with bigger rows are BLOBs in SQL (their row-major bytes), smaller ones ARRAYs
 
 
-def ingest(cur: duckdb.DuckDBPyConnection, command, reader: pa.RecordBatchReader) -> int:
+def ingest(cur: duckdb.DuckDBPyConnection, command, reader: pa.RecordBatchReader, own_transaction: bool = True) -> int:
     """Rows of ``reader`` into the command's table, following its if-exists / if-not-exists options;
-    returns the number of rows written."""
+    returns the number of rows written (``own_transaction=False``: in the client's transaction on ``cur``)."""
     if command.temporary:
         raise flight.FlightServerError("ingest into a temporary table is not supported: a temporary table "
                                        "would vanish with the request's cursor")
@@ -52,22 +52,26 @@ def ingest(cur: duckdb.DuckDBPyConnection, command, reader: pa.RecordBatchReader
             return f"CREATE TABLE {target} AS SELECT * FROM {source}"
         raise flight.FlightServerError(f"table {target} does not exist (ingest mode 'append')")
 
-    rows = copy_in(cur, reader, statement)
+    rows = copy_in(cur, reader, statement, own_transaction=own_transaction)
     return int(rows[0][0]) if rows and rows[0] and rows[0][0] is not None else -1
 
 
 def copy_in(cur: duckdb.DuckDBPyConnection, reader: pa.RecordBatchReader, statement,
-            source: str = _SOURCE) -> list:
+            source: str = _SOURCE, own_transaction: bool = True) -> list:
     """Run ``statement(source)`` (SQL reading the uploaded rows as table ``source``) in one transaction on
-    ``cur``: the stream registered for it only, a failure rolled back (nothing half-written). Its result rows."""
+    ``cur``: the stream registered for it only, a failure rolled back (nothing half-written). Its result rows.
+    ``own_transaction=False``: ``cur`` is in a client's transaction already, which commits or rolls back."""
     cur.register(source, duckdb_friendly(reader))
-    cur.begin()
+    if own_transaction:
+        cur.begin()
     try:
         rows = cur.sql(statement(source)).fetchall()
-        cur.commit()
+        if own_transaction:
+            cur.commit()
         return rows
     except BaseException:
-        cur.rollback()
+        if own_transaction:
+            cur.rollback()
         raise
     finally:
         cur.unregister(source)

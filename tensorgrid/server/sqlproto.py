@@ -73,6 +73,10 @@ _MESSAGES: dict[str, list[tuple[str, int, str, str]]] = {
     "DoPutPreparedStatementResult": [("prepared_statement_handle", 1, "bytes", "optional")],
     "ActionCancelQueryRequest": [("info", 1, "bytes", "")],
     "ActionCancelQueryResult": [("result", 1, "int32", "")],
+    # Flight's own (package arrow.flight.protocol, sent raw in Action.body, not in an Any); a FlightInfo
+    # message has the wire form of bytes
+    "CancelFlightInfoRequest": [("info", 1, "bytes", "")],
+    "CancelFlightInfoResult": [("status", 1, "int32", "")],
 }
 
 
@@ -87,6 +91,15 @@ class TableExistsOption(enum.IntEnum):
     FAIL = 1
     APPEND = 2
     REPLACE = 3
+
+
+class CancelStatus(enum.IntEnum):
+    """Flight's CancelStatus (the same numbers as Flight SQL's ActionCancelQueryResult.CancelResult)."""
+
+    UNSPECIFIED = 0
+    CANCELLED = 1
+    CANCELLING = 2
+    NOT_CANCELLABLE = 3
 
 
 class SqlInfo(enum.IntEnum):

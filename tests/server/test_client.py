@@ -226,3 +226,56 @@ def test_select_star_of_loaded_28x28_images_answers_tensors_to_adbc_and_tg_conne
     assert got.column("t").to_pylist() == ["UTINYINT[28][28]"] * 2
     assert got.column("px").to_pylist() == [int(images[7, 1, 2]), int(images[17, 1, 2])]
     np.testing.assert_array_equal(got.column("image").combine_chunks().to_numpy_ndarray(), images[[7, 17]])
+
+
+def test_8_concurrent_gets_from_threads_are_all_right_and_not_held_up_by_a_running_query(g, grid):
+    """Each get works on its own DuckDB cursor: 8 threads' gets all return their own rows, and all finish while
+    a long query of another client is still at work in DuckDB (then cancelled)."""
+    import threading
+    import time
+
+    import adbc_driver_flightsql.dbapi as flight_sql
+
+    table = _name("many")
+    g.sql(f"CREATE TABLE {table} (id BIGINT PRIMARY KEY, v VARCHAR)")
+    g.sql(f"INSERT INTO {table} SELECT i, 'v' || i FROM range(10000) r(i)")
+    conn = flight_sql.connect(grid.url, autocommit=True)
+    cur = conn.cursor()
+    failed = []
+
+    def long_query():
+        try:
+            cur.execute("SELECT sum(hash(a * 7)) AS s FROM range(5000000000) t(a)")
+        except flight_sql.Error:
+            pass  # cancelled below
+
+    runner = threading.Thread(target=long_query)
+    runner.start()
+    deadline = time.monotonic() + 10
+    while not grid._running._calls and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert grid._running._calls, "the long query never started"
+    start = threading.Barrier(8)
+    got: dict[int, dict] = {}
+
+    def gets(k):
+        client = tg.connect(grid.url)
+        start.wait()
+        for i in range(k, 10000, 400):
+            row = client.get(table, i)
+            if row != {"id": i, "v": f"v{i}"}:
+                failed.append((i, row))
+            got[i] = row
+        client.close()
+
+    threads = [threading.Thread(target=gets, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    still_running = bool(grid._running._calls)
+    cur.adbc_cancel()
+    runner.join(10)
+    conn.close()
+    assert not failed and len(got) == 8 * 25
+    assert still_running, "the gets waited for the long query"

@@ -280,7 +280,8 @@ def test_held_items_expire_by_count_and_by_age():
     assert store.get(c) is None and sorted(dropped) == ["a", "b", "c"] and len(store) == 0
 
 
-_KINDS = ["ticket", "command", "put", "schema", "CreatePreparedStatement", "ClosePreparedStatement"]
+_KINDS = ["ticket", "command", "put", "schema", "CreatePreparedStatement", "ClosePreparedStatement",
+          "BeginTransaction", "EndTransaction", "CancelFlightInfo", "CancelQuery"]
 _MESSAGE_NAMES = sorted(n for n in sqlproto.MESSAGES if "." not in n)
 
 
@@ -325,6 +326,177 @@ def test_malformed_tickets_commands_and_action_bodies_get_a_clear_error(raw, kin
             assert isinstance(exc, flight.FlightError), repr(exc)
         assert "Traceback" not in message and "internal error" not in message, message
     # the server is still there and sane
+    assert _query(raw, "SELECT 1 AS one").to_pylist() == [{"one": 1}]
+
+
+# -- keys, types, transactions, cancel ------------------------------------------------------------------------
+
+def _metadata(raw, command) -> pa.Table:
+    """A metadata command's answer, checked against the schema GetSchema gives for it."""
+    descriptor = flight.FlightDescriptor.for_command(sqlproto.pack(command))
+    info = raw.get_flight_info(descriptor)
+    table = raw.do_get(info.endpoints[0].ticket).read_all()
+    assert raw.get_schema(descriptor).schema == table.schema == info.schema
+    return table
+
+
+def test_primary_imported_exported_keys_and_cross_reference(raw, conn):
+    parent, child, other = _name("parent"), _name("child"), _name("other")
+    cur = conn.cursor()
+    cur.execute(f"CREATE TABLE {parent} (a BIGINT, b VARCHAR, PRIMARY KEY (a, b))")
+    cur.execute(f"CREATE TABLE {child} (id INT PRIMARY KEY, pa BIGINT, pb VARCHAR, "
+                f"FOREIGN KEY (pa, pb) REFERENCES {parent} (a, b))")
+    cur.execute(f"CREATE TABLE {other} (x INT)")
+    keys = _metadata(raw, sqlproto.CommandGetPrimaryKeys(table=parent)).to_pylist()
+    assert [(k["catalog_name"], k["db_schema_name"], k["table_name"], k["column_name"], k["key_sequence"])
+            for k in keys] == [("grid", "main", parent, "a", 1), ("grid", "main", parent, "b", 2)]
+    assert keys[0]["key_name"] and keys[0]["key_name"] == keys[1]["key_name"]
+    assert _metadata(raw, sqlproto.CommandGetPrimaryKeys(table=other)).num_rows == 0
+    assert _metadata(raw, sqlproto.CommandGetPrimaryKeys(table=parent, db_schema="elsewhere")).num_rows == 0
+    expected = [(parent, "a", child, "pa", 1), (parent, "b", child, "pb", 2)]
+
+    def pairs(table):
+        rows = table.to_pylist()
+        assert all(r["update_rule"] == r["delete_rule"] == 3 for r in rows)  # NO_ACTION: DuckDB cascades nothing
+        return [(r["pk_table_name"], r["pk_column_name"], r["fk_table_name"], r["fk_column_name"], r["key_sequence"])
+                for r in rows]
+
+    assert pairs(_metadata(raw, sqlproto.CommandGetImportedKeys(table=child))) == expected
+    assert pairs(_metadata(raw, sqlproto.CommandGetExportedKeys(table=parent))) == expected
+    assert pairs(_metadata(raw, sqlproto.CommandGetCrossReference(pk_table=parent, fk_table=child))) == expected
+    assert pairs(_metadata(raw, sqlproto.CommandGetCrossReference(pk_table=child, fk_table=parent))) == []
+    assert pairs(_metadata(raw, sqlproto.CommandGetImportedKeys(table=parent))) == []
+    assert pairs(_metadata(raw, sqlproto.CommandGetExportedKeys(table=other))) == []
+
+
+def test_xdbc_type_info_lists_duckdbs_types_and_filters_by_data_type(raw):
+    table = _metadata(raw, sqlproto.CommandGetXdbcTypeInfo())
+    rows = {r["type_name"]: r for r in table.to_pylist()}
+    assert {"BOOLEAN", "INTEGER", "BIGINT", "DOUBLE", "VARCHAR", "BLOB", "DATE", "TIMESTAMP"} <= set(rows)
+    assert rows["INTEGER"]["data_type"] == 4 and rows["BIGINT"]["data_type"] == -5 and rows["VARCHAR"]["data_type"] == 12
+    assert rows["DATE"]["sql_data_type"] == 9 and rows["DATE"]["datetime_subcode"] == 1
+    codes = table.column("data_type").to_pylist()
+    assert codes == sorted(codes)  # ordered by data_type (then name), as the protocol asks
+    for name in rows:  # every type listed is one DuckDB takes
+        raw_type = name if name != "DECIMAL" else "DECIMAL(10, 2)"
+        assert _query(raw, f"SELECT CAST(NULL AS {raw_type}) AS v").num_rows == 1
+    only = _metadata(raw, sqlproto.CommandGetXdbcTypeInfo(data_type=4)).to_pylist()
+    assert [r["type_name"] for r in only] == ["INTEGER"]
+
+
+def test_sql_info_advertises_transactions_and_cancel(raw):
+    info = dict(zip(*_metadata(raw, sqlproto.CommandGetSqlInfo(info=[8, 9, 11])).to_pydict().values()))
+    assert info == {8: 1, 9: True, 11: True}  # SQL_SUPPORTED_TRANSACTION_TRANSACTION, cancel, ingest in transactions
+
+
+def test_adbc_transactions_commit_and_roll_back_invisible_to_others_until_commit(grid, conn):
+    table = _name("txn")
+    conn.cursor().execute(f"CREATE TABLE {table} (id BIGINT PRIMARY KEY)")
+    watcher = conn.cursor()
+
+    def count():
+        watcher.execute(f"SELECT count(*) FROM {table}")
+        return watcher.fetchall()[0][0]
+
+    with flight_sql.connect(grid.url, autocommit=False) as txn_conn, txn_conn.cursor() as cur:
+        cur.execute(f"INSERT INTO {table} VALUES (1), (2)")
+        cur.execute(f"SELECT count(*) FROM {table}")
+        assert cur.fetchall() == [(2,)] and count() == 0  # seen inside, not outside
+        txn_conn.rollback()
+        cur.execute(f"SELECT count(*) FROM {table}")
+        assert cur.fetchall() == [(0,)] and count() == 0
+        cur.execute(f"INSERT INTO {table} VALUES (?)", parameters=(3,))
+        assert count() == 0
+        txn_conn.commit()
+        assert count() == 1
+    assert count() == 1
+
+
+def test_raw_transactions_take_ingest_and_refuse_unknown_ids(raw):
+    def action(name, message):
+        results = [r.body.to_pybytes() for r in raw.do_action(flight.Action(name, sqlproto.pack(message)))]
+        return sqlproto.unpack(results[0]) if results else None
+
+    table = _name("ingested")
+    txn = action("BeginTransaction", sqlproto.ActionBeginTransactionRequest()).transaction_id
+    command = sqlproto.CommandStatementIngest(table=table, transaction_id=txn)
+    command.table_definition_options.if_not_exist = sqlproto.TableNotExistOption.CREATE
+    writer, reader = raw.do_put(flight.FlightDescriptor.for_command(sqlproto.pack(command)), pa.schema([("v", pa.int64())]))
+    writer.write_table(pa.table({"v": [1, 2, 3]}))
+    writer.done_writing()
+    assert sqlproto.parse(sqlproto.DoPutUpdateResult, reader.read().to_pybytes()).record_count == 3
+    writer.close()
+    inside = sqlproto.CommandStatementQuery(query=f"SELECT sum(v) AS s FROM {table}", transaction_id=txn)
+    info = raw.get_flight_info(flight.FlightDescriptor.for_command(sqlproto.pack(inside)))
+    assert raw.do_get(info.endpoints[0].ticket).read_all().to_pylist() == [{"s": 6}]
+    with pytest.raises(flight.FlightServerError, match="does not exist"):
+        _query(raw, f"SELECT * FROM {table}")  # not committed: nobody else sees the table
+    action("EndTransaction", sqlproto.ActionEndTransactionRequest(transaction_id=txn, action=2))
+    with pytest.raises(flight.FlightServerError, match="does not exist"):
+        _query(raw, f"SELECT * FROM {table}")
+    for bad in (txn, b"not-a-transaction"):  # ended, or never begun
+        with pytest.raises(flight.FlightServerError, match="unknown, finished or expired transaction"):
+            raw.get_flight_info(flight.FlightDescriptor.for_command(sqlproto.pack(
+                sqlproto.CommandStatementQuery(query="SELECT 1", transaction_id=bad))))
+        with pytest.raises(flight.FlightServerError, match="unknown, finished or expired transaction"):
+            action("EndTransaction", sqlproto.ActionEndTransactionRequest(transaction_id=bad, action=1))
+    txn = action("BeginTransaction", sqlproto.ActionBeginTransactionRequest()).transaction_id
+    with pytest.raises(flight.FlightServerError, match="COMMIT .1. or ROLLBACK .2."):
+        action("EndTransaction", sqlproto.ActionEndTransactionRequest(transaction_id=txn, action=0))
+    action("EndTransaction", sqlproto.ActionEndTransactionRequest(transaction_id=txn, action=1))
+
+
+_LONG = "SELECT sum(hash(a * 7)) AS s FROM range(5000000000) t(a)"  # minutes of work for one DuckDB thread
+
+
+def _idle(grid, seconds: float) -> bool:
+    """Whether no call is at work in DuckDB within ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while grid._running._calls and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return not grid._running._calls
+
+
+def test_adbc_cancel_from_another_thread_interrupts_the_running_query(grid, conn):
+    cur = conn.cursor()
+    started = time.monotonic()
+    timer = threading.Timer(0.5, cur.adbc_cancel)
+    timer.start()
+    with pytest.raises(flight_sql.OperationalError, match="(?i)cancel"):
+        cur.execute(_LONG)
+    timer.join()
+    assert _idle(grid, 2.0), "the server's DuckDB query kept running after the client cancelled"
+    assert time.monotonic() - started < 5
+    cur.execute("SELECT 41 + 1")
+    assert cur.fetchall() == [(42,)]
+
+
+def test_cancel_flight_info_drops_a_held_result_and_interrupts_a_stream(grid, raw):
+    def cancel(info, deprecated=False):
+        if deprecated:
+            body = sqlproto.pack(sqlproto.ActionCancelQueryRequest(info=info.serialize()))
+            result = list(raw.do_action(flight.Action("CancelQuery", body)))[0].body.to_pybytes()
+            return sqlproto.unpack(result).result
+        body = sqlproto.CancelFlightInfoRequest(info=info.serialize()).SerializeToString()
+        result = list(raw.do_action(flight.Action("CancelFlightInfo", body)))[0].body.to_pybytes()
+        return sqlproto.parse(sqlproto.CancelFlightInfoResult, result).status
+
+    for deprecated in (False, True):
+        info = raw.get_flight_info(flight.FlightDescriptor.for_command(
+            sqlproto.pack(sqlproto.CommandStatementQuery(query="SELECT 1 AS one"))))
+        assert cancel(info, deprecated) == sqlproto.CancelStatus.CANCELLED
+        with pytest.raises(flight.FlightServerError, match="cancelled"):
+            raw.do_get(info.endpoints[0].ticket).read_all()
+        with pytest.raises(flight.FlightServerError, match="no such query"):
+            cancel(info, deprecated)
+    # a stream whose rows come slowly (a filter over a big range): cancelled after its first batch
+    info = raw.get_flight_info(flight.FlightDescriptor.for_command(sqlproto.pack(sqlproto.CommandStatementQuery(
+        query="SELECT a FROM range(5000000000) t(a) WHERE a < 2048 OR hash(a) % 1000003 = 0"))))
+    stream = raw.do_get(info.endpoints[0].ticket)
+    assert stream.read_chunk().data.num_rows > 0
+    assert cancel(info) == sqlproto.CancelStatus.CANCELLED
+    with pytest.raises(flight.FlightError, match="(?i)interrupt"):
+        stream.read_all()
     assert _query(raw, "SELECT 1 AS one").to_pylist() == [{"one": 1}]
 
 
