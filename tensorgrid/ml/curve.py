@@ -6,7 +6,8 @@ Each run's error is written whole to a work folder keyed by the data, the traine
 interrupted part-way resumes from the runs already done. With ``parallel`` > 1 the runs go to that many
 processes at once: children forked from this one on Linux (started in milliseconds; nothing of
 ``__main__`` runs again, so flat scripts and notebooks work), else the Trainer's local engine (fresh
-interpreters); each run keeps the trainer's own settings.
+interpreters); for a trainer on Ray or Spark, that many runs at once on the cluster (Ray actors, Spark
+barrier tasks), each trained where it runs. Each run keeps the trainer's own settings.
 """
 
 from __future__ import annotations
@@ -18,25 +19,22 @@ import sys
 import threading
 import warnings
 
-import cloudpickle
 import numpy as np
 import pandas as pd
 
 from .. import fs as tgfs
 from ..args import check_int
-from ..errors import ArgumentError, CurveFitError, WorkerFailedError
+from ..errors import ArgumentError, CurveFitError, TensorGridError, WorkerFailedError
 from ..store import subsets
 from ..store.dataset import Dataset
-from ..train import engines
 from ..train.predict import predict
 from ..train.trainer import Trainer
-from . import evaluate
+from . import evaluate, jobs
 from .digest import stable_digest
 from .powerlaw import PowerLaw, fit_power_law
 
 MIN_AUTO_SIZES = 6
 METRICS = ("error", "log_loss")
-TIMEOUT_S = 300.0
 
 
 class LearningCurve:
@@ -176,7 +174,8 @@ def learning_curve(trainer, train: Dataset, val: Dataset, sizes="auto", repeats:
     geometric, up to all of ``train``) or a list; ``repeats``: runs per size (other seeds, other subsets);
     ``metric``: "error" (classification error), "log_loss" (validation cross-entropy of the predicted
     probabilities) or a function ``(predictions: Dataset, label) -> float`` (lower is better);
-    ``parallel``: runs at once in local worker processes. Runs already done (same data, trainer, metric and
+    ``parallel``: runs at once (forked children of this process; a trainer on Ray or Spark: that many runs
+    at once on the cluster, each trained with the trainer's ``workers`` where it runs). Runs already done (same data, trainer, metric and
     plan) are read back from ``work_dir`` (default: under the loader's cache folder). ``progress``: a bar of
     the runs on stderr (default: on a terminal)."""
     repeats = check_int("repeats", repeats, 1)
@@ -201,14 +200,20 @@ def learning_curve(trainer, train: Dataset, val: Dataset, sizes="auto", repeats:
     todo = [k for k, (m, r) in enumerate(plan) if _done(folder, m, r) is None]
     job = _Runs(trainer, train, val, label, plan, orders, todo, folder, metric)
     workers = min(parallel, len(todo))
-    if workers > 1 and _can_fork(trainer, train, val):
+    engine = trainer.engine if isinstance(trainer, Trainer) else "local"
+    if workers > 1 and engine != "local":  # several runs at once on the cluster, each trained where it runs
+        jobs.check_reachable(folder, engine, workers, "the curve's work folder (work_dir=)")
+        job.engine = "local"
+        with _Bar(plan, folder, progress):
+            jobs.run(job, engine, workers, *tgfs.resolve(folder), "learning curve", "runs")
+    elif workers > 1 and _can_fork(train, val):
         _forked(job, workers, _Bar(plan, folder, progress))
     elif todo:
         with _Bar(plan, folder, progress):
             if workers == 1:
                 job.run_rank(0, 1)
             else:
-                engines.get("local")(cloudpickle.dumps(job), workers, 0, TIMEOUT_S, None)
+                jobs.run(job, "local", workers, *tgfs.resolve(folder), "learning curve", "runs")
     runs = pd.DataFrame([{"size": m, "repeat": r, "error": _done(folder, m, r)} for m, r in plan])
     table = runs.groupby("size")["error"].apply(list)
     try:
@@ -259,34 +264,38 @@ class _Bar:
 class _Runs:
     """The runs still to do, ``todo[rank::world]`` on each worker; each writes its error whole."""
 
-    timeout_s = TIMEOUT_S
+    timeout_s = jobs.TIMEOUT_S
+    engine = None  # each run's engine: None keeps the trainer's
 
     def __init__(self, trainer, train, val, label, plan, orders, todo, folder, metric):
         self.trainer, self.train, self.val, self.label = trainer, train, val, label
         self.plan, self.orders, self.todo, self.folder, self.metric = plan, orders, todo, folder, metric
 
     def run_rank(self, rank: int, world: int) -> dict:
-        for k in self.todo[rank::world]:
-            self.run(k)
+        try:
+            for k in self.todo[rank::world]:
+                self.run(k)
+        except TensorGridError as e:
+            if world > 1:  # for the driver to raise as itself
+                jobs.keep_error(*tgfs.resolve(self.folder), rank, e)
+            raise
         return {"runs": len(self.todo[rank::world])}
 
     def run(self, k: int) -> None:
         m, r = self.plan[k]
         subset = subsets.take(self.train, np.sort(self.orders[r][:m]), f"{m} rows, repeat {r}")
-        error = _error(self.trainer, subset, self.val, self.label, r, self.metric)
+        error = _error(self.trainer, subset, self.val, self.label, r, self.metric, self.engine)
         tgfs.put_atomic(*tgfs.resolve(_run_path(self.folder, m, r)), json.dumps({"error": error}).encode())
 
 
-def _can_fork(trainer, train: Dataset, val: Dataset) -> bool:
+def _can_fork(train: Dataset, val: Dataset) -> bool:
     """Whether the runs can go to children forked from this process (they start in milliseconds, with torch
     and the data already loaded; nothing of ``__main__`` runs again): on Linux, over fork-safe datasets, with
-    neither Ray nor a gRPC client (Flight) running here (forking their threads hangs the child), and runs
-    that train in their own process (a Ray or Spark trainer would start its engine once per child)."""
+    neither Ray nor a gRPC client (Flight) running here (forking their threads hangs the child)."""
     ray = sys.modules.get("ray")
     return (sys.platform == "linux" and train.fork_safe and val.fork_safe
             and not (ray is not None and getattr(ray, "is_initialized", lambda: False)())
-            and "pyarrow._flight" not in sys.modules
-            and getattr(trainer, "engine", "local") == "local")
+            and "pyarrow._flight" not in sys.modules)
 
 
 def _forked(job: _Runs, workers: int, bar: _Bar) -> None:
@@ -371,10 +380,13 @@ def _forked(job: _Runs, workers: int, bar: _Bar) -> None:
         shutil.rmtree(errors, ignore_errors=True)
 
 
-def _error(trainer, subset: Dataset, val: Dataset, label: str, seed: int, metric="error") -> float:
-    """One run: train on ``subset`` (another seed per repeat), ``metric`` on ``val``."""
+def _error(trainer, subset: Dataset, val: Dataset, label: str, seed: int, metric="error",
+           engine: str | None = None) -> float:
+    """One run: train on ``subset`` (another seed per repeat; on ``engine``, default the trainer's),
+    ``metric`` on ``val``."""
     if isinstance(trainer, Trainer):
         t = _reseeded(trainer, seed)
+        t.engine = engine or t.engine
         model = t.fit(subset).model
         pred = predict(model, val, t.features, transform=t.transform, classifier=True, keep=[label])
     else:

@@ -20,7 +20,6 @@ import functools
 import json
 import marshal
 import os
-import pickle
 import shutil
 import tempfile
 
@@ -28,28 +27,24 @@ import cloudpickle
 import pyarrow as pa
 import torch
 import xxhash
-from fsspec.implementations.memory import MemoryFileSystem
 
 from .. import fs as tgfs
 from ..errors import (
     EmptyDataError,
     SchemaMismatchError,
     TensorGridError,
-    UnsupportedURLError,
-    WorkerFailedError,
 )
 from ..store import from_arrow, subsets
 from ..store import open as open_dataset
 from ..store.manifest import DATA_DIR
 from ..store.writer import check_target, latest, mark_dataset, publish, write_part, write_with
-from ..train import engines
 from ..train.loop import device_and_backend
 from ..train.predict import Inference
+from . import jobs
 
 PART_BYTES = 256 << 20  # the largest part, in input bytes (held in memory while it is encoded)
 PART_ROWS = 16_384  # the smallest part: a part's set-up (loader, output file) stays a small share of its time
 MAX_PARTS = 1_000  # larger data gets larger parts, so that a run never makes more than this many files
-TIMEOUT_S = 300.0  # how long the workers' rendezvous waits for a slow one
 
 
 def parts_of(num_rows: int, part_rows: int | None = None, row_bytes: float = 1.0) -> list[tuple[int, int]]:
@@ -71,7 +66,7 @@ def run(model, job: Inference, out: str | None, mode: str, engine: str, workers:
     scratch = tempfile.mkdtemp(prefix="tensorgrid-infer-") if out is None else None
     try:
         target = os.path.join(scratch, "out") if scratch else out
-        _check_reachable(target, engine, workers, "out" if out else "the temporary folder (out=None)")
+        jobs.check_reachable(target, engine, workers, "out" if out else "the temporary folder (out=None)")
         fs, root = tgfs.resolve(target)
         staging = tgfs.join(root, DATA_DIR, f".stage-{_key(model, job, parts)}")
         done = [_done(fs, staging, k) for k in range(len(parts))]
@@ -111,49 +106,7 @@ def _compute(work: _Work, fs, staging: str, engine: str, workers: int) -> None:
     if engine == "local" and workers == 1:
         work.run_rank(0, 1)
         return
-    try:
-        engines.get(engine)(cloudpickle.dumps(work), workers, 0, TIMEOUT_S, None)
-    except WorkerFailedError as e:
-        for path in sorted(fs.glob(tgfs.join(staging, ".error-*"))):
-            try:
-                error = pickle.loads(fs.cat_file(path))
-            except Exception:  # noqa: BLE001 - unreadable: the engine's own error says enough
-                continue
-            finally:
-                fs.rm_file(path)
-            raise error from None
-        raise WorkerFailedError(f"inference: {str(e).split(' (last checkpoint')[0].split(' (no checkpoint')[0]}; "
-                                "the parts done are kept: run it again") from None
-
-
-def _check_reachable(url: str, engine: str, workers: int, what: str) -> None:
-    """Refuse an output the workers cannot write to: memory:// lives in one process; a path on this machine
-    suits local processes and clusters on this machine only."""
-    if engine == "local" and workers == 1:
-        return
-    fs, _ = tgfs.resolve(url)
-    if isinstance(fs, MemoryFileSystem):
-        raise UnsupportedURLError(f"{what} is {url!r}: memory:// lives inside one process and the {workers} workers "
-                                  "run in others; give a path or a URL they can all reach")
-    if not tgfs.is_local(fs):
-        return
-    if engine == "spark":
-        from pyspark.sql import SparkSession
-
-        from ..store.spark import master_of, require_shared
-
-        session = SparkSession.getActiveSession()
-        if session is not None:  # none: the engine starts a local one
-            require_shared(url, master_of(session), what)
-    elif engine == "ray":
-        import ray
-
-        if ray.is_initialized():
-            here = ray.util.get_node_ip_address()
-            hosts = {n.get("NodeManagerAddress") for n in ray.nodes() if n.get("Alive")}
-            if hosts - {here}:
-                raise UnsupportedURLError(f"{what} is {url!r}, a path on this machine, but the Ray cluster has "
-                                          f"nodes on {sorted(hosts - {here})}: give out= a URL every node can reach")
+    jobs.run(work, engine, workers, fs, staging, "inference", "parts")
 
 
 def _committed(fs, root: str, metas: list[dict]) -> bool:
@@ -165,7 +118,7 @@ def _committed(fs, root: str, metas: list[dict]) -> bool:
 class _Work:
     """What each worker runs: its share of the parts still to do (``todo[rank::world]``)."""
 
-    timeout_s = TIMEOUT_S  # the engines' rendezvous
+    timeout_s = jobs.TIMEOUT_S  # the engines' rendezvous
 
     def __init__(self, model, job: Inference, parts, todo, staging_url: str):
         self.model, self.job, self.parts, self.todo, self.staging_url = model, job, parts, todo, staging_url
@@ -181,7 +134,7 @@ class _Work:
                 self._part(model, fs, staging, k)
         except TensorGridError as e:
             if world > 1:  # for the driver to raise as itself (the engine only says the worker failed)
-                tgfs.put_atomic(fs, tgfs.join(staging, f".error-{rank}"), pickle.dumps(e))
+                jobs.keep_error(fs, staging, rank, e)
             raise
         return {"parts": len(mine)}
 

@@ -20,11 +20,12 @@ def _scaled(batch):
     return batch
 
 
-def _trainer():
+def _trainer(**options):
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
     return tg.Trainer(net, loss=torch.nn.CrossEntropyLoss(), features="image", label="label", transform=_scaled,
-                      optimizer=lambda p: torch.optim.Adam(p, lr=1e-2), batch_size=32, epochs=6, quiet=True)
+                      optimizer=lambda p: torch.optim.Adam(p, lr=1e-2), batch_size=32, epochs=6, quiet=True,
+                      **options)
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +111,31 @@ def test_parallel_runs_go_to_forked_children_and_a_killed_child_loses_no_finishe
     with pytest.raises(ArgumentError, match="the metric returned 'x'"):  # a child's error comes back as itself
         learning_curve(_trainer(), train, val, sizes=sizes, repeats=1, parallel=2, work_dir=work,
                        metric=lambda pred, label: "x")
+
+
+@pytest.mark.parametrize("engine", ["ray", "spark"])
+def test_a_trainer_on_ray_or_spark_runs_several_runs_at_once_on_the_cluster(digits, tmp_path, engine, request):
+    request.getfixturevalue("ray_cluster" if engine == "ray" else "spark")  # after the fork test: Ray stays up
+    train, val = digits
+    calls = tmp_path / "calls"
+    calls.mkdir()
+
+    def metric(pred, label):
+        (calls / f"{os.getpid()}-{len(os.listdir(calls))}").touch()
+        return 1.0 - tg.ml.evaluate.accuracy(pred, label_col=label)
+
+    sizes = [60, 120, 240, 480]
+    curve = learning_curve(_trainer(engine=engine), train, val, sizes=sizes, repeats=2, parallel=2, metric=metric,
+                           work_dir=str(tmp_path / "work"))
+    assert curve.table["n_runs"].tolist() == [2] * 4 and curve.law is not None
+    assert curve.table["error_mean"].iloc[-1] < curve.table["error_mean"].iloc[0]
+    pids = {name.split("-")[0] for name in os.listdir(calls)}
+    assert len(os.listdir(calls)) == 8 and len(pids) == 2 and str(os.getpid()) not in pids  # 2 cluster workers
+    with pytest.raises(ArgumentError, match="the metric returned 'x'"):  # a worker's error comes back as itself
+        learning_curve(_trainer(engine=engine), train, val, sizes=sizes, repeats=1, parallel=2,
+                       work_dir=str(tmp_path / "work"), metric=lambda pred, label: "x")
+    with pytest.raises(tg.errors.UnsupportedURLError, match="memory://"):
+        learning_curve(_trainer(engine=engine), train, val, sizes=sizes, parallel=2, work_dir="memory://curves")
 
 
 def test_bad_input_is_refused_before_any_run(digits, tmp_path):
