@@ -9,14 +9,17 @@ torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(session, config, items):
-    """The grid server's tests run last. They leave gRPC threads in this process (the session's server, its
+    """The grid server's tests run last, after the tests that start Ray. They leave gRPC threads in this process (the session's server, its
     clients), and a fork() taken while such threads hold a lock can deadlock the child: later tests that
     fork (writer processes, loader workers) or start a subprocess with a preexec_fn (Spark's JVM, Ray,
     setrlimit) hung until their timeouts. Users meet the same rule: fork before connecting, or spawn."""
     server = [it for it in items if "/tests/server/" in str(it.fspath)]
-    if server:
-        rest = [it for it in items if "/tests/server/" not in str(it.fspath)]
-        items[:] = rest + server
+    rest = [it for it in items if "/tests/server/" not in str(it.fspath)]
+    # Ray's driver runs gRPC threads too: once a test started it, pools of forked workers are off for the
+    # session (jobs.can_fork); the tests that use Ray run after the others so that both paths are tested
+    ray = [it for it in rest if "ray_cluster" in getattr(it, "fixturenames", ())
+           or getattr(getattr(it, "callspec", None), "params", {}).get("engine") == "ray"]  # asked for by name
+    items[:] = [it for it in rest if it not in ray] + ray + server
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ import pandas as pd
 
 from .. import fs as tgfs
 from ..args import check_int
-from ..errors import ArgumentError, CurveFitError, TensorGridError, WorkerFailedError
+from ..errors import ArgumentError, CurveFitError, TensorGridError
 from ..store import subsets
 from ..store.dataset import Dataset
 from ..train.predict import predict
@@ -206,8 +206,9 @@ def learning_curve(trainer, train: Dataset, val: Dataset, sizes="auto", repeats:
         job.engine = "local"
         with _Bar(plan, folder, progress):
             jobs.run(job, engine, workers, *tgfs.resolve(folder), "learning curve", "runs")
-    elif workers > 1 and _can_fork(train, val):
-        _forked(job, workers, _Bar(plan, folder, progress))
+    elif workers > 1 and jobs.can_fork(train, val):  # largest first: the last runs to end are short ones
+        jobs.forked(job, workers, sorted(todo, key=lambda k: -plan[k][0]), folder, "learning curve", "runs",
+                    around=_Bar(plan, folder, progress))
     elif todo:
         with _Bar(plan, folder, progress):
             if workers == 1:
@@ -271,113 +272,23 @@ class _Runs:
         self.trainer, self.train, self.val, self.label = trainer, train, val, label
         self.plan, self.orders, self.todo, self.folder, self.metric = plan, orders, todo, folder, metric
 
-    def run_rank(self, rank: int, world: int) -> dict:
+    def run_rank(self, rank: int, world: int, take=None) -> dict:
+        done = 0
         try:
-            for k in self.todo[rank::world]:
+            for k in iter(take, None) if take else self.todo[rank::world]:
                 self.run(k)
+                done += 1
         except TensorGridError as e:
-            if world > 1:  # for the driver to raise as itself
+            if world > 1 and take is None:  # on an engine: for the driver to raise as itself
                 jobs.keep_error(*tgfs.resolve(self.folder), rank, e)
             raise
-        return {"runs": len(self.todo[rank::world])}
+        return {"runs": done}
 
     def run(self, k: int) -> None:
         m, r = self.plan[k]
         subset = subsets.take(self.train, np.sort(self.orders[r][:m]), f"{m} rows, repeat {r}")
         error = _error(self.trainer, subset, self.val, self.label, r, self.metric, self.engine)
         tgfs.put_atomic(*tgfs.resolve(_run_path(self.folder, m, r)), json.dumps({"error": error}).encode())
-
-
-def _can_fork(train: Dataset, val: Dataset) -> bool:
-    """Whether the runs can go to children forked from this process (they start in milliseconds, with torch
-    and the data already loaded; nothing of ``__main__`` runs again): on Linux, over fork-safe datasets, with
-    neither Ray nor a gRPC client (Flight) running here (forking their threads hangs the child)."""
-    ray = sys.modules.get("ray")
-    return (sys.platform == "linux" and train.fork_safe and val.fork_safe
-            and not (ray is not None and getattr(ray, "is_initialized", lambda: False)())
-            and "pyarrow._flight" not in sys.modules)
-
-
-def _forked(job: _Runs, workers: int, bar: _Bar) -> None:
-    """The runs on ``workers`` forked children, each with its share of torch's threads, taking the next run
-    from a pipe (largest first, so the last runs to finish are short ones). A child's exception comes back
-    as itself; a child killed by a signal, or Ctrl-C here, stops the others (the runs done stay in the work
-    folder: a rerun resumes)."""
-    import pickle
-    import signal
-    import struct
-    import tempfile
-
-    import torch
-
-    order = sorted(job.todo, key=lambda k: -job.plan[k][0])
-    threads = max(1, torch.get_num_threads() // workers)
-    read, write = os.pipe()
-    errors = tempfile.mkdtemp(prefix="tensorgrid-curve-")
-    children: dict[int, int] = {}
-    try:
-        sys.stdout.flush(), sys.stderr.flush()
-        for i in range(workers):
-            pid = os.fork()
-            if pid == 0:  # the child: never returns
-                os.close(write)
-                code = 0
-                try:
-                    torch.set_num_threads(threads)
-                    while chunk := os.read(read, 4):
-                        job.run(struct.unpack("<I", chunk)[0])
-                except KeyboardInterrupt:
-                    code = 130
-                except BaseException as e:  # noqa: BLE001 - every failure goes back to the parent
-                    code = 1
-                    try:
-                        blob = pickle.dumps(e)
-                    except Exception:  # noqa: BLE001 - an unpicklable exception comes back as its text
-                        blob = pickle.dumps(RuntimeError(f"{type(e).__name__}: {e}"))
-                    with open(os.path.join(errors, str(i)), "wb") as f:
-                        f.write(blob)
-                finally:
-                    sys.stdout.flush(), sys.stderr.flush()
-                    os._exit(code)
-            children[pid] = i
-        os.close(read)
-        try:
-            for start in range(0, len(order), 1024):  # a pipe holds 64 KiB: the children read while this writes
-                os.write(write, b"".join(struct.pack("<I", k) for k in order[start:start + 1024]))
-        except BrokenPipeError:  # every child has ended already: their statuses say why
-            pass
-        os.close(write)
-        write = None
-        with bar:
-            while children:
-                pid, status = os.wait()
-                i = children.pop(pid, None)
-                if i is None or os.waitstatus_to_exitcode(status) == 0:
-                    continue
-                code = os.waitstatus_to_exitcode(status)
-                path = os.path.join(errors, str(i))
-                if os.path.exists(path):
-                    with open(path, "rb") as f:
-                        raise pickle.load(f)
-                if code == 130:
-                    raise KeyboardInterrupt
-                raise WorkerFailedError(f"learning curve worker {i} was killed by signal {-code}; the runs it "
-                                        f"finished are kept in {job.folder}: run the curve again to resume")
-    except KeyboardInterrupt:
-        raise KeyboardInterrupt(f"learning curve interrupted: the runs done are kept in {job.folder}: run the "
-                                "curve again to resume") from None
-    finally:
-        if write is not None:
-            os.close(write)
-        for pid in children:
-            try:
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-            except OSError:
-                pass
-        import shutil
-
-        shutil.rmtree(errors, ignore_errors=True)
 
 
 def _error(trainer, subset: Dataset, val: Dataset, label: str, seed: int, metric="error",

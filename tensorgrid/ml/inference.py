@@ -45,14 +45,23 @@ from . import jobs
 PART_BYTES = 256 << 20  # the largest part, in input bytes (held in memory while it is encoded)
 PART_ROWS = 16_384  # the smallest part: a part's set-up (loader, output file) stays a small share of its time
 MAX_PARTS = 1_000  # larger data gets larger parts, so that a run never makes more than this many files
+TAIL_SPLIT = 4  # the last parts are this many times smaller
 
 
 def parts_of(num_rows: int, part_rows: int | None = None, row_bytes: float = 1.0) -> list[tuple[int, int]]:
-    """Row ranges [start, stop) covering ``num_rows`` in order: ``part_rows`` each, by default at least
-    PART_ROWS rows and few enough for at most MAX_PARTS parts, but no more than PART_BYTES of input rows
-    (``row_bytes`` each: a part is held in memory while it is encoded)."""
-    size = part_rows or min(max(PART_ROWS, -(-num_rows // MAX_PARTS)), max(1, int(PART_BYTES // max(row_bytes, 1.0))))
-    return [(a, min(a + size, num_rows)) for a in range(0, num_rows, size)]
+    """Row ranges [start, stop) covering ``num_rows`` in order: ``part_rows`` each, or by default parts of
+    at least PART_ROWS rows, few enough for at most MAX_PARTS parts, no more than PART_BYTES of input rows
+    (``row_bytes`` each: a part is held in memory while it is encoded), and the last two parts' worth of
+    rows cut in quarters (workers taking parts from one queue then end together: the last part any worker
+    takes is small)."""
+    if part_rows:
+        return [(a, min(a + part_rows, num_rows)) for a in range(0, num_rows, part_rows)]
+    size = min(max(PART_ROWS, -(-num_rows // (MAX_PARTS - 3 * TAIL_SPLIT))),
+               max(1, int(PART_BYTES // max(row_bytes, 1.0))))
+    body = max(0, num_rows - 2 * size) // size * size
+    tail = max(1, -(-size // TAIL_SPLIT))
+    return ([(a, a + size) for a in range(0, body, size)]
+            + [(a, min(a + tail, num_rows)) for a in range(body, num_rows, tail)])
 
 
 def run(model, job: Inference, out: str | None, mode: str, engine: str, workers: int,
@@ -105,8 +114,10 @@ def _compute(work: _Work, fs, staging: str, engine: str, workers: int) -> None:
     TensorGrid error (TransformError, ModelInputError...) is raised here as itself."""
     if engine == "local" and workers == 1:
         work.run_rank(0, 1)
-        return
-    jobs.run(work, engine, workers, fs, staging, "inference", "parts")
+    elif engine == "local" and jobs.can_fork(work.job.ds):
+        jobs.forked(work, workers, work.todo, tgfs.to_url(fs, staging), "inference", "parts")
+    else:
+        jobs.run(work, engine, workers, fs, staging, "inference", "parts")
 
 
 def _committed(fs, root: str, metas: list[dict]) -> bool:
@@ -116,27 +127,29 @@ def _committed(fs, root: str, metas: list[dict]) -> bool:
 
 
 class _Work:
-    """What each worker runs: its share of the parts still to do (``todo[rank::world]``)."""
+    """What each worker runs: its share of the parts still to do (``todo[rank::world]``, or those ``take``
+    hands out)."""
 
     timeout_s = jobs.TIMEOUT_S  # the engines' rendezvous
 
     def __init__(self, model, job: Inference, parts, todo, staging_url: str):
         self.model, self.job, self.parts, self.todo, self.staging_url = model, job, parts, todo, staging_url
 
-    def run_rank(self, rank: int, world: int) -> dict:
+    def run_rank(self, rank: int, world: int, take=None) -> dict:
         model = self.model[0](self.model[1]) if isinstance(self.model, tuple) else self.model
         if world > 1 and any(True for _ in model.parameters()):
             model.to(device_and_backend()[0])  # a worker of its own: its GPU when there is one
         fs, staging = tgfs.resolve(self.staging_url)
-        mine = self.todo[rank::world]
+        done = 0
         try:
-            for k in mine:
+            for k in iter(take, None) if take else self.todo[rank::world]:
                 self._part(model, fs, staging, k)
+                done += 1
         except TensorGridError as e:
-            if world > 1:  # for the driver to raise as itself (the engine only says the worker failed)
+            if world > 1 and take is None:  # on an engine: for the driver to raise as itself
                 jobs.keep_error(fs, staging, rank, e)
             raise
-        return {"parts": len(mine)}
+        return {"parts": done}
 
     def _part(self, model, fs, staging: str, k: int) -> None:
         start, stop = self.parts[k]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import abc
 import os
+import weakref
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 
@@ -326,9 +327,15 @@ def _cached_handle(ds: Dataset, shard: int, make):
     return h
 
 
+_last_decoded: tuple | None = None  # (file, row groups, columns, like, table): the span decoded last
+
+
 def decode_row_range(pf: pq.ParquetFile, start: int, stop: int, columns: list[str] | None,
                      like: pa.Schema | None = None) -> pa.Table:
-    """Rows [start, stop) of a Parquet file: only the row groups holding them are decoded."""
+    """Rows [start, stop) of a Parquet file: only the row groups holding them are decoded. The span decoded
+    last in this process is kept (one, whatever the file): neighbouring ranges of one row group (inference
+    parts, a view's blocks) decode it once, not once each."""
+    global _last_decoded
     md = pf.metadata
     first, offset, parts, pos = None, 0, [], 0
     for g in range(md.num_row_groups):
@@ -341,8 +348,16 @@ def decode_row_range(pf: pq.ParquetFile, start: int, stop: int, columns: list[st
     if not parts:
         return encoding.decode(pf.schema_arrow.empty_table().select(columns) if columns else
                                pf.schema_arrow.empty_table(), like=like)
+    key = (tuple(parts), None if columns is None else tuple(columns))
+    last = _last_decoded
+    if last is not None and last[0]() is pf and last[1] == key and (last[2] is like or (
+            last[2] is not None and like is not None and last[2].equals(like, check_metadata=True))):
+        return last[3].slice(start - offset, stop - start)
     table = pf.read_row_groups(parts, columns=columns) if len(parts) > 1 else pf.read_row_group(parts[0], columns=columns)
-    return encoding.decode(table, like=like).slice(start - offset, stop - start)
+    table = encoding.decode(table, like=like)
+    if stop - start < table.num_rows:  # a part of the span: its neighbours will likely ask for the rest
+        _last_decoded = (weakref.ref(pf), key, like, table)
+    return table.slice(start - offset, stop - start)
 
 
 def _arrow_fs(fs: fsspec.AbstractFileSystem):

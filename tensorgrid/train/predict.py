@@ -115,13 +115,19 @@ def _label_names(ds: Dataset, label_names, classifier: bool) -> list | None:
     return list(label_names)
 
 
+GROUP_ROWS = 32_768  # outputs are turned into Arrow columns this many rows at a time, not per batch
+
+
 def _batches(model: torch.nn.Module, loader: Loader, features, keep: list[str],
              classifier: bool, names: list | None = None,
              outputs: tuple[str, str] = ("prediction", "probability")) -> Iterator[pa.RecordBatch]:
-    """Record batches of the kept columns plus the model's predictions, one per loader batch."""
+    """Record batches of the kept columns plus the model's predictions, in order: the loader's batches'
+    outputs are gathered as numpy and turned into Arrow once per ~GROUP_ROWS rows (per batch, the
+    conversions cost as much as a small model's layers)."""
     modes = [(m, m.training) for m in model.modules()]
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     model.eval()
+    pending, rows = [], 0
     try:
         for batch in loader:
             x = stack_features(batch, features)
@@ -129,25 +135,50 @@ def _batches(model: torch.nn.Module, loader: Loader, features, keep: list[str],
                 y = forward(model, x.to(device) if isinstance(x, torch.Tensor) else x, features)
             if not isinstance(y, torch.Tensor):
                 raise TensorGridError(f"predict: the model returned a {type(y).__name__}, not a tensor")
-            cols = {c: _column(batch[c], batch.get(c + LENGTHS)) for c in keep
+            cols = {c: _raw(batch[c], batch.get(c + LENGTHS)) for c in keep
                     if c not in (*outputs, "prediction_label")}
             cols.update(_outputs(y.detach().cpu(), classifier, outputs))
-            if names is not None and outputs[1] in cols:
-                cols["prediction_label"] = _named(cols[outputs[0]], names, y.shape[1])
-            yield pa.RecordBatch.from_pydict(cols)
+            pending.append(cols)
+            rows += len(y)
+            if rows >= GROUP_ROWS:
+                yield _group(pending, names, outputs, classifier)
+                pending, rows = [], 0
+        if pending:
+            yield _group(pending, names, outputs, classifier)
     finally:
         for m, training in modes:
             m.training = training
 
 
+def _raw(v, lengths=None):
+    """A kept column of one batch as numpy when it is a plain tensor (joined with the next batches' before
+    it becomes Arrow), else as Arrow now."""
+    if isinstance(v, torch.Tensor) and lengths is None:
+        return v.numpy()
+    return _column(v, lengths)
+
+
+def _group(pending: list[dict], names: list | None, outputs: tuple[str, str], classifier: bool) -> pa.RecordBatch:
+    cols = {}
+    for c in pending[0]:
+        parts = [p[c] for p in pending]
+        if all(isinstance(a, np.ndarray) for a in parts):
+            cols[c] = _column(parts[0] if len(parts) == 1 else np.concatenate(parts))
+        else:
+            cols[c] = pa.concat_arrays([a if isinstance(a, pa.Array) else _column(a) for a in parts])
+    if names is not None and outputs[1] in cols:
+        cols["prediction_label"] = _named(cols[outputs[0]], names, cols[outputs[1]].type.shape[0])
+    return pa.RecordBatch.from_pydict(cols)
+
+
 def _outputs(y: torch.Tensor, classifier: bool, names: tuple[str, str] = ("prediction", "probability")) -> dict:
+    """The model's outputs of one batch as numpy: a classifier's predicted index and probabilities, else the
+    outputs (one value per row when the model gives one)."""
     if classifier and y.ndim == 2:
         p = torch.softmax(y.float(), dim=1).numpy()
-        return {names[0]: pa.array(p.argmax(axis=1).astype(np.int64)),
-                names[1]: numpy_to_tensor(p.astype(np.float32))}
+        return {names[0]: p.argmax(axis=1).astype(np.int64), names[1]: p.astype(np.float32, copy=False)}
     yn = y.float().numpy()
-    yn = yn.reshape(len(yn)) if yn.ndim == 2 and yn.shape[1] == 1 else yn
-    return {names[0]: _column(yn)}
+    return {names[0]: yn.reshape(len(yn)) if yn.ndim == 2 and yn.shape[1] == 1 else yn}
 
 
 def _named(prediction: pa.Array, names: list, classes: int) -> pa.Array:

@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 
 import tensorgrid as tg
 from tensorgrid.errors import DatasetExistsError, ModelLoadError, WorkerFailedError
-from tensorgrid.ml import NNModel
-from tensorgrid.ml.inference import MAX_PARTS, PART_BYTES, PART_ROWS, parts_of
+from tensorgrid.ml import NNModel, inference
+from tensorgrid.ml.inference import MAX_PARTS, PART_BYTES, PART_ROWS, TAIL_SPLIT, parts_of
 from tensorgrid.quickstart import digits_frame
 
 
@@ -78,8 +78,13 @@ def test_parts_cover_every_row_once_in_order_and_stay_few_and_bounded(case, row_
         assert all(b - a == part_rows for a, b in parts[:-1])
         return
     assert all((b - a) * row_bytes <= PART_BYTES for a, b in parts)  # a part held in memory stays bounded
+    sizes = [b - a for a, b in parts]
+    assert sizes == sorted(sizes, reverse=True)  # equal parts, then the tail's smaller ones
+    assert sum(k < sizes[0] for k in sizes) <= 3 * TAIL_SPLIT
     if row_bytes <= 1024:  # narrow rows: the row bounds decide
-        assert len(parts) <= MAX_PARTS and all(b - a >= PART_ROWS for a, b in parts[:-1])
+        assert len(parts) <= MAX_PARTS and all(k >= PART_ROWS // TAIL_SPLIT for k in sizes[:-1])
+        if n >= 3 * PART_ROWS:  # the last part is a quarter: workers taking parts from one queue end together
+            assert sizes[0] >= PART_ROWS and sizes[-1] <= -(-sizes[0] // TAIL_SPLIT)
 
 
 def test_a_rerun_after_a_failure_computes_only_the_missing_parts(digits, tmp_path):
@@ -100,13 +105,18 @@ def test_a_rerun_after_a_failure_computes_only_the_missing_parts(digits, tmp_pat
         stage.transform(digits, out=out, part_rows=200)
 
 
-def test_a_killed_worker_stops_the_run_and_the_rerun_resumes_on_two_workers(digits, tmp_path):
+@pytest.mark.parametrize("workers", ["forked", "fresh interpreters"])
+def test_a_killed_worker_stops_the_run_and_the_rerun_resumes_on_two_workers(digits, tmp_path, workers, monkeypatch):
+    if workers == "forked":
+        assert inference.jobs.can_fork(digits), "a test before this one left Ray or a Flight client running"
+    else:  # where forking is unsafe: the local engine's workers
+        monkeypatch.setattr(inference.jobs, "can_fork", lambda *a: False)
     out = str(tmp_path / "pred")
     flag = tmp_path / "armed"
     flag.touch()
     stage = NNModel(_model(), transform=FailOnce(flag, 750, kill=True), features_col="image", classifier=True)
     with pytest.raises(WorkerFailedError, match="SIGKILL"):
-        stage.transform(digits, out=out, workers=2, part_rows=100)  # rank 1 has parts 1, 3, 5, 7, 9
+        stage.transform(digits, out=out, workers=2, part_rows=100)  # part 7 holds row 750
     done = len(_staged(out))
     assert 3 <= done < 10
     got = stage.transform(digits, out=out, workers=2, part_rows=100)
