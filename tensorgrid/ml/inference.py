@@ -114,7 +114,7 @@ def _compute(work: _Work, fs, staging: str, engine: str, workers: int) -> None:
     TensorGrid error (TransformError, ModelInputError...) is raised here as itself."""
     if engine == "local" and workers == 1:
         work.run_rank(0, 1)
-    elif engine == "local" and jobs.can_fork(work.job.ds):
+    elif engine == "local" and jobs.can_fork(workers, work.job.ds):
         jobs.forked(work, workers, work.todo, tgfs.to_url(fs, staging), "inference", "parts")
     else:
         jobs.run(work, engine, workers, fs, staging, "inference", "parts")

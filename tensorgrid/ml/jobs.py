@@ -81,29 +81,49 @@ def check_reachable(url: str, engine: str, workers: int, what: str) -> None:
                                           f"nodes on {sorted(hosts - {here})}: give a URL every node can reach")
 
 
-def can_fork(*datasets) -> bool:
-    """Whether workers can be children forked from this process (they start in milliseconds with torch, the
-    model and the data already loaded; nothing of ``__main__`` runs again, so flat scripts and notebooks
-    work): on Linux, over fork-safe datasets, with neither Ray, a gRPC client (Flight) nor CUDA initialised
-    here (forking their threads or contexts hangs or breaks the child)."""
+def can_fork(workers: int, *datasets) -> bool:
+    """Whether ``workers`` can be children forked from this process (they start in milliseconds with torch,
+    the model and the data already loaded; nothing of ``__main__`` runs again, so flat scripts and notebooks
+    work): on Linux, over fork-safe datasets, with neither Ray, gRPC (a Flight client or server, ever) nor
+    CUDA initialised here (forking their threads or contexts hangs or breaks the child), and one torch
+    thread per child (as many workers as torch's threads here: a forked child whose parent ran OpenMP hangs
+    in its first parallel region with more than one thread, measured; fresh interpreters use more)."""
     ray = sys.modules.get("ray")
     torch = sys.modules.get("torch")
-    return (sys.platform == "linux" and all(ds.fork_safe for ds in datasets)
+    threads = torch.get_num_threads() if torch is not None else 1
+    return (sys.platform == "linux" and all(ds.fork_safe for ds in datasets) and workers >= threads
             and not (ray is not None and getattr(ray, "is_initialized", lambda: False)())
-            and "pyarrow._flight" not in sys.modules
+            and not _grpc_started()
             and not (torch is not None and torch.cuda.is_initialized()))
+
+
+def _grpc_started() -> bool:
+    """Whether gRPC's threads run in this process (a Flight client or server, Ray): they stay once it ran,
+    and a child forked while one holds a lock hangs. Read from the threads' names (/proc)."""
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return True  # cannot tell: do not fork
+    for t in tasks:
+        try:
+            with open(f"/proc/self/task/{t}/comm") as f:
+                name = f.read().strip()
+        except OSError:
+            continue
+        if name.startswith("grpc") or name in ("event_engine", "lifeguard"):
+            return True
+    return False
 
 
 def forked(job, workers: int, order: list[int], folder: str, what: str, pieces: str,
            around=None) -> None:
-    """``job`` on ``workers`` children forked from this process, each with its share of torch's threads,
+    """``job`` on ``workers`` children forked from this process, one torch thread each (``can_fork``),
     taking pieces from one queue (a pipe) in ``order``. A child's exception comes back as itself; a child
     killed by a signal, or Ctrl-C here, stops the others (the pieces done stay in ``folder``: a rerun
     resumes). ``around``: a context entered once the children run (a progress bar's thread must not be
     forked)."""
     import torch
 
-    threads = max(1, torch.get_num_threads() // workers)
     read, write = os.pipe()
     errors = tempfile.mkdtemp(prefix="tensorgrid-job-")
     children: dict[int, int] = {}
@@ -120,7 +140,7 @@ def forked(job, workers: int, order: list[int], folder: str, what: str, pieces: 
                 os.close(write)
                 code = 0
                 try:
-                    torch.set_num_threads(threads)
+                    torch.set_num_threads(1)
                     job.run_rank(i, workers, take)
                 except KeyboardInterrupt:
                     code = 130

@@ -59,6 +59,7 @@ def vacuum_root(fs: fsspec.AbstractFileSystem, root: str, min_age_s: float = 600
     if _after_scan is not None:
         _after_scan(fs, root)
     stale_before = start - max(min_age_s, claims.STALE_S)
+    old_staging = _old_staging(fs, root, cutoff)  # before removing from them bumps their mtimes
     by_txn, loose, kept = _candidates(fs, root, referenced, cutoff, stale_before)
     unknown = [] if delete_unknown else [f for f in loose if not _ours(f[1])]
     removed, freed = _remove(fs, [f for f in loose if f not in unknown])
@@ -80,7 +81,7 @@ def vacuum_root(fs: fsspec.AbstractFileSystem, root: str, min_age_s: float = 600
         finally:
             claims.release(fs, root, txn, token)
     _break_stale_claims(fs, root, stale_before, set(by_txn))
-    _remove_empty_staging(fs, root, cutoff)
+    _remove_empty_staging(old_staging)
     return {"removed": len(removed), "bytes": freed, "kept_young": kept, "files": removed,
             "unknown": sorted(rel for _, rel, _ in unknown)}
 
@@ -145,24 +146,24 @@ def _break_stale_claims(fs, root: str, stale_before: float, done: set[str]) -> N
             claims.break_if_stale(fs, root, txn, stale_before)
 
 
-def _remove_empty_staging(fs, root: str, cutoff: float) -> None:
-    """The staging folders of failed writes (``data/.spark-<txn>/``, ``data/.stage-<key>/``) once no file is
-    left in them and they are older than ``cutoff`` (a job under way makes its folder before its tasks
-    write). Bottom-up, each folder only if empty (rmdir refuses one a writer just put a file into). Object
-    stores have no folders: nothing to do there."""
+def _old_staging(fs, root: str, cutoff: float) -> list[str]:
+    """The staging folders of failed writes (``data/.spark-<txn>/``, ``data/.stage-<key>/``) older than
+    ``cutoff`` (a job under way makes its folder before its tasks write). Listed before the vacuum removes
+    anything: removing files from a folder makes it look new. Object stores have no folders: none."""
     if not tgfs.is_local(fs):
-        return
-    data = tgfs.join(root, DATA_DIR)
+        return []
     try:
-        entries = fs.ls(data, detail=True)
+        entries = fs.ls(tgfs.join(root, DATA_DIR), detail=True)
     except (FileNotFoundError, NotADirectoryError):
-        return
-    for e in entries:
-        path = e["name"]
-        if e.get("type") != "directory" or not STAGING.fullmatch(tgfs.name(path)):
-            continue
-        if _mtime(e, start_default=cutoff) >= cutoff:
-            continue
+        return []
+    return [e["name"] for e in entries if e.get("type") == "directory" and STAGING.fullmatch(tgfs.name(e["name"]))
+            and _mtime(e, start_default=cutoff) < cutoff]
+
+
+def _remove_empty_staging(folders: list[str]) -> None:
+    """``folders`` once no file is left in them: bottom-up, each folder only if empty (rmdir refuses one a
+    writer just put a file into)."""
+    for path in folders:
         for folder, _, _ in os.walk(path, topdown=False):  # the deepest first
             try:
                 os.rmdir(folder)

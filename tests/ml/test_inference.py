@@ -105,10 +105,22 @@ def test_a_rerun_after_a_failure_computes_only_the_missing_parts(digits, tmp_pat
         stage.transform(digits, out=out, part_rows=200)
 
 
+def test_forked_workers_only_where_each_gets_one_thread(digits):
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(4)
+        assert not inference.jobs.can_fork(2, digits) and inference.jobs.can_fork(4, digits)
+        torch.set_num_threads(1)
+        assert inference.jobs.can_fork(2, digits)
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("workers", ["forked", "fresh interpreters"])
-def test_a_killed_worker_stops_the_run_and_the_rerun_resumes_on_two_workers(digits, tmp_path, workers, monkeypatch):
+def test_a_killed_worker_stops_the_run_and_the_rerun_resumes_on_two_workers(digits, tmp_path, workers, monkeypatch,
+                                                                            at_most_two_threads):
     if workers == "forked":
-        assert inference.jobs.can_fork(digits), "a test before this one left Ray or a Flight client running"
+        assert inference.jobs.can_fork(2, digits), "a test before this one left Ray or a Flight client running"
     else:  # where forking is unsafe: the local engine's workers
         monkeypatch.setattr(inference.jobs, "can_fork", lambda *a: False)
     out = str(tmp_path / "pred")

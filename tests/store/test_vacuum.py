@@ -163,3 +163,18 @@ def test_vacuum_with_a_slow_scan_racing_a_real_writer_process_loses_no_committed
         tg.open(url, version=v).verify()  # every committed version still has every shard
     assert ds.num_rows == 50 * (1 + committed)
     assert removed > 0  # the race was real: the vacuum did remove in-flight shards of uncommitted writes
+
+
+def test_an_old_failed_runs_staging_folder_goes_once_its_files_are_removed(tmp_path):
+    """Removing a folder's files makes the folder look new; its age is read before (it was kept before)."""
+    ds = tg.write(str(tmp_path / "d"), pa.table({"x": [1, 2, 3]}))
+    staging = os.path.join(ds.url, "data", ".stage-0123456789ab")
+    os.makedirs(staging)
+    for name in ("part-00000.parquet", "part-00000.json"):
+        with open(os.path.join(staging, name), "wb") as f:
+            f.write(b"x")
+    old = time.time() - 60
+    for path in (os.path.join(staging, "part-00000.parquet"), os.path.join(staging, "part-00000.json"), staging):
+        os.utime(path, (old, old))
+    assert tg.vacuum(ds.url, min_age_s=30)["removed"] == 2
+    assert not os.path.exists(staging) and tg.open(ds.url).to_arrow().column("x").to_pylist() == [1, 2, 3]
