@@ -53,30 +53,26 @@ def main() -> None:
     model = digits_cnn().eval()
     stage = NNModel(model, transform=to_float, features_col="image", batch_size=a.batch)
 
-    def hand_written() -> int:
+    def hand_loop(save: bool) -> int:
         outs = []
         with torch.no_grad():
             for s in range(0, a.rows, a.batch):
                 x = torch.from_numpy(images[s:s + a.batch]).float().div_(255)
                 outs.append(model(x).numpy())
-        out = np.concatenate(outs)
-        pa.FixedShapeTensorArray.from_numpy_ndarray(out)  # the same consumer: an Arrow column of outputs
-        return len(out)
+        out = pa.FixedShapeTensorArray.from_numpy_ndarray(np.concatenate(outs))  # the same consumer: Arrow
+        if save:  # its outputs written to a Parquet file, as out= also does
+            import pyarrow.parquet as pq
 
-    def hand_written_saved() -> int:  # the same, its outputs written to a Parquet file (what out= also does)
-        import pyarrow.parquet as pq
-
-        outs = []
-        with torch.no_grad():
-            for s in range(0, a.rows, a.batch):
-                x = torch.from_numpy(images[s:s + a.batch]).float().div_(255)
-                outs.append(model(x).numpy())
-        out = np.concatenate(outs)
-        pq.write_table(pa.table({"prediction": pa.FixedShapeTensorArray.from_numpy_ndarray(out)}),
-                       f"{root}/hand-{next(outs_n)}.parquet")
+            pq.write_table(pa.table({"prediction": out}), f"{root}/hand-{next(outs_n)}.parquet")
         return len(out)
 
     outs_n = iter(range(10**6))
+
+    def hand_written() -> int:
+        return hand_loop(False)
+
+    def hand_written_saved() -> int:
+        return hand_loop(True)
 
     def nnmodel() -> int:
         return stage.transform(ds).num_rows

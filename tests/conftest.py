@@ -96,15 +96,3 @@ def _loader_cache_in_a_temp_folder(tmp_path_factory):
         else:
             os.environ[k] = v
 
-
-@pytest.fixture
-def at_most_two_threads():
-    """Forked workers (ml/jobs.py) run one torch thread each and are used when there are as many workers as
-    torch's threads (a child forked after OpenMP ran hangs with more: measured); the tests ask for 2 workers,
-    and the machine running them may have more cores."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(min(threads, 2))
-    yield
-    torch.set_num_threads(threads)

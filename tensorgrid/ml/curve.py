@@ -24,7 +24,7 @@ import pandas as pd
 
 from .. import fs as tgfs
 from ..args import check_int
-from ..errors import ArgumentError, CurveFitError, TensorGridError
+from ..errors import ArgumentError, CurveFitError, TensorGridError, WorkerFailedError
 from ..store import subsets
 from ..store.dataset import Dataset
 from ..train.predict import predict
@@ -201,8 +201,9 @@ def learning_curve(trainer, train: Dataset, val: Dataset, sizes="auto", repeats:
     job = _Runs(trainer, train, val, label, plan, orders, todo, folder, metric)
     workers = min(parallel, len(todo))
     engine = trainer.engine if isinstance(trainer, Trainer) else "local"
-    if workers > 1 and engine != "local":  # several runs at once on the cluster, each trained where it runs
+    if workers > 1:  # the workers write the runs into the folder: memory:// would stay in each of them
         jobs.check_reachable(folder, engine, workers, "the curve's work folder (work_dir=)")
+    if workers > 1 and engine != "local":  # several runs at once on the cluster, each trained where it runs
         job.engine = "local"
         with _Bar(plan, folder, progress):
             jobs.run(job, engine, workers, *tgfs.resolve(folder), "learning curve", "runs")
@@ -215,7 +216,12 @@ def learning_curve(trainer, train: Dataset, val: Dataset, sizes="auto", repeats:
                 job.run_rank(0, 1)
             else:
                 jobs.run(job, "local", workers, *tgfs.resolve(folder), "learning curve", "runs")
-    runs = pd.DataFrame([{"size": m, "repeat": r, "error": _done(folder, m, r)} for m, r in plan])
+    errors = [_done(folder, m, r) for m, r in plan]
+    missing = [(m, r) for (m, r), e in zip(plan, errors) if e is None]
+    if missing:  # every worker ended well, yet runs are not in the folder (written where we cannot see)
+        raise WorkerFailedError(f"{len(missing)} learning curve run(s) left no result in {folder} (e.g. size "
+                                f"{missing[0][0]}, repeat {missing[0][1]}): run the curve again")
+    runs = pd.DataFrame([{"size": m, "repeat": r, "error": e} for (m, r), e in zip(plan, errors)])
     table = runs.groupby("size")["error"].apply(list)
     try:
         law = fit_power_law(table.index.tolist(), table.tolist(), seed=seed)

@@ -36,6 +36,7 @@ from ..errors import (
 )
 from ..store import from_arrow, subsets
 from ..store import open as open_dataset
+from ..store.dataset import keep_last_decoded
 from ..store.manifest import DATA_DIR
 from ..store.writer import check_target, latest, mark_dataset, publish, write_part, write_with
 from ..train.loop import device_and_backend
@@ -51,8 +52,8 @@ TAIL_SPLIT = 4  # the last parts are this many times smaller
 def parts_of(num_rows: int, part_rows: int | None = None, row_bytes: float = 1.0) -> list[tuple[int, int]]:
     """Row ranges [start, stop) covering ``num_rows`` in order: ``part_rows`` each, or by default parts of
     at least PART_ROWS rows, few enough for at most MAX_PARTS parts, no more than PART_BYTES of input rows
-    (``row_bytes`` each: a part is held in memory while it is encoded), and the last two parts' worth of
-    rows cut in quarters (workers taking parts from one queue then end together: the last part any worker
+    (``row_bytes`` each: a part is held in memory while it is encoded), and the rows after the last whole
+    part that leaves at least two parts' worth cut in quarter parts (workers taking parts from one queue then end together: the last part any worker
     takes is small)."""
     if part_rows:
         return [(a, min(a + part_rows, num_rows)) for a in range(0, num_rows, part_rows)]
@@ -142,9 +143,10 @@ class _Work:
         fs, staging = tgfs.resolve(self.staging_url)
         done = 0
         try:
-            for k in iter(take, None) if take else self.todo[rank::world]:
-                self._part(model, fs, staging, k)
-                done += 1
+            with keep_last_decoded():  # disjoint ranges in order: a row group shared by parts decoded once
+                for k in iter(take, None) if take else self.todo[rank::world]:
+                    self._part(model, fs, staging, k)
+                    done += 1
         except TensorGridError as e:
             if world > 1 and take is None:  # on an engine: for the driver to raise as itself
                 jobs.keep_error(fs, staging, rank, e)

@@ -17,6 +17,7 @@ import signal
 import struct
 import sys
 import tempfile
+import traceback
 
 import cloudpickle
 from fsspec.implementations.memory import MemoryFileSystem
@@ -94,12 +95,13 @@ def can_fork(workers: int, *datasets) -> bool:
     return (sys.platform == "linux" and all(ds.fork_safe for ds in datasets) and workers >= threads
             and not (ray is not None and getattr(ray, "is_initialized", lambda: False)())
             and not _grpc_started()
-            and not (torch is not None and torch.cuda.is_initialized()))
+            and not (torch is not None and torch.cuda.is_initialized())
+            and not os.path.exists("/dev/nvidiactl"))  # a GPU here: its workers' devices, not forked CPUs
 
 
 def _grpc_started() -> bool:
-    """Whether gRPC's threads run in this process (a Flight client or server, Ray): they stay once it ran,
-    and a child forked while one holds a lock hangs. Read from the threads' names (/proc)."""
+    """Whether gRPC's threads run in this process (a Flight client or server, Ray; some outlive a closed
+    server): a child forked while one holds a lock hangs. Read from the threads' names (/proc)."""
     try:
         tasks = os.listdir("/proc/self/task")
     except OSError:
@@ -118,45 +120,32 @@ def _grpc_started() -> bool:
 def forked(job, workers: int, order: list[int], folder: str, what: str, pieces: str,
            around=None) -> None:
     """``job`` on ``workers`` children forked from this process, one torch thread each (``can_fork``),
-    taking pieces from one queue (a pipe) in ``order``. A child's exception comes back as itself; a child
-    killed by a signal, or Ctrl-C here, stops the others (the pieces done stay in ``folder``: a rerun
-    resumes). ``around``: a context entered once the children run (a progress bar's thread must not be
-    forked)."""
-    import torch
+    taking pieces from one queue (a pipe) in ``order``. A child's exception comes back as itself (or as a
+    ``WorkerFailedError`` with its traceback when it cannot be rebuilt here); a child killed by a signal,
+    or Ctrl-C here, stops the others (the pieces done stay in ``folder``: a rerun resumes). Only our own
+    children are waited for (a sentinel pipe each: other subprocesses of the caller keep their exit codes).
+    ``around``: a context entered once the children run (a progress bar's thread must not be forked)."""
+    import select
 
     read, write = os.pipe()
     errors = tempfile.mkdtemp(prefix="tensorgrid-job-")
-    children: dict[int, int] = {}
+    children: dict[int, tuple[int, int]] = {}  # sentinel's read end -> (pid, worker)
 
     def take():
         chunk = os.read(read, 4)
         return struct.unpack("<I", chunk)[0] if chunk else None
 
     try:
-        sys.stdout.flush(), sys.stderr.flush()
+        _flush()
         for i in range(workers):
+            sentinel, alive = os.pipe()  # EOF on the sentinel: the child has exited
             pid = os.fork()
-            if pid == 0:  # the child: never returns
-                os.close(write)
-                code = 0
-                try:
-                    torch.set_num_threads(1)
-                    job.run_rank(i, workers, take)
-                except KeyboardInterrupt:
-                    code = 130
-                except BaseException as e:  # noqa: BLE001 - every failure goes back to the parent
-                    code = 1
-                    try:
-                        blob = pickle.dumps(e)
-                    except Exception:  # noqa: BLE001 - an unpicklable exception comes back as its text
-                        blob = pickle.dumps(RuntimeError(f"{type(e).__name__}: {e}"))
-                    with open(os.path.join(errors, str(i)), "wb") as f:
-                        f.write(blob)
-                finally:
-                    sys.stdout.flush(), sys.stderr.flush()
-                    os._exit(code)
-            children[pid] = i
+            if pid == 0:
+                _child(job, i, workers, take, (write, sentinel, *children), errors)  # never returns
+            os.close(alive)
+            children[sentinel] = (pid, i)
         os.close(read)
+        read = None
         try:
             for start in range(0, len(order), 1024):  # a pipe holds 64 KiB: the children read while this writes
                 os.write(write, b"".join(struct.pack("<I", k) for k in order[start:start + 1024]))
@@ -166,29 +155,95 @@ def forked(job, workers: int, order: list[int], folder: str, what: str, pieces: 
         write = None
         with around or contextlib.nullcontext():
             while children:
-                pid, status = os.wait()
-                i = children.pop(pid, None)
-                code = os.waitstatus_to_exitcode(status)
-                if i is None or code == 0:
-                    continue
-                path = os.path.join(errors, str(i))
-                if os.path.exists(path):
-                    with open(path, "rb") as f:
-                        raise pickle.load(f)
-                if code == 130:
-                    raise KeyboardInterrupt
-                raise WorkerFailedError(f"{what}: worker {i} was killed by {signal.Signals(-code).name}; the "
-                                        f"{pieces} it finished are kept in {folder}: run it again to resume")
+                ready, _, _ = select.select(list(children), [], [])
+                for sentinel in ready:
+                    pid, i = children.pop(sentinel)
+                    os.close(sentinel)
+                    code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+                    if code:
+                        _raise_for(i, code, errors, what, pieces, folder)
     except KeyboardInterrupt:
         raise KeyboardInterrupt(f"{what} interrupted: the {pieces} done are kept in {folder}: run it again to "
                                 "resume") from None
     finally:
-        if write is not None:
-            os.close(write)
-        for pid in children:
+        for fd in (read, write):
+            if fd is not None:
+                os.close(fd)
+        for sentinel, (pid, _) in children.items():
             try:
                 os.kill(pid, signal.SIGKILL)
                 os.waitpid(pid, 0)
             except OSError:
                 pass
+            os.close(sentinel)
         shutil.rmtree(errors, ignore_errors=True)
+
+
+def _flush() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BaseException:  # noqa: BLE001 - None, a closed pipe, Ctrl-C: nothing to flush then
+            pass
+
+
+def _child(job, i: int, workers: int, take, close: tuple, errors: str):
+    """A forked worker's whole life: it leaves through ``os._exit`` whatever happens (never back into the
+    caller's code), its exception pickled for the parent (checked to load again, its traceback kept)."""
+    code = 1
+    try:
+        for fd in close:  # the queue's write end, and the parent's ends of the sentinels
+            os.close(fd)
+        import torch
+
+        torch.set_num_threads(1)
+        job.run_rank(i, workers, take)
+        code = 0
+    except KeyboardInterrupt:
+        code = 130
+    except BaseException as e:  # noqa: BLE001 - every failure goes back to the parent
+        try:
+            blob = pickle.dumps(e)
+            pickle.loads(blob)  # an exception that pickles but cannot be rebuilt comes back as its text
+        except Exception:  # noqa: BLE001
+            blob = pickle.dumps(WorkerFailedError(f"{type(e).__name__}: {e}"))
+        try:
+            with open(os.path.join(errors, str(i)), "wb") as f:
+                f.write(blob)
+            with open(os.path.join(errors, f"{i}.txt"), "w") as f:
+                f.write(traceback.format_exc())
+        except BaseException:  # noqa: BLE001 - a full disk: the exit code still says it failed
+            pass
+    finally:
+        _flush()
+        os._exit(code)
+
+
+def _raise_for(i: int, code: int, errors: str, what: str, pieces: str, folder: str):
+    kept = f"the {pieces} it finished are kept in {folder}: run it again to resume"
+    path = os.path.join(errors, str(i))
+    if os.path.exists(path):
+        try:
+            with open(path, "rb") as f:
+                error = pickle.load(f)
+        except Exception:  # noqa: BLE001
+            error = None
+        if isinstance(error, BaseException):
+            try:
+                with open(path + ".txt") as f:
+                    error.__cause__ = _RemoteTraceback(f.read())
+            except OSError:
+                pass
+            raise error
+    if code == 130:
+        raise KeyboardInterrupt
+    if code < 0:
+        raise WorkerFailedError(f"{what}: worker {i} was killed by {signal.Signals(-code).name}; {kept}")
+    raise WorkerFailedError(f"{what}: worker {i} exited with code {code}; {kept}")
+
+
+class _RemoteTraceback(Exception):
+    """The traceback of a forked worker's exception, shown as its cause."""
+
+    def __str__(self) -> str:
+        return "\n\n(in the worker)\n" + self.args[0]

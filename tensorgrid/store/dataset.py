@@ -5,6 +5,7 @@ place); a user's own kind subclasses ``Dataset`` directly."""
 from __future__ import annotations
 
 import abc
+import contextlib
 import os
 import weakref
 from collections import OrderedDict
@@ -327,15 +328,27 @@ def _cached_handle(ds: Dataset, shard: int, make):
     return h
 
 
-_last_decoded: tuple | None = None  # (file, row groups, columns, like, table): the span decoded last
+_last_decoded: list | None = None  # inside keep_last_decoded(): [(file, row groups, columns, like, table)]
+
+
+@contextlib.contextmanager
+def keep_last_decoded():
+    """While open, the span of row groups decoded last in this process is kept (one, whatever the file), so
+    neighbouring row ranges of one row group decode it once, not once each: for a reader of many disjoint
+    ranges in order (inference parts). Only there: a loader may hand out views of what it decoded, and a
+    batch changed in place must never reach a later read of the same rows. Dropped on exit."""
+    global _last_decoded
+    outer, _last_decoded = _last_decoded, [None]
+    try:
+        yield
+    finally:
+        _last_decoded = outer
 
 
 def decode_row_range(pf: pq.ParquetFile, start: int, stop: int, columns: list[str] | None,
                      like: pa.Schema | None = None) -> pa.Table:
-    """Rows [start, stop) of a Parquet file: only the row groups holding them are decoded. The span decoded
-    last in this process is kept (one, whatever the file): neighbouring ranges of one row group (inference
-    parts, a view's blocks) decode it once, not once each."""
-    global _last_decoded
+    """Rows [start, stop) of a Parquet file: only the row groups holding them are decoded (once for
+    neighbouring ranges inside ``keep_last_decoded``)."""
     md = pf.metadata
     first, offset, parts, pos = None, 0, [], 0
     for g in range(md.num_row_groups):
@@ -349,14 +362,15 @@ def decode_row_range(pf: pq.ParquetFile, start: int, stop: int, columns: list[st
         return encoding.decode(pf.schema_arrow.empty_table().select(columns) if columns else
                                pf.schema_arrow.empty_table(), like=like)
     key = (tuple(parts), None if columns is None else tuple(columns))
-    last = _last_decoded
+    memo = _last_decoded
+    last = memo[0] if memo is not None else None
     if last is not None and last[0]() is pf and last[1] == key and (last[2] is like or (
             last[2] is not None and like is not None and last[2].equals(like, check_metadata=True))):
         return last[3].slice(start - offset, stop - start)
     table = pf.read_row_groups(parts, columns=columns) if len(parts) > 1 else pf.read_row_group(parts[0], columns=columns)
     table = encoding.decode(table, like=like)
-    if stop - start < table.num_rows:  # a part of the span: its neighbours will likely ask for the rest
-        _last_decoded = (weakref.ref(pf), key, like, table)
+    if memo is not None and stop - start < table.num_rows:  # a part of the span: the next range wants the rest
+        memo[0] = (weakref.ref(pf), key, like, table)
     return table.slice(start - offset, stop - start)
 
 

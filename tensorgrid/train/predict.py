@@ -115,7 +115,8 @@ def _label_names(ds: Dataset, label_names, classifier: bool) -> list | None:
     return list(label_names)
 
 
-GROUP_ROWS = 32_768  # outputs are turned into Arrow columns this many rows at a time, not per batch
+GROUP_ROWS = 32_768  # outputs are turned into Arrow columns this many rows at a time, not per batch,
+GROUP_BYTES = 32 << 20  # or fewer when they hold more than this (a segmentation model's outputs)
 
 
 def _batches(model: torch.nn.Module, loader: Loader, features, keep: list[str],
@@ -127,7 +128,7 @@ def _batches(model: torch.nn.Module, loader: Loader, features, keep: list[str],
     modes = [(m, m.training) for m in model.modules()]
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     model.eval()
-    pending, rows = [], 0
+    pending, rows, size = [], 0, 0
     try:
         for batch in loader:
             x = stack_features(batch, features)
@@ -140,9 +141,10 @@ def _batches(model: torch.nn.Module, loader: Loader, features, keep: list[str],
             cols.update(_outputs(y.detach().cpu(), classifier, outputs))
             pending.append(cols)
             rows += len(y)
-            if rows >= GROUP_ROWS:
+            size += sum(getattr(v, "nbytes", 0) for v in cols.values())
+            if rows >= GROUP_ROWS or size >= GROUP_BYTES:
                 yield _group(pending, names, outputs, classifier)
-                pending, rows = [], 0
+                pending, rows, size = [], 0, 0
         if pending:
             yield _group(pending, names, outputs, classifier)
     finally:
@@ -164,8 +166,12 @@ def _group(pending: list[dict], names: list | None, outputs: tuple[str, str], cl
         parts = [p[c] for p in pending]
         if all(isinstance(a, np.ndarray) for a in parts):
             cols[c] = _column(parts[0] if len(parts) == 1 else np.concatenate(parts))
-        else:
-            cols[c] = pa.concat_arrays([a if isinstance(a, pa.Array) else _column(a) for a in parts])
+        else:  # some batches as Arrow already (a column with nulls arrives as a list): one type for all, the
+            # tensors' (the data's own dtype) when a batch had one, else the first that is not all nulls
+            arrays = [a if isinstance(a, pa.Array) else _column(a) for a in parts]
+            kind = next((x.type for a, x in zip(parts, arrays) if isinstance(a, np.ndarray)), None) or next(
+                (x.type for x in arrays if not pa.types.is_null(x.type)), arrays[0].type)
+            cols[c] = pa.concat_arrays([x if x.type == kind else x.cast(kind, safe=False) for x in arrays])
     if names is not None and outputs[1] in cols:
         cols["prediction_label"] = _named(cols[outputs[0]], names, cols[outputs[1]].type.shape[0])
     return pa.RecordBatch.from_pydict(cols)

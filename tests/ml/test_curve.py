@@ -55,6 +55,31 @@ def test_a_trainer_rebuilt_the_same_way_finds_the_same_work_folder(digits, tmp_p
     assert curve_module._work_folder(str(tmp_path), _trainer(), train, val, [60, 120], 2, 1) != same[0]
 
 
+def test_a_script_run_again_finds_its_work_folder(tmp_path):
+    """The work folder's key in a new process: a model class, a transform and a metric defined in the
+    script (pickled by value: cloudpickle adds a random id per class), string sets (hashing is randomised
+    per process); a changed constant the model reads gives another key."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "curve_key.py"
+    script.write_text(
+        "import torch\nimport tensorgrid as tg\nfrom tensorgrid.ml.digest import stable_digest\n"
+        "LIMIT = 3\n"
+        "class Net(torch.nn.Module):\n"
+        "    def __init__(self):\n        super().__init__()\n        self.fc = torch.nn.Linear(4, 2)\n"
+        "    def forward(self, x):\n        return self.fc(x).clamp(max=LIMIT)\n"
+        "def scaled(b):\n    b['x'] = b['x'].float() / 16\n    return b\n"
+        "torch.manual_seed(0)\n"
+        "t = tg.Trainer(Net(), loss=torch.nn.CrossEntropyLoss(), features='x', label='y', transform=scaled,\n"
+        "               optimizer=lambda p: torch.optim.Adam(p, lr=1e-2), epochs=2, quiet=True)\n"
+        "key = lambda: stable_digest(t, {'a', 'b', 'c'}, lambda pred, label: 0.5)\n"
+        "print(key())\nLIMIT = 4\nprint(key())\n")
+    keys = [subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": seed}).stdout.split() for seed in ("1", "2")]
+    assert keys[0] == keys[1] and keys[0][0] != keys[0][1]
+
+
 def test_a_curve_on_digits_falls_fits_resumes_and_saves(digits, tmp_path, monkeypatch):
     train, val = digits
     work = str(tmp_path / "work")
@@ -76,8 +101,7 @@ def test_a_curve_on_digits_falls_fits_resumes_and_saves(digits, tmp_path, monkey
     assert back.table.equals(curve.table) and back.predict(1200) == curve.predict(1200)
 
 
-def test_parallel_runs_go_to_forked_children_and_a_killed_child_loses_no_finished_run(digits, tmp_path,
-                                                                                      at_most_two_threads):
+def test_parallel_runs_go_to_forked_children_and_a_killed_child_loses_no_finished_run(digits, tmp_path):
     train, val = digits
     calls, kill, work = tmp_path / "calls", tmp_path / "kill", str(tmp_path / "work")
     calls.mkdir()
@@ -100,7 +124,7 @@ def test_parallel_runs_go_to_forked_children_and_a_killed_child_loses_no_finishe
         learning_curve(_trainer(), train, val, sizes=sizes, repeats=2, parallel=2, metric=metric, work_dir=work)
     (folder,) = os.listdir(work)
     kept = {f: os.stat(os.path.join(work, folder, f)).st_mtime_ns for f in os.listdir(os.path.join(work, folder))}
-    assert 2 <= len(kept) < 8
+    assert 1 <= len(kept) < 8  # one child killed itself; the other was stopped, maybe mid-run
     curve = learning_curve(_trainer(), train, val, sizes=sizes, repeats=2, parallel=2, metric=metric, work_dir=work)
     assert curve.table["n_runs"].tolist() == [2] * 4 and curve.law is not None
     assert all(os.stat(os.path.join(work, folder, f)).st_mtime_ns == t for f, t in kept.items())  # not run again

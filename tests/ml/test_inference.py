@@ -117,8 +117,7 @@ def test_forked_workers_only_where_each_gets_one_thread(digits):
 
 
 @pytest.mark.parametrize("workers", ["forked", "fresh interpreters"])
-def test_a_killed_worker_stops_the_run_and_the_rerun_resumes_on_two_workers(digits, tmp_path, workers, monkeypatch,
-                                                                            at_most_two_threads):
+def test_a_killed_worker_stops_the_run_and_the_rerun_resumes_on_two_workers(digits, tmp_path, workers, monkeypatch):
     if workers == "forked":
         assert inference.jobs.can_fork(2, digits), "a test before this one left Ray or a Flight client running"
     else:  # where forking is unsafe: the local engine's workers
@@ -255,3 +254,25 @@ def test_a_quantized_model_is_keyed_and_run_in_parts(digits, tmp_path):
     stage = NNModel(q, transform=_to_float, features_col="image", classifier=True)
     got = stage.transform(digits, out=str(tmp_path / "q"), part_rows=500).to_pandas()
     assert got["prediction"].tolist() == stage.transform(digits).to_pandas()["prediction"].tolist()
+
+
+def _in_place(batch):  # changes the batch it is given (a float column straight from the data)
+    batch["w"].mul_(10)
+    batch["image"] = batch["image"].float().div_(255).flatten(1)
+    return batch
+
+
+def test_a_transform_that_changes_its_batch_in_place_never_changes_a_later_read(tmp_path):
+    """Parts of one row group share its decoded span (kept while a run goes): a batch changed in place must
+    reach neither a rerun nor a plain loader over the same rows."""
+    frame = digits_frame().iloc[:1000]
+    ds = tg.write(str(tmp_path / "d"), frame.assign(w=np.ones(len(frame), np.float32)))
+    stage = NNModel(_model(), transform=_in_place, features_col="image")
+    first = stage.transform(ds, out=str(tmp_path / "a"), part_rows=100).to_pandas()
+    again = stage.transform(ds, out=str(tmp_path / "b"), part_rows=100).to_pandas()
+    assert first["w"].tolist() == again["w"].tolist() == [10.0] * 1000  # once, not again on the changed rows
+    np.testing.assert_array_equal(np.stack(first["prediction"]), np.stack(again["prediction"]))
+    for _ in range(2):
+        (batch,) = list(tg.store.subsets.rows(ds, 0, 100).to_torch(batch_size=100, cache_dir=False))
+        assert batch["w"].tolist() == [1.0] * 100
+        batch["w"].mul_(10)

@@ -137,3 +137,19 @@ def test_a_kept_list_column_comes_back_as_lists_whatever_each_batch_padded():
     got = out.to_arrow()
     assert got.schema.field("tokens").type == pa.list_(pa.int64())
     assert got.column("tokens").to_pylist() == t.column("tokens").to_pylist()
+
+
+def test_kept_columns_with_nulls_in_some_batches_keep_the_datas_type(tmp_path):
+    """Outputs are gathered per ~32k rows: a batch where a float column has nulls (a list from the loader)
+    and one where it has none (a tensor), or a string column null in a whole batch, join as one type."""
+    n = 3000
+    x = np.random.default_rng(0).random((n, 4)).astype(np.float32)
+    table = pa.table({"x": pa.FixedShapeTensorArray.from_numpy_ndarray(x),
+                      "w": pa.array([None if i < 10 else float(i) for i in range(n)], pa.float32()),
+                      "s": pa.array([None] * 300 + ["a"] * (n - 300), pa.string())})
+    ds = tg.write(str(tmp_path / "d"), table)
+    for out in (None, str(tmp_path / "o")):
+        got = tg.predict(torch.nn.Linear(4, 2), ds, "x", batch_size=256, out=out).to_arrow()
+        assert got.schema.field("w").type == pa.float32() and got.schema.field("s").type == pa.string()
+        assert got.column("w").to_pylist() == table.column("w").to_pylist()
+        assert got.column("s").to_pylist() == table.column("s").to_pylist()
