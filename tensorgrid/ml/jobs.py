@@ -192,6 +192,7 @@ def _child(job, i: int, workers: int, take, close: tuple, errors: str):
     caller's code), its exception pickled for the parent (checked to load again, its traceback kept)."""
     code = 1
     try:
+        _die_with_parent()
         for fd in close:  # the queue's write end, and the parent's ends of the sentinels
             os.close(fd)
         import torch
@@ -217,6 +218,20 @@ def _child(job, i: int, workers: int, take, close: tuple, errors: str):
     finally:
         _flush()
         os._exit(code)
+
+
+def _die_with_parent() -> None:
+    """SIGKILL this child when its parent dies (Linux's PR_SET_PDEATHSIG), rather than work through the rest
+    of the queue for nobody."""
+    import ctypes
+
+    parent = os.getppid()
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # died before the call
+        os._exit(1)
 
 
 def _raise_for(i: int, code: int, errors: str, what: str, pieces: str, folder: str):

@@ -50,3 +50,37 @@ def test_a_workers_failure_comes_back_whatever_it_is(tmp_path, fail, error, mess
         jobs.forked(Pieces(tmp_path, {5: fail}), 2, list(range(10)), str(tmp_path), "test", "pieces")
     if fail != "exit":
         assert "(in the worker)" in str(info.value.__cause__) and "Traceback" in str(info.value.__cause__)
+
+
+def test_the_workers_die_with_their_parent(tmp_path):
+    import signal
+    import sys
+    import textwrap
+    import time
+
+    script = tmp_path / "parent.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, time
+        from tensorgrid.ml import jobs
+
+        class Slow:
+            def run_rank(self, rank, world, take):
+                for k in iter(take, None):
+                    open(os.path.join({str(tmp_path)!r}, f"pid-{{os.getpid()}}"), "w").close()
+                    time.sleep(0.5)
+
+        jobs.forked(Slow(), 2, list(range(100)), {str(tmp_path)!r}, "test", "pieces")
+    """))
+    parent = subprocess.Popen([sys.executable, str(script)])
+    deadline = time.time() + 60
+    while len([f for f in os.listdir(tmp_path) if f.startswith("pid-")]) < 2 and time.time() < deadline:
+        time.sleep(0.1)
+    pids = [int(f[4:]) for f in os.listdir(tmp_path) if f.startswith("pid-")]
+    assert len(pids) == 2
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.time() + 10
+    while any(os.path.exists(f"/proc/{p}") and open(f"/proc/{p}/stat").read().split()[2] != "Z" for p in pids) \
+            and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(os.path.exists(f"/proc/{p}") and open(f"/proc/{p}/stat").read().split()[2] != "Z" for p in pids)
