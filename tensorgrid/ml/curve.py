@@ -24,7 +24,7 @@ import pandas as pd
 
 from .. import fs as tgfs
 from ..args import check_int
-from ..errors import ArgumentError, CurveFitError, TensorGridError, WorkerFailedError
+from ..errors import ArgumentError, CurveFitError, WorkerFailedError
 from ..store import subsets
 from ..store.dataset import Dataset
 from ..train.predict import predict
@@ -178,6 +178,9 @@ def learning_curve(trainer, train: Dataset, val: Dataset, sizes="auto", repeats:
     at once on the cluster, each trained with the trainer's ``workers`` where it runs). Runs already done (same data, trainer, metric and
     plan) are read back from ``work_dir`` (default: under the loader's cache folder). ``progress``: a bar of
     the runs on stderr (default: on a terminal)."""
+    if not isinstance(trainer, Trainer) and not all(callable(getattr(trainer, a, None)) for a in ("fit", "copy")):
+        raise ArgumentError(f"trainer must be a tg.Trainer or an estimator (NNClassifier, NNEstimator), got "
+                            f"{type(trainer).__name__}")
     repeats = check_int("repeats", repeats, 1)
     parallel = check_int("parallel", parallel, 1)
     if not (callable(metric) or metric in METRICS):
@@ -252,8 +255,13 @@ class _Bar:
             self.thread.start()
         return self
 
-    def _count(self) -> int:
-        return sum(_done(self.folder, m, r) is not None for m, r in self.plan)
+    def _count(self) -> int:  # one listing, not a read of every run's file each time
+        fs, path = tgfs.resolve(self.folder)
+        try:
+            names = {tgfs.name(p) for p in fs.ls(path, detail=False)}
+        except FileNotFoundError:
+            return 0
+        return sum(tgfs.name(_run_path(self.folder, m, r)) in names for m, r in self.plan)
 
     def _watch(self) -> None:
         while not self.stop.wait(0.5):
@@ -280,14 +288,10 @@ class _Runs:
 
     def run_rank(self, rank: int, world: int, take=None) -> dict:
         done = 0
-        try:
-            for k in iter(take, None) if take else self.todo[rank::world]:
+        with jobs.errors_kept(*tgfs.resolve(self.folder), rank, world, take):
+            for k in jobs.pieces(self.todo, rank, world, take):
                 self.run(k)
                 done += 1
-        except TensorGridError as e:
-            if world > 1 and take is None:  # on an engine: for the driver to raise as itself
-                jobs.keep_error(*tgfs.resolve(self.folder), rank, e)
-            raise
         return {"runs": done}
 
     def run(self, k: int) -> None:

@@ -6,6 +6,7 @@ found again by a later run (a rerun of the script, a new notebook kernel).
 - classes and functions defined in ``__main__`` or a notebook (pickled by value) by their names, code,
   constants, defaults, closure and class body (cloudpickle adds a random tracker id per class and keeps
   the code's file name, which a notebook kernel changes on every restart);
+- importable functions by their name and code too (pickle names them only: a fixed bug would look the same);
 - sets by their elements in a stable order (string hashing is randomised per process).
 """
 
@@ -84,8 +85,9 @@ class _Pickler(cloudpickle.Pickler):
                 t = t.int_repr()
             raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
             return _stand_in, ("tensor", type(obj).__qualname__, str(obj.dtype), tuple(t.shape), raw, extra)
-        if isinstance(obj, types.FunctionType) and _by_value(obj):
-            return _stand_in, _function(obj)
+        if isinstance(obj, types.FunctionType) and obj is not _stand_in:  # importable: name and code too
+            return _stand_in, _function(obj) if _by_value(obj) else (
+                "function", obj.__module__, obj.__qualname__, _code(obj.__code__))
         if isinstance(obj, type) and _by_value(obj):
             return _stand_in, _class(obj)
         return super().reducer_override(obj)

@@ -16,17 +16,12 @@ local engine runs in this process.
 from __future__ import annotations
 
 import base64
-import functools
 import json
-import marshal
 import os
 import shutil
 import tempfile
 
-import cloudpickle
 import pyarrow as pa
-import torch
-import xxhash
 
 from .. import fs as tgfs
 from ..errors import (
@@ -42,6 +37,7 @@ from ..store.writer import check_target, latest, mark_dataset, publish, write_pa
 from ..train.loop import device_and_backend
 from ..train.predict import Inference
 from . import jobs
+from .digest import stable_digest
 
 PART_BYTES = 256 << 20  # the largest part, in input bytes (held in memory while it is encoded)
 PART_ROWS = 16_384  # the smallest part: a part's set-up (loader, output file) stays a small share of its time
@@ -142,15 +138,11 @@ class _Work:
             model.to(device_and_backend()[0])  # a worker of its own: its GPU when there is one
         fs, staging = tgfs.resolve(self.staging_url)
         done = 0
-        try:
-            with keep_last_decoded():  # disjoint ranges in order: a row group shared by parts decoded once
-                for k in iter(take, None) if take else self.todo[rank::world]:
-                    self._part(model, fs, staging, k)
-                    done += 1
-        except TensorGridError as e:
-            if world > 1 and take is None:  # on an engine: for the driver to raise as itself
-                jobs.keep_error(fs, staging, rank, e)
-            raise
+        # disjoint ranges in order: a row group shared by parts is decoded once
+        with jobs.errors_kept(fs, staging, rank, world, take), keep_last_decoded():
+            for k in jobs.pieces(self.todo, rank, world, take):
+                self._part(model, fs, staging, k)
+                done += 1
         return {"parts": done}
 
     def _part(self, model, fs, staging: str, k: int) -> None:
@@ -188,41 +180,22 @@ def _one_schema(metas: list[dict]) -> pa.Schema:
 
 
 def _key(model, job: Inference, parts) -> str:
-    """A digest of what decides the outputs: the input rows, the model's weights, the settings, the parts."""
-    h = xxhash.xxh3_64(job.ds.fingerprint.encode())
-    h.update(repr((parts, job.features, job.keep, job.names, job.outputs, job.classifier)).encode())
-    h.update(_pickled(job.transform))  # its code, arguments and closure: a fixed transform is other work
+    """A digest of what decides the outputs: the input rows, the model (weights, and the architecture and
+    settings its repr shows: LeakyReLU's slope...; a TorchScript file's bytes; an ONNX model's), the
+    settings, the transform's code, arguments and closure (a fixed bug is other work), the parts. The same
+    in a new process (``stable_digest``), so a rerun after a crash finds the parts done."""
     if isinstance(model, tuple):
-        h.update(model[1].encode())
         fs, path = tgfs.resolve(model[1])
-        h.update(fs.cat_file(path))
+        weights = (model[1], fs.cat_file(path))
     else:
-        h.update(repr(model).encode())  # the architecture and settings not in the weights (LeakyReLU's slope...)
-        for name, t in model.state_dict().items():
-            if not isinstance(t, torch.Tensor):  # extra state, a quantized layer's dtype and packing
-                h.update(f"{name}|{t!r}".encode())
-                continue
-            t = t.detach().cpu().contiguous()
-            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-            if t.numel() and not t.is_quantized:
-                h.update(t.reshape(-1).view(torch.uint8).numpy())
-            elif t.numel():
-                h.update(t.int_repr().reshape(-1).numpy().tobytes())
-        h.update(getattr(model, "_bytes", b""))  # an ONNX model's file
-    return h.hexdigest()[:12]
+        weights = (repr(model), model.state_dict(), getattr(model, "_bytes", b""))
+    settings = (job.ds.fingerprint, parts, job.features, job.keep, job.names, job.outputs, job.classifier)
+    return stable_digest(settings, _transform_key(job.transform), weights)[:12]
 
 
-def _pickled(fn) -> bytes:
-    """A transform as bytes that change with its code and settings (b"" for none; its name if it does not
-    pickle: then only its name tells runs apart)."""
-    if fn is None:
-        return b""
-    inner = fn
-    while isinstance(inner, functools.partial):
-        inner = inner.func
-    code = getattr(inner, "__code__", None) or getattr(vars(type(inner)).get("__call__"), "__code__", None)
-    body = marshal.dumps(code) if code is not None else b""  # an importable function pickles by name only
+def _transform_key(fn):
+    """A transform by its content; one that does not pickle (it could not go to workers either) by name."""
     try:
-        return body + cloudpickle.dumps(fn)
-    except Exception:  # noqa: BLE001 - it could not go to workers either; one process only
-        return body + getattr(fn, "__qualname__", type(fn).__qualname__).encode()
+        return stable_digest(fn)
+    except Exception:  # noqa: BLE001 - pickling errors vary
+        return getattr(fn, "__qualname__", type(fn).__qualname__)

@@ -29,9 +29,22 @@ from ..train import engines
 TIMEOUT_S = 300.0  # how long the workers' rendezvous waits for a slow one
 
 
-def keep_error(fs, folder: str, rank: int, error: TensorGridError) -> None:
-    """In a worker: leave ``error`` for the driver to raise (``run``)."""
-    tgfs.put_atomic(fs, tgfs.join(folder, f".error-{rank}"), pickle.dumps(error))
+def pieces(todo: list[int], rank: int, world: int, take=None):
+    """A worker's pieces: those ``take`` hands out (forked workers' one queue), else ``todo[rank::world]``."""
+    return iter(take, None) if take else iter(todo[rank::world])
+
+
+@contextlib.contextmanager
+def errors_kept(fs, folder: str, rank: int, world: int, take=None):
+    """Around a worker's pieces on an engine: its TensorGrid error is left in ``folder`` for the driver to
+    raise as itself (``run``; the engines only say that a worker failed). A forked worker's comes back
+    directly."""
+    try:
+        yield
+    except TensorGridError as e:
+        if world > 1 and take is None:
+            tgfs.put_atomic(fs, tgfs.join(folder, f".error-{rank}"), pickle.dumps(e))
+        raise
 
 
 def run(job, engine: str, workers: int, fs, folder: str, what: str, pieces: str) -> None:

@@ -80,6 +80,21 @@ def test_a_script_run_again_finds_its_work_folder(tmp_path):
     assert keys[0] == keys[1] and keys[0][0] != keys[0][1]
 
 
+def test_an_importable_function_whose_code_changed_is_another_key(tmp_path, monkeypatch):
+    """pickle names an importable function only: a bug fixed in the user's module must still be new work."""
+    import importlib
+
+    from tensorgrid.ml.digest import stable_digest
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "user_transforms.py").write_text("def scaled(b):\n    return b * 2\n")
+    module = importlib.import_module("user_transforms")
+    before = stable_digest(module.scaled)
+    (tmp_path / "user_transforms.py").write_text("def scaled(b):\n    return b * 3\n")
+    importlib.reload(module)
+    assert stable_digest(module.scaled) != before
+
+
 def test_a_curve_on_digits_falls_fits_resumes_and_saves(digits, tmp_path, monkeypatch):
     train, val = digits
     work = str(tmp_path / "work")
@@ -169,7 +184,8 @@ def test_bad_input_is_refused_before_any_run(digits, tmp_path):
     cases = [(dict(val=train), ArgumentError, "shares rows"),
              (dict(sizes=[100, 200, 400]), CurveFitError, "at least 4"),
              (dict(sizes=[100, 200, 400, 5000]), ArgumentError, "training rows \\(1200\\)"),
-             (dict(label="nope"), ArgumentError, "no label column 'nope'")]
+             (dict(label="nope"), ArgumentError, "no label column 'nope'"),
+             (dict(trainer=None), ArgumentError, "trainer must be a tg.Trainer or an estimator")]
     for changes, error, message in cases:
         args = {**dict(trainer=_trainer(), train=train, val=val, work_dir=str(tmp_path)), **changes}
         with pytest.raises(error, match=message):
