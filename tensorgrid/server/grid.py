@@ -100,6 +100,9 @@ class GridServer(flight.FlightServerBase):
         self.root = os.path.abspath(os.fspath(root))
         self.max_batch_bytes = check_int("max_batch_bytes", max_batch_bytes, 1)
         self.rows_per_batch = check_int("rows_per_batch", rows_per_batch, 1)
+        # a query in a transaction is read whole before the call returns (the next statement would end its
+        # stream): at most this much, so that one client cannot take the server's memory
+        self.max_transaction_result_bytes = 256 << 20
         if allow is not None and (isinstance(allow, (str, bytes)) or
                                   not all(isinstance(a, (str, os.PathLike)) for a in allow)):
             raise ArgumentError(f"allow must be a list of folders or URL prefixes, got {allow!r}")
@@ -275,9 +278,9 @@ class GridServer(flight.FlightServerBase):
         elif kind is sqlproto.CommandStatementIngest:
             txn = self._transaction(context, _optional(command, "transaction_id"))
             if txn is not None:
-                with self.writing(), txn.lock:
-                    self._running.attach(txn.cursor)
-                    count = ingest(txn.cursor, command, reader.to_reader(), own_transaction=False)
+                with self.writing(), txn.use() as cur:
+                    self._running.attach(cur)
+                    count = ingest(cur, command, reader.to_reader(), own_transaction=False)
             else:
                 with self.writing(), self._cursor() as cur:
                     count = ingest(cur, command, reader.to_reader())
@@ -472,17 +475,25 @@ class GridServer(flight.FlightServerBase):
         """Run ``query`` once per parameter row on the transaction's cursor, one statement at a time: the rows
         of a query read whole (a held reader would not survive the transaction's next statement), or the
         number of rows an update changed."""
-        with txn.lock:
-            if txn.done:
-                raise flight.FlightServerError("the transaction has ended: begin a new one")
+        with txn.use() as cur:
             datasets = self.services.get("datasets")
-            tensors = datasets.register(txn.cursor, query) or {} if hasattr(datasets, "register") else {}
-            self._running.attach(txn.cursor)
+            tensors = datasets.register(cur, query) or {} if hasattr(datasets, "register") else {}
+            self._running.attach(cur)
             if not read:
-                return sum(_count(txn.cursor.sql(query, params=row)) for row in rows)
-            tables = [tensors_back(_relation_reader(txn.cursor.sql(query, params=row), self.rows_per_batch),
-                                   tensors).read_all() for row in rows]
-            return pa.concat_tables(tables)
+                return sum(_count(cur.sql(query, params=row)) for row in rows)
+            batches, size = [], 0
+            for row in rows:
+                reader = tensors_back(_relation_reader(cur.sql(query, params=row), self.rows_per_batch), tensors)
+                for batch in reader:
+                    size += batch.nbytes
+                    if size > self.max_transaction_result_bytes:  # held in this server's memory: bounded
+                        raise flight.FlightServerError(
+                            f"a query's result inside a transaction is read whole on the server, and this one "
+                            f"passes {self.max_transaction_result_bytes >> 20} MiB: run it outside the "
+                            "transaction (ADBC: autocommit=True) to stream it")
+                    batches.append(batch)
+                schema = reader.schema
+            return pa.Table.from_batches(batches, schema=schema)
 
     def _stream(self, held: _Held, handle: bytes):
         try:

@@ -17,6 +17,7 @@ import itertools
 import math
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 import pyarrow.flight as flight
 
@@ -158,14 +159,19 @@ def _is_nested_of(dtype: pa.DataType, tensor: pa.FixedShapeTensorType) -> bool:
 
 
 def _nested_to_tensor(column, ttype: pa.FixedShapeTensorType):
-    """Nested fixed-size lists in row-major order as the tensor (zero-copy); None when a sub-array is null
-    (a tensor has no place for it)."""
+    """Nested fixed-size lists in row-major order as the tensor (zero-copy); None when a sub-array of a row
+    that is not null is null (a tensor has no place for it). A null row's sub-arrays may be null (DuckDB
+    marks them so: a NULL from an outer join)."""
     storage_nulls = column.is_null() if column.null_count else None
+    null_rows = storage_nulls.to_numpy(zero_copy_only=False) if storage_nulls is not None else None
     values = column
     for _ in ttype.shape:
         if values is not column and values.null_count:
-            return None
+            inner = values.is_null().to_numpy(zero_copy_only=False)
+            if null_rows is None or bool(np.any(inner & ~null_rows)):
+                return None
         size = values.type.list_size
+        null_rows = None if null_rows is None else np.repeat(null_rows, size)
         values = values.values.slice(values.offset * size, len(values) * size)
     storage = pa.FixedSizeListArray.from_arrays(values, math.prod(ttype.shape), mask=storage_nulls)
     return pa.ExtensionArray.from_storage(ttype, storage)

@@ -2,7 +2,8 @@
 cursor of its own with a transaction begun on it, held by an unguessable id. Statements that carry the id run on
 that cursor, one at a time (its lock), and their results are read whole before the call returns: a held
 reader would be invalidated by the transaction's next statement. A transaction its client abandons is rolled
-back when it expires (``Expiring``: a cap on the number open and a time to live since its last use).
+back when it expires (a time to live since its last use); when the cap on open transactions is reached, a
+new one is refused (never another's rolled back to make room).
 
 DB-API drivers reuse a prepared statement across commits (the ADBC driver prepares ``SELECT ...`` once per
 cursor and runs it again after ``commit()``), but a Flight SQL prepared statement names the transaction it was
@@ -12,6 +13,7 @@ peer, the same user) began since: ``successor``.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -30,6 +32,15 @@ class Transaction:
     owner: str | None  # the user who began it: nobody else may use it
     lock: threading.Lock = field(default_factory=threading.Lock)
     done: bool = False
+
+    @contextlib.contextmanager
+    def use(self):
+        """The cursor, for one statement at a time; a clear error once the transaction has ended (between
+        finding it and taking its lock, another call may have committed it)."""
+        with self.lock:
+            if self.done:
+                raise flight.FlightServerError("the transaction has ended: begin a new one")
+            yield self.cursor
 
     def finish(self, action: int) -> None:
         """Commit or roll back, then close the cursor (once; later calls do nothing)."""
@@ -64,10 +75,14 @@ class Transactions:
         self._latest: OrderedDict[str, bytes] = OrderedDict()  # peer -> the transaction it began last
 
     def begin(self, cursor: duckdb.DuckDBPyConnection, owner: str | None, peer: str | None = None) -> bytes:
-        cursor.begin()
-        transaction_id = self._open.put(Transaction(cursor, owner))
-        if peer:
-            with self._lock:
+        with self._lock:
+            if len(self._open) >= self._max:  # never evicted: that would roll back someone's open work
+                raise flight.FlightServerError(f"{self._max} transactions are open on this server: commit or roll "
+                                               "back one first (an unused one is rolled back after "
+                                               f"{self._open.ttl:g} s)")
+            cursor.begin()
+            transaction_id = self._open.put(Transaction(cursor, owner))
+            if peer:
                 self._peer_of[transaction_id] = peer
                 self._latest[peer] = transaction_id
                 self._latest.move_to_end(peer)
@@ -96,7 +111,8 @@ class Transactions:
         if action not in (COMMIT, ROLLBACK):
             raise flight.FlightServerError(f"EndTransaction takes COMMIT (1) or ROLLBACK (2), got {action}")
         txn = self.get(transaction_id, owner)
-        self._open.pop(bytes(transaction_id))
+        if self._open.pop(bytes(transaction_id)) is not txn:  # a COMMIT and a ROLLBACK at once: one wins
+            raise flight.FlightServerError("the transaction has ended: begin a new one")
         txn.finish(action)
 
     def clear(self) -> None:

@@ -228,6 +228,20 @@ def test_select_star_of_loaded_28x28_images_answers_tensors_to_adbc_and_tg_conne
     np.testing.assert_array_equal(got.column("image").combine_chunks().to_numpy_ndarray(), images[[7, 17]])
 
 
+def test_a_null_tensor_row_from_an_outer_join_comes_back_as_null(g, grid):
+    """DuckDB marks a NULL row's sub-arrays null too: the row is null, the others whole (was an error)."""
+    name = _name("small")
+    images = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)
+    tg.write(os.path.join(grid.root, name), pa.table({"id": [1, 2],
+                                                      "image": pa.FixedShapeTensorArray.from_numpy_ndarray(images)}))
+    g.load(name, name)
+    got = g.sql(f"SELECT k.id, d.image FROM (SELECT unnest([1, 2, 3]) AS id) k LEFT JOIN {name} d USING (id) "
+                "ORDER BY k.id").to_arrow()
+    column = got.column("image").combine_chunks()
+    assert got.num_rows == 3 and column.is_null().to_pylist() == [False, False, True]
+    np.testing.assert_array_equal(column.storage.slice(0, 2).flatten().to_numpy().reshape(2, 3, 4), images)
+
+
 def test_8_concurrent_gets_from_threads_are_all_right_and_not_held_up_by_a_running_query(g, grid):
     """Each get works on its own DuckDB cursor: 8 threads' gets all return their own rows, and all finish while
     a long query of another client is still at work in DuckDB (then cancelled)."""

@@ -537,3 +537,35 @@ def test_tables_and_rows_survive_kill_9_and_restart(tmp_path):
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
+
+
+def test_transactions_are_bounded_never_evicted_and_their_results_capped(grid, raw, monkeypatch):
+    """A full server refuses a new transaction (rolling back another's open work to make room would lose
+    it); a query's result read whole inside a transaction is capped in bytes; a transaction ends once."""
+    def action(name, message):
+        results = [r.body.to_pybytes() for r in raw.do_action(flight.Action(name, sqlproto.pack(message)))]
+        return sqlproto.unpack(results[0]) if results else None
+
+    def begin():
+        return action("BeginTransaction", sqlproto.ActionBeginTransactionRequest()).transaction_id
+
+    table = _name("kept")
+    _query(raw, f"CREATE TABLE {table} (v BIGINT)")
+    monkeypatch.setattr(grid._transactions, "_max", len(grid._transactions) + 2)
+    first, second = begin(), begin()
+    update = sqlproto.CommandStatementUpdate(query=f"INSERT INTO {table} VALUES (1)", transaction_id=first)
+    writer, reader = raw.do_put(flight.FlightDescriptor.for_command(sqlproto.pack(update)), pa.schema([]))
+    writer.done_writing()
+    assert sqlproto.parse(sqlproto.DoPutUpdateResult, reader.read().to_pybytes()).record_count == 1
+    writer.close()
+    with pytest.raises(flight.FlightServerError, match="transactions are open on this server: commit or roll back"):
+        begin()
+    monkeypatch.setattr(grid, "max_transaction_result_bytes", 1 << 20)
+    big = sqlproto.CommandStatementQuery(query="SELECT range AS v FROM range(1000000)", transaction_id=second)
+    with pytest.raises(flight.FlightServerError, match="passes 1 MiB: run it outside the transaction"):
+        raw.get_flight_info(flight.FlightDescriptor.for_command(sqlproto.pack(big)))
+    action("EndTransaction", sqlproto.ActionEndTransactionRequest(transaction_id=first, action=1))
+    with pytest.raises(flight.FlightServerError, match="unknown, finished or expired transaction"):
+        action("EndTransaction", sqlproto.ActionEndTransactionRequest(transaction_id=first, action=2))
+    action("EndTransaction", sqlproto.ActionEndTransactionRequest(transaction_id=second, action=2))
+    assert _query(raw, f"SELECT v FROM {table}").to_pylist() == [{"v": 1}]  # the first's insert was kept
