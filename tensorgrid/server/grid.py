@@ -244,7 +244,7 @@ class GridServer(flight.FlightServerBase):
         if held is None:
             raise flight.FlightServerError("unknown or expired ticket (or its query was cancelled): results are "
                                            f"read once and held for {self._results.ttl:g} s; run the query again")
-        return flight.GeneratorStream(held.reader.schema, self._stream(held, request.statement_handle))
+        return flight.GeneratorStream(held.reader.schema, self._stream(held, request.statement_handle, context))
 
     @_guarded
     def do_put(self, context, descriptor, reader, writer):
@@ -495,9 +495,13 @@ class GridServer(flight.FlightServerBase):
                 schema = reader.schema
             return pa.Table.from_batches(batches, schema=schema)
 
-    def _stream(self, held: _Held, handle: bytes):
+    def _stream(self, held: _Held, handle: bytes, context=None):
         try:
-            with self._running.streaming(handle, held.cursor):  # CancelFlightInfo interrupts it
+            # CancelFlightInfo interrupts it, and so does the client cancelling this DoGet (the generator runs
+            # after do_get returned: the call is watched from here, for as long as the stream lasts)
+            with self._running.streaming(handle, held.cursor), self._running.call(context):
+                if held.cursor is not None:
+                    self._running.attach(held.cursor)
                 yield from batches_by_bytes(held.reader, self.max_batch_bytes)
         except (duckdb.Error, pa.ArrowException, OSError) as exc:  # errors that only show while rows are produced
             raise flight_error(exc) from None  # (DuckDB's arrow stream reports them as OSError/ArrowException)

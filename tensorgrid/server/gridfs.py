@@ -123,7 +123,9 @@ class GridFileSystem(AbstractFileSystem):
             except flight.FlightUnauthenticatedError as exc:
                 if attempt or self.password is None or self.token is not None:
                     raise _error(exc, where, self.netloc) from None
-                with self._lock:
+                with self._lock:  # the next attempt signs in on a new channel: this one is closed, not leaked
+                    if self._conn is not None:
+                        self._conn[0].close()
                     self._conn = None
             except flight.FlightError as exc:
                 raise _error(exc, where, self.netloc) from None

@@ -569,3 +569,20 @@ def test_transactions_are_bounded_never_evicted_and_their_results_capped(grid, r
         action("EndTransaction", sqlproto.ActionEndTransactionRequest(transaction_id=first, action=2))
     action("EndTransaction", sqlproto.ActionEndTransactionRequest(transaction_id=second, action=2))
     assert _query(raw, f"SELECT v FROM {table}").to_pylist() == [{"v": 1}]  # the first's insert was kept
+
+
+def test_a_client_that_gives_up_on_a_stream_stops_its_query_in_duckdb(grid, raw):
+    """A DoGet's rows are produced after do_get returned (a generator): the client's deadline or cancel
+    reaches DuckDB from there too, not only at its next batch."""
+    info = raw.get_flight_info(flight.FlightDescriptor.for_command(sqlproto.pack(sqlproto.CommandStatementQuery(
+        query="SELECT a FROM range(5000000000) t(a) WHERE a < 2048 OR hash(a) % 1000000007 = 0"))))
+    stream = raw.do_get(info.endpoints[0].ticket, flight.FlightCallOptions(timeout=1.0))
+    started = time.monotonic()
+    with pytest.raises(flight.FlightError):
+        stream.read_all()
+    deadline = time.monotonic() + 3.0
+    while grid._running._streams and time.monotonic() < deadline:  # the stream ends once DuckDB stops
+        time.sleep(0.02)
+    assert not grid._running._streams and _idle(grid, 1.0), "the server's query kept running after the client gave up"
+    assert time.monotonic() - started < 6
+    assert _query(raw, "SELECT 1 AS one").to_pylist() == [{"one": 1}]
