@@ -36,6 +36,7 @@ import fcntl
 import json
 import mmap
 import os
+import sys
 import re
 import shutil
 import threading
@@ -520,6 +521,7 @@ class Filler:
         self._thread.join(timeout)
 
     def _run(self) -> None:
+        _lowest_priority()
         busy = self._waiting
         while True:
             with self._cond:
@@ -543,6 +545,19 @@ class Filler:
                 with self._cond:
                     self._busy = False
                     self._cond.notify_all()
+
+
+def _lowest_priority() -> None:
+    """Run this thread at the lowest CPU priority (Linux: a thread's own nice value): a fill competing
+    with the epoch it serves made the first epoch 2-4x slower than with the cache off on 2 cores (28x28
+    shuffled: 0.8 s against 0.19 s, measured); niced, the epoch runs as fast as without the cache and the
+    fill takes the cores' idle time (whatever the epoch leaves, and all of it once the epoch ends)."""
+    if not sys.platform.startswith("linux"):  # elsewhere the id would name a process, not this thread
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except OSError:  # not allowed (a sandbox): the fill runs at the process's priority
+        pass
 
 
 _filler: Filler | None = None
