@@ -89,12 +89,15 @@ class GridServer(flight.FlightServerBase):
     pass through to ``pyarrow.flight.FlightServerBase``. ``max_held_results`` and ``result_ttl`` bound what
     clients can leave behind between GetFlightInfo and DoGet (and unclosed prepared statements). ``allow``: the
     local folders and URL prefixes ``load`` may read store datasets from (default: under ``root``).
+    ``query_timeout``: seconds a call may keep DuckDB at work (a query, and separately the streaming of its
+    rows; a statement in a transaction from its own start) before it is interrupted; None: no limit.
     """
 
     def __init__(self, root: str | os.PathLike, location: str = "grpc://127.0.0.1:0", *,
                  memory_limit: str = "4GB", threads: int | None = None, max_held_results: int = 256,
                  result_ttl: float = 300.0, max_batch_bytes: int = 8 << 20, rows_per_batch: int = 1024,
-                 allow: list[str] | None = None, services=None, **flight_options):
+                 allow: list[str] | None = None, query_timeout: float | None = None, services=None,
+                 **flight_options):
         if not isinstance(root, (str, os.PathLike)):
             raise ArgumentError(f"root must be a local directory path, got {root!r}")
         self.root = os.path.abspath(os.fspath(root))
@@ -112,12 +115,14 @@ class GridServer(flight.FlightServerBase):
         self._generation_lock = threading.Lock()
         check_int("max_held_results", max_held_results, 1)
         check_number("result_ttl", result_ttl, 0.001)
+        query_timeout = check_number("query_timeout", query_timeout, 0.001, none=True)
         self._db = open_database(self.root, memory_limit=memory_limit,
                                  threads=check_int("threads", threads, 1, none=True))
         self._results = Expiring(max_held_results, result_ttl, on_drop=_Held.close)
         self._prepared = Expiring(max_held_results, result_ttl)
         self._transactions = Transactions(max_held_results, result_ttl)  # unused ones roll back after result_ttl
-        self._running = Running()  # cursors at work, interrupted when their call or query is cancelled
+        # cursors at work, interrupted when their call or query is cancelled or their call runs past the limit
+        self._running = Running(query_timeout)
         self._info = metadata.server_info(_VERSION)
         self._scheme, _, rest = str(location).partition("://")
         self._host = rest.rsplit(":", 1)[0]
@@ -298,7 +303,7 @@ class GridServer(flight.FlightServerBase):
 
     def _cursor(self) -> duckdb.DuckDBPyConnection:
         cur = self._db.cursor()
-        self._running.attach(cur)  # interrupted if the call it serves is cancelled
+        self._running.attach(cur)  # interrupted if the call it serves is cancelled or runs past the time limit
         return cur
 
     def _transaction(self, context, transaction_id: bytes | None) -> Transaction | None:

@@ -1,7 +1,8 @@
 """``tensorgrid serve``: a grid server with users, TLS and limits, served until SIGINT/SIGTERM.
 
 ``start(...)`` builds the ``GridServer`` (authentication middleware from ``auth``, TLS options, the ``--allow``
-list as ``server.allow``, a query clock); ``serve_until_signal(server)`` blocks until a signal and closes it.
+list as ``server.allow``, the time limit of a call); ``serve_until_signal(server)`` blocks until a signal and
+closes it.
 A server bound to an address other than loopback needs users (``--users``): without them anyone who can reach
 the port could read, change and delete every table, so it is refused unless ``insecure_no_auth`` says so.
 """
@@ -15,8 +16,6 @@ import signal
 import socket
 import sys
 import threading
-import time
-import weakref
 
 import duckdb
 import pyarrow as pa
@@ -83,70 +82,15 @@ def normalize_allow(allow: list[str] | None, root: str) -> list[str]:
     return out
 
 
-class QueryClock:
-    """Interrupts DuckDB cursors that live longer than ``seconds`` (a query and the streaming of its rows), so
-    that a runaway query cannot hold a server thread and memory forever. Watches the cursors GridServer makes for
-    SQL (``_cursor``, one per request); a thread checks them every ``tick`` seconds."""
-
-    def __init__(self, seconds: float, tick: float | None = None):
-        self.seconds = float(seconds)
-        self.tick = tick if tick is not None else min(1.0, self.seconds / 4)
-        self._watched: list[tuple[float, weakref.ref]] = []
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="tensorgrid-query-clock", daemon=True)
-        self._thread.start()
-
-    def watch(self, cursor) -> None:
-        with self._lock:
-            self._watched.append((time.monotonic(), weakref.ref(cursor)))
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.tick):
-            deadline = time.monotonic() - self.seconds
-            with self._lock:
-                due = [ref for started, ref in self._watched if started <= deadline]
-                self._watched = [(s, ref) for s, ref in self._watched if s > deadline and ref() is not None]
-            for ref in due:
-                cur = ref()
-                if cur is not None:
-                    try:
-                        cur.interrupt()
-                        log.warning("interrupted a query after its limit of %g s", self.seconds)
-                    except duckdb.Error:  # closed meanwhile: nothing to stop
-                        pass
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-
-class ServedGrid(GridServer):
-    """A GridServer whose SQL cursors are timed by a ``QueryClock`` (when it has one)."""
-
-    query_clock: QueryClock | None = None
-
-    def _cursor(self):
-        cur = super()._cursor()
-        if self.query_clock is not None:
-            self.query_clock.watch(cur)
-        return cur
-
-    def close(self) -> None:
-        try:
-            super().close()
-        finally:
-            if self.query_clock is not None:
-                self.query_clock.close()
-
-
 def start(root: str, host: str = "127.0.0.1", port: int = DEFAULT_PORT, *, tls_cert: str | None = None,
           tls_key: str | None = None, tls_client_ca: str | None = None, users: str | None = None,
           allow: list[str] | None = None, memory_limit: str = "4GB", threads: int | None = None,
           max_calls: int | None = DEFAULT_MAX_CALLS, query_timeout: float | None = DEFAULT_QUERY_TIMEOUT,
-          token_ttl: float = 3600.0, insecure_no_auth: bool = False) -> ServedGrid:
+          token_ttl: float = 3600.0, insecure_no_auth: bool = False) -> GridServer:
     """A running GridServer as ``tensorgrid serve`` makes it (see the module docstring); its ``url`` is where
-    clients connect. Close it with ``server.close()`` (``serve_until_signal`` does)."""
+    clients connect. Close it with ``server.close()`` (``serve_until_signal`` does). ``query_timeout``: seconds
+    one call may keep DuckDB at work before it is interrupted (a query, and separately the streaming of its
+    rows; a statement in a transaction from its own start); None or 0: no limit."""
     user_table = auth.load_users(users) if users is not None else None
     if user_table is None and not is_loopback(host) and not insecure_no_auth:
         raise ServeError(f"--host {host} is reachable from other machines, and without --users anyone there could "
@@ -160,8 +104,8 @@ def start(root: str, host: str = "127.0.0.1", port: int = DEFAULT_PORT, *, tls_c
     scheme = "grpc+tls" if "tls_certificates" in options else "grpc"
     bracketed = f"[{host.strip('[]')}]" if ":" in host else host
     try:
-        server = ServedGrid(root, f"{scheme}://{bracketed}:{port}", memory_limit=memory_limit, threads=threads,
-                            **options)
+        server = GridServer(root, f"{scheme}://{bracketed}:{port}", memory_limit=memory_limit, threads=threads,
+                            query_timeout=query_timeout or None, **options)
     except duckdb.Error as exc:
         raise ServeError(f"cannot open the grid database under {root}: {str(exc).splitlines()[0]}") from None
     except (pa.ArrowException, OSError) as exc:
@@ -171,8 +115,6 @@ def start(root: str, host: str = "127.0.0.1", port: int = DEFAULT_PORT, *, tls_c
     server.allow = normalize_allow(allow, server.root)
     server.users_file = users
     server.tls = "off" if scheme == "grpc" else "mutual" if tls_client_ca else "on"
-    if query_timeout:
-        server.query_clock = QueryClock(query_timeout)
     return server
 
 

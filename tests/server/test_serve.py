@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
 
@@ -167,7 +168,103 @@ def test_a_query_over_its_time_limit_is_interrupted(tmp_path):
         assert _select_one(client) == [1]  # the server goes on serving
     finally:
         server.close()
-    assert not server.query_clock._thread.is_alive()
+    assert not server._running._thread.is_alive()
+
+
+# -- the time limit of a call: one clock per call, a transaction's statements included ----------------------
+
+LIMIT = 1.0
+_LONG = "SELECT sum(hash(a * 7)) AS s FROM range(5000000000) t(a)"  # minutes of work for one DuckDB thread
+_NO_HANG = flight.FlightCallOptions(timeout=15)  # a server that never stops the query: a failure, not a hang
+
+
+@pytest.fixture(scope="module")
+def timed(tmp_path_factory):
+    """A bare Flight client of a server whose calls may keep DuckDB at work for LIMIT seconds."""
+    server = serve.start(tmp_path_factory.mktemp("timed"), port=0, memory_limit="256MB", threads=1,
+                         query_timeout=LIMIT)
+    client = flight.connect(server.url)
+    yield client
+    client.close()
+    server.close()
+
+
+def _action(client, name, message):
+    results = [r.body.to_pybytes() for r in client.do_action(flight.Action(name, sqlproto.pack(message)), _NO_HANG)]
+    return sqlproto.unpack(results[0]) if results else None
+
+
+def _begin(client) -> bytes:
+    return _action(client, "BeginTransaction", sqlproto.ActionBeginTransactionRequest()).transaction_id
+
+
+def _end(client, txn: bytes, action: int) -> None:  # 1 commit, 2 roll back
+    _action(client, "EndTransaction", sqlproto.ActionEndTransactionRequest(transaction_id=txn, action=action))
+
+
+def _rows(client, sql: str, txn: bytes | None = None) -> list:
+    command = sqlproto.CommandStatementQuery(query=sql, **({"transaction_id": txn} if txn else {}))
+    info = client.get_flight_info(flight.FlightDescriptor.for_command(sqlproto.pack(command)), _NO_HANG)
+    return client.do_get(info.endpoints[0].ticket, _NO_HANG).read_all().to_pylist()
+
+
+def _update(client, sql: str, txn: bytes | None = None) -> int:
+    command = sqlproto.CommandStatementUpdate(query=sql, **({"transaction_id": txn} if txn else {}))
+    writer, reader = client.do_put(flight.FlightDescriptor.for_command(sqlproto.pack(command)), pa.schema([]),
+                                   _NO_HANG)
+    writer.done_writing()
+    result = reader.read()
+    writer.close()  # a failed update raises here
+    return sqlproto.parse(sqlproto.DoPutUpdateResult, result.to_pybytes()).record_count
+
+
+def test_a_runaway_statement_in_a_transaction_begun_long_ago_is_interrupted_then_rolls_back(timed):
+    """A transaction's statements run on its cursor, made at BeginTransaction: each is timed from its own
+    start, so a runaway query or update in an old transaction is stopped at the limit with a one-line error
+    naming it, and the transaction can still be rolled back."""
+    table = f"kept_{os.urandom(4).hex()}"
+    _update(timed, f"CREATE TABLE {table} (v BIGINT)")
+    for runaway in (lambda txn: _rows(timed, _LONG, txn),
+                    lambda txn: _update(timed, f"INSERT INTO {table} SELECT sum(hash(a)) % 1000 FROM range(5000000000) t(a)",
+                                        txn)):
+        txn = _begin(timed)
+        assert _update(timed, f"INSERT INTO {table} VALUES (1)", txn) == 1
+        time.sleep(LIMIT * 1.5)  # the transaction is older than the limit
+        started = time.monotonic()
+        with pytest.raises(flight.FlightCancelledError) as caught:
+            runaway(txn)
+        assert LIMIT <= time.monotonic() - started < LIMIT + 4
+        message = str(caught.value).split(". Detail:")[0]
+        assert "interrupted after 1 s: this server's time limit for one call (--query-timeout)" in message
+        assert "\n" not in message
+        _end(timed, txn, 2)
+    assert _rows(timed, f"SELECT count(*) AS n FROM {table}") == [{"n": 0}]  # both rolled back
+
+
+def test_a_quick_statement_in_a_transaction_older_than_the_limit_is_not_interrupted(timed):
+    table = f"kept_{os.urandom(4).hex()}"
+    _update(timed, f"CREATE TABLE {table} (v BIGINT)")
+    txn = _begin(timed)
+    for i in range(3):  # the transaction's cursor works far longer than the limit, each statement briefly
+        time.sleep(LIMIT * 0.8)
+        assert _update(timed, f"INSERT INTO {table} VALUES ({i})", txn) == 1
+        assert _rows(timed, f"SELECT count(*) AS n FROM {table}", txn) == [{"n": i + 1}]
+    _end(timed, txn, 1)
+    assert _rows(timed, f"SELECT count(*) AS n FROM {table}") == [{"n": 3}]
+
+
+def test_a_cursor_at_work_outside_the_sql_calls_is_held_to_the_limit_too(timed):
+    """A service's own cursor (the table listing counts every table's rows) works outside any watched call:
+    it is timed from when it was made."""
+    view = f"slow_{os.urandom(4).hex()}"
+    _update(timed, f"CREATE VIEW {view} AS SELECT a FROM range(5000000000) t(a) WHERE hash(a * 7) % 3 = 0")
+    try:
+        started = time.monotonic()
+        with pytest.raises(flight.FlightError, match="(?i)interrupt"):
+            list(timed.do_action(flight.Action("datasets.tables", b"{}"), _NO_HANG))
+        assert time.monotonic() - started < LIMIT + 4
+    finally:
+        _update(timed, f"DROP VIEW {view}")
 
 
 # -- the command, as a real process --------------------------------------------------------------------------
