@@ -7,9 +7,9 @@ does not survive a fork). No torch here.
 Loader worker processes must be started with ``multiprocessing_context="spawn"`` (or "forkserver"): a process
 forked from one that has used gRPC hangs in its first call (measured here, with the client closed or not).
 
-Also here: ``Session``, the picklable connection both this and ``tg.connect`` (client.py) call through, and the
-named errors a grid call raises: a Flight error from the server becomes a TensorGrid error with the server's
-one-line message (no gRPC noise).
+Also here: ``Session``, the picklable connection this, ``tg.connect`` (client.py) and ``grid://`` (gridfs.py,
+with errors of its own) call through, and the named errors a grid call raises: a Flight error from the server
+becomes a TensorGrid error with the server's one-line message (no gRPC noise).
 """
 
 from __future__ import annotations
@@ -132,8 +132,9 @@ class Session:
         self.__dict__.update(state)
         self._lock = threading.Lock()
 
-    def connection(self):
-        """(FlightClient, FlightCallOptions) of this process (a forked child opens its own)."""
+    def connection(self, error=None):
+        """(FlightClient, FlightCallOptions) of this process (a forked child opens its own); a failure to open
+        it raised as ``error(exc)`` (default: the TensorGrid error ``translate`` makes)."""
         if self._client is None or self._pid != os.getpid():
             with self._lock:
                 if self._client is None or self._pid != os.getpid():
@@ -144,28 +145,35 @@ class Session:
                             self.url, self.username, self.password, self.token, self.tls_root_certs,
                             self.cert_chain, self.private_key, self.timeout)
                     except (flight.FlightError, pa.ArrowException, OSError) as exc:
-                        raise translate(exc, self.url) from None
+                        raise (error or (lambda e: translate(e, self.url)))(exc) from None
                     self._pid = os.getpid()
         return self._client, self._options
 
-    def call(self, fn, default: type = GridError):
-        """``fn(client, options)``, its Flight errors raised as TensorGrid errors. A session that signed in
-        with a password signs in again once when its token was refused (it expires ``token_ttl`` after its
-        last use): the server checks the token before doing anything, so the call is safe to repeat."""
-        client, options = self.connection()
-        try:
-            return fn(client, options)
-        except flight.FlightUnauthenticatedError as exc:
-            if self.password is None or self.token is not None:
-                raise translate(exc, self.url, default) from None
-        except (flight.FlightError, pa.ArrowException, OSError) as exc:
-            raise translate(exc, self.url, default) from None
-        self.close()
-        client, options = self.connection()
-        try:
-            return fn(client, options)
-        except (flight.FlightError, pa.ArrowException, OSError) as exc:
-            raise translate(exc, self.url, default) from None
+    def call(self, fn, default: type = GridError, error=None):
+        """``fn(client, options)``, its failures raised as ``error(exc)`` (default: TensorGrid errors by
+        ``translate``; ``grid://`` raises OSErrors). A session that signed in with a password signs in again
+        once when its token was refused (it expires ``token_ttl`` after its last use): the server checks the
+        token before doing anything, so the call is safe to repeat."""
+        error = error or (lambda e: translate(e, self.url, default))
+        for attempt in (0, 1):
+            client, options = self.connection(error)
+            try:
+                return fn(client, options)
+            except flight.FlightUnauthenticatedError as exc:
+                if attempt or self.password is None or self.token is not None:
+                    raise error(exc) from None
+            except (flight.FlightError, pa.ArrowException, OSError) as exc:
+                raise error(exc) from None
+            self._drop(client)  # the next attempt signs in on a new channel
+
+    def _drop(self, client) -> None:
+        """Close ``client`` if it is still this session's (another thread may have replaced it already, and
+        closed it): the next call opens another, and the dropped channel is not leaked."""
+        with self._lock:
+            if self._client is not client:
+                return
+            self._client = self._options = None
+        client.close()
 
     def action(self, verb: str, request: dict | None = None) -> list[bytes]:
         body = json.dumps(request or {}).encode()

@@ -17,7 +17,6 @@ import errno
 import json
 import os
 import re
-import threading
 from datetime import datetime, timezone
 from urllib.parse import urlsplit
 
@@ -26,7 +25,7 @@ import pyarrow.flight as flight
 from fsspec.spec import AbstractBufferedFile, AbstractFileSystem
 from fsspec.utils import stringify_path
 
-from .connection import open_flight
+from .griddataset import Session
 
 CHUNK = 1 << 20  # bytes per record batch of an upload
 SCHEMA = pa.schema([("data", pa.binary())])
@@ -56,7 +55,9 @@ class GridFileSystem(AbstractFileSystem):
         self.tls_root_certs = tls_root_certs
         self.tls = bool(tls) or tls_root_certs is not None
         self.timeout, self.blocksize = timeout, block_size
-        self._conn, self._conn_pid, self._lock = None, None, threading.Lock()
+        # the connection (opened on first use in each process) and its sign-in again, shared with tg.connect
+        self._session = Session(f"{'grpc+tls' if self.tls else 'grpc'}://{self.netloc}", self.username,
+                                self.password, self.token, self.tls_root_certs, timeout=self.timeout)
 
     # -- URLs and paths ------------------------------------------------------------------------------------
 
@@ -100,35 +101,16 @@ class GridFileSystem(AbstractFileSystem):
 
     def _flight(self):
         """(client, options), opened on first use in each process (a forked or unpickled copy opens its own)."""
-        pid = os.getpid()
-        if self._conn_pid != pid:
-            self._lock, self._conn, self._conn_pid = threading.Lock(), None, pid
-        with self._lock:
-            if self._conn is None:
-                scheme = "grpc+tls" if self.tls else "grpc"
-                try:
-                    self._conn = open_flight(f"{scheme}://{self.netloc}", self.username, self.password, self.token,
-                                             self.tls_root_certs, timeout=self.timeout)
-                except flight.FlightError as exc:
-                    raise _error(exc, self.netloc, self.netloc) from None
-            return self._conn
+        return self._session.connection(self._errors(self.netloc))
 
     def _call(self, fn, where: str):
-        """``fn(client, options)``; a filesystem that signed in with a password signs in again once when its
-        token expired (the server refuses before doing anything, so the call is safe to repeat)."""
-        for attempt in (0, 1):
-            client, options = self._flight()
-            try:
-                return fn(client, options)
-            except flight.FlightUnauthenticatedError as exc:
-                if attempt or self.password is None or self.token is not None:
-                    raise _error(exc, where, self.netloc) from None
-                with self._lock:  # the next attempt signs in on a new channel: this one is closed, not leaked
-                    if self._conn is not None:
-                        self._conn[0].close()
-                    self._conn = None
-            except flight.FlightError as exc:
-                raise _error(exc, where, self.netloc) from None
+        """``fn(client, options)``, its Flight errors raised as OSErrors about ``where``; a filesystem that
+        signed in with a password signs in again once when its token expired (``Session.call``)."""
+        return self._session.call(fn, error=self._errors(where))
+
+    def _errors(self, where: str):
+        """A failed call's Flight error as the OSError about ``where`` (other errors as they are)."""
+        return lambda exc: _error(exc, where, self.netloc) if isinstance(exc, flight.FlightError) else exc
 
     def _action(self, verb: str, where: str, **body):
         action = flight.Action(f"files.{verb}", json.dumps(body).encode())

@@ -184,8 +184,11 @@ def test_tg_connect_signs_in_again_when_its_token_expired_but_a_given_token_does
                     **auth.server_options(USERS, token_ttl=0.3)) as s:
         g = tg.connect(s.url, username="ignite", password="ignite")
         g.sql("CREATE TABLE t (id BIGINT PRIMARY KEY)")
+        first = g.session.connection()[0]
         time.sleep(0.6)  # the token expired: the next calls sign in again with the password
         assert g.sql("INSERT INTO t VALUES (1)") == 1  # done once, not twice
+        with pytest.raises(pa.ArrowInvalid, match="closed"):  # the refused channel was closed, not leaked
+            first.list_actions()
         assert g.sql("SELECT count(*) AS n FROM t").to_pandas()["n"].tolist() == [1]
         client, options, header = _signed_in(s, "ignite", "ignite", with_header=True)
         token = header[1].decode().split(" ", 1)[1]

@@ -303,8 +303,12 @@ def test_a_filesystem_idle_past_its_tokens_ttl_signs_in_again_for_reads_and_list
         gfs = GridFileSystem(host="127.0.0.1", port=server.port, username="rw", password="pw-rw",
                              skip_instance_cache=True)
         gfs.pipe_file("d/f", b"data")
+        first = gfs._session.connection()[0]
         time.sleep(0.6)  # the token expired: the next calls sign in again with the password
         assert gfs.cat_file("d/f") == b"data"
+        assert gfs._session.connection()[0] is not first
+        with pytest.raises(pa.ArrowInvalid, match="closed"):  # the refused channel was closed, not leaked
+            first.list_actions()
         time.sleep(0.6)
         assert gfs.ls("d", detail=False) == [f"127.0.0.1:{server.port}/d/f"]
 
