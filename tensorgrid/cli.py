@@ -469,8 +469,8 @@ def _add_serve(add) -> None:
     sp.add_argument("--max-calls", type=int, default=DEFAULT_MAX_CALLS,
                     help=f"calls in progress at once; more are refused as busy (default {DEFAULT_MAX_CALLS})")
     sp.add_argument("--query-timeout", type=float, default=DEFAULT_QUERY_TIMEOUT,
-                    help=f"seconds a query may run, streaming its rows included (default {DEFAULT_QUERY_TIMEOUT:g}; "
-                         "0: no limit)")
+                    help=f"seconds one call may keep DuckDB at work: a query, and separately the streaming of its "
+                         f"rows (default {DEFAULT_QUERY_TIMEOUT:g}; 0: no limit)")
     sp.add_argument("--token-ttl", type=float, default=3600.0,
                     help="seconds a sign-in token stays valid without use (default 3600)")
     sp.add_argument("--insecure-no-auth", action="store_true",

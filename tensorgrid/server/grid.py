@@ -175,8 +175,9 @@ class GridServer(flight.FlightServerBase):
     def do_action(self, context, action):
         body = action.body.to_pybytes() if action.body is not None else b""
         prefix, dot, verb = action.type.partition(".")
-        if dot and prefix in self.services:
-            return [flight.Result(pa.py_buffer(r)) for r in self.services[prefix].do_action(context, verb, body)]
+        if dot and prefix in self.services:  # watched: a client that cancels the call stops its DuckDB work
+            with self._running.call(context):
+                return [flight.Result(pa.py_buffer(r)) for r in self.services[prefix].do_action(context, verb, body)]
         if action.type == "CreatePreparedStatement":
             request = _expect(sqlproto.unpack(body), sqlproto.ActionCreatePreparedStatementRequest)
             auth.require(context, auth.WRITE if _writes_sql(request.query) else auth.READ)
@@ -214,7 +215,8 @@ class GridServer(flight.FlightServerBase):
     def get_flight_info(self, context, descriptor):
         if descriptor.descriptor_type == flight.DescriptorType.PATH:
             svc, path = self._service_of(descriptor)
-            return svc.get_flight_info(context, descriptor, path)
+            with self._running.call(context):
+                return svc.get_flight_info(context, descriptor, path)
         command = _command(descriptor)
         writes = _writes(command) or (type(command) is sqlproto.CommandPreparedStatementQuery and _writes_sql(
             self._prepared_statement(command.prepared_statement_handle).query))
@@ -255,7 +257,8 @@ class GridServer(flight.FlightServerBase):
     def do_put(self, context, descriptor, reader, writer):
         if descriptor.descriptor_type == flight.DescriptorType.PATH:
             svc, path = self._service_of(descriptor)
-            return svc.do_put(context, descriptor, path, reader, writer)
+            with self._running.call(context):
+                return svc.do_put(context, descriptor, path, reader, writer)
         command = _command(descriptor)
         kind = type(command)
         # binding parameters to a prepared query reads; every other DoPut writes (DuckDB decides at run time)

@@ -471,6 +471,23 @@ def test_adbc_cancel_from_another_thread_interrupts_the_running_query(grid, conn
     assert cur.fetchall() == [(42,)]
 
 
+def test_a_service_call_the_client_gives_up_on_stops_its_duckdb_work(grid, raw):
+    """A grid service's own query (the table listing counts every table's rows) stops when its client's
+    deadline passes: the server's DuckDB does not grind on for nobody (measured as this process's CPU
+    time, where the test's server runs)."""
+    view = f"slow_{os.urandom(4).hex()}"
+    _query(raw, f"CREATE VIEW {view} AS SELECT a FROM range(5000000000) t(a) WHERE hash(a * 7) % 3 = 0")
+    try:
+        with pytest.raises(flight.FlightError):
+            list(raw.do_action(flight.Action("datasets.tables", b"{}"), flight.FlightCallOptions(timeout=0.5)))
+        time.sleep(1.0)  # the watcher's poll, and the interrupt reaching DuckDB's threads
+        cpu = time.process_time()
+        time.sleep(1.0)
+        assert time.process_time() - cpu < 0.5, "the server's DuckDB query kept running after the client left"
+    finally:
+        _query(raw, f"DROP VIEW {view}")
+
+
 def test_cancel_flight_info_drops_a_held_result_and_interrupts_a_stream(grid, raw):
     def cancel(info, deprecated=False):
         if deprecated:
