@@ -139,8 +139,11 @@ def remove_tree(fs: fsspec.AbstractFileSystem, path: str) -> None:
         pass
 
 
-def put_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` so readers see the old file or the new one, never a partial one."""
+def put_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes, sync_dir: bool = True) -> None:
+    """Write ``data`` to ``path`` so readers see the old file or the new one, never a partial one. On local
+    disks the file's bytes are durable before its name appears; ``sync_dir`` also makes the name durable now
+    (else a power loss may lose the name, never expose a partial file: for callers that sync the folder
+    once for many files, or that recompute a file whose name is lost)."""
     parent = path.rsplit("/", 1)[0]
     fs.makedirs(parent, exist_ok=True)
     if is_local(fs):
@@ -151,7 +154,8 @@ def put_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
         finally:
             if os.path.lexists(tmp):  # a failed write (disk full) leaves nothing behind
                 os.unlink(tmp)
-        fsync_dir(parent)
+        if sync_dir:
+            fsync_dir(parent)
         return
     if isinstance(fs, MemoryFileSystem):
         fs.pipe_file(path, data)  # a single dict assignment: atomic

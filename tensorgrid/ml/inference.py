@@ -143,6 +143,8 @@ class _Work:
             for k in jobs.pieces(self.todo, rank, world, take):
                 self._part(model, fs, staging, k)
                 done += 1
+        if tgfs.is_local(fs):
+            tgfs.fsync_dir(staging)
         return {"parts": done}
 
     def _part(self, model, fs, staging: str, k: int) -> None:
@@ -152,8 +154,11 @@ class _Work:
         if table is None or table.num_rows != stop - start:
             raise TensorGridError(f"inference part {k} gave {0 if table is None else table.num_rows} rows for "
                                   f"{stop - start}")
-        meta = write_part(fs, tgfs.join(staging, _name(k)), table)
-        tgfs.put_atomic(fs, tgfs.join(staging, _name(k, ".json")), json.dumps({"path": _name(k), **meta}).encode())
+        # each file's bytes are durable before its name appears; the names are synced once per worker (after
+        # a power loss a lost name only means a part computed again: ``_done`` needs both, of the same size)
+        meta = write_part(fs, tgfs.join(staging, _name(k)), table, sync_dir=False)
+        tgfs.put_atomic(fs, tgfs.join(staging, _name(k, ".json")), json.dumps({"path": _name(k), **meta}).encode(),
+                        sync_dir=False)
 
 
 def _name(k: int, ext: str = ".parquet") -> str:

@@ -74,13 +74,13 @@ def _encoded(table: pa.Table) -> tuple[pa.Buffer, int]:
     return _encode_shard(table, rg_rows), rg_rows
 
 
-def write_part(fs: fsspec.AbstractFileSystem, path: str, table: pa.Table) -> dict:
+def write_part(fs: fsspec.AbstractFileSystem, path: str, table: pa.Table, sync_dir: bool = True) -> dict:
     """A logical table as one shard file at ``path``, written whole (a reader sees all of it or nothing),
     not committed; returns what a manifest says of it (rows, bytes, checksum, row_group_rows) and its
     physical schema (base64 IPC) so that parts written apart can be checked to agree."""
     physical = encoding.physical_schema(table.schema)
     data, rg_rows = _encoded(encoding.encode(table, physical))
-    tgfs.put_atomic(fs, path, data)
+    tgfs.put_atomic(fs, path, data, sync_dir)
     return {"rows": table.num_rows, "bytes": data.size, "checksum": manifest.checksum(data),
             "row_group_rows": rg_rows, "schema": base64.b64encode(physical.serialize().to_pybytes()).decode()}
 
