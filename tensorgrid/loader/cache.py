@@ -36,9 +36,9 @@ import fcntl
 import json
 import mmap
 import os
-import sys
 import re
 import shutil
+import sys
 import threading
 import time
 import uuid
@@ -548,10 +548,11 @@ class Filler:
 
 
 def _lowest_priority() -> None:
-    """Run this thread at the lowest CPU priority (Linux: a thread's own nice value): a fill competing
-    with the epoch it serves made the first epoch 2-4x slower than with the cache off on 2 cores (28x28
-    shuffled: 0.8 s against 0.19 s, measured); niced, the epoch runs as fast as without the cache and the
-    fill takes the cores' idle time (whatever the epoch leaves, and all of it once the epoch ends)."""
+    """Run this thread at the lowest CPU priority (Linux: a thread's own nice value), so the fill takes the
+    cores' idle time. With the cores busy (training, other work) a fill at normal priority made the first
+    epoch on an empty cache 2-4x slower than with the cache off (2 cores, 28x28 shuffled: 0.5-1.06 s against
+    0.18-0.25 s); niced, as fast. On an idle machine it still costs 1.3-1.7x: its decode runs in Arrow's
+    thread pool, which this does not reach, and its disk write (measured: RESULTS.md, issue 10)."""
     if not sys.platform.startswith("linux"):  # elsewhere the id would name a process, not this thread
         return
     try:
