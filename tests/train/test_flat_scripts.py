@@ -122,8 +122,10 @@ def test_spark_with_no_session_starts_a_local_one_and_a_wrong_interpreter_is_exp
     path, _ = _script(tmp_path, engine="spark", before=session)
     p, took = _run([PY, str(path)], tmp_path, PYSPARK_PYTHON=str(wrapper))
     assert p.returncode == 1 and "Traceback" in p.stderr
-    # Spark's JVM may still draw its console progress bar ("[Stage 0:> ...]") after our one line: not ours
-    last = [line for line in p.stderr.strip().splitlines() if not line.lstrip().startswith("[Stage")][-1]
+    # Spark's JVM may still draw its console progress bar ("[Stage 0:> ...]", then spaces and carriage returns
+    # to clear it) after our one line: not ours
+    lines = [seg.strip() for line in p.stderr.splitlines() for seg in line.split("\r")]
+    last = [line for line in lines if line and not line.startswith("[Stage")][-1]
     assert "No module named" in last and f"PYSPARK_PYTHON={PY} before creating the SparkSession" in last, last
     assert took < 120
 
