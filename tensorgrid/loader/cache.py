@@ -536,9 +536,8 @@ class Filler:
                 self._busy = True
             try:
                 source = ref()
-                with _filling:  # a fork waits for this fill (before_fork)
-                    if source is not None and not source.fill(shard, wait=wait):
-                        busy.append((ref, shard))
+                if source is not None and not source.fill(shard, wait=wait):
+                    busy.append((ref, shard))
             except Exception as e:  # noqa: BLE001 - a fill that fails leaves the shard to Parquet reads
                 warnings.warn(f"tensorgrid: the Arrow cache could not be filled ({type(e).__name__}: {e}); "
                               "reading Parquet instead", RuntimeWarning, stacklevel=1)
@@ -564,7 +563,6 @@ def _lowest_priority() -> None:
 
 _filler: Filler | None = None
 _filler_lock = threading.Lock()
-_filling = threading.Lock()  # held by the filler while it builds a file
 
 
 def filler() -> Filler:
@@ -582,22 +580,11 @@ def wait_filled(timeout: float | None = None) -> bool:
     return True if f is None or f.pid != os.getpid() else f.wait(timeout)
 
 
-def _before_fork() -> None:
-    """A fork waits for the file being built: a child forked mid-fill inherits the C-level locks the filler
-    holds then (Arrow's allocator and thread pool, the IPC writer) and hangs on its first use of them (a
-    forked inference worker hung this way while a niced fill was still running)."""
-    _filling.acquire()
-
-
-def _after_fork_in_parent() -> None:
-    _filling.release()
-
-
 def _forget_filler() -> None:
     """In a forked child: no filler thread (it starts its own if it needs one), and fresh locks (the filler
     may have held one at the fork: the child would wait for it forever)."""
-    global _filler, _filler_lock, _verified_lock, _filling
-    _filler, _filler_lock, _verified_lock, _filling = None, threading.Lock(), threading.Lock(), threading.Lock()
+    global _filler, _filler_lock, _verified_lock
+    _filler, _filler_lock, _verified_lock = None, threading.Lock(), threading.Lock()
 
 
 def _stop_at_exit() -> None:
@@ -608,7 +595,7 @@ def _stop_at_exit() -> None:
         f.stop(timeout=5)
 
 
-os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_forget_filler)
+os.register_at_fork(after_in_child=_forget_filler)
 atexit.register(_stop_at_exit)
 
 

@@ -56,41 +56,6 @@ def test_the_fill_runs_at_the_lowest_priority_and_the_reader_does_not(tmp_path, 
     assert len(list(root.glob("*.arrow"))) == 3
 
 
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork")
-def test_a_fork_during_fills_waits_for_the_file_being_built_and_the_child_works(tmp_path, root):
-    """A child forked mid-fill would inherit the filler's C-level locks (Arrow's allocator, the IPC writer) and
-    hang: a fork waits for the file being built, and the parent's fills go on after it."""
-    import time
-
-    ds = make(str(tmp_path / "d"), n=4000, shard_rows=100)
-    loader = ds.to_torch(batch_size=64, shuffle=True)
-    next(iter(loader))  # asks the filler for all 40 shards
-    for _ in range(3):
-        pid = os.fork()
-        if pid == 0:  # the child: Arrow allocates and writes; a held lock would hang it
-            code = 1
-            try:
-                sink = pa.BufferOutputStream()
-                with pa.ipc.new_file(sink, pa.schema([("a", pa.int64())])) as w:
-                    w.write_table(pa.table({"a": list(range(100_000))}))
-                code = 0
-            finally:
-                os._exit(code)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                break
-            time.sleep(0.05)
-        else:
-            os.kill(pid, 9)
-            os.waitpid(pid, 0)
-            raise AssertionError("a child forked during fills hung")
-        assert os.waitstatus_to_exitcode(status) == 0
-    assert loader.source.wait_filled(60)  # the parent released its hold after each fork: the fills went on
-    assert len(list(root.glob("*.arrow"))) == 40
-
-
 def test_local_foreign_parquet_is_cached_and_a_changed_file_is_never_served_stale(tmp_path, root):
     import pyarrow.parquet as pq
 
