@@ -148,6 +148,11 @@ def forked(job, workers: int, order: list[int], folder: str, what: str, pieces: 
         chunk = os.read(read, 4)
         return struct.unpack("<I", chunk)[0] if chunk else None
 
+    # a child forked while the Arrow cache's background fill builds a file would inherit the filler's C-level
+    # locks (Arrow's allocator, the IPC writer) and could hang: the fills of this process finish first
+    from ..loader.cache import wait_filled
+
+    wait_filled()
     try:
         _flush()
         for i in range(workers):
