@@ -5,7 +5,10 @@ the heap top as soon as 128 KiB are free, so a CPU training step that allocates 
 activations every step pays page faults for all of them, every step. Measured here on a small CNN
 (benchmarks/bench_train.py): 29 k samples/s with the defaults, 47 k with the thresholds below. The usual
 remedy for PyTorch on CPU is to preload jemalloc or tcmalloc; raising the two glibc thresholds gets the
-same effect without a dependency. Training processes keep up to ``TRIM_BYTES`` of freed memory for reuse.
+same effect without a dependency. Inference does the same (``tg.predict``, ``NNModel.transform``, in the
+caller and in its workers): scoring in parts, 200k digits through a small CNN in a fresh process faulted
+1.2 M pages a pass (2-3 s of system time, +20-40% over the in-memory pass, whose one large free happened to
+raise glibc's dynamic threshold: benchmarks/bench_ml.py). Training and inference processes keep up to ``TRIM_BYTES`` of freed memory for reuse.
 A grid client (``tg.connect``) does the same: gRPC receives every message into fresh glibc memory, and a
 process whose freed buffers went back to the kernel faulted ~300 pages per MiB on each read (bench_grid.py:
 a second 1 GiB read 0.56 -> 1.5-2.1 GB/s with the thresholds raised).

@@ -60,6 +60,7 @@ from pyspark.sql import types as T
 from pyspark.sql.functions import pandas_udf
 
 from .. import fs as tgfs
+from ..allocator import tune_malloc
 from ..errors import ArgumentError, ColumnNotFoundError, TrainingConfigError
 from ..store.spark import TENSOR_KEY
 from . import stages as core
@@ -490,6 +491,7 @@ def _udf(spec: _ScoreSpec):
 
 def _score(spec: _ScoreSpec, batches) -> Iterator[pd.DataFrame]:
     torch.set_num_threads(_task_cpus())  # Spark runs one task per spark.task.cpus cores (default 1)
+    tune_malloc()  # a reused Python worker keeps freed activations for the next batch (allocator.py)
     module, transform = _loaded(spec.key, spec.broadcast)
     for series in batches:
         x = _features(series, spec)

@@ -8,6 +8,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from ..allocator import tune_malloc
 from ..args import check_int
 from ..errors import ArgumentError, ColumnNotFoundError, TensorGridError
 from ..loader import Loader
@@ -70,6 +71,7 @@ class Inference:
 
     def batches(self, model: torch.nn.Module, rows: Dataset | None = None) -> Iterator[pa.RecordBatch]:
         """Record batches of the kept columns plus the predictions, over ``rows`` (default: all the data)."""
+        tune_malloc()  # the model's per-batch activations reuse freed memory, not fresh pages (allocator.py)
         # one pass: cached shards are read from the cache, none is built for it
         loader = Loader(self.ds if rows is None else rows, self.batch_size, columns=self.columns,
                         transform=self.transform, rank=0, world_size=1, cache_fill=False, stack=self.stack)

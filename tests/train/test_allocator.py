@@ -80,3 +80,25 @@ def test_tuned_training_step_smoke_stays_under_20_faults_a_step():
 def test_users_own_malloc_settings_are_left_alone():
     assert not probe(True, MALLOC_MMAP_THRESHOLD_="65536")[0]
     assert not probe(True, GLIBC_TUNABLES="glibc.malloc.trim_threshold=65536")[0]
+
+
+# Inference in a fresh process (NNModel.transform in parts, tg.predict): nothing else in it frees a large
+# block, so glibc's dynamic thresholds stay low and the model's per-batch activations were faulted in fresh
+# every batch (1.2 M faults a pass over 200k digits, +20-40% time: benchmarks/bench_ml.py).
+INFERENCE_PROBE = """
+import tempfile, numpy as np, pyarrow as pa, torch
+import tensorgrid as tg, tensorgrid.allocator as allocator
+from tensorgrid.ml import NNModel
+root = tempfile.mkdtemp()
+x = pa.FixedShapeTensorArray.from_numpy_ndarray(np.random.rand(300, 4).astype("float32"))
+ds = tg.write(root + "/x", pa.table({{"x": x}}))
+stage = NNModel(torch.nn.Linear(4, 2), features_col="x", batch_size=64)
+before = allocator._done
+assert stage.transform(ds, out=root + "/out", workers=1).num_rows == 300
+print(allocator._done and not before, 0)
+"""
+
+
+def test_inference_tunes_the_allocator_in_its_process():
+    tuned, _ = probe(False, INFERENCE_PROBE)
+    assert tuned
