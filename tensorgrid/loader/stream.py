@@ -444,6 +444,9 @@ class Loader:
         # The span: permuted blocks whose pieces a window interleaves (plan.py), what half the budget holds
         # decoded (the Arrow cache and in-memory data need no decoding: there it costs nothing).
         self.span_rows: int | None = max(self.window_rows, int(self.memory_budget / 2 / row_bytes))
+        # the first chunks grow 1, 2, 4... batches for a quick first batch; a job reading many pieces of one
+        # dataset one after the other (inference parts) turns that off: its next piece's first batch is not waited on
+        self.ramp = True
         inflight = max(1, num_workers) * prefetch + 2
         self.chunk_rows = max(1, int(self.memory_budget / inflight / 2 / row_bytes))
         if num_workers and transform is not None and self._start_method() != "fork":
@@ -467,7 +470,7 @@ class Loader:
                     self.epoch if epoch is None else epoch, self.drop_last, self.window_rows,
                     max_chunk_batches=self._in_process_chunk() if self.in_process else (
                         1 if self.transform is not None else max(1, self.chunk_rows // self.batch_size)),
-                    span_rows=self.span_rows, ramp=not self.source.cache_complete())
+                    span_rows=self.span_rows, ramp=self.ramp and not self.source.cache_complete())
 
     def _in_process_chunk(self) -> int | None:
         """Batches per chunk built in this process: a whole window; over a network, about REMOTE_CHUNK_BYTES,

@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
 
@@ -138,22 +139,35 @@ class _Work:
             model.to(device_and_backend()[0])  # a worker of its own: its GPU when there is one
         fs, staging = tgfs.resolve(self.staging_url)
         done = 0
-        # disjoint ranges in order: a row group shared by parts is decoded once
-        with jobs.errors_kept(fs, staging, rank, world, take), keep_last_decoded():
+        # a part's file is written (encoded, fsynced) by a thread while the model runs over the next part; one
+        # write at a time, so at most one finished part waits in memory
+        with jobs.errors_kept(fs, staging, rank, world, take), keep_last_decoded(), \
+                ThreadPoolExecutor(1, thread_name_prefix="tensorgrid-part-writer") as writer:
+            pending = None  # on an error the write under way finishes (leaving the executor waits): its part is kept
+            # disjoint ranges in order: a row group shared by parts is decoded once
             for k in jobs.pieces(self.todo, rank, world, take):
-                self._part(model, fs, staging, k)
+                table = self._table(model, k)
+                if pending is not None:
+                    pending.result()  # the previous part's write, and its error, before the next starts
+                pending = writer.submit(self._write, fs, staging, k, table)
                 done += 1
+            if pending is not None:
+                pending.result()
         if tgfs.is_local(fs):
             tgfs.fsync_dir(staging)
         return {"parts": done}
 
-    def _part(self, model, fs, staging: str, k: int) -> None:
+    def _table(self, model, k: int) -> pa.Table:
         start, stop = self.parts[k]
         batches = list(self.job.batches(model, subsets.rows(self.job.ds, start, stop)))
         table = pa.Table.from_batches(batches) if batches else None
         if table is None or table.num_rows != stop - start:
             raise TensorGridError(f"inference part {k} gave {0 if table is None else table.num_rows} rows for "
                                   f"{stop - start}")
+        return table
+
+    @staticmethod
+    def _write(fs, staging: str, k: int, table: pa.Table) -> None:
         # each file's bytes are durable before its name appears; the names are synced once per worker (after
         # a power loss a lost name only means a part computed again: ``_done`` needs both, of the same size)
         meta = write_part(fs, tgfs.join(staging, _name(k)), table, sync_dir=False)

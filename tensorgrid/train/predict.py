@@ -75,6 +75,7 @@ class Inference:
         # one pass: cached shards are read from the cache, none is built for it
         loader = Loader(self.ds if rows is None else rows, self.batch_size, columns=self.columns,
                         transform=self.transform, rank=0, world_size=1, cache_fill=False, stack=self.stack)
+        loader.ramp = rows is None  # a part of a job (rows given) is not the first batch anyone waits for
         return _batches(model, loader, self.features, self.keep, self.classifier, self.names, self.outputs)
 
 

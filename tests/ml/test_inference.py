@@ -129,7 +129,9 @@ def test_a_killed_worker_stops_the_run_and_the_rerun_resumes_on_two_workers(digi
     with pytest.raises(WorkerFailedError, match="SIGKILL"):
         stage.transform(digits, out=out, workers=2, part_rows=100)  # part 7 holds row 750
     done = len(_staged(out))
-    assert 3 <= done < 10
+    # the killed worker's parts before row 750 were written whole, but for the one still being written while
+    # it computed the next (a part's write overlaps the next part's compute): at least 2 of its 3
+    assert 2 <= done < 10
     got = stage.transform(digits, out=out, workers=2, part_rows=100)
     assert stage.last_run["reused"] == done and stage.last_run["computed"] == 10 - done
     _same(got.to_pandas(), _expected(digits))
