@@ -331,7 +331,8 @@ def cmd_serve(a) -> None:
     server = serve.start(a.root, a.host, port, tls_cert=a.tls_cert, tls_key=a.tls_key, tls_client_ca=a.tls_client_ca,
                          users=a.users, allow=[x for group in a.allow or [] for x in group],
                          memory_limit=a.memory_limit, max_calls=max_calls, query_timeout=timeout or None,
-                         token_ttl=token_ttl, insecure_no_auth=a.insecure_no_auth)
+                         token_ttl=token_ttl, insecure_no_auth=a.insecure_no_auth, grid=a.grid,
+                         replicas=check_int("--replicas", a.replicas, 1))
     serve.serve_until_signal(server)
 
 
@@ -447,7 +448,9 @@ def _add_serve(add) -> None:
                  "  tensorgrid serve --root ./grid --port 8815\n"
                  "  tensorgrid serve --hash-password            (prints a password_hash for the users file)\n"
                  "  tensorgrid serve --root ./grid --host 0.0.0.0 --users users.toml --tls-cert server.pem "
-                 "--tls-key server.key\n\n"
+                 "--tls-key server.key\n"
+                 "  tensorgrid serve --root ./g1 --port 8815 --grid h1:8815,h2:8815,h3:8815 --replicas 2   "
+                 "(one of 3)\n\n"
                  "users.toml:\n"
                  "  [users.ignite]\n"
                  "  password_hash = \"scrypt$16384$8$1$...\"\n"
@@ -475,6 +478,11 @@ def _add_serve(add) -> None:
                     help="seconds a sign-in token stays valid without use (default 3600)")
     sp.add_argument("--insecure-no-auth", action="store_true",
                     help="allow a non-loopback --host without --users (anyone who reaches the port may do anything)")
+    sp.add_argument("--grid", metavar="HOST:PORT,...",
+                    help="the servers of a grid of several, this one among them (each given the same list): "
+                         "clients read every partition from a live replica")
+    sp.add_argument("--replicas", type=int, default=1,
+                    help="with --grid: how many servers hold each partition of a loaded dataset (default 1)")
     sp.add_argument("--hash-password", action="store_true",
                     help="print a password_hash for the users file (password from the terminal or stdin) and exit")
 

@@ -76,10 +76,22 @@ class Held:
     version: int | None = None
     partitions_asked: int | None = None
     sql_table: pa.Table | None = field(default=None, repr=False)  # what DuckDB scans (tensors as arrays)
+    # a member of a grid of several servers holds some partitions only: partition -> its first row in ``table``
+    held: dict[int, int] | None = None
 
     def info(self) -> dict:
-        return {"name": self.name, "kind": self.kind, "rows": self.table.num_rows, "partitions": len(self.bounds),
-                "bytes": self.table.nbytes, "source": self.source, "version": self.version}
+        return {"name": self.name, "kind": self.kind, "rows": sum(n for _, n in self.bounds),
+                "partitions": len(self.bounds), "bytes": self.table.nbytes, "source": self.source,
+                "version": self.version, "held": None if self.held is None else sorted(self.held)}
+
+    def first_row(self, part: int) -> int:
+        """Where partition ``part`` starts in the rows this server holds."""
+        if self.held is None:
+            return self.bounds[part][0]
+        if part not in self.held:
+            raise error("PartitionNotHeldError", f"this server does not hold partition {part} of {self.name!r} "
+                                                 f"(it holds {sorted(self.held)}): read it from another replica")
+        return self.held[part]
 
 
 class DatasetsService(Service):
@@ -99,7 +111,7 @@ class DatasetsService(Service):
         for name, entry in list(self._catalog.items()):
             try:
                 self._loaded[name.lower()] = self._open(name, entry["url"], entry.get("version"),
-                                                        entry.get("partitions"))
+                                                        entry.get("partitions"), entry.get("hold"))
             except Exception as exc:  # noqa: BLE001 - one source gone must not stop the server
                 self._failed[name.lower()] = _one_line(exc)
                 warnings.warn(f"grid server: loaded dataset {name!r} did not load again from {entry['url']}: "
@@ -108,7 +120,7 @@ class DatasetsService(Service):
     # -- routing ---------------------------------------------------------------------------------------------
 
     def actions(self) -> dict[str, str]:
-        return {"load": "hold a store dataset in memory: {name, url, partitions, refresh}",
+        return {"load": "hold a store dataset in memory: {name, url, partitions, refresh, version, hold}",
                 "drop": "release a loaded dataset: {name}",
                 "tables": "tables and loaded datasets: name, kind, rows, partitions, bytes, source, version",
                 "get": "the row of a table with this primary key: {name, key} -> Arrow IPC stream"}
@@ -123,7 +135,7 @@ class DatasetsService(Service):
         if verb == "load":
             auth.require(context, auth.WRITE)
             held = self.load(_name(request), request.get("url"), request.get("partitions"),
-                             bool(request.get("refresh", False)))
+                             bool(request.get("refresh", False)), request.get("hold"), request.get("version"))
             return [json.dumps(held.info()).encode()]
         if verb == "drop":
             auth.require(context, auth.WRITE)
@@ -143,7 +155,8 @@ class DatasetsService(Service):
         if len(path) != 1 or not path[0]:
             raise ProtocolError("a dataset descriptor is the path ['datasets', <name>]")
         held = self._find(path[0])
-        endpoints = [flight.FlightEndpoint(_ticket(held, k), []) for k in range(len(held.bounds))]
+        parts = range(len(held.bounds)) if held.held is None else sorted(held.held)
+        endpoints = [flight.FlightEndpoint(_ticket(held, k), []) for k in parts]
         meta = {**held.info(), "snapshot": held.snapshot, "partition_rows": [n for _, n in held.bounds]}
         return flight.FlightInfo(held.table.schema, descriptor, endpoints, held.table.num_rows, held.table.nbytes,
                                  app_metadata=json.dumps(meta).encode())
@@ -154,7 +167,7 @@ class DatasetsService(Service):
         held = self._find(name, query.get("snapshot"))
         if not 0 <= part < len(held.bounds):
             raise error("ArgumentError", f"{name!r} has partitions 0..{len(held.bounds) - 1}, not {part}")
-        first, rows = held.bounds[part]
+        first, rows = held.first_row(part), held.bounds[part][1]
         start = _int(query, "start", 0)
         stop = _int(query, "stop", rows)
         if not 0 <= start <= stop <= rows:
@@ -204,7 +217,7 @@ class DatasetsService(Service):
         tensors = {}
         for held in loaded:
             if text is None or held.name.lower() in text:
-                cur.register(held.name, held.sql_table)
+                cur.register(held.name, self._sql_table(held))
                 tensors.update(sql_tensors(held.table.schema))
         return tensors
 
@@ -216,9 +229,13 @@ class DatasetsService(Service):
 
     # -- loaded datasets ---------------------------------------------------------------------------------------
 
-    def load(self, name: str, url: str | None, partitions: int | None = None, refresh: bool = False) -> Held:
-        """Hold the store dataset at ``url`` as ``name``: its current version, kept until ``refresh``."""
+    def load(self, name: str, url: str | None, partitions: int | None = None, refresh: bool = False,
+             hold: list[int] | None = None, version: int | None = None) -> Held:
+        """Hold the store dataset at ``url`` as ``name``: its current version (or ``version``), kept until
+        ``refresh``. ``hold``: only these of its ``partitions`` (a member of a grid of several servers)."""
         partitions = check_int("partitions", partitions, 1, none=True)
+        version = check_int("version", version, 1, none=True)
+        hold = _hold(hold, partitions)
         key = name.lower()
         with self._lock:
             current = self._loaded.get(key)
@@ -232,17 +249,20 @@ class DatasetsService(Service):
         if current is not None and current.source != url and not refresh:
             raise error("DatasetExistsError", f"{name!r} is loaded from {current.source}; drop it first, or "
                                               f"load with refresh=True to replace it")
-        if current is not None and not refresh and current.partitions_asked == partitions:
+        same_hold = current is not None and (None if current.held is None else sorted(current.held)) == hold
+        if current is not None and not refresh and current.partitions_asked == partitions and same_hold and \
+                version in (None, current.version):
             return current  # already held at its pinned version
         if current is None and self._is_table(name):
             raise error("DatasetExistsError", f"a table named {name!r} exists: load the dataset under another name")
-        version = current.version if current is not None and not refresh else None
-        held = self._open(name, url, version, partitions)
+        if version is None:
+            version = current.version if current is not None and not refresh else None
+        held = self._open(name, url, version, partitions, hold)
         with self._lock:
             old = self._loaded.get(key)
             self._loaded[key] = held
             self._failed.pop(key, None)
-            self._catalog[name] = {"url": url, "version": held.version, "partitions": partitions}
+            self._catalog[name] = {"url": url, "version": held.version, "partitions": partitions, "hold": hold}
             for other in [n for n in self._catalog if n.lower() == key and n != name]:
                 del self._catalog[other]
             self._write_catalog()
@@ -264,23 +284,45 @@ class DatasetsService(Service):
             if held is not None:
                 self._keep(held)
 
-    def _open(self, name: str, url: str, version: int | None, partitions: int | None) -> Held:
+    def _open(self, name: str, url: str, version: int | None, partitions: int | None,
+              hold: list[int] | None = None) -> Held:
         from .. import store  # the store's reader: verified shards, versions
 
         ds = store.open(url, version)
-        table = ds.to_arrow()
-        if table.schema.metadata:
-            table = table.replace_schema_metadata(None)
         if partitions is None:
             starts = [0]
             for n in ds.shard_rows:
                 starts.append(starts[-1] + n)
             bounds = [(starts[i], n) for i, n in enumerate(ds.shard_rows)]
         else:
-            bounds = _even(table.num_rows, partitions)
+            bounds = _even(ds.num_rows, partitions)
+        if hold is not None and hold and hold[-1] >= len(bounds):
+            raise error("ArgumentError", f"{name!r} has partitions 0..{len(bounds) - 1}: cannot hold {hold[-1]}")
         snapshot = "d" + xxhash.xxh3_64(f"{ds.fingerprint}|{bounds}".encode()).hexdigest()
+        if hold is None:
+            table, firsts, sql_table = ds.to_arrow(), None, None
+        else:  # only these partitions' rows, read from the store; SQL reads the whole dataset (_sql_table)
+            pieces = [store.subsets.rows(ds, bounds[k][0], bounds[k][0] + bounds[k][1]).to_arrow() for k in hold]
+            table = pa.concat_tables(pieces) if pieces else ds.schema.empty_table()
+            firsts = dict(zip(hold, np.cumsum([0] + [bounds[k][1] for k in hold])[:-1].tolist()))
+            sql_table = None
+        if table.schema.metadata:
+            table = table.replace_schema_metadata(None)
+        if hold is None:
+            sql_table = duckdb_friendly(table.to_reader()).read_all()
         return Held(name, "dataset", table, bounds, snapshot, source=url, version=ds.version,
-                    partitions_asked=partitions, sql_table=duckdb_friendly(table.to_reader()).read_all())
+                    partitions_asked=partitions, sql_table=sql_table, held=firsts)
+
+    def _sql_table(self, held: Held) -> pa.Table:
+        """What DuckDB scans for a loaded dataset: all its rows, also where this server holds only some of its
+        partitions (then read once from the store, the grid's durable truth, at the same pinned version)."""
+        if held.sql_table is None:
+            from .. import store
+
+            table = store.open(held.source, held.version).to_arrow()
+            table = table.replace_schema_metadata(None) if table.schema.metadata else table
+            held.sql_table = duckdb_friendly(table.to_reader()).read_all()
+        return held.sql_table
 
     def _check_allowed(self, url: str) -> str:
         """``url`` as the server opens it (relative paths are under the root) when an ``allow`` entry holds it;
@@ -497,6 +539,19 @@ def _take_sorted(table: pa.Table, rows: np.ndarray) -> pa.Table:
     parts = [batches[i].take(pa.array(rows[cut[i]:cut[i + 1]] - starts[i]))
              for i in range(len(batches)) if cut[i + 1] > cut[i]]
     return pa.Table.from_batches(parts, schema=table.schema)
+
+
+def _hold(hold, partitions: int | None) -> list[int] | None:
+    """The partitions a member of a grid holds: sorted distinct ints (None: all of them)."""
+    if hold is None:
+        return None
+    if partitions is None:
+        raise error("ArgumentError", "hold names partitions: give partitions=P with it")
+    if not isinstance(hold, list) or not all(isinstance(k, int) and not isinstance(k, bool) and 0 <= k < partitions
+                                             for k in hold):
+        raise error("ArgumentError", f"hold must be a list of partition numbers 0..{partitions - 1}, got "
+                                     f"{str(hold)[:80]}")
+    return sorted(set(hold))
 
 
 def _even(rows: int, parts: int) -> list[tuple[int, int]]:

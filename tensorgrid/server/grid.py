@@ -26,6 +26,7 @@ from .cancel import Running
 from .datasets import DatasetsService
 from .files import FilesService
 from .ingest import ingest, tensors_back
+from .members import MembersService, member_urls
 from .results import Expiring, batches_by_bytes
 from .sandbox import flight_error, open_database
 from .sqlproto import CancelStatus, ProtocolError
@@ -97,7 +98,7 @@ class GridServer(flight.FlightServerBase):
                  memory_limit: str = "4GB", threads: int | None = None, max_held_results: int = 256,
                  result_ttl: float = 300.0, max_batch_bytes: int = 8 << 20, rows_per_batch: int = 1024,
                  allow: list[str] | None = None, query_timeout: float | None = None, services=None,
-                 **flight_options):
+                 grid: list[str] | str | None = None, replicas: int = 1, **flight_options):
         if not isinstance(root, (str, os.PathLike)):
             raise ArgumentError(f"root must be a local directory path, got {root!r}")
         self.root = os.path.abspath(os.fspath(root))
@@ -126,6 +127,9 @@ class GridServer(flight.FlightServerBase):
         self._info = metadata.server_info(_VERSION)
         self._scheme, _, rest = str(location).partition("://")
         self._host = rest.rsplit(":", 1)[0]
+        # a member of a grid of several servers (cluster.py): the list every member is given, and replicas
+        self.grid_members = member_urls(grid, self._scheme) if grid is not None else []
+        self.replicas = check_int("replicas", replicas, 1)
         try:
             # what the server offers beside Flight SQL (``services.py``): by prefix
             self.services = {svc.prefix: svc for svc in (default_services(self) if services is None else services)}
@@ -557,7 +561,8 @@ _READS = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN, duckdb.Stat
 
 def default_services(server) -> list:
     """What a GridServer offers beside Flight SQL (``services.py``): its datasets and its files."""
-    return [DatasetsService(server), FilesService(server)]
+    return [DatasetsService(server), FilesService(server),
+            MembersService(server, getattr(server, "grid_members", None), getattr(server, "replicas", 1))]
 
 
 def _command(descriptor: flight.FlightDescriptor):

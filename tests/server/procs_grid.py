@@ -48,10 +48,11 @@ URL_LINE = re.compile(r"serving (grpc://\S+)")
 
 # -- the server ------------------------------------------------------------------------------------------------
 
-def start_server(root: str, port: int = 0, timeout: float = 30.0) -> tuple[subprocess.Popen, str]:
-    """`tensorgrid serve --root root --port port` and the URL it prints (waits for the line)."""
+def start_server(root: str, port: int = 0, timeout: float = 30.0, *extra: str) -> tuple[subprocess.Popen, str]:
+    """`tensorgrid serve --root root --port port [extra...]` and the URL it prints (waits for the line)."""
     proc = subprocess.Popen([sys.executable, "-m", "tensorgrid.cli", "serve", "--root", root, "--port", str(port),
-                             "--memory-limit", "512MB"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--memory-limit", "512MB", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
     ready, _, _ = select.select([proc.stdout], [], [], timeout)
     line = proc.stdout.readline() if ready else ""
     match = URL_LINE.search(line)

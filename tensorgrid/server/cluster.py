@@ -1,0 +1,290 @@
+"""One grid on several servers: partitions placed by rendezvous hashing with replicas, read from a live one.
+
+A grid of several servers is a list of members (``tensorgrid serve --grid a:8815,b:8815,c:8815 --replicas
+2``, each server told the same list; or servers started on Ray). Each server is a cache of the store, which
+stays the durable truth: a server that comes back reloads its partitions from the store (its catalog names
+them). ``tg.connect`` to any member returns a ``GridCluster``: the same calls as ``Grid``.
+
+- ``load``: the dataset's rows cut into P equal partitions (default 4 per server); each member is asked to
+  hold the partitions ``placement.replicas_of`` gives it, all at one pinned store version.
+- ``dataset(name)`` -> ``ClusterDataset``, a Dataset kind: each partition is read from its first live
+  replica; when a server dies mid-read, the read goes on from the next replica at the next row it had not
+  received (batches arrive whole or not at all), so no row is lost or repeated, and the loader's guarantees
+  (exactly once, shuffle, resume) hold as over one server.
+- SQL, ``get``, ``put`` and ``tables`` go to the first member that answers (a table lives on that server; a
+  query over a loaded dataset sees all its rows: a member holding only some partitions reads the dataset once
+  from the store for SQL).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.flight as flight
+import xxhash
+
+from ..args import check_int
+from ..errors import ArgumentError, ColumnNotFoundError, TensorGridError
+from ..store.dataset import Dataset
+from . import placement
+from .client import Grid
+from .griddataset import (
+    GridAuthenticationError,
+    GridConnectionError,
+    GridError,
+    GridPermissionError,
+    Session,
+    ticket_bytes,
+    translate,
+)
+
+PARTITIONS_PER_SERVER = 4  # a dataset loaded without partitions=P: this many per member
+RETRY_DEAD_S = 5.0  # a member that failed is tried last for this long
+_NOT_FAILOVER = (ArgumentError, ColumnNotFoundError, GridAuthenticationError, GridPermissionError)
+
+
+class GridCluster:
+    """A grid of several servers (from ``tg.connect`` to a member, or ``start_on_ray(...).connect()``)."""
+
+    def __init__(self, sessions: list[Session], replicas: int):
+        if not sessions:
+            raise ArgumentError("a grid needs at least one server")
+        self.sessions = {s.url: s for s in sessions}
+        self.members = list(self.sessions)
+        self.replicas = check_int("replicas", replicas, 1)
+        self._dead: dict[str, float] = {}  # member -> when it last failed
+        self._lock = threading.Lock()
+        self.failovers: list[dict] = []  # reads that moved to another replica (this process's)
+
+    @property
+    def url(self) -> str:
+        return ",".join(self.members)
+
+    # --- where partitions live -----------------------------------------------------------------------------
+    def replicas_of(self, name: str, partition: int) -> list[str]:
+        """The members holding ``partition`` of dataset ``name``, in the order a reader tries them: placement's,
+        except that members seen failing in the last RETRY_DEAD_S seconds come last."""
+        ranked = placement.replicas_of(name, partition, self.members, self.replicas)
+        now = time.monotonic()
+        with self._lock:
+            dead = {m for m, t in self._dead.items() if now - t < RETRY_DEAD_S}
+        return [m for m in ranked if m not in dead] + [m for m in ranked if m in dead]
+
+    def mark_failed(self, member: str) -> None:
+        with self._lock:
+            self._dead[member] = time.monotonic()
+
+    def _first_live(self, fn):
+        """``fn(Grid)`` on the first member that answers (members seen failing lately last)."""
+        now = time.monotonic()
+        with self._lock:
+            dead = {m for m, t in self._dead.items() if now - t < RETRY_DEAD_S}
+        order = [m for m in self.members if m not in dead] + [m for m in self.members if m in dead]
+        last = None
+        for member in order:
+            try:
+                return fn(Grid(self.sessions[member]))
+            except GridConnectionError as exc:
+                self.mark_failed(member)
+                last = exc
+        raise GridConnectionError(f"no server of the grid answered ({', '.join(self.members)}): {last}")
+
+    # --- the calls of Grid -----------------------------------------------------------------------------------
+    def load(self, name: str, url: str | None = None, partitions: int | None = None, refresh: bool = False) -> dict:
+        """Hold the store dataset at ``url`` as ``name`` on the grid: P partitions (default 4 per server),
+        each on ``replicas`` servers, all at one pinned version. Every member must answer (a member down now
+        would leave its partitions with fewer replicas): otherwise GridConnectionError naming it."""
+        partitions = check_int("partitions", partitions, 1, none=True) or PARTITIONS_PER_SERVER * len(self.members)
+        held = placement.assignment(name, partitions, self.members, self.replicas)
+        request = {"name": name, "url": url, "partitions": partitions, "refresh": bool(refresh)}
+        first, *rest = [m for m in self.members if held[m]] or self.members[:1]
+        info = self._load_on(first, {**request, "hold": held[first]})
+        pinned = {**request, "refresh": True, "version": info["version"], "url": info["source"]}
+        with ThreadPoolExecutor(max(1, len(rest))) as pool:
+            answers = list(pool.map(lambda m: self._load_on(m, {**pinned, "hold": held[m]}), rest))
+        for member, answer in zip(rest, answers):
+            if answer["version"] != info["version"]:  # cannot happen with a pinned version; checked anyway
+                raise GridError(f"{member} loaded version {answer['version']} of {name!r}, not {info['version']}")
+        return {**info, "held": {m: held[m] for m in self.members}, "replicas": self.replicas}
+
+    def _load_on(self, member: str, request: dict) -> dict:
+        try:
+            return json.loads(self.sessions[member].action("datasets.load", request)[0])
+        except GridConnectionError as exc:
+            raise GridConnectionError(f"grid server {member} did not take its partitions of "
+                                      f"{request['name']!r}: {exc}") from None
+
+    def dataset(self, name: str) -> ClusterDataset:
+        return ClusterDataset(self, name)
+
+    def sql(self, query: str, params=None):
+        return self._first_live(lambda g: g.sql(query, params))
+
+    def get(self, name: str, key):
+        return self._first_live(lambda g: g.get(name, key))
+
+    def put(self, name: str, data) -> int:
+        return self._first_live(lambda g: g.put(name, data))
+
+    def tables(self):
+        return self._first_live(lambda g: g.tables())
+
+    def drop(self, name: str) -> None:
+        """Release a loaded dataset on every member (those down keep it in their catalog until they are asked)."""
+        errors = []
+        for member in self.members:
+            try:
+                Grid(self.sessions[member]).drop(name)
+            except GridConnectionError as exc:
+                errors.append(f"{member}: {exc}")
+        if len(errors) == len(self.members):
+            raise GridConnectionError(f"no server of the grid dropped {name!r}: {'; '.join(errors)}")
+
+    def close(self) -> None:
+        for session in self.sessions.values():
+            session.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.update(_lock=None, _dead={}, failovers=[])
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"GridCluster({self.members!r}, replicas={self.replicas})"
+
+
+class ClusterDataset(Dataset):
+    """A loaded dataset of a grid of several servers: partition k is shard k, read from a live replica."""
+
+    zero_copy_reads = False
+    takes_rows = True  # a loader rank fetches only its rows
+    fork_safe = False  # gRPC: loader workers are spawned
+
+    def __init__(self, cluster: GridCluster, name: str):
+        self.cluster = cluster
+        self.name = name
+        info = cluster._first_live(lambda g: g.session.call(
+            lambda c, o: c.get_flight_info(flight.FlightDescriptor.for_path("datasets", name), o)))
+        meta = json.loads(info.app_metadata or b"{}")
+        self._schema = info.schema
+        self.kind, self.snapshot = meta.get("kind"), meta.get("snapshot")
+        self.source, self.version = meta.get("source"), meta.get("version")
+        self._rows = [int(n) for n in meta.get("partition_rows", [])]
+        held = meta.get("held")
+        # the server answering holds some partitions; bytes per row from what it holds
+        held_rows = sum(self._rows[k] for k in held) if held is not None else sum(self._rows)
+        self._row_bytes = max(1.0, int(meta.get("bytes") or 0) / held_rows) if held_rows else 1.0
+        self.url = f"grid[{cluster.url}]/{name}"
+        self._fingerprint = None
+
+    @property
+    def schema(self) -> pa.Schema:
+        return self._schema
+
+    @property
+    def shard_rows(self) -> list[int]:
+        return list(self._rows)
+
+    def read_shard(self, i: int, columns: list[str] | None = None, filter: pc.Expression | None = None) -> pa.Table:
+        table = self._fetch(i, None, None, columns)
+        return table.filter(filter) if filter is not None else table
+
+    def read_rows(self, shard: int, start: int, stop: int, columns: list[str] | None = None) -> pa.Table:
+        return self._fetch(shard, start, stop, columns)
+
+    def read_take(self, shard: int, rows, columns: list[str] | None = None) -> pa.Table:
+        return self._fetch(shard, None, None, columns, rows=rows)
+
+    def bytes_per_row(self) -> float:
+        return self._row_bytes
+
+    @property
+    def is_remote(self) -> bool:
+        return True
+
+    @property
+    def fingerprint(self) -> str:
+        """The snapshot (store version and partitions; the same on every member) and the name."""
+        if self._fingerprint is None:
+            h = xxhash.xxh3_64(f"{self.kind}|{self.name.lower()}|{self.snapshot}|None".encode())
+            self._fingerprint = "grid:" + h.hexdigest()
+        return self._fingerprint
+
+    def replicas(self, partition: int) -> list[str]:
+        """The servers holding ``partition``, in the order a read tries them."""
+        return self.cluster.replicas_of(self.name, partition)
+
+    def info(self) -> dict:
+        return {**super().info(), "servers": self.cluster.members, "replicas": self.cluster.replicas,
+                "name": self.name, "source": self.source, "snapshot": self.snapshot}
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_handles", None)
+        return state
+
+    def _fetch(self, shard: int, start, stop, columns, rows=None) -> pa.Table:
+        if not 0 <= shard < self.num_shards:
+            raise IndexError(f"{self.url} has {self.num_shards} shards, not {shard}")
+        columns = self.check_columns(columns)
+        schema = self._schema if columns is None else pa.schema([self._schema.field(c) for c in columns])
+        return pa.Table.from_batches(list(self.stream(shard, start, stop, columns, rows)), schema=schema)
+
+    def stream(self, part: int, start: int | None = None, stop: int | None = None, columns=None, rows=None):
+        """Record batches of rows [start, stop) of partition ``part`` (or only ``rows``, sorted and distinct,
+        of that range), from its first live replica; a replica that fails mid-stream is left for the next one,
+        which goes on at the first row not yet received."""
+        n = self._rows[part]
+        start = 0 if start is None else start
+        stop = n if stop is None else stop
+        if not 0 <= start <= stop <= n:
+            raise ArgumentError(f"rows [{start}, {stop}) are outside partition {part} of {self.name!r} ({n} rows)")
+        wanted = None if rows is None else np.asarray(rows, dtype=np.int64)
+        todo = (stop - start) if wanted is None else len(wanted)
+        got, errors = 0, []
+        for member in self.replicas(part):
+            if got == todo:
+                return
+            ticket = ticket_bytes(self.name, part, self.snapshot, start + got, stop, columns) if wanted is None \
+                else ticket_bytes(self.name, part, self.snapshot, start, stop, columns, wanted[got:])
+            session = self.cluster.sessions[member]
+            try:
+                reader = session.call(lambda c, o, t=ticket: c.do_get(flight.Ticket(t), o))
+                for chunk in reader:
+                    batch = chunk.data
+                    if batch.schema.metadata:
+                        batch = batch.replace_schema_metadata(None)
+                    got += batch.num_rows
+                    yield batch
+                if got != todo:  # a stream that ended early: the server went away between batches
+                    raise GridConnectionError(f"{member} ended partition {part} after {got} of {todo} rows")
+                return
+            except _NOT_FAILOVER:
+                raise
+            except (TensorGridError, flight.FlightError, pa.ArrowException, OSError) as exc:
+                err = exc if isinstance(exc, TensorGridError) else translate(exc, member)
+                if isinstance(err, _NOT_FAILOVER):
+                    raise err from None
+                self.cluster.mark_failed(member)
+                errors.append(f"{member}: {err}")
+                self.cluster.failovers.append({"dataset": self.name, "partition": part, "server": member,
+                                               "rows_done": got, "time": time.time(), "error": str(err)})
+        if got != todo:
+            raise GridConnectionError(f"partition {part} of {self.name!r}: no replica could serve it "
+                                      f"({'; '.join(errors)})")

@@ -1,0 +1,127 @@
+"""One grid on several servers: placement by rendezvous hashing (properties), and a static-list grid of three
+real `tensorgrid serve` processes with two replicas, one of them SIGKILLed while a partition streams from it."""
+
+import socket
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import tensorgrid as tg
+from tensorgrid.server import placement
+from tensorgrid.server.cluster import ClusterDataset, GridCluster
+
+from .procs_grid import kill_server, start_server, stop_server
+
+MEMBERS = st.lists(st.text("abcdefgh:0123456789", min_size=1, max_size=12), min_size=1, max_size=9, unique=True)
+
+
+@settings(max_examples=150, deadline=None)
+@given(MEMBERS, st.integers(1, 4), st.integers(0, 40), st.text(min_size=1, max_size=8))
+def test_placement_is_a_function_of_its_inputs_and_moves_only_what_it_must(members, replicas, parts, name):
+    before = {k: placement.replicas_of(name, k, members, replicas) for k in range(parts)}
+    for k, holders in before.items():
+        assert len(holders) == min(replicas, len(members)) and len(set(holders)) == len(holders)
+        assert placement.replicas_of(name, k, list(reversed(members)), replicas) == holders  # order-free
+    if len(members) > 1:  # a member leaves: only partitions it held change holders, the others keep theirs
+        gone = members[0]
+        rest = members[1:]
+        for k, holders in before.items():
+            after = placement.replicas_of(name, k, rest, replicas)
+            if gone not in holders:
+                assert after == holders
+            else:
+                assert [m for m in holders if m != gone] == after[:len(holders) - 1]
+    new = "new-member:1"  # one joins: a partition moves only to it
+    if new not in members:
+        for k, holders in before.items():
+            after = placement.replicas_of(name, k, members + [new], replicas)
+            assert [m for m in after if m != new] == holders[:len(after) - (new in after)]
+
+
+def test_placement_spreads_partitions_evenly():
+    members = [f"grpc://10.0.0.{i}:8815" for i in range(5)]
+    held = placement.assignment("digits", 1000, members, 2)
+    counts = [len(v) for v in held.values()]
+    assert sum(counts) == 2000 and min(counts) > 320 and max(counts) < 480  # 400 each, give or take
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+ROWS, PAD = 24_000, 4096  # ~100 MB: 6 partitions of ~16 MB, each streamed as two or more 8 MiB batches
+
+
+@pytest.fixture(scope="module")
+def static_grid(tmp_path_factory):
+    base = tmp_path_factory.mktemp("cluster")
+    data = str(base / "data")
+    rng = np.random.default_rng(0)
+    table = pa.table({"id": np.arange(ROWS), "x": rng.random((ROWS,)),
+                      "pad": pa.array([bytes([i % 251]) * PAD for i in range(ROWS)], pa.binary())})
+    tg.write(f"{data}/numbers", table, shard_rows=ROWS // 3)
+    ports = _free_ports(3)
+    grid = ",".join(f"127.0.0.1:{p}" for p in ports)
+    procs, urls = [], []
+    try:
+        for i, port in enumerate(ports):
+            proc, url = start_server(str(base / f"server{i}"), port, 60.0, "--grid", grid, "--replicas", "2",
+                                     "--allow", data)
+            procs.append(proc)
+            urls.append(url)
+        yield procs, urls, data
+    finally:
+        for proc in procs:
+            stop_server(proc)
+
+
+def test_a_static_grid_reads_every_row_once_while_a_server_is_killed_mid_stream(static_grid):
+    procs, urls, data = static_grid
+    g = tg.connect(urls[1])  # any member: the whole grid
+    assert isinstance(g, GridCluster) and g.replicas == 2 and len(g.members) == 3
+    info = g.load("numbers", f"{data}/numbers", partitions=6)
+    assert sorted(k for held in info["held"].values() for k in held) == sorted(list(range(6)) * 2)
+    ds = g.dataset("numbers")
+    assert isinstance(ds, ClusterDataset) and ds.num_rows == ROWS and ds.num_shards == 6
+    # SQL on any member sees every row, also where it holds only some partitions
+    assert g.sql("SELECT count(*) AS n FROM numbers").to_pandas()["n"][0] == ROWS
+    # stream partition 0 from its first replica; kill that server after the first batch
+    victim = ds.replicas(0)[0]
+    proc = procs[[u for u in urls].index(victim)]
+    stream = ds.stream(0, columns=["id", "pad"])
+    first = next(stream)
+    assert 0 < first.num_rows < ds.shard_rows[0]
+    kill_server(proc)
+    rest = list(stream)
+    ids = np.concatenate([first.column(0).to_numpy()] + [b.column(0).to_numpy() for b in rest])
+    assert ids.tolist() == list(range(ds.shard_rows[0]))  # no row lost, none twice, in order
+    assert g.failovers and g.failovers[0]["server"] == victim and g.failovers[0]["rows_done"] == first.num_rows
+    # every other partition, some of whose first replicas are now dead: the whole dataset once
+    got = ds.to_arrow().column("id").to_numpy()
+    assert np.array_equal(got, np.arange(ROWS))
+    # a loader over the grid (shuffled, two ranks): every row exactly once across the ranks
+    seen = []
+    for rank in range(2):
+        loader = ds.select(["id"]).to_torch(batch_size=500, shuffle=True, seed=3, rank=rank, world_size=2)
+        seen.extend(int(i) for b in loader for i in b["id"])
+    assert sorted(seen) == list(range(ROWS))
+
+
+def test_a_dead_grid_is_one_clear_error(tmp_path):
+    ports = _free_ports(2)
+    sessions = [tg.server.griddataset.Session(f"grpc://127.0.0.1:{p}", timeout=2.0) for p in ports]
+    g = GridCluster(sessions, 2)
+    with pytest.raises(tg.server.GridConnectionError, match="no server of the grid answered"):
+        g.sql("SELECT 1")
+    with pytest.raises(tg.server.GridConnectionError, match="did not take its partitions"):
+        g.load("x", str(tmp_path / "x"))
+    g.close()
