@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 
 class TensorGridError(Exception):
     """Base class of every error TensorGrid raises on purpose."""
@@ -146,3 +148,18 @@ class ModelInputError(TensorGridError):
 class CurveFitError(TensorGridError, ValueError):
     """Learning-curve points that do not support a power-law fit (too few sizes, an error that does not
     fall, a poor fit), or an error the fitted law cannot reach: the message says why."""
+
+
+def from_task(e: Exception) -> Exception:
+    """The TensorGrid error a task in another process raised (Spark's executors, Ray's tasks), rebuilt from
+    the error dump its framework raises here (it names the error, not the object), else ``e`` itself."""
+    found = re.findall(r"tensorgrid\.errors\.(\w+): (.*)", str(e))
+    if found:
+        name, message = found[-1]
+        cls = globals().get(name)
+        if isinstance(cls, type) and issubclass(cls, TensorGridError):
+            try:
+                return cls(message.strip())
+            except TypeError:
+                pass
+    return e

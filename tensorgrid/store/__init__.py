@@ -10,7 +10,7 @@ from . import manifest, writer
 from . import spark as _spark
 from . import subsets as _subsets
 from .catalog import DatasetEntry, list_datasets
-from .convert import is_spark_dataframe
+from .convert import is_ray_dataset, is_spark_dataframe
 from .dataset import Dataset
 from .foreign import ForeignDataset
 from .images import SkippedFilesWarning, ingest_images
@@ -18,8 +18,15 @@ from .memory import ArrowDataset, from_arrow
 from .sql import sql
 from .versioned import StoreDataset, VersionInfo
 
+
+def _to_ray(ds: Dataset, columns: list[str] | None = None):
+    from .ray import to_ray  # imports ray, which only its users need: on first use
+
+    return to_ray(ds, columns)
+
+
 # the Dataset methods the store's own modules implement (dataset.py imports none of them: no import circle)
-_dataset.provide(sql=sql, to_spark=_spark.to_spark, split=_subsets.split, select=_subsets.select,
+_dataset.provide(sql=sql, to_spark=_spark.to_spark, to_ray=_to_ray, split=_subsets.split, select=_subsets.select,
                  filter=_subsets.filter, sample=_subsets.sample)
 
 __all__ = ["Dataset", "StoreDataset", "ForeignDataset", "ArrowDataset", "VersionInfo", "SkippedFilesWarning",
@@ -41,15 +48,20 @@ def open(url: str, version: int | None = None) -> Dataset:  # noqa: A001 - the o
 
 
 def write(url: str, data, mode: str = "create", shard_rows: int | None = None, shard_bytes: int | None = None):
-    """Write ``data`` (pandas, Arrow tables/readers/batches, dicts, a Spark DataFrame) as a new version of
-    the dataset at ``url`` and return it as a Dataset.
+    """Write ``data`` (pandas, Arrow tables/readers/batches, dicts, a Spark DataFrame, a Ray Dataset) as a
+    new version of the dataset at ``url`` and return it as a Dataset.
 
     mode: "create" (error if a dataset exists), "append" (adds rows; creates the dataset if missing) or
-    "overwrite" (the new version holds only ``data``; older versions stay readable). A Spark DataFrame is
-    written where it lives, by Spark's executors (``store/spark.py``).
+    "overwrite" (the new version holds only ``data``; older versions stay readable). A Spark DataFrame or a
+    Ray Dataset is written where it lives, by Spark's executors or Ray's tasks (``store/spark.py``,
+    ``store/ray.py``), and committed once here.
     """
     if is_spark_dataframe(data):
         from .spark import write_spark
 
         return write_spark(url, data, *writer.check_write_args(mode, shard_rows, shard_bytes))
+    if is_ray_dataset(data):
+        from .ray import write_ray
+
+        return write_ray(url, data, *writer.check_write_args(mode, shard_rows, shard_bytes))
     return writer.write(url, data, mode, shard_rows, shard_bytes)

@@ -156,6 +156,11 @@ def is_spark_dataframe(data) -> bool:
     return mod.startswith("pyspark.sql") and type(data).__name__ == "DataFrame"
 
 
+def is_ray_dataset(data) -> bool:
+    """A ``ray.data.Dataset`` (or its MaterializedDataset), told apart without importing ray."""
+    return any(c.__module__ == "ray.data.dataset" and c.__name__ == "Dataset" for c in type(data).__mro__)
+
+
 def to_batches(data) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
     """Return the normalised schema and a batch stream (first batch already checked to exist)."""
     if isinstance(data, pd.DataFrame):
@@ -170,6 +175,8 @@ def to_batches(data) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
         source, schema = data, data.schema
     elif is_spark_dataframe(data):  # its executors write it (store/spark.py): never streamed to this process
         raise UnsupportedDataError("a Spark DataFrame is written by its executors: tg.write(url, df)")
+    elif is_ray_dataset(data):  # its tasks write it (store/ray.py)
+        raise UnsupportedDataError("a Ray Dataset is written by Ray's tasks: tg.write(url, ds)")
     elif hasattr(data, "to_arrow") and hasattr(data, "schema") and hasattr(data, "num_rows"):
         table = data.to_arrow()  # a TensorGrid Dataset or SQL result
         source, schema = table.to_batches(), table.schema

@@ -252,6 +252,11 @@ class Dataset(abc.ABC):
         """This dataset as a Spark DataFrame, read by the executors (``tensorgrid.store.spark.to_spark``)."""
         return _provided("to_spark")(self, spark)
 
+    def to_ray(self, columns: list[str] | None = None):
+        """This dataset as a ``ray.data.Dataset``, its shards read and verified by Ray's tasks
+        (``tensorgrid.store.ray.to_ray``)."""
+        return _provided("to_ray")(self, columns)
+
     def sql(self, query: str) -> Dataset:
         """Run DuckDB SQL with this dataset as the table ``ds``."""
         return _provided("sql")(query, ds=self)

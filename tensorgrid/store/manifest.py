@@ -22,8 +22,9 @@ from ..errors import CorruptManifestError, DatasetNotFoundError, UnsupportedForm
 
 META_DIR = "_tensorgrid"
 DATA_DIR = "data"
-# data/.spark-<txn>/ (a Spark write's staged shards: spark.py), data/.stage-<key>/ (resumable inference's parts)
-STAGING = re.compile(r"\.(?:spark|stage)-[0-9a-f]{12}")
+# data/.spark-<txn>/, data/.ray-<txn>/ (a Spark or Ray write's staged shards: writer.write_staged),
+# data/.stage-<key>/ (resumable inference's parts)
+STAGING = re.compile(r"\.(?:spark|ray|stage)-[0-9a-f]{12}")
 CLAIMS_DIR = "claims"  # under META_DIR: one file per transaction being committed or vacuumed
 FORMAT = "tensorgrid/2"  # v2: a checksum over the manifest's content
 _READABLE = {"tensorgrid/1": 1, "tensorgrid/2": 2}

@@ -4,10 +4,10 @@ Spark -> dataset: each executor writes its partitions as shards with the store's
 (row groups, tensor layout, xxh3) into a hidden staging folder inside the dataset (``data/.spark-<txn>/``);
 the driver collects only per-shard metadata, renames the shards of the successful task attempts to
 ``data/part-<txn>-<seq>.parquet`` in partition order and commits them through the writer's commit path
-(claim, conflict, clean-up). Staging is deleted on success and failure; what a killed driver leaves is
-vacuumed like any orphan. Dataset -> Spark: Spark's own Parquet reader reads store shards and foreign
-Parquet; the executors read other files through the Dataset contract; rows only this process holds go
-through Arrow.
+(claim, conflict, clean-up: ``writer.write_staged``, which Ray writes share). Staging is deleted on success
+and failure; what a killed driver leaves is vacuumed like any orphan. Dataset -> Spark: Spark's own
+Parquet reader reads store shards and foreign Parquet; the executors read other files through the Dataset
+contract; rows only this process holds go through Arrow.
 
 Spark has no tensor type. A BinaryType or ArrayType column whose field metadata holds ``"tensorgrid.tensor":
 {"dtype": ..., "shape": [...]}`` is stored as a fixed-shape tensor (binary: the row-major bytes; array:
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import tempfile
 import time
 import uuid
@@ -35,8 +34,7 @@ from .. import errors
 from .. import fs as tgfs
 from ..errors import TensorGridError, UnsupportedDataError, UnsupportedURLError
 from . import encoding
-from .manifest import DATA_DIR, Shard
-from .writer import MAX_SHARDS, publish
+from .writer import MAX_SHARDS
 
 TENSOR_KEY = encoding.TENSOR_KEY.decode()  # the same key as in the shards' Arrow field metadata
 STAGING_ENV = "TENSORGRID_SPARK_STAGING"
@@ -71,27 +69,17 @@ def write_spark(url: str, sdf, mode: str = "create", shard_rows: int | None = No
                 shard_bytes: int | None = None):
     """Write a Spark DataFrame as a new version of the dataset at ``url`` (``tg.write`` calls this): the
     executors write its partitions (at least one shard per non-empty partition), the driver commits."""
-    from .writer import write_with
+    from .writer import write_staged
 
     require_shared(url, master_of(sdf.sparkSession), "the dataset URL")
     logical = arrow_schema(sdf)
     physical = encoding.physical_schema(logical)
 
-    def produce(fs, root: str, txn: str) -> list[Shard]:
-        staging = tgfs.join(root, DATA_DIR, f".spark-{txn}")
-        moved: list[str] = []
-        try:
-            fs.makedirs(tgfs.join(staging, DATA_DIR), exist_ok=True)  # the tasks write into it, never create it
-            write = _partition_writer(tgfs.to_url(fs, staging), logical, physical, shard_rows, shard_bytes)
-            meta = _collect_or_stop(sdf.mapInArrow(write, _META_DDL), f"tensorgrid-write-{txn}")
-            return _publish_names(fs, root, staging, txn, meta, moved)
-        except BaseException:
-            _remove(fs, moved)
-            raise
-        finally:
-            _remove_staging(fs, staging)
+    def run(staging_url: str, txn: str) -> list[dict]:
+        write = _partition_writer(staging_url, logical, physical, shard_rows, shard_bytes)
+        return _in_order(_collect_or_stop(sdf.mapInArrow(write, _META_DDL), f"tensorgrid-write-{txn}"))
 
-    return write_with(url, mode, physical, produce)
+    return write_staged(url, mode, physical, "spark", run)
 
 
 def _collect_or_stop(sdf, group: str) -> list:
@@ -112,7 +100,7 @@ def _collect_or_stop(sdf, group: str) -> list:
         if sc is not None:
             sc.cancelJobGroup(group)
             _wait_for_tasks(sc, group)
-        raise _executor_error(e) from None
+        raise errors.from_task(e) from None
     finally:
         if sc is not None:
             for k, v in zip(keys, before):
@@ -137,15 +125,6 @@ def _wait_for_tasks(sc, group: str, timeout: float = 60.0) -> None:
         if not active and (jobs or time.monotonic() > start + 5):
             return
         time.sleep(0.05)
-
-
-def _remove_staging(fs, staging: str) -> None:
-    """Delete the staging folder; again if a task still finishing made a file while it was being deleted."""
-    for _ in range(50):
-        tgfs.remove_tree(fs, staging)
-        if not fs.exists(staging):
-            return
-        time.sleep(0.1)
 
 
 def arrow_schema(sdf) -> pa.Schema:
@@ -278,35 +257,13 @@ def _to_tensor(col: pa.Array, field: pa.Field) -> pa.ExtensionArray:
     return pa.ExtensionArray.from_storage(tt, storage)
 
 
-def _publish_names(fs, root: str, staging: str, txn: str, meta, moved: list[str]) -> list[Shard]:
-    """The staged shards, renamed in partition order (the DataFrame's row order)."""
+def _in_order(meta) -> list[dict]:
+    """The staged shards' metadata in partition order (the DataFrame's row order)."""
     rows = sorted(meta, key=lambda r: (r["partition"], r["path"]))
     if len(rows) > MAX_SHARDS:
         raise UnsupportedDataError(f"the DataFrame would make {len(rows)} shards (one or more per partition); a write "
                                    f"holds at most {MAX_SHARDS}: coalesce() it to fewer partitions")
-    return publish(fs, root, staging, txn, [r.asDict() if hasattr(r, "asDict") else r for r in rows], moved)
-
-
-def _executor_error(e: Exception) -> Exception:
-    """The TensorGrid error an executor raised (named in Spark's error dump), else Spark's own."""
-    found = re.findall(r"tensorgrid\.errors\.(\w+): (.*)", str(e))
-    if found:
-        name, message = found[-1]
-        cls = getattr(errors, name, None)
-        if isinstance(cls, type) and issubclass(cls, TensorGridError):
-            try:
-                return cls(message.strip())
-            except TypeError:
-                pass
-    return e
-
-
-def _remove(fs, paths: list[str]) -> None:
-    for p in paths:
-        try:
-            fs.rm_file(p)
-        except (FileNotFoundError, OSError):
-            pass
+    return [r.asDict() if hasattr(r, "asDict") else r for r in rows]
 
 
 # --- a DataFrame staged as a temporary dataset (the Spark engine's fit, ML stages) ------------

@@ -263,7 +263,7 @@ def _appended_schema(base: pa.Schema, new: pa.Schema, url: str) -> pa.Schema:
 
 
 def check_write_args(mode, shard_rows, shard_bytes) -> tuple[str, int | None, int | None]:
-    """The options every write takes (also a Spark DataFrame's: store/spark.py), checked."""
+    """The options every write takes (also a Spark DataFrame's or a Ray Dataset's), checked."""
     return (check_choice("mode", mode, MODES), check_int("shard_rows", shard_rows, 1, none=True),
             check_int("shard_bytes", shard_bytes, 1, none=True))
 
@@ -297,7 +297,7 @@ def write(url: str, data, mode: str = "create", shard_rows: int | None = None,
 
 def write_with(url: str, mode: str, physical: pa.Schema, produce: Callable[[fsspec.AbstractFileSystem, str, str],
                                                                          list[Shard]]):
-    """Commit shards written elsewhere (by Spark's executors: store/spark.py) as a new version of ``url``,
+    """Commit shards written elsewhere (``write_staged``; inference parts) as a new version of ``url``,
     with ``write``'s checks, claim, conflict handling and clean-up. ``produce(fs, root, txn)`` returns the
     Shards it put at ``data/part-<txn>-<seq>.parquet`` (seq 0, 1, ...) and leaves no file if it raises."""
     check_choice("mode", mode, MODES)
@@ -317,11 +317,52 @@ def write_with(url: str, mode: str, physical: pa.Schema, produce: Callable[[fssp
         raise
 
 
+def write_staged(url: str, mode: str, physical: pa.Schema, kind: str,
+                 run: Callable[[str, str], list[dict]]):
+    """Commit shards that tasks in other processes write (Spark's executors, Ray's tasks: store/spark.py,
+    store/ray.py) as one new version of ``url``. ``run(staging_url, txn)`` has them written with
+    ``write_shards`` into the staging folder ``data/.<kind>-<txn>/`` (its data/ made first: a task still
+    running after a failed job cannot make it again) and returns their parts in row order (dicts: path
+    relative to the staging folder, rows, bytes, checksum, row_group_rows); the driver renames them into
+    this write's run and commits through ``write_with``. Staging is deleted on success and on failure."""
+
+    def produce(fs, root: str, txn: str) -> list[Shard]:
+        staging = tgfs.join(root, DATA_DIR, f".{kind}-{txn}")
+        moved: list[str] = []
+        try:
+            fs.makedirs(tgfs.join(staging, DATA_DIR), exist_ok=True)
+            return publish(fs, root, staging, txn, run(tgfs.to_url(fs, staging), txn), moved)
+        except BaseException:
+            _remove_paths(fs, moved)
+            raise
+        finally:
+            _remove_staging(fs, staging)
+
+    return write_with(url, mode, physical, produce)
+
+
+def _remove_staging(fs, staging: str) -> None:
+    """Delete the staging folder; again if a task still finishing made a file while it was being deleted."""
+    for _ in range(50):
+        tgfs.remove_tree(fs, staging)
+        if not fs.exists(staging):
+            return
+        time.sleep(0.1)
+
+
+def _remove_paths(fs, paths: list[str]) -> None:
+    for p in paths:
+        try:
+            fs.rm_file(p)
+        except (FileNotFoundError, OSError):
+            pass
+
+
 def write_shards(fs: fsspec.AbstractFileSystem, root: str, physical: pa.Schema, batches: Iterator[pa.RecordBatch],
                  shard_rows: int | None = None, shard_bytes: int | None = None) -> list[Shard]:
     """Write logical ``batches`` as shards under ``root``/data/ without committing them (a Spark task's
-    partition, on an executor: store/spark.py); a failure deletes them. ``root``/data/ must exist: a task
-    still running after its job failed cannot recreate a folder the driver removed."""
+    partition on an executor, a Ray task's blocks: ``write_staged``); a failure deletes them. ``root``/data/
+    must exist: a task still running after its job failed cannot recreate a folder the driver removed."""
     writer = _ShardWriter(fs, root, physical, make_dirs=False)
     try:
         return _fill(writer, batches, shard_rows, shard_bytes)

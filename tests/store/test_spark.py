@@ -13,6 +13,7 @@ import pytest
 
 import tensorgrid as tg
 from tensorgrid.store import spark as bridge
+from tensorgrid.store.writer import publish
 
 TENSOR = {"tensorgrid.tensor": {"dtype": "uint8", "shape": [2, 3]}}
 
@@ -68,7 +69,7 @@ def test_executors_write_each_partition_as_shards_and_the_driver_collects_no_row
     table = _rows()
     ds = tg.write(str(tmp_path / "d"), _spark_df(spark, table, 4))
     assert ds.num_shards == 4 and ds.num_rows == 40  # one shard per partition: written where the rows were
-    assert all(bridge.DATA_DIR + "/part-" in u for u in ds.shard_urls())
+    assert all("/data/part-" in u for u in ds.shard_urls())
     assert sorted(os.listdir(tmp_path / "d" / "data")) == sorted(os.path.basename(u) for u in ds.shard_urls())
     ds.verify()  # checksums and footers the executors recorded
     got = ds.to_arrow()
@@ -138,7 +139,7 @@ def test_a_staged_shard_removed_before_the_commit_is_a_conflict(tmp_path):
              "checksum": "xxh3_64:" + 16 * "0", "row_group_rows": 1}]
     moved = []
     with pytest.raises(tg.ConflictError, match="vacuum") as e:
-        bridge._publish_names(*tg.fs.resolve(str(tmp_path)), str(staging), "0123456789ab", meta, moved)
+        publish(*tg.fs.resolve(str(tmp_path)), str(staging), "0123456789ab", meta, moved)
     assert not e.value.retryable and moved == []
 
 
