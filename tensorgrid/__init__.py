@@ -61,7 +61,7 @@ _LAZY = {"Trainer": ("tensorgrid.train", "Trainer"), "FitResult": ("tensorgrid.t
          "predict": ("tensorgrid.train", "predict"), "train": ("tensorgrid.train", None),
          "EarlyStopping": ("tensorgrid.train", "EarlyStopping"), "BestCheckpoint": ("tensorgrid.train", "BestCheckpoint"),
          "Loader": ("tensorgrid.loader", "Loader"), "transforms": ("tensorgrid.transforms", None),
-         "connect": ("tensorgrid.server.client", "connect"),
+         "connect": ("tensorgrid.server.client", "connect"), "grid": ("tensorgrid.grid", None),
          "learning_curve": ("tensorgrid.ml.curve", "learning_curve"),
          "LearningCurve": ("tensorgrid.ml.curve", "LearningCurve")}
 
@@ -82,7 +82,7 @@ def __dir__():
 __all__ = [
     "write", "open", "sql", "from_arrow", "ingest_images", "vacuum", "list_datasets", "Dataset", "Trainer",
     "FitResult", "Callback", "TrainState", "EarlyStopping", "BestCheckpoint", "predict", "Loader", "errors",
-    "transforms", "train", "connect", "learning_curve", "LearningCurve",
+    "transforms", "train", "connect", "grid", "learning_curve", "LearningCurve",
     "TensorGridError", "ArgumentError", "ConflictError", "CorruptShardError", "CorruptManifestError",
     "DatasetExistsError", "DatasetNotFoundError", "EmptyDataError", "ImageDecodeError", "ReadOnlyError", "SchemaMismatchError",
     "SQLError", "UnsupportedDataError", "UnsupportedFormatError", "UnsupportedURLError", "ColumnNotFoundError",

@@ -52,11 +52,17 @@ _NOT_FAILOVER = (ArgumentError, ColumnNotFoundError, GridAuthenticationError, Gr
 class GridCluster:
     """A grid of several servers (from ``tg.connect`` to a member, or ``start_on_ray(...).connect()``)."""
 
-    def __init__(self, sessions: list[Session], replicas: int):
+    def __init__(self, sessions: list[Session], replicas: int, names: list[str] | None = None, resolve=None):
+        """``names``: the members' stable names (placement's input; default: their URLs); ``resolve(name)``:
+        a member's URL now (servers on Ray that restarted elsewhere), asked again after a member failed."""
         if not sessions:
             raise ArgumentError("a grid needs at least one server")
-        self.sessions = {s.url: s for s in sessions}
-        self.members = list(self.sessions)
+        names = [s.url for s in sessions] if names is None else list(names)
+        if len(names) != len(sessions) or len(set(names)) != len(names):
+            raise ArgumentError(f"a grid's members need distinct names, one per server: {names}")
+        self.sessions = dict(zip(names, sessions))
+        self.members = names
+        self.resolve = resolve
         self.replicas = check_int("replicas", replicas, 1)
         self._dead: dict[str, float] = {}  # member -> when it last failed
         self._lock = threading.Lock()
@@ -64,7 +70,7 @@ class GridCluster:
 
     @property
     def url(self) -> str:
-        return ",".join(self.members)
+        return ",".join(s.url for s in self.sessions.values())
 
     # --- where partitions live -----------------------------------------------------------------------------
     def replicas_of(self, name: str, partition: int) -> list[str]:
@@ -77,8 +83,19 @@ class GridCluster:
         return [m for m in ranked if m not in dead] + [m for m in ranked if m in dead]
 
     def mark_failed(self, member: str) -> None:
+        """Try ``member`` last for a while; where its address can change (``resolve``), look it up again."""
         with self._lock:
             self._dead[member] = time.monotonic()
+        if self.resolve is not None:
+            try:
+                url = self.resolve(member)
+            except Exception:  # noqa: BLE001 - the member is down: its old address stays, tried last
+                return
+            old = self.sessions[member]
+            if url and url != old.url:
+                with self._lock:
+                    self.sessions[member] = Session(url, old.username, old.password, old.token, old.tls_root_certs,
+                                                    old.cert_chain, old.private_key, old.timeout)
 
     def _first_live(self, fn):
         """``fn(Grid)`` on the first member that answers (members seen failing lately last)."""
@@ -103,7 +120,8 @@ class GridCluster:
         partitions = check_int("partitions", partitions, 1, none=True) or PARTITIONS_PER_SERVER * len(self.members)
         held = placement.assignment(name, partitions, self.members, self.replicas)
         request = {"name": name, "url": url, "partitions": partitions, "refresh": bool(refresh)}
-        first, *rest = [m for m in self.members if held[m]] or self.members[:1]
+        # every member knows the dataset (its schema and partitions, for SQL), also one that holds no partition
+        first, *rest = self.members
         info = self._load_on(first, {**request, "hold": held[first]})
         pinned = {**request, "refresh": True, "version": info["version"], "url": info["source"]}
         with ThreadPoolExecutor(max(1, len(rest))) as pool:
