@@ -1,6 +1,8 @@
 """One grid on several servers: placement by rendezvous hashing (properties), and a static-list grid of three
 real `tensorgrid serve` processes with two replicas, one of them SIGKILLed while a partition streams from it."""
 
+import os
+import signal
 import socket
 
 import numpy as np
@@ -67,26 +69,34 @@ def static_grid(tmp_path_factory):
     base = tmp_path_factory.mktemp("cluster")
     data = str(base / "data")
     rng = np.random.default_rng(0)
-    table = pa.table({"id": np.arange(ROWS), "x": rng.random((ROWS,)),
+    x = rng.random((ROWS,)).astype(np.float32)
+    table = pa.table({"id": np.arange(ROWS), "x": x, "y": (x > 0.5).astype(np.int64),
                       "pad": pa.array([bytes([i % 251]) * PAD for i in range(ROWS)], pa.binary())})
     tg.write(f"{data}/numbers", table, shard_rows=ROWS // 3)
     ports = _free_ports(3)
     grid = ",".join(f"127.0.0.1:{p}" for p in ports)
     procs, urls = [], []
-    try:
-        for i, port in enumerate(ports):
-            proc, url = start_server(str(base / f"server{i}"), port, 60.0, "--grid", grid, "--replicas", "2",
-                                     "--allow", data)
+
+    def start(i):  # server i, again on its port and root: it reloads its catalog (its partitions) by itself
+        proc, url = start_server(str(base / f"server{i}"), ports[i], 60.0, "--grid", grid, "--replicas", "2",
+                                 "--allow", data)
+        if i < len(procs):
+            procs[i], urls[i] = proc, url
+        else:
             procs.append(proc)
             urls.append(url)
-        yield procs, urls, data
+
+    try:
+        for i in range(len(ports)):
+            start(i)
+        yield procs, urls, data, start
     finally:
         for proc in procs:
             stop_server(proc)
 
 
 def test_a_static_grid_reads_every_row_once_while_a_server_is_killed_mid_stream(static_grid):
-    procs, urls, data = static_grid
+    procs, urls, data, start = static_grid
     g = tg.connect(urls[1])  # any member: the whole grid
     assert isinstance(g, GridCluster) and g.replicas == 2 and len(g.members) == 3
     info = g.load("numbers", f"{data}/numbers", partitions=6)
@@ -117,6 +127,52 @@ def test_a_static_grid_reads_every_row_once_while_a_server_is_killed_mid_stream(
         loader = ds.select(["id"]).to_torch(batch_size=500, shuffle=True, seed=3, rank=rank, world_size=2)
         seen.extend(int(i) for b in loader for i in b["id"])
     assert sorted(seen) == list(range(ROWS))
+    start(urls.index(victim))  # back on its port: it holds its partitions again, from its catalog
+    again = GridCluster([tg.server.griddataset.Session(victim)], 1)
+    assert again.tables().set_index("name").loc["numbers", "version"] == 1
+    mine = [k for k in range(6) if victim in ds.replicas(k)]
+    one = tg.server.GridDataset(again.sessions[victim], "numbers")
+    assert [one.read_rows(k, 0, 2, ["id"]).column(0).to_pylist() for k in mine] == \
+        [ds.read_rows(k, 0, 2, ["id"]).column(0).to_pylist() for k in mine]
+
+
+class KillAfterFirstEpoch(tg.Callback):
+    """On rank 0, at the end of epoch 1: SIGKILL a grid server (the next epochs read from other replicas)."""
+
+    def __init__(self, pid):
+        self.pid = pid
+
+    def on_epoch_end(self, state):
+        if state.epoch == 1:
+            os.kill(self.pid, signal.SIGKILL)
+
+
+def linear():
+    import torch
+
+    return torch.nn.Linear(1, 2)
+
+
+def sgd(params):
+    import torch
+
+    return torch.optim.SGD(params, lr=0.5)
+
+
+def test_training_on_two_ranks_over_a_static_grid_finishes_after_a_server_is_killed(static_grid):
+    import torch
+
+    procs, urls, data, start = static_grid
+    g = tg.connect(urls[0])
+    ds = g.dataset("numbers")
+    victim = 2
+    result = tg.Trainer(model=linear, loss=torch.nn.CrossEntropyLoss(), optimizer=sgd, features=["x"], label="y",
+                        batch_size=1000, epochs=3, workers=2, engine="local", quiet=True,
+                        callbacks=[KillAfterFirstEpoch(procs[victim].pid)]).fit(ds)
+    procs[victim].communicate(timeout=30)
+    assert procs[victim].returncode == -signal.SIGKILL  # it died during training
+    assert len(result.history) == 3 and result.history[-1]["accuracy"] > 0.9
+    start(victim)
 
 
 def test_a_dead_grid_is_one_clear_error(tmp_path):
@@ -131,7 +187,7 @@ def test_a_dead_grid_is_one_clear_error(tmp_path):
 
 
 def test_a_member_holding_no_partition_still_knows_the_dataset(static_grid):
-    procs, urls, data = static_grid
+    procs, urls, data, start = static_grid
     live = [u for u, p in zip(urls, procs) if p.poll() is None]
     assert len(live) >= 2
     g = GridCluster([tg.server.griddataset.Session(u) for u in live], 1)
