@@ -61,7 +61,7 @@ _LAZY = {"Trainer": ("tensorgrid.train", "Trainer"), "FitResult": ("tensorgrid.t
          "predict": ("tensorgrid.train", "predict"), "train": ("tensorgrid.train", None),
          "EarlyStopping": ("tensorgrid.train", "EarlyStopping"), "BestCheckpoint": ("tensorgrid.train", "BestCheckpoint"),
          "Loader": ("tensorgrid.loader", "Loader"), "transforms": ("tensorgrid.transforms", None),
-         "connect": ("tensorgrid.server.client", "connect"), "grid": ("tensorgrid.grid", None),
+         "connect": ("tensorgrid.server.cluster", "connect"), "grid": ("tensorgrid.grid", None),
          "learning_curve": ("tensorgrid.ml.curve", "learning_curve"),
          "LearningCurve": ("tensorgrid.ml.curve", "LearningCurve")}
 

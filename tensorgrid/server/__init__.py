@@ -1,7 +1,8 @@
 """The grid server: Arrow Flight SQL over a durable, sandboxed DuckDB database, store datasets held in memory
 and served by partition (no torch here); ``connect`` is its Python client."""
 
-from .client import Grid, connect
+from .client import Grid
+from .cluster import connect
 from .grid import GridServer
 from .griddataset import (
     GridAuthenticationError,

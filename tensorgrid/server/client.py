@@ -17,7 +17,6 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from ..allocator import tune_malloc
 from ..errors import ArgumentError, SQLError
 from . import sqlproto
 from .griddataset import (
@@ -34,33 +33,8 @@ from .griddataset import (
 DEFAULT_PORT = 8815
 TABLE_COLUMNS = ["name", "kind", "rows", "partitions", "bytes", "source", "version", "error"]
 
-__all__ = ["connect", "Grid", "GridDataset", "GridError", "GridConnectionError", "GridAuthenticationError",
+__all__ = ["Grid", "GridDataset", "GridError", "GridConnectionError", "GridAuthenticationError",
            "GridPermissionError", "GridTimeoutError", "SnapshotError"]
-
-
-def connect(url: str | None = None, username: str | None = None, password: str | None = None,
-            token: str | None = None, tls_root_certs: bytes | str | os.PathLike | None = None,
-            cert_chain: bytes | str | os.PathLike | None = None, private_key: bytes | str | os.PathLike | None = None,
-            timeout: float | None = None):
-    """A connection to the grid server at ``url`` (``grpc://host:port``, ``grpc+tls://host:port``; default from
-    ``TENSORGRID_HOST`` / ``TENSORGRID_PORT``, else localhost:8815). Credentials: a bearer ``token``, or
-    ``username``/``password``; ``tls_root_certs`` (PEM bytes or a file) to trust the server's certificate,
-    ``cert_chain``/``private_key`` for mutual TLS; ``timeout`` in seconds for every call. The server is asked
-    once here, so a wrong address or password fails now, not at the first query. A server that is a member of
-    a grid of several servers (``tensorgrid serve --grid``) gives a ``GridCluster`` over all of them: the same
-    calls, partitions read from live replicas (cluster.py)."""
-    tune_malloc()  # gRPC's receive buffers reuse freed memory instead of faulting in fresh pages (allocator.py)
-    roots, chain, key = (_pem(n, v) for n, v in (("tls_root_certs", tls_root_certs), ("cert_chain", cert_chain),
-                                                 ("private_key", private_key)))
-    session = Session(_server_url(url, tls=roots is not None), username, password, token, roots, chain, key, timeout)
-    grid = json.loads(session.action("grid.members")[0])  # asked once: a wrong address or password fails here
-    if len(grid["members"]) <= 1:
-        return Grid(session)
-    from .cluster import GridCluster  # a member of a grid of several servers: the whole grid
-
-    sessions = [session if m == session.url else Session(m, username, password, token, roots, chain, key, timeout)
-                for m in grid["members"]]
-    return GridCluster(sessions, grid["replicas"])
 
 
 class Grid:

@@ -19,6 +19,7 @@ them). ``tg.connect`` to any member returns a ``GridCluster``: the same calls as
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -29,11 +30,12 @@ import pyarrow.compute as pc
 import pyarrow.flight as flight
 import xxhash
 
+from ..allocator import tune_malloc
 from ..args import check_int
 from ..errors import ArgumentError, ColumnNotFoundError, TensorGridError
 from ..store.dataset import Dataset
 from . import placement
-from .client import Grid
+from .client import Grid, _pem, _server_url
 from .griddataset import (
     GridAuthenticationError,
     GridConnectionError,
@@ -47,6 +49,29 @@ from .griddataset import (
 PARTITIONS_PER_SERVER = 4  # a dataset loaded without partitions=P: this many per member
 RETRY_DEAD_S = 5.0  # a member that failed is tried last for this long
 _NOT_FAILOVER = (ArgumentError, ColumnNotFoundError, GridAuthenticationError, GridPermissionError)
+
+
+def connect(url: str | None = None, username: str | None = None, password: str | None = None,
+            token: str | None = None, tls_root_certs: bytes | str | os.PathLike | None = None,
+            cert_chain: bytes | str | os.PathLike | None = None, private_key: bytes | str | os.PathLike | None = None,
+            timeout: float | None = None):
+    """A connection to the grid server at ``url`` (``grpc://host:port``, ``grpc+tls://host:port``; default from
+    ``TENSORGRID_HOST`` / ``TENSORGRID_PORT``, else localhost:8815). Credentials: a bearer ``token``, or
+    ``username``/``password``; ``tls_root_certs`` (PEM bytes or a file) to trust the server's certificate,
+    ``cert_chain``/``private_key`` for mutual TLS; ``timeout`` in seconds for every call. The server is asked
+    once here, so a wrong address or password fails now, not at the first query. A server that is a member of
+    a grid of several servers (``tensorgrid serve --grid``) gives a ``GridCluster`` over all of them: the same
+    calls, partitions read from live replicas (cluster.py)."""
+    tune_malloc()  # gRPC's receive buffers reuse freed memory instead of faulting in fresh pages (allocator.py)
+    roots, chain, key = (_pem(n, v) for n, v in (("tls_root_certs", tls_root_certs), ("cert_chain", cert_chain),
+                                                 ("private_key", private_key)))
+    session = Session(_server_url(url, tls=roots is not None), username, password, token, roots, chain, key, timeout)
+    grid = json.loads(session.action("grid.members")[0])  # asked once: a wrong address or password fails here
+    if len(grid["members"]) <= 1:
+        return Grid(session)
+    sessions = [session if m == session.url else Session(m, username, password, token, roots, chain, key, timeout)
+                for m in grid["members"]]
+    return GridCluster(sessions, grid["replicas"])
 
 
 class GridCluster:
@@ -176,7 +201,9 @@ class GridCluster:
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state.update(_lock=None, _dead={}, failovers=[])
+        # a copy (loader workers, trainer processes) keeps the members' addresses as they are now: it fails
+        # over between replicas, but asks no one for a restarted member's new address (Ray's handles stay here)
+        state.update(_lock=None, _dead={}, failovers=[], resolve=None)
         return state
 
     def __setstate__(self, state):
