@@ -26,14 +26,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.flight as flight
 import xxhash
 
 from ..allocator import tune_malloc
 from ..args import check_int
 from ..errors import ArgumentError, ColumnNotFoundError, TensorGridError
-from ..store.dataset import Dataset
 from . import placement
 from .client import Grid, _pem, _server_url
 from .griddataset import (
@@ -41,6 +39,7 @@ from .griddataset import (
     GridConnectionError,
     GridError,
     GridPermissionError,
+    ServedRows,
     Session,
     ticket_bytes,
     translate,
@@ -214,12 +213,8 @@ class GridCluster:
         return f"GridCluster({self.members!r}, replicas={self.replicas})"
 
 
-class ClusterDataset(Dataset):
+class ClusterDataset(ServedRows):
     """A loaded dataset of a grid of several servers: partition k is shard k, read from a live replica."""
-
-    zero_copy_reads = False
-    takes_rows = True  # a loader rank fetches only its rows
-    fork_safe = False  # gRPC: loader workers are spawned
 
     def __init__(self, cluster: GridCluster, name: str):
         self.cluster = cluster
@@ -239,29 +234,11 @@ class ClusterDataset(Dataset):
         self._fingerprint = None
 
     @property
-    def schema(self) -> pa.Schema:
-        return self._schema
-
-    @property
     def shard_rows(self) -> list[int]:
         return list(self._rows)
 
-    def read_shard(self, i: int, columns: list[str] | None = None, filter: pc.Expression | None = None) -> pa.Table:
-        table = self._fetch(i, None, None, columns)
-        return table.filter(filter) if filter is not None else table
-
-    def read_rows(self, shard: int, start: int, stop: int, columns: list[str] | None = None) -> pa.Table:
-        return self._fetch(shard, start, stop, columns)
-
-    def read_take(self, shard: int, rows, columns: list[str] | None = None) -> pa.Table:
-        return self._fetch(shard, None, None, columns, rows=rows)
-
     def bytes_per_row(self) -> float:
         return self._row_bytes
-
-    @property
-    def is_remote(self) -> bool:
-        return True
 
     @property
     def fingerprint(self) -> str:
@@ -278,11 +255,6 @@ class ClusterDataset(Dataset):
     def info(self) -> dict:
         return {**super().info(), "servers": self.cluster.members, "replicas": self.cluster.replicas,
                 "name": self.name, "source": self.source, "snapshot": self.snapshot}
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state.pop("_handles", None)
-        return state
 
     def _fetch(self, shard: int, start, stop, columns, rows=None) -> pa.Table:
         if not 0 <= shard < self.num_shards:

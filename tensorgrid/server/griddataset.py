@@ -191,13 +191,44 @@ class Session:
 
 
 
-class GridDataset(Dataset):
-    """A table or loaded dataset of a grid server (``g.dataset(name)``): the rows of one snapshot, read by
-    partition and row range. ``partition=k`` reads only that partition (its one shard)."""
+class ServedRows(Dataset):
+    """A Dataset whose shards a grid serves: every read is ``_fetch(shard, start, stop, columns, rows)``."""
 
     zero_copy_reads = False  # every read is fresh buffers from the network
     takes_rows = True  # a loader rank fetches only its own rows of a shuffled window (read_take)
     fork_safe = False  # a process forked after gRPC ran hangs on its first call: loader workers are spawned
+
+    @property
+    def schema(self) -> pa.Schema:
+        return self._schema
+
+    def read_shard(self, i: int, columns: list[str] | None = None, filter: pc.Expression | None = None) -> pa.Table:
+        table = self._fetch(i, None, None, columns)
+        return table.filter(filter) if filter is not None else table
+
+    def read_rows(self, shard: int, start: int, stop: int, columns: list[str] | None = None) -> pa.Table:
+        return self._fetch(shard, start, stop, columns)
+
+    def read_take(self, shard: int, rows, columns: list[str] | None = None) -> pa.Table:
+        """Rows ``rows`` (sorted, distinct) of a partition, and only those, from the server."""
+        return self._fetch(shard, None, None, columns, rows=rows)
+
+    @property
+    def is_remote(self) -> bool:
+        return True
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_handles", None)
+        return state
+
+    def _fetch(self, shard: int, start, stop, columns, rows=None) -> pa.Table:
+        raise NotImplementedError
+
+
+class GridDataset(ServedRows):
+    """A table or loaded dataset of a grid server (``g.dataset(name)``): the rows of one snapshot, read by
+    partition and row range. ``partition=k`` reads only that partition (its one shard)."""
 
     def __init__(self, session: Session, name: str, partition: int | None = None):
         self.session = session
@@ -222,31 +253,12 @@ class GridDataset(Dataset):
 
     # --- the contract ------------------------------------------------------------------------------------
     @property
-    def schema(self) -> pa.Schema:
-        return self._schema
-
-    @property
     def shard_rows(self) -> list[int]:
         return [self._all_rows[self.partition]] if self.partition is not None else list(self._all_rows)
-
-    def read_shard(self, i: int, columns: list[str] | None = None, filter: pc.Expression | None = None) -> pa.Table:
-        table = self._fetch(i, None, None, columns)
-        return table.filter(filter) if filter is not None else table
-
-    def read_rows(self, shard: int, start: int, stop: int, columns: list[str] | None = None) -> pa.Table:
-        return self._fetch(shard, start, stop, columns)
-
-    def read_take(self, shard: int, rows, columns: list[str] | None = None) -> pa.Table:
-        """Rows ``rows`` (sorted, distinct) of a partition, and only those, from the server."""
-        return self._fetch(shard, None, None, columns, rows=rows)
 
     def bytes_per_row(self) -> float:
         total = sum(self._all_rows)
         return max(1.0, self._bytes / total) if total else 1.0
-
-    @property
-    def is_remote(self) -> bool:
-        return True
 
     @property
     def size_bytes(self) -> int:
@@ -275,11 +287,6 @@ class GridDataset(Dataset):
     def info(self) -> dict:
         return {**super().info(), "server": self.session.url, "name": self.name, "kind": self.kind,
                 "partition": self.partition, "source": self.source, "snapshot": self.snapshot}
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state.pop("_handles", None)
-        return state
 
     def _fetch(self, shard: int, start: int | None, stop: int | None, columns: list[str] | None,
                rows=None) -> pa.Table:
