@@ -19,7 +19,9 @@ ROWS, PAD = 30_000, 4096  # ~120 MB: 3 partitions of ~40 MB, each streamed as fi
 def ray_grid(ray_cluster, tmp_path_factory):
     base = tmp_path_factory.mktemp("raygrid")
     data = str(base / "data")
-    table = pa.table({"id": np.arange(ROWS), "pad": pa.array([bytes([i % 251]) * PAD for i in range(ROWS)])})
+    x = np.random.default_rng(0).random(ROWS).astype(np.float32)
+    table = pa.table({"id": np.arange(ROWS), "x": x, "y": (x > 0.5).astype(np.int64),
+                      "pad": pa.array([bytes([i % 251]) * PAD for i in range(ROWS)])})
     tg.write(f"{data}/numbers", table, shard_rows=ROWS // 2)
     grid = tg.grid.start_on_ray(servers=3, replicas=2, root=str(base / "servers"), allow=[data],
                                 memory_limit="256MB")
@@ -70,3 +72,45 @@ def test_a_ray_grid_survives_a_killed_server_and_ray_restarts_it_with_its_partit
         assert one.read_rows(k, 0, 3, ["id"]).column("id").to_pylist() == ds.read_rows(k, 0, 3, ["id"]).column(
             "id").to_pylist()
     assert np.array_equal(ds.to_arrow().column("id").to_numpy(), np.arange(ROWS))
+
+
+class KillAfterFirstEpoch(tg.Callback):
+    """On rank 0, at the end of epoch 1: SIGKILL a grid server's process (Ray restarts it)."""
+
+    def __init__(self, pid):
+        self.pid = pid
+
+    def on_epoch_end(self, state):
+        if state.epoch == 1:
+            os.kill(self.pid, signal.SIGKILL)
+
+
+def linear():
+    import torch
+
+    return torch.nn.Linear(1, 2)
+
+
+def sgd(params):
+    import torch
+
+    return torch.optim.SGD(params, lr=0.5)
+
+
+def test_ray_training_over_a_ray_grid_finishes_after_a_server_is_killed(ray_grid):
+    import torch
+
+    grid, data = ray_grid
+    grid.load("numbers", f"{data}/numbers", partitions=3)
+    ds = grid.connect().dataset("numbers")
+    victim = grid.members.index(ds.replicas(1)[0])
+    pid = grid.pids()[victim]
+    result = tg.Trainer(model=linear, loss=torch.nn.CrossEntropyLoss(), optimizer=sgd, features=["x"], label="y",
+                        batch_size=1000, epochs=3, workers=2, engine="ray", quiet=True,
+                        callbacks=[KillAfterFirstEpoch(pid)]).fit(ds)
+    assert len(result.history) == 3 and result.history[-1]["accuracy"] > 0.9
+    assert len(set(result.placement)) == 2  # one rank on each node
+    deadline = time.monotonic() + 90
+    while grid.pids()[victim] == pid:  # it was killed during training: Ray starts it again
+        assert time.monotonic() < deadline, "the grid server was not killed, or Ray did not restart it"
+        time.sleep(0.5)
