@@ -76,9 +76,12 @@ def connect(url: str | None = None, username: str | None = None, password: str |
 class GridCluster:
     """A grid of several servers (from ``tg.connect`` to a member, or ``start_on_ray(...).connect()``)."""
 
-    def __init__(self, sessions: list[Session], replicas: int, names: list[str] | None = None, resolve=None):
+    def __init__(self, sessions: list[Session], replicas: int, names: list[str] | None = None, resolve=None,
+                 ray_nodes: list[str] | None = None):
         """``names``: the members' stable names (placement's input; default: their URLs); ``resolve(name)``:
-        a member's URL now (servers on Ray that restarted elsewhere), asked again after a member failed."""
+        a member's URL now (servers on Ray that restarted elsewhere), asked again after a member failed;
+        ``ray_nodes``: the Ray node each member runs on (a reader in a Ray worker prefers its node's replica;
+        elsewhere a member is local when its host is this machine)."""
         if not sessions:
             raise ArgumentError("a grid needs at least one server")
         names = [s.url for s in sessions] if names is None else list(names)
@@ -87,6 +90,9 @@ class GridCluster:
         self.sessions = dict(zip(names, sessions))
         self.members = names
         self.resolve = resolve
+        self.ray_nodes = dict(zip(names, ray_nodes)) if ray_nodes is not None else None
+        self.reads = {"local": 0, "remote": 0}  # rows this process read, from its own node's servers or others
+        self._local: dict[str, bool] | None = None  # member -> on this process's node (computed once per process)
         self.replicas = check_int("replicas", replicas, 1)
         self._dead: dict[str, float] = {}  # member -> when it last failed
         self._lock = threading.Lock()
@@ -104,7 +110,15 @@ class GridCluster:
         now = time.monotonic()
         with self._lock:
             dead = {m for m, t in self._dead.items() if now - t < RETRY_DEAD_S}
-        return [m for m in ranked if m not in dead] + [m for m in ranked if m in dead]
+        local = self.local_members()
+        return sorted(ranked, key=lambda m: (m in dead, not local[m]))  # stable: placement's order within
+
+    def local_members(self) -> dict[str, bool]:
+        """For each member, whether it runs on this process's node (its Ray node, or this machine)."""
+        if self._local is None:
+            self._local = _on_this_node(self.members, self.ray_nodes,
+                                        {m: s.url for m, s in self.sessions.items()})
+        return self._local
 
     def mark_failed(self, member: str) -> None:
         """Try ``member`` last for a while; where its address can change (``resolve``), look it up again."""
@@ -202,7 +216,7 @@ class GridCluster:
         state = self.__dict__.copy()
         # a copy (loader workers, trainer processes) keeps the members' addresses as they are now: it fails
         # over between replicas, but asks no one for a restarted member's new address (Ray's handles stay here)
-        state.update(_lock=None, _dead={}, failovers=[], resolve=None)
+        state.update(_lock=None, _dead={}, failovers=[], resolve=None, _local=None, reads={"local": 0, "remote": 0})
         return state
 
     def __setstate__(self, state):
@@ -248,6 +262,9 @@ class ClusterDataset(ServedRows):
             self._fingerprint = "grid:" + h.hexdigest()
         return self._fingerprint
 
+    def network_reads(self) -> dict:
+        return dict(self.cluster.reads)
+
     def replicas(self, partition: int) -> list[str]:
         """The servers holding ``partition``, in the order a read tries them."""
         return self.cluster.replicas_of(self.name, partition)
@@ -281,6 +298,7 @@ class ClusterDataset(ServedRows):
             ticket = ticket_bytes(self.name, part, self.snapshot, start + got, stop, columns) if wanted is None \
                 else ticket_bytes(self.name, part, self.snapshot, start, stop, columns, wanted[got:])
             session = self.cluster.sessions[member]
+            where = "local" if self.cluster.local_members()[member] else "remote"
             try:
                 reader = session.call(lambda c, o, t=ticket: c.do_get(flight.Ticket(t), o))
                 for chunk in reader:
@@ -288,6 +306,7 @@ class ClusterDataset(ServedRows):
                     if batch.schema.metadata:
                         batch = batch.replace_schema_metadata(None)
                     got += batch.num_rows
+                    self.cluster.reads[where] += batch.num_rows
                     yield batch
                 if got != todo:  # a stream that ended early: the server went away between batches
                     raise GridConnectionError(f"{member} ended partition {part} after {got} of {todo} rows")
@@ -305,3 +324,30 @@ class ClusterDataset(ServedRows):
         if got != todo:
             raise GridConnectionError(f"partition {part} of {self.name!r}: no replica could serve it "
                                       f"({'; '.join(errors)})")
+
+
+def _on_this_node(members: list[str], ray_nodes: dict | None, urls: dict) -> dict[str, bool]:
+    """member -> whether it runs where this process does: by Ray node id inside a Ray worker or driver of the
+    grid's cluster, else by its host being one of this machine's addresses."""
+    import sys
+
+    if ray_nodes is not None:
+        ray = sys.modules.get("ray")
+        if ray is not None and ray.is_initialized():
+            here = ray.get_runtime_context().get_node_id()
+            return {m: ray_nodes[m] == here for m in members}
+    import socket
+
+    mine = {"127.0.0.1", "::1", "localhost"}
+    try:
+        mine.update(socket.gethostbyname_ex(socket.gethostname())[2])
+    except OSError:
+        pass
+    out = {}
+    for m in members:
+        host = urls[m].split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+        try:
+            out[m] = host in mine or socket.gethostbyname(host) in mine
+        except OSError:
+            out[m] = False
+    return out

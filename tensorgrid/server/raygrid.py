@@ -107,7 +107,8 @@ class RayGrid:
                 timeout: float | None = None) -> GridCluster:
         """A client of the whole grid: the calls of ``tg.connect``'s Grid, reads from live replicas."""
         sessions = [Session(url, username, password, token, timeout=timeout) for url in self.urls()]
-        return GridCluster(sessions, self.replicas, names=self.members, resolve=self._resolve)
+        return GridCluster(sessions, self.replicas, names=self.members, resolve=self._resolve,
+                           ray_nodes=self.nodes())
 
     def load(self, name: str, url: str | None = None, partitions: int | None = None, refresh: bool = False) -> dict:
         g = self.connect()

@@ -131,6 +131,11 @@ class Dataset(abc.ABC):
         Arrow cache (``cache_dir=``) keeps only shards with a key."""
         return None
 
+    def network_reads(self) -> dict | None:
+        """Rows this process has read from servers on its own node ("local") and on others ("remote"): a grid
+        of several servers counts them (cluster.py); None for every kind that reads no servers."""
+        return None
+
     @property
     def fingerprint(self) -> str:
         """The identity of the rows this dataset holds, the same from any URL spelling or process: two

@@ -102,6 +102,9 @@ class SubsetDataset(Dataset):
     def bytes_per_row(self) -> float:
         return self.base.bytes_per_row()
 
+    def network_reads(self) -> dict | None:
+        return self.base.network_reads()
+
     @property
     def is_remote(self) -> bool:
         return self.base.is_remote

@@ -228,6 +228,7 @@ class Run:
     grad_norm: object = None  # the last step's total gradient norm (a tensor) when clipping
     log: object = None
     bar: object = None
+    reads_seen: tuple = (0, 0)  # rows read from a grid's servers on this rank's node and others, so far
 
 
 def _train(spec: Spec, rank: int, world: int, device, restarted: bool, report=None) -> dict | None:
@@ -432,11 +433,15 @@ def _end_epoch(run: Run, clock: Clock, complete: bool) -> dict:
     mid-epoch one (before the row, with the sums so far), so that resuming continues exactly."""
     if complete and run.scheduler is not None:
         run.scheduler.step()
-    totals = _allreduce(run.sums.values(), run.world, run.device)
+    reads = _grid_reads(run)  # a grid of several servers: rows read on this rank's node and across nodes
+    totals = _allreduce(run.sums.values() + reads, run.world, run.device)
+    totals, reads = totals[:3], totals[3:]
     run.sums = Sums()  # the next epoch's
     if not complete and run.saved_step != run.step:
         _save(run, totals)
     row = _epoch_row(run, totals, clock)
+    if reads:
+        row.update(grid_rows_local=int(reads[0]), grid_rows_remote=int(reads[1]))
     run.history.append(row)
     if run.rank == 0 and not math.isfinite(row["loss"]):
         warnings.warn(f"epoch {row['epoch']}: the training loss is {row['loss']} (diverged: lower the learning "
@@ -448,6 +453,18 @@ def _end_epoch(run: Run, clock: Clock, complete: bool) -> dict:
     if complete:
         _save(run, [0.0, 0.0, 0.0])
     return row
+
+
+def _grid_reads(run: Run) -> list[float]:
+    """This rank's rows read from servers on its node and on others since the last epoch's row ([] when the
+    data is not on a grid of several servers; every rank reads the same kind of data)."""
+    counts = run.loader.dataset.network_reads()
+    if counts is None:
+        return []
+    now = (counts["local"], counts["remote"])
+    delta = [float(now[0] - run.reads_seen[0]), float(now[1] - run.reads_seen[1])]
+    run.reads_seen = now
+    return delta
 
 
 def _epoch_row(run: Run, totals: list[float], clock: Clock) -> dict:

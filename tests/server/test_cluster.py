@@ -121,6 +121,8 @@ def test_a_static_grid_reads_every_row_once_while_a_server_is_killed_mid_stream(
     # every other partition, some of whose first replicas are now dead: the whole dataset once
     got = ds.to_arrow().column("id").to_numpy()
     assert np.array_equal(got, np.arange(ROWS))
+    reads = ds.network_reads()  # every server of this grid runs on this machine: no row crossed machines
+    assert reads["remote"] == 0 and reads["local"] >= ROWS + ds.shard_rows[0]
     # a loader over the grid (shuffled, two ranks): every row exactly once across the ranks
     seen = []
     for rank in range(2):

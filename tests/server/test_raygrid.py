@@ -110,6 +110,9 @@ def test_ray_training_over_a_ray_grid_finishes_after_a_server_is_killed(ray_grid
                         callbacks=[KillAfterFirstEpoch(pid)]).fit(ds)
     assert len(result.history) == 3 and result.history[-1]["accuracy"] > 0.9
     assert len(set(result.placement)) == 2  # one rank on each node
+    # every row read once an epoch across the ranks, each from its node's replica when its node has one
+    reads = [(r["grid_rows_local"], r["grid_rows_remote"]) for r in result.history]
+    assert sum(a + b for a, b in reads) == 3 * ROWS and sum(a for a, _ in reads) > 0, reads
     deadline = time.monotonic() + 90
     while grid.pids()[victim] == pid:  # it was killed during training: Ray starts it again
         assert time.monotonic() < deadline, "the grid server was not killed, or Ray did not restart it"
