@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -36,7 +35,7 @@ import pyarrow as pa
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from common import machine, table  # noqa: E402
+from common import machine, median_time, table  # noqa: E402
 
 import tensorgrid as tg  # noqa: E402
 from tensorgrid import fs as tgfs  # noqa: E402
@@ -56,12 +55,7 @@ def log(msg: str) -> None:
 
 
 def timed(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return median_time(fn, repeat=repeat, warmup=0)
 
 
 def rows_table(n: int) -> pa.Table:

@@ -104,8 +104,9 @@ class GridCluster:
 
     # --- where partitions live -----------------------------------------------------------------------------
     def replicas_of(self, name: str, partition: int) -> list[str]:
-        """The members holding ``partition`` of dataset ``name``, in the order a reader tries them: placement's,
-        except that members seen failing in the last RETRY_DEAD_S seconds come last."""
+        """The members holding ``partition`` of dataset ``name``, in the order a reader tries them: those on
+        this process's node first, members seen failing in the last RETRY_DEAD_S seconds last, placement's
+        order within each group."""
         ranked = placement.replicas_of(name, partition, self.members, self.replicas)
         now = time.monotonic()
         with self._lock:
@@ -161,7 +162,7 @@ class GridCluster:
         # every member knows the dataset (its schema and partitions, for SQL), also one that holds no partition
         first, *rest = self.members
         info = self._load_on(first, {**request, "hold": held[first]})
-        pinned = {**request, "refresh": True, "version": info["version"], "url": info["source"]}
+        pinned = {**request, "version": info["version"], "url": info["source"]}  # the first one's version
         with ThreadPoolExecutor(max(1, len(rest))) as pool:
             answers = list(pool.map(lambda m: self._load_on(m, {**pinned, "hold": held[m]}), rest))
         for member, answer in zip(rest, answers):

@@ -130,6 +130,9 @@ class GridServer(flight.FlightServerBase):
         # a member of a grid of several servers (cluster.py): the list every member is given, and replicas
         self.grid_members = member_urls(grid, self._scheme) if grid is not None else []
         self.replicas = check_int("replicas", replicas, 1)
+        if self.grid_members and self.replicas > len(self.grid_members):
+            raise ArgumentError(f"replicas={self.replicas} needs at least that many servers in the grid, got "
+                                f"{len(self.grid_members)}")
         try:
             # what the server offers beside Flight SQL (``services.py``): by prefix
             self.services = {svc.prefix: svc for svc in (default_services(self) if services is None else services)}

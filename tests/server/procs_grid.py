@@ -283,3 +283,29 @@ def refresher(g, i: int, end: float, report: dict, pause: float = 0.2) -> None:
 
 ROLES = {"sql": sql_reader, "loader": loader_reader, "writer": table_writer, "appender": store_appender,
          "refresher": refresher}
+
+
+# -- training over a grid ---------------------------------------------------------------------------------------
+
+class KillAfterFirstEpoch(tg.Callback):
+    """On rank 0, at the end of epoch 1: SIGKILL a grid server's process (the next epochs read from its
+    partitions' other replicas)."""
+
+    def __init__(self, pid):
+        self.pid = pid
+
+    def on_epoch_end(self, state):
+        if state.epoch == 1:
+            os.kill(self.pid, signal.SIGKILL)
+
+
+def linear():
+    import torch
+
+    return torch.nn.Linear(1, 2)
+
+
+def sgd(params):
+    import torch
+
+    return torch.optim.SGD(params, lr=0.5)

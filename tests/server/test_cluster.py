@@ -1,7 +1,6 @@
 """One grid on several servers: placement by rendezvous hashing (properties), and a static-list grid of three
 real `tensorgrid serve` processes with two replicas, one of them SIGKILLed while a partition streams from it."""
 
-import os
 import signal
 import socket
 
@@ -15,7 +14,7 @@ import tensorgrid as tg
 from tensorgrid.server import placement
 from tensorgrid.server.cluster import ClusterDataset, GridCluster
 
-from .procs_grid import kill_server, start_server, stop_server
+from .procs_grid import KillAfterFirstEpoch, kill_server, linear, sgd, start_server, stop_server
 
 MEMBERS = st.lists(st.text("abcdefgh:0123456789", min_size=1, max_size=12), min_size=1, max_size=9, unique=True)
 
@@ -136,29 +135,6 @@ def test_a_static_grid_reads_every_row_once_while_a_server_is_killed_mid_stream(
     one = tg.server.GridDataset(again.sessions[victim], "numbers")
     assert [one.read_rows(k, 0, 2, ["id"]).column(0).to_pylist() for k in mine] == \
         [ds.read_rows(k, 0, 2, ["id"]).column(0).to_pylist() for k in mine]
-
-
-class KillAfterFirstEpoch(tg.Callback):
-    """On rank 0, at the end of epoch 1: SIGKILL a grid server (the next epochs read from other replicas)."""
-
-    def __init__(self, pid):
-        self.pid = pid
-
-    def on_epoch_end(self, state):
-        if state.epoch == 1:
-            os.kill(self.pid, signal.SIGKILL)
-
-
-def linear():
-    import torch
-
-    return torch.nn.Linear(1, 2)
-
-
-def sgd(params):
-    import torch
-
-    return torch.optim.SGD(params, lr=0.5)
 
 
 def test_training_on_two_ranks_over_a_static_grid_finishes_after_a_server_is_killed(static_grid):

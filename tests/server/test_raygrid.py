@@ -11,6 +11,8 @@ import pytest
 
 import tensorgrid as tg
 
+from .procs_grid import KillAfterFirstEpoch, linear, sgd
+
 ROWS, PAD = 30_000, 4096  # ~120 MB: 3 partitions of ~40 MB, each streamed as five 8 MiB batches (more than
 # gRPC and the sockets buffer: a kill after the first batch lands mid-stream)
 
@@ -72,29 +74,6 @@ def test_a_ray_grid_survives_a_killed_server_and_ray_restarts_it_with_its_partit
         assert one.read_rows(k, 0, 3, ["id"]).column("id").to_pylist() == ds.read_rows(k, 0, 3, ["id"]).column(
             "id").to_pylist()
     assert np.array_equal(ds.to_arrow().column("id").to_numpy(), np.arange(ROWS))
-
-
-class KillAfterFirstEpoch(tg.Callback):
-    """On rank 0, at the end of epoch 1: SIGKILL a grid server's process (Ray restarts it)."""
-
-    def __init__(self, pid):
-        self.pid = pid
-
-    def on_epoch_end(self, state):
-        if state.epoch == 1:
-            os.kill(self.pid, signal.SIGKILL)
-
-
-def linear():
-    import torch
-
-    return torch.nn.Linear(1, 2)
-
-
-def sgd(params):
-    import torch
-
-    return torch.optim.SGD(params, lr=0.5)
 
 
 def test_ray_training_over_a_ray_grid_finishes_after_a_server_is_killed(ray_grid):
