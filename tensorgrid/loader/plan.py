@@ -19,6 +19,9 @@ same number of batches, and the set of rows in each global batch depends on G on
 split: a run can resume with another world size as long as G is unchanged. Unless drop_last, the epoch is
 padded to a multiple of world_size by repeating its first rows (fewer than world_size rows, flagged as
 padding); with drop_last the last partial global batch is dropped (fewer than G rows).
+
+Locality (``pad_batches``): a rank reads only its own share (the partitions on its node) as a plan of world
+size 1 over that share, padded with its repeated rows to the batch count every rank has (``pad_batches``).
 """
 
 from __future__ import annotations
@@ -89,6 +92,7 @@ class Plan:
     max_chunk_batches: int | None = None  # batches per chunk at most; default a whole window
     span_rows: int | None = None  # rows of permuted blocks whose pieces are interleaved (None: whole blocks)
     ramp: bool = True  # the first window's chunks grow 1, 2, 4, ... batches (off: its first batch is cheap anyway)
+    pad_batches: int | None = None  # locality: this rank's own rows only (world_size 1), padded to this many batches
     _sigma: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -108,6 +112,9 @@ class Plan:
     def padded_rows(self) -> int:
         """Rows in the epoch after padding (or dropping) so every rank gets equal batches."""
         n, g, w = self.num_rows, self.global_batch, self.world_size
+        if self.pad_batches is not None:  # every rank as many batches: the last ones padding when it has fewer rows
+            full = self.pad_batches * g
+            return full if self.drop_last or n <= full - g else n
         if self.drop_last:
             return (n // g) * g
         return -(-n // w) * w if n else 0

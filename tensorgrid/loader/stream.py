@@ -12,6 +12,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import sys
+import threading
 import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -40,6 +41,8 @@ from .collate import (
     take_per_table,
     take_to_torch,
 )
+from .locality import Share
+from .locality import check_resume as check_locality
 from .plan import Layout, Plan
 from .source import Source
 from .workers import Watch
@@ -151,6 +154,7 @@ class Chunk:
         self.transform, self.plan, self.pos = transform, plan, pos
         self.keys = (plan.seed, plan.epoch, plan.rank) if plan is not None else (0, 0, 0)
         self.pin = None  # set in the main process only: pinned memory is valid where it is allocated
+        self.reads: dict | None = None  # a worker's reads from a grid's servers since its last chunk (by partition)
 
     def pin_memory(self, pin) -> None:
         """Pin what the batches will be views of, once per chunk (a block once for all its columns);
@@ -249,13 +253,18 @@ class _Chunks(IterableDataset):
         self.source.reset(keep_decoded=info is None and self.plan.shuffle)
         c0 = self.plan.chunk_of(self.first) if self.plan.num_batches else 0
         mine = range(c0 + wid, self.plan.num_chunks, nw)
+        reads = _Reads(self.source.dataset) if info is not None else None  # counted in the rank's process
+
         def build(c: int) -> Chunk:
             if info is not None and self.transform is not None:
                 # a worker's random transform depends on (seed, epoch, rank, chunk) only: its draws repeat for
                 # any number of workers and after a resume in the middle of an epoch
                 seed_all(self.plan.seed, self.plan.epoch, self.plan.rank, c)
-            return build_chunk(self.plan, self.source, c, self.first, self.transform, self.add_valid,
-                               eager=info is not None, stack=self.stack)
+            chunk = build_chunk(self.plan, self.source, c, self.first, self.transform, self.add_valid,
+                                eager=info is not None, stack=self.stack)
+            if reads is not None:
+                chunk.reads = reads.since_last()
+            return chunk
 
         if not self.source.dataset.is_remote or len(mine) < 2:
             for c in mine:
@@ -278,6 +287,25 @@ class _Chunks(IterableDataset):
                 ready = pending.popleft().result()
                 self.source.start_fills()
                 yield ready
+
+
+class _Reads:
+    """A loader worker's reads from a grid's servers (``network_reads`` by partition), handed to the rank's
+    process with each chunk: the rows read since the chunk before."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset, self.seen, self.lock = dataset, {}, threading.Lock()  # chunks may be built by threads
+
+    def since_last(self) -> dict | None:
+        with self.lock:
+            now = self.dataset.network_reads()
+            if not now:
+                return None
+            parts = {k: tuple(v) for k, v in now.get("partitions", {}).items()}
+            delta = {k: [v[0] - self.seen.get(k, (0, 0))[0], v[1] - self.seen.get(k, (0, 0))[1]]
+                     for k, v in parts.items() if v != self.seen.get(k)}
+            self.seen = parts
+        return {"partitions": delta} if delta else None
 
 
 def _identity(x):
@@ -403,6 +431,11 @@ class Loader:
     ``cache_fill=False`` reads the cache files that exist but builds none: for a single pass (inference,
     a look at one batch), where filling would only cost a second decode and a disk write.
 
+    ``locality=True`` (a grid of several servers' dataset): this rank reads only the partitions held on its
+    own node (``rank_partitions``), shuffled within them, padded with its repeated rows (flagged padding) to
+    the batch count of the rank with the most rows; a state resumes only under the same world size and
+    placement (loader/locality.py).
+
     ``stack={"x": ["f0", "f1", ...]}`` hands numeric columns over as one (rows, k) tensor ``x`` in their
     place (their common dtype, by torch's promotion): a wide table's features as a model takes them. From the Arrow cache this is
     a view of the rows as gathered (no per-column work at all: a 25-column table loads as fast as one
@@ -414,7 +447,7 @@ class Loader:
                  drop_last: bool = False, prefetch: int = 2, shuffle_buffer: int | None = None,
                  memory_budget: int | None = None, cache_dir=None, cache_limit: int | str | None = None,
                  multiprocessing_context: str | None = None, timeout: float = 0, pin_memory: bool | None = None,
-                 cache_fill: bool = True, stack: dict | None = None):
+                 cache_fill: bool = True, stack: dict | None = None, locality: bool = False):
         batch_size, num_workers = check_int("batch_size", batch_size, 1), check_int("num_workers", num_workers, 0)
         prefetch, seed = check_int("prefetch", prefetch, 1), check_int("seed", seed)
         memory_budget = check_int("memory_budget", memory_budget, 1, none=True)
@@ -428,8 +461,11 @@ class Loader:
         self.rank, self.world_size = _rank_world(rank, world_size)
         self.dataset = dataset
         self.memory_budget = memory_budget or DEFAULT_MEMORY_BUDGET
-        self.source = Source(dataset, columns, cache_dir, cache_limit, self.memory_budget,
-                             fill=_flag("cache_fill", cache_fill))
+        # locality=True: this rank reads only the partitions on its own node (locality.py)
+        self.share = Share.of(dataset, self.world_size, batch_size, self.drop_last) \
+            if _flag("locality", locality) else None
+        self.source = Source(dataset if self.share is None else self.share.dataset(dataset, self.rank), columns,
+                             cache_dir, cache_limit, self.memory_budget, fill=_flag("cache_fill", cache_fill))
         if self.source.layout.num_rows == 0:
             raise EmptyDataError(f"{dataset.url or 'dataset'} has no rows to load")
         _check_lengths_names(dataset.schema, self.source.columns)
@@ -466,11 +502,20 @@ class Loader:
         return self.context if isinstance(self.context, str) else self.context.get_start_method()
 
     def plan(self, epoch: int | None = None) -> Plan:
-        return Plan(self.source.layout, self.batch_size, self.world_size, self.rank, self.shuffle, self.seed,
-                    self.epoch if epoch is None else epoch, self.drop_last, self.window_rows,
+        local = self.share is not None  # this rank's share alone, padded to every rank's batch count
+        return Plan(self.source.layout, self.batch_size, 1 if local else self.world_size, 0 if local else self.rank,
+                    self.shuffle, self.seed, self.epoch if epoch is None else epoch, self.drop_last, self.window_rows,
                     max_chunk_batches=self._in_process_chunk() if self.in_process else (
                         1 if self.transform is not None else max(1, self.chunk_rows // self.batch_size)),
-                    span_rows=self.span_rows, ramp=self.ramp and not self.source.cache_complete())
+                    span_rows=self.span_rows, ramp=self.ramp and not self.source.cache_complete(),
+                    pad_batches=self.share.batches if local else None)
+
+    def real_rows(self, k: int) -> int:
+        """Rows of global batch ``k`` (every rank's batch k) that are real, not padding."""
+        if self.share is not None:
+            return self.share.real_rows(k)
+        g = self.batch_size * self.world_size
+        return max(0, min(g, self.source.layout.num_rows - k * g))
 
     def _in_process_chunk(self) -> int | None:
         """Batches per chunk built in this process: a whole window; over a network, about REMOTE_CHUNK_BYTES,
@@ -511,7 +556,9 @@ class Loader:
                 "global_batch": self.batch_size * self.world_size, "num_rows": self.source.layout.num_rows,
                 "drop_last": self.drop_last, "version": self.dataset.version, "url": self.dataset.url,
                 "layout": self.source.layout.digest,  # the blocks the order is built from
-                "window": self.plan().window, "span": self.span_rows or 0, "fingerprint": self.fingerprint}
+                "window": self.plan().window, "span": self.span_rows or 0, "fingerprint": self.fingerprint,
+                **({} if self.share is None else {  # the same on every rank: the whole data, the share's placement
+                    "num_rows": self.dataset.num_rows, "layout": self.share.digest, "locality": self.share.state()})}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue where ``state`` (from state_dict(), in any process) left off. A state over other rows, or
@@ -520,7 +567,9 @@ class Loader:
             raise ResumeError(f"not a loader state (a dict from state_dict() with 'epoch' and 'batch'): {state!r}"[:200])
         if self.shuffle and not state.get("span"):  # saved before pieces (whole blocks; or 0): resume in that order
             self.span_rows = None
-        _check_same_order(state, self.state_dict(), self.shuffle)
+        mine = self.state_dict()
+        check_locality(state, mine)
+        _check_same_order(state, mine, self.shuffle)
         epoch = check_int("the state's epoch", state["epoch"], 0, error=ResumeError)
         batch = check_int("the state's batch", state["batch"], 0, len(self), error=ResumeError)
         self.epoch, self._start, self._pos = epoch, batch, batch
@@ -552,6 +601,8 @@ class Loader:
             pin_memory=False)))
         try:
             while (chunk := watch.next()) is not None:
+                if chunk.reads:
+                    self.dataset.add_network_reads(chunk.reads)
                 yield chunk
         finally:
             watch.close()

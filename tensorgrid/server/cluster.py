@@ -91,7 +91,8 @@ class GridCluster:
         self.members = names
         self.resolve = resolve
         self.ray_nodes = dict(zip(names, ray_nodes)) if ray_nodes is not None else None
-        self.reads = {"local": 0, "remote": 0}  # rows this process read, from its own node's servers or others
+        # rows this process read, from servers on its own node or others: (dataset, partition) -> [local, remote]
+        self.part_reads: dict[tuple[str, int], list[int]] = {}
         self._local: dict[str, bool] | None = None  # member -> on this process's node (computed once per process)
         self.replicas = check_int("replicas", replicas, 1)
         self._dead: dict[str, float] = {}  # member -> when it last failed
@@ -120,6 +121,21 @@ class GridCluster:
             self._local = _on_this_node(self.members, self.ray_nodes,
                                         {m: s.url for m, s in self.sessions.items()})
         return self._local
+
+    def member_nodes(self) -> dict[str, str]:
+        """member -> the node it runs on, the same answer in every process: its Ray node id on Ray, else
+        its host as the member list names it (loopback names as one)."""
+        if self.ray_nodes is not None:
+            return dict(self.ray_nodes)
+        loopback = {"127.0.0.1", "::1", "localhost"}
+        hosts = {m: s.url.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]").lower() for m, s in self.sessions.items()}
+        return {m: "localhost" if h in loopback else h for m, h in hosts.items()}
+
+    def count(self, name: str, part: int, where: str, rows: int) -> None:
+        """Record ``rows`` of partition ``part`` read from a server on this node ("local") or another."""
+        with self._lock:  # a loader's chunks may be fetched by several threads
+            counts = self.part_reads.setdefault((name, part), [0, 0])
+            counts[where == "remote"] += rows
 
     def mark_failed(self, member: str) -> None:
         """Try ``member`` last for a while; where its address can change (``resolve``), look it up again."""
@@ -217,7 +233,7 @@ class GridCluster:
         state = self.__dict__.copy()
         # a copy (loader workers, trainer processes) keeps the members' addresses as they are now: it fails
         # over between replicas, but asks no one for a restarted member's new address (Ray's handles stay here)
-        state.update(_lock=None, _dead={}, failovers=[], resolve=None, _local=None, reads={"local": 0, "remote": 0})
+        state.update(_lock=None, _dead={}, failovers=[], resolve=None, _local=None, part_reads={})
         return state
 
     def __setstate__(self, state):
@@ -264,7 +280,30 @@ class ClusterDataset(ServedRows):
         return self._fingerprint
 
     def network_reads(self) -> dict:
-        return dict(self.cluster.reads)
+        """Rows this process read from servers on its node and on others, in all and by partition."""
+        with self.cluster._lock:
+            parts = {k: list(v) for (name, k), v in self.cluster.part_reads.items() if name == self.name}
+        return {"local": sum(v[0] for v in parts.values()), "remote": sum(v[1] for v in parts.values()),
+                "partitions": parts}
+
+    def add_network_reads(self, counts: dict) -> None:
+        """Add reads made in another process for this one (a loader worker's, by partition)."""
+        for k, (local, remote) in counts.get("partitions", {}).items():
+            self.cluster.count(self.name, int(k), "local", local)
+            self.cluster.count(self.name, int(k), "remote", remote)
+
+    # --- locality=True: each rank reads the partitions held on its own node ----------------------------------
+    def rank_partitions(self, world_size: int) -> list[list[int]]:
+        """The partitions each of ``world_size`` ranks reads with ``locality=True`` (placement.rank_partitions:
+        rank r beside member r mod n, every partition once, to a rank on a node holding a replica)."""
+        return placement.rank_partitions(self.name, self._rows, self.cluster.members, self.cluster.replicas,
+                                         self.cluster.member_nodes(), world_size)
+
+    def rank_nodes(self, world_size: int) -> list[str] | None:
+        """The Ray node each rank should run on for ``locality=True`` (None off Ray: nothing to place)."""
+        if self.cluster.ray_nodes is None:
+            return None
+        return placement.rank_nodes(self.cluster.members, self.cluster.ray_nodes, world_size)
 
     def replicas(self, partition: int) -> list[str]:
         """The servers holding ``partition``, in the order a read tries them."""
@@ -307,7 +346,7 @@ class ClusterDataset(ServedRows):
                     if batch.schema.metadata:
                         batch = batch.replace_schema_metadata(None)
                     got += batch.num_rows
-                    self.cluster.reads[where] += batch.num_rows
+                    self.cluster.count(self.name, part, where, batch.num_rows)
                     yield batch
                 if got != todo:  # a stream that ended early: the server went away between batches
                     raise GridConnectionError(f"{member} ended partition {part} after {got} of {todo} rows")

@@ -9,7 +9,7 @@ adding one moves to it only the partitions it now scores highest on, about 1/n o
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import xxhash
 
@@ -39,3 +39,41 @@ def assignment(dataset: str, partitions: int, members: Sequence[str], replicas: 
         for m in replicas_of(dataset, k, members, replicas):
             held[m].append(k)
     return held
+
+
+def rank_nodes(members: Sequence[str], member_nodes: Mapping[str, str], world_size: int) -> list[str]:
+    """The node each of ``world_size`` ranks should run on to read locally (``locality=True``): rank r beside
+    member r mod n, so ranks spread over the members' nodes as evenly as the members do."""
+    world_size = check_int("world_size", world_size, 1)
+    return [member_nodes[members[r % len(members)]] for r in range(world_size)]
+
+
+def rank_partitions(dataset: str, partition_rows: Sequence[int], members: Sequence[str], replicas: int,
+                    member_nodes: Mapping[str, str], world_size: int) -> list[list[int]]:
+    """Which partitions each rank reads with ``locality=True``: every partition exactly once, to a rank on a
+    node holding one of its replicas when there is one (else to any rank: read across nodes), balancing
+    rows: partitions largest first, each to the eligible rank with the fewest rows so far (lowest rank on
+    ties); a rank left without rows then takes the smallest partition of the rank with the most rows (read
+    across nodes), as long as partitions with rows go round. A pure function of its inputs, like placement:
+    every rank computes the same answer."""
+    nodes = rank_nodes(members, member_nodes, world_size)
+    load = [0] * world_size
+    out: list[list[int]] = [[] for _ in range(world_size)]
+    order = sorted(range(len(partition_rows)), key=lambda k: (-int(partition_rows[k]), k))
+    for k in order:
+        holders = {member_nodes[m] for m in replicas_of(dataset, k, members, replicas)}
+        eligible = [r for r in range(world_size) if nodes[r] in holders] or list(range(world_size))
+        r = min(eligible, key=lambda i: (load[i], i))
+        out[r].append(k)
+        load[r] += int(partition_rows[k])
+    for r in range(world_size):  # a rank left without rows takes the smallest partition of the fullest rank
+        if load[r] == 0:
+            donors = [d for d in range(world_size) if sum(1 for k in out[d] if partition_rows[k]) > 1]
+            if donors:
+                d = max(donors, key=lambda i: (load[i], -i))
+                k = min((k for k in out[d] if partition_rows[k]), key=lambda k: (int(partition_rows[k]), k))
+                out[d].remove(k)
+                out[r].append(k)
+                load[d] -= int(partition_rows[k])
+                load[r] += int(partition_rows[k])
+    return [sorted(p) for p in out]

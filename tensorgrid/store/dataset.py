@@ -133,7 +133,13 @@ class Dataset(abc.ABC):
 
     def network_reads(self) -> dict | None:
         """Rows this process has read from servers on its own node ("local") and on others ("remote"): a grid
-        of several servers counts them (cluster.py); None for every kind that reads no servers."""
+        of several servers counts them (cluster.py), in all and by partition ("partitions": {k: [local,
+        remote]}); None for every kind that reads no servers."""
+        return None
+
+    def add_network_reads(self, counts: dict) -> None:
+        """Count reads another process made for this one (a loader worker's): ``counts`` as network_reads
+        gives them, by partition. Nothing to do for kinds that read no servers."""
         return None
 
     @property

@@ -30,11 +30,16 @@ _ROW = "__tensorgrid_row__"  # the position column added to evaluate a filter
 class SubsetDataset(Dataset):
     """Some rows (sorted ids into ``base``, or all) and some columns (or all) of ``base``."""
 
-    def __init__(self, base: Dataset, rows: np.ndarray | None, columns: list[str] | None, what: str):
+    def __init__(self, base: Dataset, rows: np.ndarray | None, columns: list[str] | None, what: str,
+                 shards: list[int] | None = None):
+        """``shards``: whole shards of ``base`` only, in this order (``rows`` None): e.g. a rank's partitions."""
         self.base, self._rows, self._columns, self.what = base, rows, columns, what
+        self._shard_ids = None if shards is None else [int(s) for s in shards]
         self.url, self.version = base.url, base.version
         self._fingerprint: str | None = None
-        if rows is None:
+        if self._shard_ids is not None:
+            self._shards = [(s, None) for s in self._shard_ids]
+        elif rows is None:
             self._shards = [(s, None) for s in range(base.num_shards)]
         else:
             bounds = np.concatenate([[0], np.cumsum(base.shard_rows, dtype=np.int64)])
@@ -79,17 +84,17 @@ class SubsetDataset(Dataset):
 
     def blocks(self) -> list[tuple[int, int, int]]:
         """The base's blocks (row groups...) cut down to this subset's rows: a block is read in one go."""
-        if self._rows is None:
+        if self._rows is None and self._shard_ids is None:
             return self.base.blocks()
         where = {s: (i, ids) for i, (s, ids) in enumerate(self._shards)}
         out = []
         for s, a, b in self.base.blocks():
             if s in where:
                 i, ids = where[s]
-                lo, hi = np.searchsorted(ids, [a, b])
+                lo, hi = (a, b) if ids is None else np.searchsorted(ids, [a, b])
                 if hi > lo:
                     out.append((i, int(lo), int(hi)))
-        return out
+        return sorted(out)
 
     @property
     def reads_ranges(self) -> bool:
@@ -105,9 +110,30 @@ class SubsetDataset(Dataset):
     def network_reads(self) -> dict | None:
         return self.base.network_reads()
 
+    def add_network_reads(self, counts: dict) -> None:
+        self.base.add_network_reads(counts)
+
     @property
     def is_remote(self) -> bool:
         return self.base.is_remote
+
+    @property
+    def same_shards(self) -> bool:
+        """Whether this view has every row of every shard of its base, in order (only columns selected)."""
+        return self._rows is None and self._shard_ids is None
+
+    @property
+    def fork_safe(self) -> bool:  # a view of a grid's dataset holds its gRPC client too
+        return self.base.fork_safe
+
+    @property
+    def takes_rows(self) -> bool:
+        return self.base.takes_rows
+
+    def read_take(self, shard: int, rows, columns: list[str] | None = None) -> pa.Table:
+        s, ids = self._shards[shard]
+        rows = np.asarray(rows, dtype=np.int64)
+        return self.base.read_take(s, rows if ids is None else ids[rows], self._cols(columns))
 
     def cache_key(self, shard: int) -> str | None:
         s, ids = self._shards[shard]
@@ -124,6 +150,8 @@ class SubsetDataset(Dataset):
         """The parent's fingerprint and the selection (columns, row ids): each split is other data."""
         if self._fingerprint is None:
             h = xxhash.xxh3_64(f"{self.base.fingerprint}|{self._columns!r}|".encode())
+            if self._shard_ids is not None:
+                h.update(f"shards{self._shard_ids!r}".encode())
             if self._rows is not None:
                 h.update(np.ascontiguousarray(self._rows, dtype=np.int64).tobytes())
             self._fingerprint = "subset:" + h.hexdigest()

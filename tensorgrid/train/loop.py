@@ -33,6 +33,7 @@ from ..loader import Loader
 from ..rng import seed_all
 from ..store import Dataset
 from . import checkpoint as ckpt
+from . import placement
 from .callbacks import RankZeroFailed, Runner, TrainState
 from .features import feature_columns, loader_stack
 from .losses import BatchLoss, Sums, is_classifier, micro_batches
@@ -77,6 +78,7 @@ class Spec:
     precision: str = "fp32"  # precision.py
     warmup_steps: int = 0  # schedule.py
     lr_schedule: str = "constant"
+    locality: bool = False  # each rank reads only the partitions on its own node (loader/locality.py)
 
     @property
     def step_batch(self) -> int:
@@ -247,7 +249,8 @@ def _train(spec: Spec, rank: int, world: int, device, restarted: bool, report=No
     finally:
         _close_outputs(run)
     run.callbacks.call("on_train_end", lambda: _state(run, run.history[-1] if run.history else None))
-    return _result(run) if rank == 0 else None
+    where = placement.gather(rank, world, run.loader)  # every rank: where it ran, what it read there
+    return {**_result(run), "placement": where} if rank == 0 else None
 
 
 def _start(spec: Spec, rank: int, world: int, device, report) -> Run:
@@ -261,9 +264,10 @@ def _start(spec: Spec, rank: int, world: int, device, report) -> Run:
     scheduler = spec.scheduler(optimizer) if spec.scheduler else None
     # the loader reads whole optimizer steps; accumulation splits them (see _optimizer_step)
     loader = rank_loader(spec, spec.train, rank, world, batch=spec.step_batch, shuffle=True, seed=spec.seed,
-                         num_workers=spec.loader_workers)
+                         num_workers=spec.loader_workers, locality=spec.locality)
     return Run(spec, rank, world, device, model, net, optimizer, scheduler, loader,
-               BatchLoss(spec, net, device, world, spec.train.num_rows, spec.step_batch),
+               BatchLoss(spec, net, device, world, spec.train.num_rows, spec.step_batch,
+                         real_rows=loader.real_rows if spec.locality else None),
                Runner(spec.callbacks, rank, world, device), Precision(spec.precision, device),
                StepSchedule(spec.warmup_steps, spec.lr_schedule, spec.epochs * len(loader)), report)
 

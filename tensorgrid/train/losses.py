@@ -29,9 +29,11 @@ class BatchLoss:
     optimizer step and ``compute`` is given each micro-batch (a slice of the rank's rows of it): the losses
     are weighted so that the micro-batches' gradients add up to that of the mean over the step's rows."""
 
-    def __init__(self, spec, model, device, world: int, rows: int, global_batch: int):
+    def __init__(self, spec, model, device, world: int, rows: int, global_batch: int, real_rows=None):
+        """``real_rows(k)``: the real rows of global batch k when not the first ``rows`` cut in global batches
+        (``locality=True``: each rank's own share, padded at its end)."""
         self.spec, self.model, self.device = spec, model, device
-        self.world, self.rows, self.global_batch = world, rows, global_batch
+        self.world, self.rows, self.global_batch, self.real_rows = world, rows, global_batch, real_rows
         self.lossn = per_row_loss(spec.loss) if spec.step is None else None
         self.classifier = is_classifier(spec.loss)
 
@@ -40,7 +42,8 @@ class BatchLoss:
         global batch ``k``."""
         valid = batch.get("_valid")
         # rows of global batch k that are real (only the last global batch is short or padded)
-        real = min(self.global_batch, self.rows - k * self.global_batch)
+        real = self.real_rows(k) if self.real_rows is not None else min(self.global_batch,
+                                                                         self.rows - k * self.global_batch)
         if self.spec.step is not None:
             return self._user_step(batch, valid, real)
         out = forward(self.model, _to(stack_features(batch, self.spec.features), self.device), self.spec.features)

@@ -13,8 +13,10 @@ import pyarrow.compute as pc
 import torch
 
 from ..args import check_choice, check_int, check_number
-from ..errors import CheckpointError, TensorGridError, TrainingConfigError
+from ..errors import ArgumentError, CheckpointError, ResumeError, TensorGridError, TrainingConfigError
 from ..loader import Loader
+from ..loader.locality import Share, placed
+from ..loader.locality import check_resume as check_locality
 from ..store import Dataset
 from . import checkpoint as ckpt
 from .callbacks import check_callbacks
@@ -23,6 +25,7 @@ from .features import ACCEPTED, check_features, feature_columns, label_for_loss,
 from .loop import Spec, build_model, train
 from .losses import is_classifier
 from .monitors import BestCheckpoint
+from .placement import RankPlacement
 from .precision import FP16_NEEDS_CUDA, PRECISIONS
 from .predict import predict
 from .schedule import SCHEDULES
@@ -68,7 +71,7 @@ class FitResult:
     metrics: dict  # the last epoch's train (and val_*) metrics
     history: list[dict] = field(default_factory=list)
     checkpoint: str | None = None
-    placement: list[str] | None = None  # where the workers ran (Ray node ids), when the engine says
+    placement: list[RankPlacement] | None = None  # per rank: its node, its partitions (locality), what it read there
     best_checkpoint: str | None = None  # the kept best epoch's checkpoint, with a BestCheckpoint callback
 
     def plot(self, path: str = "curves.png", title: str | None = None) -> str:
@@ -127,6 +130,12 @@ class Trainer:
       loader_workers: background processes per rank that read and transform batches (0: in the rank itself).
       max_restarts: restart the whole group from its newest checkpoint this many times after a worker fails.
       timeout_s: how long a collective waits for a slow or hung rank before the run fails.
+      locality: over a grid of several servers, each rank reads only the partitions held on its own node (on
+        Ray each rank is placed beside them), shuffled within its share, padded with its own repeated rows to
+        the same batch count as the others; a run resumes only with the same workers and placement. Default
+        False: global batches over all partitions (exact global shuffle, resume under any world size), each
+        rank fetching its rows from wherever they are. ``FitResult.placement`` says where each rank ran and
+        what it read on its node.
 
     What it keeps and shows:
       checkpoint_dir: a URL (local path, s3://, ...) for checkpoints; ``fit(resume=True)`` continues from the
@@ -148,7 +157,7 @@ class Trainer:
                  metrics=("accuracy",), seed: int = 0, max_restarts: int = 0, timeout_s: float = 300,
                  loader_workers: int = 0, quiet: bool = False, engine_options: dict | None = None,
                  callbacks=None, accumulate: int = 1, grad_clip: float | None = None, precision: str = "fp32",
-                 warmup_steps: int = 0, lr_schedule: str = "constant"):
+                 warmup_steps: int = 0, lr_schedule: str = "constant", locality: bool = False):
         if not (isinstance(model, torch.nn.Module) or callable(model)):
             raise TrainingConfigError("model must be an nn.Module or a zero-argument factory returning one")
         if step is None and loss is None:
@@ -173,6 +182,7 @@ class Trainer:
         step_options = _step_options(accumulate, grad_clip, precision, warmup_steps, lr_schedule, engine)
         engine_options = _engine_options(engine, engine_options)
         callbacks = check_callbacks(callbacks)
+        self.locality = check_choice("locality", locality, (False, True), error=TrainingConfigError)
         self.model, self.loss = model, loss
         self.optimizer = optimizer or (lambda params: torch.optim.Adam(params, lr=1e-3))
         self.scheduler, self.features, self.label, self.step = scheduler, features, label, step
@@ -296,6 +306,15 @@ class Trainer:
                 raise TrainingConfigError(f"scheduler(optimizer) fails: {type(e).__name__}: {e}") from None
         return opt
 
+    def _share(self, ds: Dataset) -> Share | None:
+        """What each rank reads with ``locality=True`` (checked before any worker starts)."""
+        if not self.locality:
+            return None
+        try:
+            return Share.of(ds, self.workers, self.batch_size * self.accumulate // self.workers, False)
+        except ArgumentError as e:
+            raise TrainingConfigError(str(e)) from None
+
     def _spec(self, train_ds, val_ds, resume_from) -> Spec:
         return Spec(model=self.model, loss=self.loss, optimizer=self.optimizer, scheduler=self.scheduler,
                     features=self.features, label=self.label, step=self.step, transform=self.transform,
@@ -305,7 +324,7 @@ class Trainer:
                     timeout_s=self.timeout_s, loader_workers=self.loader_workers, quiet=self.quiet,
                     train=train_ds, val=val_ds, resume_from=resume_from, callbacks=self.callbacks,
                     accumulate=self.accumulate, grad_clip=self.grad_clip, precision=self.precision,
-                    warmup_steps=self.warmup_steps, lr_schedule=self.lr_schedule)
+                    warmup_steps=self.warmup_steps, lr_schedule=self.lr_schedule, locality=self.locality)
 
     def _epoch_metrics(self, with_val: bool) -> set[str]:
         """The keys of the history's rows (but "epoch")."""
@@ -330,6 +349,7 @@ class Trainer:
         self._check_urls()
         if train_ds.num_rows < self.workers:
             raise TrainingConfigError(f"{train_ds.num_rows} rows cannot feed {self.workers} workers")
+        share = self._share(train_ds)
         resume_from = None
         if not resume and ckpt.latest(self.checkpoint_dir):
             raise TrainingConfigError(f"checkpoint_dir {self.checkpoint_dir} already holds checkpoints of an earlier "
@@ -357,6 +377,10 @@ class Trainer:
             if done > self.epochs:
                 raise CheckpointError(f"checkpoint {resume_from} is past this run's end: it trained {done} epochs "
                                       f"(or part of the last), this trainer has epochs={self.epochs}")
+            try:
+                check_locality(state["loader"], {"locality": share.state() if share is not None else None})
+            except ResumeError as e:
+                raise CheckpointError(f"checkpoint {resume_from}: {e}") from None
             step_batch = self.batch_size * self.accumulate
             if state["loader"].get("global_batch") not in (None, step_batch):
                 raise CheckpointError(f"checkpoint {resume_from} was trained with {state['loader']['global_batch']} "
@@ -378,8 +402,13 @@ class Trainer:
         else:
             from .engines import get
 
+            options = dict(self.engine_options)
+            if share is not None and self.engine == "ray" and "nodes" not in options:
+                nodes = placed(train_ds).rank_nodes(self.workers)  # each rank on the node holding its partitions
+                if nodes is not None:
+                    options["nodes"] = nodes
             out = get(self.engine)(payload, self.workers, self.max_restarts, self.timeout_s, self.checkpoint_dir,
-                                   **self.engine_options)
+                                   **options)
         model = build_model(spec)
         model.load_state_dict(out["model"])
         _callbacks_back(self.callbacks, out.get("callbacks"))

@@ -49,6 +49,28 @@ def test_placement_spreads_partitions_evenly():
     assert sum(counts) == 2000 and min(counts) > 320 and max(counts) < 480  # 400 each, give or take
 
 
+@settings(max_examples=150, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 3), st.integers(1, 3), st.lists(st.integers(0, 500), min_size=1, max_size=24),
+       st.integers(1, 8))
+def test_locality_gives_every_partition_to_one_rank_on_a_node_holding_it(servers, nodes, replicas, rows, world):
+    members = [f"grpc://h{i}:8815" for i in range(servers)]
+    node_of = {m: f"node{i % nodes}" for i, m in enumerate(members)}
+    parts = placement.rank_partitions("ds", rows, members, replicas, node_of, world)
+    assert sorted(k for p in parts for k in p) == list(range(len(rows)))  # each partition exactly once
+    homes = placement.rank_nodes(members, node_of, world)
+    load = [sum(rows[k] for k in p) for p in parts]
+    moved = 0
+    for r, p in enumerate(parts):
+        for k in p:
+            holders = {node_of[m] for m in placement.replicas_of("ds", k, members, replicas)}
+            eligible = [q for q in range(world) if homes[q] in holders]
+            moved += homes[r] not in holders and bool(eligible)  # given across nodes although a rank sat beside it
+    # only a rank that had no rows takes a partition from across nodes, one each
+    assert moved <= sum(1 for n in load if n) and moved <= world
+    if sum(1 for n in rows if n) >= world:  # partitions with rows go round: no rank is left without
+        assert min(load) > 0
+
+
 def _free_ports(n: int) -> list[int]:
     socks = [socket.socket() for _ in range(n)]
     for s in socks:
@@ -151,6 +173,89 @@ def test_training_on_two_ranks_over_a_static_grid_finishes_after_a_server_is_kil
     assert procs[victim].returncode == -signal.SIGKILL  # it died during training
     assert len(result.history) == 3 and result.history[-1]["accuracy"] > 0.9
     start(victim)
+
+
+def test_with_locality_each_rank_reads_only_its_own_partitions_once_padded_to_equal_batches(static_grid):
+    from tensorgrid.loader.locality import Share
+
+    procs, urls, data, start = static_grid
+    g = tg.connect(urls[0])
+    g.load("spread", f"{data}/numbers", partitions=5)  # uneven shares: padding on the smaller one
+    ds = g.dataset("spread").select(["id"])  # a view of some columns keeps the partitions
+    share = Share.of(ds, 2, 700, False)
+    bounds = np.concatenate([[0], np.cumsum(ds.shard_rows)])
+    mine = [set().union(*(range(bounds[k], bounds[k + 1]) for k in parts)) for parts in share.partitions]
+    assert share.rows[0] != share.rows[1] and sorted(k for p in share.partitions for k in p) == list(range(5))
+
+    def epoch(rank, world=2, state=None, take=None):
+        loader = ds.to_torch(batch_size=700, shuffle=True, seed=1, rank=rank, world_size=world, locality=True)
+        if state is not None:
+            loader.load_state_dict(state)
+        out = []
+        for batch in loader:
+            out.append((batch["id"].tolist(), batch["_valid"].tolist()))
+            if take is not None and len(out) == take:
+                return out, loader.state_dict()
+        return out, loader.state_dict()
+
+    seen = []
+    lengths = set()
+    for rank in range(2):
+        batches, _ = epoch(rank)
+        lengths.add(len(batches))
+        real = [i for ids, valid in batches for i, v in zip(ids, valid) if v]
+        pads = [i for ids, valid in batches for i, v in zip(ids, valid) if not v]
+        assert sorted(real) == sorted(mine[rank])  # its own partitions' rows, each once
+        assert set(pads) <= mine[rank] and real != sorted(real)  # padding repeats its own rows; shuffled
+        flags = [v for _, valid in batches for v in valid]
+        assert flags == sorted(flags, reverse=True)  # padding only at the end
+        seen += real
+    assert len(lengths) == 1 and lengths == {-(-max(share.rows) // 700)}  # every rank as many batches
+    assert sum(share.real_rows(k) for k in range(share.batches)) == ROWS  # the loss's weights: real rows only
+    assert sorted(seen) == list(range(ROWS))  # every row once over the ranks
+    assert ds.network_reads()["remote"] == 0 and set(ds.network_reads()["partitions"]) == set(range(5))
+    # exact mid-epoch resume on the same world size and placement; refused on another
+    whole, _ = epoch(1)
+    head, state = epoch(1, take=3)
+    rest, _ = epoch(1, state=state)
+    assert head + rest == whole
+    with pytest.raises(tg.ResumeError, match="same world size"):
+        epoch(0, world=3, state=state)
+    with pytest.raises(tg.ResumeError, match="locality=True"):
+        ds.to_torch(batch_size=700, shuffle=True, seed=1, rank=1, world_size=2).load_state_dict(state)
+    with pytest.raises(tg.ArgumentError, match="grid of several servers"):
+        tg.from_arrow(pa.table({"id": [1, 2, 3]})).to_torch(batch_size=1, locality=True)
+    with pytest.raises(tg.ArgumentError, match="would read no rows"):
+        ds.to_torch(batch_size=10, rank=0, world_size=6, locality=True)  # 5 partitions, 6 ranks
+    g.drop("spread")
+
+
+def test_training_with_locality_reads_on_each_ranks_node_and_resumes_only_as_it_was_placed(static_grid, tmp_path):
+    import torch
+
+    procs, urls, data, start = static_grid
+    g = tg.connect(urls[0])
+    g.load("placed", f"{data}/numbers", partitions=6)  # 6 partitions, 2 replicas each, on three servers
+    ds = g.dataset("placed")
+
+    def trainer(workers, epochs, loader_workers=0):
+        return tg.Trainer(model=linear, loss=torch.nn.CrossEntropyLoss(), optimizer=sgd, features=["x"], label="y",
+                          batch_size=1000, epochs=epochs, workers=workers, engine="local", quiet=True, locality=True,
+                          checkpoint_dir=str(tmp_path / "ck"), loader_workers=loader_workers)
+
+    result = trainer(2, 1, loader_workers=1).fit(ds)  # reads in the loader's worker processes count too
+    assert len(result.history) == 1 and result.history[-1]["accuracy"] > 0.9
+    where = result.placement
+    assert [p.rank for p in where] == [0, 1] and len({p.node for p in where}) == 1  # one machine
+    assert sorted(k for p in where for k in p.partitions) == list(range(6))
+    for p in where:  # every server runs on this machine: each rank read its partitions there, nothing across
+        assert p.local_partitions == p.partitions and p.rows_remote == 0 and p.rows_local >= sum(
+            ds.shard_rows[k] for k in p.partitions)
+    assert all(r["grid_rows_remote"] == 0 and r["grid_rows_local"] >= ROWS for r in result.history)
+    with pytest.raises(tg.CheckpointError, match="same world size"):  # refused before any worker starts
+        trainer(1, 2).fit(ds, resume=True)
+    assert len(trainer(2, 2).fit(ds, resume=True).history) == 2  # as it was placed: it goes on
+    g.drop("placed")
 
 
 def test_a_dead_grid_is_one_clear_error(tmp_path):

@@ -88,7 +88,7 @@ def test_ray_training_over_a_ray_grid_finishes_after_a_server_is_killed(ray_grid
                         batch_size=1000, epochs=3, workers=2, engine="ray", quiet=True,
                         callbacks=[KillAfterFirstEpoch(pid)]).fit(ds)
     assert len(result.history) == 3 and result.history[-1]["accuracy"] > 0.9
-    assert len(set(result.placement)) == 2  # one rank on each node
+    assert len({p.node for p in result.placement}) == 2  # one rank on each node
     # every row read once an epoch across the ranks, each from its node's replica when its node has one
     reads = [(r["grid_rows_local"], r["grid_rows_remote"]) for r in result.history]
     assert sum(a + b for a, b in reads) == 3 * ROWS and sum(a for a, _ in reads) > 0, reads
@@ -96,3 +96,29 @@ def test_ray_training_over_a_ray_grid_finishes_after_a_server_is_killed(ray_grid
     while grid.pids()[victim] == pid:  # it was killed during training: Ray starts it again
         assert time.monotonic() < deadline, "the grid server was not killed, or Ray did not restart it"
         time.sleep(0.5)
+
+
+def test_ray_training_with_locality_places_each_rank_beside_its_partitions_and_survives_a_kill(ray_grid):
+    import torch
+
+    grid, data = ray_grid
+    grid.load("placed", f"{data}/numbers", partitions=4)
+    ds = grid.connect().dataset("placed")
+    pid = grid.pids()[0]
+    result = tg.Trainer(model=linear, loss=torch.nn.CrossEntropyLoss(), optimizer=sgd, features=["x"], label="y",
+                        batch_size=1000, epochs=2, workers=2, engine="ray", quiet=True, locality=True,
+                        callbacks=[KillAfterFirstEpoch(pid)]).fit(ds)
+    assert len(result.history) == 2 and result.history[-1]["accuracy"] > 0.9
+    node_of = dict(zip(grid.members, grid.nodes()))
+    where = result.placement
+    # rank r ran beside member r's node (Ray node affinity), and read there every partition held on it
+    assert [p.node for p in where] == [node_of[grid.members[r]] for r in range(2)]
+    assert sorted(k for p in where for k in p.partitions) == list(range(4))
+    for p in where:
+        beside = [k for k in p.partitions if any(node_of[m] == p.node for m in ds.replicas(k))]
+        assert beside and set(beside) <= set(p.local_partitions), (p, beside)
+    deadline = time.monotonic() + 90
+    while grid.pids()[0] == pid:  # killed during training: Ray starts it again
+        assert time.monotonic() < deadline, "the grid server was not killed, or Ray did not restart it"
+        time.sleep(0.5)
+    grid.connect().drop("placed")

@@ -20,11 +20,6 @@ class _Worker:
             s.bind(("", 0))
             return ip, s.getsockname()[1]
 
-    def node(self) -> str:
-        import ray
-
-        return ray.get_runtime_context().get_node_id()
-
     def train(self, payload: bytes, rank: int, world: int, addr: str, port: int, restarted: bool):
         import cloudpickle
 
@@ -36,7 +31,10 @@ class _Worker:
 
 
 def run(payload: bytes, workers: int, max_restarts: int, timeout_s: float, checkpoint_dir: str | None,
-        address: str | None = None, num_cpus_per_worker: float = 1, **init_options):
+        address: str | None = None, num_cpus_per_worker: float = 1, nodes: list[str] | None = None,
+        **init_options):
+    """``nodes``: the Ray node id to run each rank on (``locality=True`` over a grid on Ray gives them: each
+    rank beside its partitions); a node that is gone or cannot fit a rank leaves it to Ray's choice."""
     try:
         import ray
     except ImportError:
@@ -47,21 +45,23 @@ def run(payload: bytes, workers: int, max_restarts: int, timeout_s: float, check
         if address is None:
             opts.setdefault("_node_ip_address", "127.0.0.1")
         ray.init(address=address, **opts)
+    if nodes is not None and len(nodes) != workers:
+        raise TrainingConfigError(f"engine_options nodes: one Ray node id per worker ({workers}), got {len(nodes)}")
     remote = ray.remote(num_cpus=num_cpus_per_worker, scheduling_strategy="SPREAD")(_Worker)
     attempt = 0
     while True:
-        actors = [remote.remote() for _ in range(workers)]
+        actors = [remote.remote() if nodes is None else remote.options(scheduling_strategy=_on_node(nodes[r])).remote()
+                  for r in range(workers)]
         failed = None
         try:
             addr, port = ray.get(actors[0].address.remote(), timeout=timeout_s)
-            placement = ray.get([a.node.remote() for a in actors], timeout=timeout_s)
             futures = [a.train.remote(payload, r, workers, addr, port, attempt > 0) for r, a in enumerate(actors)]
             pending = list(futures)
             while pending:  # fail fast: the first error stops everyone
                 done, pending = ray.wait(pending, num_returns=1)
                 failed = futures.index(done[0])
                 ray.get(done)
-            return {**ray.get(futures[0]), "placement": placement}
+            return ray.get(futures[0])
         except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError, ray.exceptions.GetTimeoutError) as e:
             for a in actors:
                 ray.kill(a, no_restart=True)
@@ -78,6 +78,13 @@ def run(payload: bytes, workers: int, max_restarts: int, timeout_s: float, check
                     ray.kill(a, no_restart=True)
                 except Exception:  # noqa: BLE001 - already gone
                     pass
+
+
+def _on_node(node: str):
+    """Run on ``node`` when it is alive and can fit the rank (waiting for its resources), else where Ray likes."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return NodeAffinitySchedulingStrategy(node_id=node, soft=True)
 
 
 def _check_init_options(ray, options: dict) -> None:
