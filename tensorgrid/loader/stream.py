@@ -23,6 +23,7 @@ import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from .. import forking
 from ..args import check_choice, check_int, check_number
 from ..errors import ArgumentError, EmptyDataError, ResumeError, TransformError
 from ..rng import batch_keys, seed_all
@@ -395,17 +396,35 @@ def _check_stack(stack, schema: pa.Schema, columns: list[str] | None) -> dict | 
     return out
 
 
-def _context(ctx, dataset: Dataset):
-    """None, a start method's name, or a multiprocessing context. Unset in a process that runs Ray, or over a
-    dataset that is not fork-safe (a grid server's gRPC client): "spawn" (forking a process whose gRPC
-    threads are running can abort or hang the child)."""
+def _context(ctx, dataset: Dataset, workers: int = 1):
+    """None (fork), a start method's name, or a multiprocessing context. Unset in a process that runs Ray, or
+    over a dataset that is not fork-safe (a grid server's gRPC client): "spawn" (forking a process whose gRPC
+    threads are running can abort or hang the child). Unset in a process whose threads make a forked child
+    hang before it runs any Python (a training rank's gloo threads: ``forking.hazard``), where ``__main__``
+    allows it: a fork server's context (a fresh single-threaded process, torch and this module preloaded,
+    forks the workers; a flat script run by path keeps fork, since every such worker would run it again)."""
     if ctx is None:
         ray = sys.modules.get("ray")
         ray_on = ray is not None and getattr(ray, "is_initialized", lambda: False)()
-        return "spawn" if ray_on or not dataset.fork_safe else None
+        if ray_on or not dataset.fork_safe:
+            return "spawn"
+        if workers and forking.hazard() is not None and forking.main_reimportable():
+            return _forkserver()
+        return None
     if callable(getattr(ctx, "get_start_method", None)):
         return ctx
     return check_choice("multiprocessing_context", ctx, mp.get_all_start_methods())
+
+
+def _forkserver():
+    """The fork server's context, started now (it preloads torch and the loader while this process goes on
+    building its model): its workers then start in a fraction of a second, not an interpreter's seconds."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])  # only read when the server starts
+    from multiprocessing import forkserver
+
+    forkserver.ensure_running()
+    return ctx
 
 
 class Loader:
@@ -456,7 +475,7 @@ class Loader:
             raise ArgumentError(f"transform must be callable, got {type(transform).__name__}")
         self.shuffle, self.drop_last = _flag("shuffle", shuffle), _flag("drop_last", drop_last)
         self.timeout = check_number("timeout", timeout, 0)
-        self.context = _context(multiprocessing_context, dataset)
+        self.context = _context(multiprocessing_context, dataset, num_workers)
         self.pin_memory = _pin_choice(pin_memory)
         self.rank, self.world_size = _rank_world(rank, world_size)
         self.dataset = dataset

@@ -22,6 +22,7 @@ import traceback
 import cloudpickle
 from fsspec.implementations.memory import MemoryFileSystem
 
+from .. import forking
 from .. import fs as tgfs
 from ..errors import TensorGridError, UnsupportedURLError, WorkerFailedError
 from ..train import engines
@@ -98,8 +99,9 @@ def check_reachable(url: str, engine: str, workers: int, what: str) -> None:
 def can_fork(workers: int, *datasets) -> bool:
     """Whether ``workers`` can be children forked from this process (they start in milliseconds with torch,
     the model and the data already loaded; nothing of ``__main__`` runs again, so flat scripts and notebooks
-    work): on Linux, over fork-safe datasets, with neither Ray, gRPC (a Flight client or server, ever) nor
-    CUDA initialised here (forking their threads or contexts hangs or breaks the child), and one torch
+    work): on Linux, over fork-safe datasets, with neither Ray, gRPC (a Flight client or server, ever), a
+    torch.distributed process group (its gloo threads: ``forking.hazard``) nor CUDA initialised here
+    (forking their threads or contexts hangs or breaks the child), and one torch
     thread per child (as many workers as torch's threads here: a forked child whose parent ran OpenMP hangs
     in its first parallel region with more than one thread, measured; fresh interpreters use more)."""
     ray = sys.modules.get("ray")
@@ -108,6 +110,7 @@ def can_fork(workers: int, *datasets) -> bool:
     return (sys.platform == "linux" and all(ds.fork_safe for ds in datasets) and workers >= threads
             and not (ray is not None and getattr(ray, "is_initialized", lambda: False)())
             and not _grpc_started()
+            and forking.hazard() is None  # a process group's threads: forking.py
             and not (torch is not None and torch.cuda.is_initialized())
             and not os.path.exists("/dev/nvidiactl"))  # a GPU here: its workers' devices, not forked CPUs
 
@@ -115,19 +118,7 @@ def can_fork(workers: int, *datasets) -> bool:
 def _grpc_started() -> bool:
     """Whether gRPC's threads run in this process (a Flight client or server, Ray; some outlive a closed
     server): a child forked while one holds a lock hangs. Read from the threads' names (/proc)."""
-    try:
-        tasks = os.listdir("/proc/self/task")
-    except OSError:
-        return True  # cannot tell: do not fork
-    for t in tasks:
-        try:
-            with open(f"/proc/self/task/{t}/comm") as f:
-                name = f.read().strip()
-        except OSError:
-            continue
-        if name.startswith("grpc") or name in ("event_engine", "lifeguard"):
-            return True
-    return False
+    return forking.grpc_started()
 
 
 def forked(job, workers: int, order: list[int], folder: str, what: str, pieces: str,
