@@ -332,7 +332,7 @@ def cmd_serve(a) -> None:
                          users=a.users, allow=[x for group in a.allow or [] for x in group],
                          memory_limit=a.memory_limit, max_calls=max_calls, query_timeout=timeout or None,
                          token_ttl=token_ttl, insecure_no_auth=a.insecure_no_auth, grid=a.grid,
-                         replicas=check_int("--replicas", a.replicas, 1))
+                         replicas=check_int("--replicas", a.replicas, 1), store=a.store)
     serve.serve_until_signal(server)
 
 
@@ -483,6 +483,9 @@ def _add_serve(add) -> None:
                          "clients read every partition from a live replica")
     sp.add_argument("--replicas", type=int, default=1,
                     help="with --grid: how many servers hold each partition of a loaded dataset (default 1)")
+    sp.add_argument("--store", metavar="URL",
+                    help="a shared store (s3://..., a shared folder) where every SQL table is kept as a dataset, a "
+                         "new version on each commit: another server of the grid takes the tables over from it")
     sp.add_argument("--hash-password", action="store_true",
                     help="print a password_hash for the users file (password from the terminal or stdin) and exit")
 

@@ -11,9 +11,11 @@ them). ``tg.connect`` to any member returns a ``GridCluster``: the same calls as
   replica; when a server dies mid-read, the read goes on from the next replica at the next row it had not
   received (batches arrive whole or not at all), so no row is lost or repeated, and the loader's guarantees
   (exactly once, shuffle, resume) hold as over one server.
-- SQL, ``get``, ``put`` and ``tables`` go to the first member that answers (a table lives on that server; a
-  query over a loaded dataset sees all its rows: a member holding only some partitions reads the dataset once
-  from the store for SQL).
+- SQL, ``get``, ``put`` and ``tables`` go to the grid's table owner: the first live member of placement's
+  ranking for the tables (every client computes it), asked to adopt the tables (``grid.adopt``: load what the
+  shared store has newer, with ``--store``: mirror.py) when this client did not use it last. A query over a
+  loaded dataset sees all its rows (a member holding only some partitions reads the dataset once from the
+  store for SQL).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from ..args import check_int
 from ..errors import ArgumentError, ColumnNotFoundError, TensorGridError
 from . import placement
 from .client import Grid, _pem, _server_url
+from .grid import writes_sql
 from .griddataset import (
     GridAuthenticationError,
     GridConnectionError,
@@ -46,6 +49,7 @@ from .griddataset import (
 )
 
 PARTITIONS_PER_SERVER = 4  # a dataset loaded without partitions=P: this many per member
+TABLES_KEY = "\x00sql-tables"  # placement's key for the grid's SQL tables (no dataset can be named so)
 RETRY_DEAD_S = 5.0  # a member that failed is tried last for this long
 _NOT_FAILOVER = (ArgumentError, ColumnNotFoundError, GridAuthenticationError, GridPermissionError)
 
@@ -96,6 +100,7 @@ class GridCluster:
         self._local: dict[str, bool] | None = None  # member -> on this process's node (computed once per process)
         self.replicas = check_int("replicas", replicas, 1)
         self._dead: dict[str, float] = {}  # member -> when it last failed
+        self._owner: str | None = None  # the table owner this client used last (it adopted the tables)
         self._lock = threading.Lock()
         self.failovers: list[dict] = []  # reads that moved to another replica (this process's)
 
@@ -152,6 +157,43 @@ class GridCluster:
                     self.sessions[member] = Session(url, old.username, old.password, old.token, old.tls_root_certs,
                                                     old.cert_chain, old.private_key, old.timeout)
 
+    # --- SQL tables: one owner, chosen by placement ---------------------------------------------------------
+    def table_owners(self) -> list[str]:
+        """The members in the order they own the grid's SQL tables: placement's ranking of the members for
+        the tables (a pure function of the members), those seen failing lately last. The first that answers
+        owns every table: a statement over several tables, or a transaction, stays on one database."""
+        ranked = placement.replicas_of(TABLES_KEY, 0, self.members, len(self.members))
+        now = time.monotonic()
+        with self._lock:
+            dead = {m for m, t in self._dead.items() if now - t < RETRY_DEAD_S}
+        return sorted(ranked, key=lambda m: m in dead)
+
+    def _on_owner(self, fn, write: bool):
+        """``fn(Grid)`` on the grid's table owner. A member this client did not use last is asked first to
+        adopt the tables (load what the store has newer: ``grid.adopt``). A read that fails goes on to the next
+        member; a write whose owner fails is not sent again (it may have committed): GridConnectionError."""
+        last = None
+        for member in self.table_owners():
+            grid = Grid(self.sessions[member])
+            try:
+                if member != self._owner:
+                    grid.session.action("grid.adopt")
+                    self._owner = member
+            except GridConnectionError as exc:
+                self.mark_failed(member)
+                last = exc
+                continue
+            try:
+                return fn(grid)
+            except GridConnectionError as exc:
+                self.mark_failed(member)
+                self._owner = None
+                if write:
+                    raise GridConnectionError(f"the grid's table owner {member} failed during a write, which may or "
+                                              f"may not have committed: check, then run it again ({exc})") from None
+                last = exc
+        raise GridConnectionError(f"no server of the grid answered ({', '.join(self.members)}): {last}")
+
     def _first_live(self, fn):
         """``fn(Grid)`` on the first member that answers (members seen failing lately last)."""
         now = time.monotonic()
@@ -197,16 +239,17 @@ class GridCluster:
         return ClusterDataset(self, name)
 
     def sql(self, query: str, params=None):
-        return self._first_live(lambda g: g.sql(query, params))
+        """SQL on the grid's table owner (``table_owners``): its tables, and every loaded dataset."""
+        return self._on_owner(lambda g: g.sql(query, params), writes_sql(query))
 
     def get(self, name: str, key):
-        return self._first_live(lambda g: g.get(name, key))
+        return self._on_owner(lambda g: g.get(name, key), False)
 
     def put(self, name: str, data) -> int:
-        return self._first_live(lambda g: g.put(name, data))
+        return self._on_owner(lambda g: g.put(name, data), True)
 
     def tables(self):
-        return self._first_live(lambda g: g.tables())
+        return self._on_owner(lambda g: g.tables(), False)
 
     def drop(self, name: str) -> None:
         """Release a loaded dataset on every member (those down keep it in their catalog until they are asked)."""
@@ -233,7 +276,7 @@ class GridCluster:
         state = self.__dict__.copy()
         # a copy (loader workers, trainer processes) keeps the members' addresses as they are now: it fails
         # over between replicas, but asks no one for a restarted member's new address (Ray's handles stay here)
-        state.update(_lock=None, _dead={}, failovers=[], resolve=None, _local=None, part_reads={})
+        state.update(_lock=None, _dead={}, failovers=[], resolve=None, _local=None, part_reads={}, _owner=None)
         return state
 
     def __setstate__(self, state):

@@ -487,14 +487,14 @@ class DatasetsService(Service):
             if name.lower() in self._loaded:
                 raise error("ReadOnlyError", f"{name!r} is a loaded store dataset: write to the store, then "
                                              f"load it with refresh=True")
-        with self.server.writing(), self.server._cursor() as cur:
+        with self.server.writing(), self.server._cursor() as cur, self.server.mirrored(cur, {name.lower()}) as ours:
             table_name = _table_name(cur, name)
             if table_name is None:
                 raise error("DatasetNotFoundError", f"no table named {name!r}: create it first with g.sql('CREATE "
                                                     f"TABLE ...')")
             verb = "INSERT OR REPLACE" if _primary_key(cur, table_name) else "INSERT"
             rows = copy_in(cur, reader, lambda src: f"{verb} INTO {sql_name(table_name)} BY NAME SELECT * FROM {src}",
-                           _SOURCE)
+                           _SOURCE, own_transaction=not ours)
         return int(rows[0][0]) if rows and rows[0][0] is not None else 0
 
 

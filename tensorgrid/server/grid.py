@@ -27,6 +27,7 @@ from .datasets import DatasetsService
 from .files import FilesService
 from .ingest import ingest, tensors_back
 from .members import MembersService, member_urls
+from .mirror import Mirror
 from .results import Expiring, batches_by_bytes
 from .sandbox import flight_error, open_database
 from .sqlproto import CancelStatus, ProtocolError
@@ -98,7 +99,8 @@ class GridServer(flight.FlightServerBase):
                  memory_limit: str = "4GB", threads: int | None = None, max_held_results: int = 256,
                  result_ttl: float = 300.0, max_batch_bytes: int = 8 << 20, rows_per_batch: int = 1024,
                  allow: list[str] | None = None, query_timeout: float | None = None, services=None,
-                 grid: list[str] | str | None = None, replicas: int = 1, **flight_options):
+                 grid: list[str] | str | None = None, replicas: int = 1, store: str | None = None,
+                 **flight_options):
         if not isinstance(root, (str, os.PathLike)):
             raise ArgumentError(f"root must be a local directory path, got {root!r}")
         self.root = os.path.abspath(os.fspath(root))
@@ -119,6 +121,8 @@ class GridServer(flight.FlightServerBase):
         query_timeout = check_number("query_timeout", query_timeout, 0.001, none=True)
         self._db = open_database(self.root, memory_limit=memory_limit,
                                  threads=check_int("threads", threads, 1, none=True))
+        # tables mirrored to a shared store (mirror.py): this server's copies are brought to the store's now
+        self.mirror = Mirror(store) if store is not None else None
         self._results = Expiring(max_held_results, result_ttl, on_drop=_Held.close)
         self._prepared = Expiring(max_held_results, result_ttl)
         self._transactions = Transactions(max_held_results, result_ttl)  # unused ones roll back after result_ttl
@@ -136,6 +140,9 @@ class GridServer(flight.FlightServerBase):
         try:
             # what the server offers beside Flight SQL (``services.py``): by prefix
             self.services = {svc.prefix: svc for svc in (default_services(self) if services is None else services)}
+            if self.mirror is not None:
+                with self._db.cursor() as cur:
+                    self.mirror.sync(cur)
             super().__init__(location, **flight_options)
         except BaseException:
             for svc in getattr(self, "services", {}).values():
@@ -187,7 +194,7 @@ class GridServer(flight.FlightServerBase):
                 return [flight.Result(pa.py_buffer(r)) for r in self.services[prefix].do_action(context, verb, body)]
         if action.type == "CreatePreparedStatement":
             request = _expect(sqlproto.unpack(body), sqlproto.ActionCreatePreparedStatementRequest)
-            auth.require(context, auth.WRITE if _writes_sql(request.query) else auth.READ)
+            auth.require(context, auth.WRITE if writes_sql(request.query) else auth.READ)
             txn = _optional(request, "transaction_id")
             if txn is not None:
                 self._transaction(context, txn)  # known and the caller's
@@ -204,8 +211,11 @@ class GridServer(flight.FlightServerBase):
         if action.type == "EndTransaction":
             request = _expect(sqlproto.unpack(body), sqlproto.ActionEndTransactionRequest)
             auth.require(context, auth.READ)
-            with self.writing():  # a commit changes what snapshots see
-                self._transactions.end(request.transaction_id, _owner(context), request.action)
+            mirror = self.mirror
+            with self.writing():  # a commit changes what snapshots see; with a store, once the store took it
+                self._transactions.end(request.transaction_id, _owner(context), request.action,
+                                       before_commit=None if mirror is None else
+                                       lambda txn: mirror.export(txn.cursor, txn.touched) if txn.touched else None)
             return []
         if action.type == "CancelFlightInfo":  # Flight's own: raw messages, not in an Any
             request = sqlproto.parse(sqlproto.CancelFlightInfoRequest, body)
@@ -225,7 +235,7 @@ class GridServer(flight.FlightServerBase):
             with self._running.call(context):
                 return svc.get_flight_info(context, descriptor, path)
         command = _command(descriptor)
-        writes = _writes(command) or (type(command) is sqlproto.CommandPreparedStatementQuery and _writes_sql(
+        writes = _writes(command) or (type(command) is sqlproto.CommandPreparedStatementQuery and writes_sql(
             self._prepared_statement(command.prepared_statement_handle).query))
         auth.require(context, auth.WRITE if writes else auth.READ)
         with self._running.call(context):
@@ -270,7 +280,7 @@ class GridServer(flight.FlightServerBase):
         kind = type(command)
         # binding parameters to a prepared query reads; every other DoPut writes (DuckDB decides at run time)
         auth.require(context, auth.READ if kind is sqlproto.CommandPreparedStatementQuery and
-                     not _writes_sql(self._prepared_statement(command.prepared_statement_handle).query)
+                     not writes_sql(self._prepared_statement(command.prepared_statement_handle).query)
                      else auth.WRITE)
         with self._running.call(context):
             self._put_command(context, command, reader, writer)
@@ -296,9 +306,11 @@ class GridServer(flight.FlightServerBase):
                 with self.writing(), txn.use() as cur:
                     self._running.attach(cur)
                     count = ingest(cur, command, reader.to_reader(), own_transaction=False)
+                    txn.touched.add(command.table.lower())
             else:
-                with self.writing(), self._cursor() as cur:
-                    count = ingest(cur, command, reader.to_reader())
+                names = {command.table.lower()} if not command.HasField("schema") else None
+                with self.writing(), self._cursor() as cur, self.mirrored(cur, names) as ours:
+                    count = ingest(cur, command, reader.to_reader(), own_transaction=not ours)
         else:
             raise flight.FlightServerError(f"DoPut does not take {kind.DESCRIPTOR.name}")
         writer.write(pa.py_buffer(sqlproto.DoPutUpdateResult(record_count=count).SerializeToString()))
@@ -396,7 +408,7 @@ class GridServer(flight.FlightServerBase):
             raise flight.FlightServerError("empty SQL statement")
         handle = self._prepared.put(_Prepared(query, transaction_id=transaction_id))
         return sqlproto.ActionCreatePreparedStatementResult(prepared_statement_handle=handle,
-                                                            is_update=_writes_sql(query))
+                                                            is_update=writes_sql(query))
 
     def _prepared_statement(self, handle: bytes) -> _Prepared:
         prepared = self._prepared.get(handle)
@@ -454,17 +466,25 @@ class GridServer(flight.FlightServerBase):
     def _query(self, query: str, parameters: pa.Table | None, txn: Transaction | None = None) -> _Held:
         rows = _parameter_rows(parameters)
         if txn is not None:
-            with self.writing() if _writes_sql(query) else contextlib.nullcontext():
+            with self.writing() if writes_sql(query) else contextlib.nullcontext():
                 table = self._in_transaction(txn, query, rows or [None], read=True)
             return _Held(pa.RecordBatchReader.from_batches(table.schema, table.to_batches()))
-        if _writes_sql(query):
+        if writes_sql(query):
             with self.writing():  # runs now: a write's relation is executed when made
-                return self._query_on(query, rows)
+                return self._query_on(query, rows, write=True)
         return self._query_on(query, rows)
 
-    def _query_on(self, query: str, rows: list[list]) -> _Held:
+    def _query_on(self, query: str, rows: list[list], write: bool = False) -> _Held:
         cur, tensors = self._registered(query)
         try:
+            names = self.mirror.touched(cur, query) if write and self.mirror is not None else None
+            if names:  # a write to mirrored tables: read whole, in the transaction its export commits with
+                with self.mirror.transaction(cur, names):
+                    tables = [tensors_back(_relation_reader(cur.sql(query, params=row), self.rows_per_batch),
+                                           tensors).read_all() for row in rows or [None]]
+                result = pa.concat_tables(tables)
+                cur.close()
+                return _Held(pa.RecordBatchReader.from_batches(result.schema, result.to_batches()))
             if len(rows) <= 1:  # the common case: stream straight from DuckDB
                 relation = cur.sql(query, params=rows[0] if rows else None)
                 reader = tensors_back(_relation_reader(relation, self.rows_per_batch), tensors)
@@ -484,7 +504,20 @@ class GridServer(flight.FlightServerBase):
             if txn is not None:
                 return self._in_transaction(txn, query, rows, read=False)
             with self._sql_cursor(query) as cur:
-                return sum(_count(cur.sql(query, params=row)) for row in rows)
+                names = self.mirror.touched(cur, query) if self.mirror is not None else None
+                with self.mirrored(cur, names):
+                    return sum(_count(cur.sql(query, params=row)) for row in rows)
+
+    @contextlib.contextmanager
+    def mirrored(self, cur, names: set[str] | None):
+        """Around a write outside a client transaction: with a store and tables named, ``cur`` in a local
+        transaction that commits only once the store took those tables (mirror.py); yields whether it is
+        (the caller then begins none of its own)."""
+        if self.mirror is None or not names:
+            yield False
+            return
+        with self.mirror.transaction(cur, names):
+            yield True
 
     def _in_transaction(self, txn: Transaction, query: str, rows: list, read: bool):
         """Run ``query`` once per parameter row on the transaction's cursor, one statement at a time: the rows
@@ -493,6 +526,8 @@ class GridServer(flight.FlightServerBase):
         with txn.use() as cur:
             datasets = self.services.get("datasets")
             tensors = datasets.register(cur, query) or {} if hasattr(datasets, "register") else {}
+            if self.mirror is not None and (not read or writes_sql(query)):  # exported when it commits
+                txn.touched |= self.mirror.touched(cur, query)
             self._running.attach(cur)
             if not read:
                 return sum(_count(cur.sql(query, params=row)) for row in rows)
@@ -544,11 +579,11 @@ def _writes(command) -> bool:
     """Whether a GetFlightInfo command may change data: a statement or prepared query that is not a read."""
     kind = type(command).DESCRIPTOR.name
     if kind == "CommandStatementQuery":
-        return _writes_sql(command.query)
+        return writes_sql(command.query)
     return False  # metadata (a prepared query: its SQL is looked up by the caller)
 
 
-def _writes_sql(query: str) -> bool:
+def writes_sql(query: str) -> bool:
     """Whether SQL holds any statement but a read (SELECT, EXPLAIN, SHOW/DESCRIBE...). Unparsable SQL counts as
     a read here: DuckDB refuses it when it runs."""
     try:

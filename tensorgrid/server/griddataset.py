@@ -19,6 +19,7 @@ import json
 import os
 import re
 import threading
+import weakref
 import zlib
 from dataclasses import dataclass, field
 from urllib.parse import quote
@@ -92,6 +93,35 @@ def translate(exc: BaseException, url: str, default: type = GridError) -> Tensor
     return GridError(message)
 
 
+_OPEN: weakref.WeakSet = weakref.WeakSet()  # sessions with a Flight client open in this process
+_HELD: list = []  # while a fork is under way: every open client, so that a forked child holds them too
+_INHERITED: list = []  # in a forked child: the parent's clients, never closed here
+
+
+def _before_fork() -> None:
+    _HELD[:] = [s._client for s in list(_OPEN) if s._client is not None]
+
+
+def _after_fork_in_parent() -> None:
+    _HELD.clear()
+
+
+def _after_fork_in_child() -> None:
+    """A client inherited from the parent must never be closed or freed in the child: its gRPC threads did not
+    come along, and closing it waits for them forever (measured: fsspec frees its cached filesystems in a
+    forked child, a ``grid://`` one with its client, and the child of a ``subprocess.Popen(preexec_fn=...)``,
+    as Ray starts its processes, hung before its exec). The child keeps them (``_HELD`` kept them alive
+    through the fork) and opens its own on first use."""
+    _INHERITED.extend(_HELD)
+    _HELD.clear()
+    for session in list(_OPEN):
+        session._client = session._options = None
+    _OPEN.clear()
+
+
+os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child)
+
+
 @dataclass(eq=False)
 class Session:
     """Where a grid server is and who calls it; the Flight client is opened on first use in each process."""
@@ -147,6 +177,7 @@ class Session:
                     except (flight.FlightError, pa.ArrowException, OSError) as exc:
                         raise (error or (lambda e: translate(e, self.url)))(exc) from None
                     self._pid = os.getpid()
+                    _OPEN.add(self)
         return self._client, self._options
 
     def call(self, fn, default: type = GridError, error=None):
@@ -185,6 +216,7 @@ class Session:
     def close(self) -> None:
         """Close this process's client (the next call opens another)."""
         client, self._client, self._options = self._client, None, None
+        _OPEN.discard(self)
         if client is not None and self._pid == os.getpid():
             client.close()
 

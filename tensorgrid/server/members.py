@@ -35,14 +35,24 @@ class MembersService(Service):
     prefix = "grid"
 
     def __init__(self, server, members: list[str] | None = None, replicas: int = 1):
+        self.server = server
         self.members = list(members or [])
         self.replicas = check_int("replicas", replicas, 1)
 
     def actions(self) -> dict[str, str]:
-        return {"members": "the servers of this grid and how many hold each partition: {members, replicas}"}
+        return {"members": "the servers of this grid and how many hold each partition: {members, replicas}",
+                "adopt": "become the grid's table owner: load the tables the store has newer (with --store)"}
 
     def do_action(self, context, verb: str, body: bytes) -> list[bytes]:
         auth.require(context, auth.READ)
-        if verb != "members":
-            raise flight.FlightServerError(f"unknown action 'grid.{verb[:40]}': this service knows ['members']")
-        return [json.dumps({"members": self.members, "replicas": self.replicas}).encode()]
+        if verb == "members":
+            return [json.dumps({"members": self.members, "replicas": self.replicas,
+                                "store": getattr(getattr(self.server, "mirror", None), "url", None)}).encode()]
+        if verb == "adopt":  # a client's new table owner: its copies brought to the store's latest versions
+            mirror = getattr(self.server, "mirror", None)
+            if mirror is None:
+                return [json.dumps({"store": None, "loaded": {}}).encode()]
+            with self.server.writing(), self.server._cursor() as cur:
+                loaded = mirror.sync(cur)
+            return [json.dumps({"store": mirror.url, "loaded": loaded}).encode()]
+        raise flight.FlightServerError(f"unknown action 'grid.{verb[:40]}': this service knows ['members', 'adopt']")

@@ -139,11 +139,14 @@ class RayGrid:
 
 
 def start_on_ray(servers: int | None = None, replicas: int = 1, root: str | None = None,
-                 allow: list[str] | None = None, memory_limit: str = "2GB", **server_options) -> RayGrid:
+                 allow: list[str] | None = None, memory_limit: str = "2GB", store: str | None = None,
+                 **server_options) -> RayGrid:
     """Start a grid of ``servers`` grid servers as Ray actors (default: one per alive Ray node), spread over
     the nodes, each partition of a loaded dataset held by ``replicas`` of them. ``root``: the folder, on each
     node's own disk, under which each server keeps its database and catalog (default: the temp folder);
-    ``allow``: where datasets may be loaded from (URL or folder prefixes; default: local folders, "/").
+    ``allow``: where datasets may be loaded from (URL or folder prefixes; default: local folders, "/");
+    ``store``: a shared store URL (s3://..., a shared folder) that keeps every SQL table, a version per
+    commit, so that another server takes them over when their owner dies (server/mirror.py).
     Ray must be initialised (``ray.init(...)``); a new one is started on this machine otherwise."""
     try:
         import ray
@@ -163,7 +166,7 @@ def start_on_ray(servers: int | None = None, replicas: int = 1, root: str | None
 
     nodes = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive"))
     remote = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(_ServerActor)
-    options = {"memory_limit": memory_limit, **server_options}
+    options = {"memory_limit": memory_limit, "store": store, **server_options}
     # server i on node i mod n (round robin), restarted there after a crash. Ray's soft affinity put every
     # server on one node here (cluster_utils, zero-CPU actors), so it is hard: a server whose node is lost
     # stays down (its partitions are read from their other replicas) until it is started again

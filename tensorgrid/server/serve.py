@@ -87,12 +87,13 @@ def start(root: str, host: str = "127.0.0.1", port: int = DEFAULT_PORT, *, tls_c
           allow: list[str] | None = None, memory_limit: str = "4GB", threads: int | None = None,
           max_calls: int | None = DEFAULT_MAX_CALLS, query_timeout: float | None = DEFAULT_QUERY_TIMEOUT,
           token_ttl: float = 3600.0, insecure_no_auth: bool = False, grid: str | list[str] | None = None,
-          replicas: int = 1) -> GridServer:
+          replicas: int = 1, store: str | None = None) -> GridServer:
     """A running GridServer as ``tensorgrid serve`` makes it (see the module docstring); its ``url`` is where
     clients connect. Close it with ``server.close()`` (``serve_until_signal`` does). ``query_timeout``: seconds
     one call may keep DuckDB at work before it is interrupted (a query, and separately the streaming of its
     rows; a statement in a transaction from its own start); None or 0: no limit. ``grid``: the servers
-    (``host:port``, this one among them) of a grid of several, each partition held by ``replicas`` of them."""
+    (``host:port``, this one among them) of a grid of several, each partition held by ``replicas`` of them.
+    ``store``: a shared store URL where the SQL tables are mirrored (server/mirror.py)."""
     user_table = auth.load_users(users) if users is not None else None
     if user_table is None and not is_loopback(host) and not insecure_no_auth:
         raise ServeError(f"--host {host} is reachable from other machines, and without --users anyone there could "
@@ -107,7 +108,8 @@ def start(root: str, host: str = "127.0.0.1", port: int = DEFAULT_PORT, *, tls_c
     bracketed = f"[{host.strip('[]')}]" if ":" in host else host
     try:
         server = GridServer(root, f"{scheme}://{bracketed}:{port}", memory_limit=memory_limit, threads=threads,
-                            query_timeout=query_timeout or None, grid=grid, replicas=replicas, **options)
+                            query_timeout=query_timeout or None, grid=grid, replicas=replicas, store=store,
+                            **options)
     except duckdb.Error as exc:
         raise ServeError(f"cannot open the grid database under {root}: {str(exc).splitlines()[0]}") from None
     except (pa.ArrowException, OSError) as exc:

@@ -32,6 +32,7 @@ class Transaction:
     owner: str | None  # the user who began it: nobody else may use it
     lock: threading.Lock = field(default_factory=threading.Lock)
     done: bool = False
+    touched: set = field(default_factory=set)  # tables it wrote (lower case): exported to the store on commit
 
     @contextlib.contextmanager
     def use(self):
@@ -42,14 +43,21 @@ class Transaction:
                 raise flight.FlightServerError("the transaction has ended: begin a new one")
             yield self.cursor
 
-    def finish(self, action: int) -> None:
-        """Commit or roll back, then close the cursor (once; later calls do nothing)."""
+    def finish(self, action: int, before_commit=None) -> None:
+        """Commit or roll back, then close the cursor (once; later calls do nothing). ``before_commit(self)``
+        runs first on a commit (the store's export of a mirrored table): its failure rolls back instead."""
         with self.lock:
             if self.done:
                 return
             self.done = True
             try:
                 if action == COMMIT:
+                    try:
+                        if before_commit is not None:
+                            before_commit(self)
+                    except BaseException:
+                        self.cursor.rollback()
+                        raise
                     self.cursor.commit()
                 else:
                     self.cursor.rollback()
@@ -107,13 +115,13 @@ class Transactions:
                                            f"(an unused transaction is rolled back after {self._open.ttl:g} s)")
         return txn
 
-    def end(self, transaction_id: bytes, owner: str | None, action: int) -> None:
+    def end(self, transaction_id: bytes, owner: str | None, action: int, before_commit=None) -> None:
         if action not in (COMMIT, ROLLBACK):
             raise flight.FlightServerError(f"EndTransaction takes COMMIT (1) or ROLLBACK (2), got {action}")
         txn = self.get(transaction_id, owner)
         if self._open.pop(bytes(transaction_id)) is not txn:  # a COMMIT and a ROLLBACK at once: one wins
             raise flight.FlightServerError("the transaction has ended: begin a new one")
-        txn.finish(action)
+        txn.finish(action, before_commit)
 
     def clear(self) -> None:
         self._open.clear()

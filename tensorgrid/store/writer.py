@@ -269,14 +269,17 @@ def check_write_args(mode, shard_rows, shard_bytes) -> tuple[str, int | None, in
 
 
 def write(url: str, data, mode: str = "create", shard_rows: int | None = None,
-          shard_bytes: int | None = None):
+          shard_bytes: int | None = None, expect_version: int | None = None):
     """Write ``data`` as a new version of the dataset at ``url`` and return it as a Dataset.
 
     mode: "create" (error if a dataset exists), "append" (adds rows; creates the dataset if missing) or
-    "overwrite" (the new version holds only ``data``; older versions stay readable).
+    "overwrite" (the new version holds only ``data``; older versions stay readable). ``expect_version``:
+    commit only as the version after that one (0: none yet), else ConflictError (not retryable) and nothing
+    written: a compare-and-swap, for a writer whose data was computed from that version.
     """
     mode, shard_rows, shard_bytes = check_write_args(mode, shard_rows, shard_bytes)
     fs, root, existed, base = _target(url, mode)
+    _check_expected(url, base, expect_version)
     try:
         schema, batches = to_batches(data)
     except _ARROW_ERRORS as e:
@@ -295,13 +298,21 @@ def write(url: str, data, mode: str = "create", shard_rows: int | None = None,
         raise
 
 
+def _check_expected(url: str, base: Manifest | None, expect_version: int | None) -> None:
+    if expect_version is not None and (base.version if base is not None else 0) != expect_version:
+        raise ConflictError(f"{url} is at version {base.version if base is not None else 0}, not {expect_version}: "
+                            "another writer committed since this data was read; nothing was written")
+
+
 def write_with(url: str, mode: str, physical: pa.Schema, produce: Callable[[fsspec.AbstractFileSystem, str, str],
-                                                                         list[Shard]]):
+                                                                         list[Shard]], expect_version: int | None = None):
     """Commit shards written elsewhere (``write_staged``; inference parts) as a new version of ``url``,
     with ``write``'s checks, claim, conflict handling and clean-up. ``produce(fs, root, txn)`` returns the
-    Shards it put at ``data/part-<txn>-<seq>.parquet`` (seq 0, 1, ...) and leaves no file if it raises."""
+    Shards it put at ``data/part-<txn>-<seq>.parquet`` (seq 0, 1, ...) and leaves no file if it raises.
+    ``expect_version``: as ``write``'s."""
     check_choice("mode", mode, MODES)
     fs, root, existed, base = _target(url, mode)
+    _check_expected(url, base, expect_version)
     writer = _begin(fs, root, url, mode, base, physical)
     writer.finish()  # its pool stays idle: produce writes the shards
     try:
