@@ -404,9 +404,38 @@ class ClusterDataset(ServedRows):
                 errors.append(f"{member}: {err}")
                 self.cluster.failovers.append({"dataset": self.name, "partition": part, "server": member,
                                                "rows_done": got, "time": time.time(), "error": str(err)})
-        if got != todo:
-            raise GridConnectionError(f"partition {part} of {self.name!r}: no replica could serve it "
+        if got != todo:  # every replica is down: the store, the grid's durable truth, at the loaded version
+            try:
+                for batch in self._from_store(part, start + got, stop, columns,
+                                              None if wanted is None else wanted[got:]):
+                    got += batch.num_rows
+                    self.cluster.count(self.name, part, "remote", batch.num_rows)
+                    yield batch
+            except (TensorGridError, OSError, pa.ArrowException) as exc:
+                errors.append(f"the store {self.source}: {exc}")
+            else:
+                self.cluster.failovers.append({"dataset": self.name, "partition": part, "server": "store",
+                                               "rows_done": todo, "time": time.time(), "error": "; ".join(errors)})
+                return
+            raise GridConnectionError(f"partition {part} of {self.name!r}: no replica could serve it, nor the store "
                                       f"({'; '.join(errors)})")
+
+    def _from_store(self, part: int, start: int, stop: int, columns, rows):
+        """Rows [start, stop) of partition ``part`` (or ``rows`` of it, sorted) read from the store at the
+        version the grid loaded, when no replica answers (the store must be reachable from here: a shared
+        URL, not a path on a server's own disk)."""
+        if self.source is None:
+            raise GridConnectionError("the grid names no store for this dataset")
+        from ..store import open as open_store
+        from ..store.subsets import SubsetDataset
+
+        first = sum(self._rows[:part])
+        ids = np.arange(start, stop, dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
+        if not len(ids):
+            return
+        table = SubsetDataset(open_store(self.source, self.version), ids + first, columns, "a partition").to_arrow()
+        schema = self._schema if columns is None else pa.schema([self._schema.field(c) for c in columns])
+        yield from table.replace_schema_metadata(None).cast(schema).to_batches()
 
 
 def _on_this_node(members: list[str], ray_nodes: dict | None, urls: dict) -> dict[str, bool]:

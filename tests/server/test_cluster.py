@@ -281,3 +281,25 @@ def test_a_member_holding_no_partition_still_knows_the_dataset(static_grid):
         assert alone.dataset("one").num_rows == ROWS
         assert alone.sql("SELECT count(*) AS n FROM one").to_pandas()["n"][0] == ROWS
     g.close()
+
+
+def test_when_every_replica_of_a_partition_is_down_it_is_read_from_the_store(static_grid):
+    procs, urls, data, start = static_grid
+    g = tg.connect(urls[0])
+    g.load("lastresort", f"{data}/numbers", partitions=3)
+    ds = g.dataset("lastresort")
+    expected = ds.read_rows(0, 0, ds.shard_rows[0], ["id", "x"])
+    gone = [urls.index(m) for m in ds.replicas(0)]  # both servers holding partition 0
+    try:
+        for i in gone:
+            kill_server(procs[i])
+        again = GridCluster([g.sessions[m] for m in g.members], g.replicas)  # nobody marked dead yet
+        got = again.dataset("lastresort").read_rows(0, 0, ds.shard_rows[0], ["id", "x"])
+        assert got.equals(expected)  # the same rows, read from the store at the version the grid loaded
+        assert again.failovers[-1]["server"] == "store"
+        whole = again.dataset("lastresort").to_arrow().column("id").to_numpy()
+        assert np.array_equal(np.sort(whole), np.arange(ROWS))  # every partition, from a live server or the store
+    finally:
+        for i in gone:
+            start(i)
+    g.close()
