@@ -63,7 +63,7 @@ def spark():
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """A real two-node Ray cluster on this machine (one CPU each), shared by the whole run."""
+    """A real three-node Ray cluster on this machine (one CPU each), shared by the whole run."""
     import os
 
     # Ray picks the address it would use to reach the internet; this keeps every node on loopback
@@ -72,6 +72,7 @@ def ray_cluster():
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    cluster.add_node(num_cpus=1)
     cluster.add_node(num_cpus=1)
     ray.init(address=cluster.address)
     yield cluster

@@ -1,4 +1,4 @@
-"""The Ray Data bridge (tensorgrid/store/ray.py) on the session's two-node Ray cluster: Ray's tasks read
+"""The Ray Data bridge (tensorgrid/store/ray.py) on the session's three-node Ray cluster: Ray's tasks read
 shards through the verified read and write blocks as shards; the driver commits once."""
 
 import json

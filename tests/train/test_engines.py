@@ -1,4 +1,4 @@
-"""The same training on every engine: local processes, a real two-node Ray cluster, Spark local[2]."""
+"""The same training on every engine: local processes, a real three-node Ray cluster, Spark local[2]."""
 
 import time
 
@@ -26,7 +26,7 @@ def _same_curve(a, b):
 def test_ray_engine_same_curve_and_spread_over_nodes(ray_cluster, digits, reference):
     r = trainer(workers=2, engine="ray").fit(digits[0])
     _same_curve(r, reference)
-    assert r.placement and len({p.node for p in r.placement}) == 2  # one worker on each node
+    assert r.placement and len({p.node for p in r.placement}) == 2  # each worker on a node of its own
 
 
 def test_spark_engine_same_curve(spark, digits, reference):
