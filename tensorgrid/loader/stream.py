@@ -44,7 +44,7 @@ from .collate import (
 )
 from .locality import Share
 from .locality import check_resume as check_locality
-from .plan import Layout, Plan
+from .plan import Plan
 from .source import Source
 from .workers import Watch
 
@@ -55,11 +55,19 @@ REMOTE_CHUNK_BYTES = 8 << 20  # in process over a network: a chunk fetched while
 WINDOWS_IN_FLIGHT = 4  # in process: the window being consumed, the next being built, their gather copies
 
 
-def read_by_id(source: Source, layout: Layout, gids: np.ndarray) -> pa.Table:
-    """Rows by global id, in the given order (any rows: used for the few padding rows)."""
-    shard, row = layout.locate(gids)
-    parts = [source.read(int(s), int(r), int(r) + 1) for s, r in zip(shard, row)]
-    return pa.concat_tables(parts) if parts else source.read(0, 0, 0)
+def padding_columns(plan: Plan, source: Source, pos: np.ndarray) -> dict:
+    """Columns of padding positions (past the epoch's rows, which they repeat from the epoch's start: up to a
+    world size's worth with global batches, up to a share's difference with locality), read as real
+    positions are, run by run within one window: never a read per row (measured: 16% of an epoch of padding
+    read row by row took 3.6x the epoch's time)."""
+    wrapped = pos % plan.num_rows
+    win = wrapped // plan.window
+    breaks = np.flatnonzero((np.diff(win) != 0) | (np.diff(wrapped) != 1)) + 1
+    out = None
+    for run in np.split(wrapped, breaks):
+        part = window_columns(plan, source, run)
+        out = _copied(part) if out is None else concatenated(out, part)
+    return out
 
 
 def window_columns(plan: Plan, source: Source, pos: np.ndarray) -> dict:
@@ -210,8 +218,8 @@ def build_chunk(plan: Plan, source: Source, c: int, first: int, transform=None, 
     nreal = int(real.sum())
     cols = window_columns(plan, source, pos[:nreal]) if nreal else None
     if nreal < len(pos):
-        pad = table_to_torch(read_by_id(source, plan.layout, plan.rows_at(pos[nreal:])))
-        cols = _copied(pad) if cols is None else concatenated(cols, pad)
+        pad = padding_columns(plan, source, pos[nreal:])  # copies already
+        cols = pad if cols is None else concatenated(cols, pad)
     cols = packed(cols)  # a gather's columns already are (one block per dtype); a view or padding: one copy
     if stack:
         cols = stacked(cols, stack)

@@ -11,9 +11,10 @@ them). ``tg.connect`` to any member returns a ``GridCluster``: the same calls as
   replica; when a server dies mid-read, the read goes on from the next replica at the next row it had not
   received (batches arrive whole or not at all), so no row is lost or repeated, and the loader's guarantees
   (exactly once, shuffle, resume) hold as over one server.
-- SQL, ``get``, ``put`` and ``tables`` go to the grid's table owner: the first live member of placement's
-  ranking for the tables (every client computes it), asked to adopt the tables (``grid.adopt``: load what the
-  shared store has newer, with ``--store``: mirror.py) when this client did not use it last. A query over a
+- SQL, ``get``, ``put`` and ``tables`` go, on servers with a shared store (``--store``: mirror.py), to the
+  grid's table owner: the first live member of placement's ranking for the tables (every client computes
+  it), asked to adopt the tables (``grid.adopt``: load what the store has newer) when this client did not
+  use it last; without a store, to the first member that answers (a table lives where it was made). A query over a
   loaded dataset sees all its rows (a member holding only some partitions reads the dataset once from the
   store for SQL).
 """
@@ -74,18 +75,20 @@ def connect(url: str | None = None, username: str | None = None, password: str |
         return Grid(session)
     sessions = [session if m == session.url else Session(m, username, password, token, roots, chain, key, timeout)
                 for m in grid["members"]]
-    return GridCluster(sessions, grid["replicas"])
+    return GridCluster(sessions, grid["replicas"], mirrored=bool(grid.get("store")))
 
 
 class GridCluster:
     """A grid of several servers (from ``tg.connect`` to a member, or ``start_on_ray(...).connect()``)."""
 
     def __init__(self, sessions: list[Session], replicas: int, names: list[str] | None = None, resolve=None,
-                 ray_nodes: list[str] | None = None):
+                 ray_nodes: list[str] | None = None, mirrored: bool = False):
         """``names``: the members' stable names (placement's input; default: their URLs); ``resolve(name)``:
         a member's URL now (servers on Ray that restarted elsewhere), asked again after a member failed;
         ``ray_nodes``: the Ray node each member runs on (a reader in a Ray worker prefers its node's replica;
-        elsewhere a member is local when its host is this machine)."""
+        elsewhere a member is local when its host is this machine); ``mirrored``: the servers keep their SQL
+        tables in a shared store (``--store``), so a table owner can be chosen and changed (``table_owners``);
+        without, SQL goes to the first member that answers, where the tables were made."""
         if not sessions:
             raise ArgumentError("a grid needs at least one server")
         names = [s.url for s in sessions] if names is None else list(names)
@@ -101,6 +104,7 @@ class GridCluster:
         self.replicas = check_int("replicas", replicas, 1)
         self._dead: dict[str, float] = {}  # member -> when it last failed
         self._owner: str | None = None  # the table owner this client used last (it adopted the tables)
+        self.mirrored = bool(mirrored)
         self._lock = threading.Lock()
         self.failovers: list[dict] = []  # reads that moved to another replica (this process's)
 
@@ -171,7 +175,10 @@ class GridCluster:
     def _on_owner(self, fn, write: bool):
         """``fn(Grid)`` on the grid's table owner. A member this client did not use last is asked first to
         adopt the tables (load what the store has newer: ``grid.adopt``). A read that fails goes on to the next
-        member; a write whose owner fails is not sent again (it may have committed): GridConnectionError."""
+        member; a write whose owner fails is not sent again (it may have committed): GridConnectionError.
+        Without a store (``mirrored`` False) a table lives where it was made: the first member that answers."""
+        if not self.mirrored:
+            return self._first_live(fn)
         last = None
         for member in self.table_owners():
             grid = Grid(self.sessions[member])

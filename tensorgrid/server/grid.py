@@ -207,15 +207,17 @@ class GridServer(flight.FlightServerBase):
             _expect(sqlproto.unpack(body), sqlproto.ActionBeginTransactionRequest)
             auth.require(context, auth.READ)
             txn = self._transactions.begin(self._db.cursor(), _owner(context), _peer(context))
+            if self.mirror is not None:  # the store's versions its snapshot starts from: its commit expects them
+                self._transactions.get(txn, _owner(context)).expected = dict(self.mirror.known)
             return [flight.Result(sqlproto.pack(sqlproto.ActionBeginTransactionResult(transaction_id=txn)))]
         if action.type == "EndTransaction":
             request = _expect(sqlproto.unpack(body), sqlproto.ActionEndTransactionRequest)
             auth.require(context, auth.READ)
-            mirror = self.mirror
-            with self.writing():  # a commit changes what snapshots see; with a store, once the store took it
-                self._transactions.end(request.transaction_id, _owner(context), request.action,
-                                       before_commit=None if mirror is None else
-                                       lambda txn: mirror.export(txn.cursor, txn.touched) if txn.touched else None)
+            with self.writing():  # a commit changes what snapshots see
+                if self.mirror is None:
+                    self._transactions.end(request.transaction_id, _owner(context), request.action)
+                else:
+                    self._end_mirrored(request.transaction_id, _owner(context), request.action)
             return []
         if action.type == "CancelFlightInfo":  # Flight's own: raw messages, not in an Any
             request = sqlproto.parse(sqlproto.CancelFlightInfoRequest, body)
@@ -507,6 +509,24 @@ class GridServer(flight.FlightServerBase):
                 names = self.mirror.touched(cur, query) if self.mirror is not None else None
                 with self.mirrored(cur, names):
                     return sum(_count(cur.sql(query, params=row)) for row in rows)
+
+    def _end_mirrored(self, transaction_id: bytes, owner: str | None, action: int) -> None:
+        """End a client transaction on a server with a store: the tables it wrote exported (expecting the
+        versions its snapshot began from) before its commit, under the mirror's lock until the commit is
+        done; on any failure this server's copies go back to the store's versions."""
+        mirror, txn = self.mirror, self._transactions.get(transaction_id, owner)
+        dropped: list[str] = []
+        with mirror.lock:
+            try:
+                self._transactions.end(transaction_id, owner, action, before_commit=lambda t: dropped.extend(
+                    mirror.export(t.cursor, t.touched, t.expected)) if t.touched else None)
+            except BaseException:
+                for name in txn.touched:
+                    mirror.known.pop(name, None)
+                with contextlib.suppress(Exception), self._cursor() as cur:
+                    mirror.sync(cur, txn.touched)
+                raise
+            mirror.remove(dropped)
 
     @contextlib.contextmanager
     def mirrored(self, cur, names: set[str] | None):

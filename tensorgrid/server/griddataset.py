@@ -99,7 +99,12 @@ _INHERITED: list = []  # in a forked child: the parent's clients, never closed h
 
 
 def _before_fork() -> None:
-    _HELD[:] = [s._client for s in list(_OPEN) if s._client is not None]
+    for _ in range(3):  # another thread may open a session meanwhile: the set changes under iteration
+        try:
+            _HELD[:] = [s._client for s in list(_OPEN) if s._client is not None]
+            return
+        except RuntimeError:
+            continue
 
 
 def _after_fork_in_parent() -> None:

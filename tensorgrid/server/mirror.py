@@ -17,8 +17,8 @@ A write, on a server with a store:
    what the client was told is committed is in the store, and no server's write silently replaces another's.
    (A server killed between the export and its local commit comes back to the store's version.)
 A client's own transaction (Flight SQL / ADBC) is exported the same way when it commits.
-The names a statement touches come from DuckDB's binder (``get_table_names``); tables only read by it are
-exported too (a version with the same rows: correct, a little slower).
+The table a statement writes is found with DuckDB's parser and tokenizer (``_target``: the name after its
+verb); a write whose table it cannot tell (WITH ..., MERGE, IMPORT, EXECUTE...) exports every table.
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ from ..errors import ConflictError, TensorGridError
 from .metadata import quote
 
 TABLES = "tables"
+_READS = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN, duckdb.StatementType.PRAGMA,
+          duckdb.StatementType.RELATION}  # as grid.writes_sql: every other statement may write
 SQL_KEY = b"tensorgrid.create_table"
 _LOAD = "__tensorgrid_mirror_load__"
 
@@ -138,14 +140,17 @@ class Mirror:
         except duckdb.Error:
             return set()  # it will fail on its own when it runs
         names: set[str] = set()
+        every = set(_local_tables(cur)) | set(self.known)
         for statement in statements:
-            if statement.type not in _WRITES:
+            if statement.type in _READS:
                 continue
             target = _target(statement.query)
             if target is _UNKNOWN:
-                return set(_local_tables(cur)) | set(self.known)
+                return every | names
             if target is not None:
                 names.add(target)
+                if statement.type == duckdb.StatementType.ALTER and (renamed := _renamed_to(statement.query)):
+                    names.add(renamed)
         return names
 
     @contextlib.contextmanager
@@ -163,7 +168,7 @@ class Mirror:
             cur.begin()
             try:
                 yield
-                self.export(cur, names)
+                dropped = self.export(cur, names)
             except BaseException:
                 cur.rollback()
                 raise
@@ -173,19 +178,24 @@ class Mirror:
                 for name in names:
                     self.known.pop(name, None)
                 raise
+            self.remove(dropped)
 
-    def export(self, cur, names) -> None:
+    def export(self, cur, names, expected: dict | None = None) -> list[str]:
         """Each of ``names`` as read on ``cur`` (inside the write's transaction), as the next version in the
-        store, or removed from it when dropped. A failure is raised as ConflictError (another server wrote a
-        table meanwhile) or TensorGridError naming the store; the caller rolls its transaction back. (A write
-        over several tables whose export fails part way leaves the store with the first ones: the next sync
-        brings this server to them.)"""
+        store after the one it was read from (``expected``: table -> version, a client transaction's as of its
+        BEGIN; default this server's known versions). Returns the tables dropped here, to be removed from the
+        store once the local commit is done (``remove``). A failure is raised as ConflictError (another server,
+        or a write here since the transaction began, wrote a table meanwhile) or an error naming the store;
+        the caller rolls its transaction back. (A write over several tables whose export fails part way
+        leaves the store with the first ones: the next sync brings this server to them.)"""
+        expected = self.known if expected is None else expected
+        dropped = []
         with self.lock:
             try:
                 for name in sorted(names):
                     local = _local_tables(cur).get(name)
                     if local is None:
-                        self._remove(name)
+                        dropped.append(name)
                         continue
                     create = cur.execute("SELECT sql FROM duckdb_tables() WHERE table_name = ? AND schema_name = "
                                          "'main'", [local]).fetchall()[0][0]
@@ -195,8 +205,9 @@ class Mirror:
                     first = table.schema.field(0)
                     schema = table.schema.set(0, first.with_metadata({**(first.metadata or {}), SQL_KEY: create.encode()}))
                     ds = _write(self.path(name), pa.Table.from_arrays(table.columns, schema=schema),
-                                self.known.get(name, 0))
+                                expected.get(name, 0))
                     self.known[name] = ds.version
+                return dropped
             except BaseException as exc:
                 for name in names:  # the store stays the truth: the next sync reloads these from it
                     self.known.pop(name, None)
@@ -209,39 +220,64 @@ class Mirror:
                                                    f"this write was rolled back ({type(exc).__name__}: {exc})") from None
                 raise
 
-    def _remove(self, name: str) -> None:
-        fs, root = tgfs.resolve(self.path(name))
-        if fs.exists(root):
-            fs.rm(root, recursive=True)
-        self.known.pop(name, None)
+    def remove(self, names) -> None:
+        """Tables dropped here (and committed so) out of the store."""
+        for name in names:
+            fs, root = tgfs.resolve(self.path(name))
+            if fs.exists(root):
+                fs.rm(root, recursive=True)
+            self.known.pop(name, None)
 
 
-_WRITES = {duckdb.StatementType.INSERT, duckdb.StatementType.UPDATE, duckdb.StatementType.DELETE,
-           duckdb.StatementType.CREATE, duckdb.StatementType.DROP, duckdb.StatementType.ALTER,
-           duckdb.StatementType.COPY}
 _UNKNOWN = object()
+# words that may stand between a write's verb and its table's name
+_FILLER = {"or", "replace", "ignore", "into", "from", "table", "if", "not", "exists", "temp", "temporary",
+           "only", "unlogged", "persistent"}
+_VERBS = {"insert", "update", "delete", "create", "drop", "alter", "copy", "truncate"}
 
 
 def _target(sql: str):
-    """The table a write statement names first (lower case), None when it is not a table of schema main,
-    _UNKNOWN when the statement starts otherwise than with its verb (WITH ...)."""
-    tokens = duckdb.tokenize(sql)
-    texts = [sql[a:b].strip() for (a, _), (b, _) in zip(tokens, tokens[1:] + [(len(sql), None)])]
-    kinds = [kind for _, kind in tokens]
-    if not texts or texts[0].lower() == "with":
+    """The table a write statement changes (lower case): the name after its verb and the words that may
+    follow it (INSERT OR REPLACE INTO t, DELETE FROM t, CREATE TABLE IF NOT EXISTS t, TRUNCATE TABLE t...);
+    a name that is also a keyword (data, name, value...) counts. None when it changes no table of schema
+    main (CREATE VIEW/INDEX..., another schema or database); _UNKNOWN when it cannot tell (WITH ..., MERGE,
+    IMPORT, EXECUTE, anything else): the caller then takes every table."""
+    tokens = [(a, kind) for a, kind in duckdb.tokenize(sql) if kind != duckdb.token_type.comment]
+    ends = [a for a, _ in tokens[1:]] + [len(sql)]
+    texts = [sql[a:b].strip() for (a, _), b in zip(tokens, ends)]
+    words = [t.lower() for t in texts]
+    if not words or words[0] not in _VERBS:
         return _UNKNOWN
-    if texts[0].lower() == "create" and "table" not in [t.lower() for t in texts[:6]]:
+    if words[0] == "create" and "table" not in words[:6]:
         return None  # a view, index, sequence, schema...: no table's rows change
-    for i, kind in enumerate(kinds):
-        if kind == duckdb.token_type.identifier:
-            parts = [texts[i]]
-            while i + 2 < len(texts) and texts[i + 1] == "." and kinds[i + 2] == duckdb.token_type.identifier:
-                parts.append(texts[i + 2])
-                i += 2
-            names = [p[1:-1].replace('""', '"') if p.startswith('"') else p for p in parts]
-            if len(names) > 1 and names[-2].lower() != "main":
-                return None
-            return names[-1].lower()
+    if words[0] in ("drop", "alter") and (len(words) < 2 or words[1] != "table"):
+        return None if words[0] == "drop" else _UNKNOWN  # DROP VIEW...; ALTER of something else
+    i = 1
+    while i < len(words) and words[i] in _FILLER:
+        i += 1
+    if i >= len(words) or tokens[i][1] not in (duckdb.token_type.identifier, duckdb.token_type.keyword):
+        return _UNKNOWN
+    parts = [texts[i]]
+    while i + 2 < len(texts) and texts[i + 1] == "." and tokens[i + 2][1] in (duckdb.token_type.identifier,
+                                                                               duckdb.token_type.keyword):
+        parts.append(texts[i + 2])
+        i += 2
+    names = [p[1:-1].replace('""', '"') if p.startswith('"') else p for p in parts]
+    if len(names) > 2 or (len(names) == 2 and names[0].lower() != "main"):
+        return None  # another database's or schema's table: not mirrored
+    return names[-1].lower()
+
+
+def _renamed_to(sql: str) -> str | None:
+    """ALTER TABLE t RENAME TO u: u (lower case), else None."""
+    tokens = [(a, kind) for a, kind in duckdb.tokenize(sql) if kind != duckdb.token_type.comment]
+    ends = [a for a, _ in tokens[1:]] + [len(sql)]
+    texts = [sql[a:b].strip() for (a, _), b in zip(tokens, ends)]
+    words = [t.lower() for t in texts]
+    for i in range(len(words) - 2):
+        if words[i] == "rename" and words[i + 1] == "to":
+            name = texts[i + 2]
+            return (name[1:-1].replace('""', '"') if name.startswith('"') else name).lower()
     return None
 
 

@@ -76,8 +76,8 @@ class _ServerActor:
 class RayGrid:
     """Grid servers running as Ray actors (``start_on_ray``)."""
 
-    def __init__(self, name: str, actors: list, replicas: int):
-        self.name, self.actors, self.replicas = name, actors, replicas
+    def __init__(self, name: str, actors: list, replicas: int, store: str | None = None):
+        self.name, self.actors, self.replicas, self.store = name, actors, replicas, store
         self.members = [f"{name}-{i}" for i in range(len(actors))]
 
     def urls(self, timeout: float = START_TIMEOUT_S) -> list[str]:
@@ -108,7 +108,7 @@ class RayGrid:
         """A client of the whole grid: the calls of ``tg.connect``'s Grid, reads from live replicas."""
         sessions = [Session(url, username, password, token, timeout=timeout) for url in self.urls()]
         return GridCluster(sessions, self.replicas, names=self.members, resolve=self._resolve,
-                           ray_nodes=self.nodes())
+                           ray_nodes=self.nodes(), mirrored=self.store is not None)
 
     def load(self, name: str, url: str | None = None, partitions: int | None = None, refresh: bool = False) -> dict:
         g = self.connect()
@@ -173,7 +173,7 @@ def start_on_ray(servers: int | None = None, replicas: int = 1, root: str | None
     actors = [remote.options(name=f"{name}-{i}", scheduling_strategy=NodeAffinitySchedulingStrategy(
         nodes[i % len(nodes)], soft=False)).remote(os.path.join(base, f"server-{i}"), allow or ["/"], options)
         for i in range(servers)]
-    grid = RayGrid(name, actors, replicas)
+    grid = RayGrid(name, actors, replicas, store)
     deadline = time.monotonic() + START_TIMEOUT_S
     try:
         grid.urls(timeout=max(1.0, deadline - time.monotonic()))

@@ -33,6 +33,7 @@ class Transaction:
     lock: threading.Lock = field(default_factory=threading.Lock)
     done: bool = False
     touched: set = field(default_factory=set)  # tables it wrote (lower case): exported to the store on commit
+    expected: dict = field(default_factory=dict)  # with a store: table -> its version when the transaction began
 
     @contextlib.contextmanager
     def use(self):

@@ -97,6 +97,23 @@ def test_two_servers_writing_one_table_lose_nothing_and_a_drop_leaves_the_store(
         assert tg.open(f"{store}/tables/t").num_rows == 4
         conn.commit()
     assert tg.open(f"{store}/tables/t").num_rows == 5
+    # a transaction whose table another write changed after it began cannot replace that write: its commit
+    # is ConflictError, rolled back; run again, it commits on top
+    with dbapi.connect(urls[0], autocommit=False) as conn, conn.cursor() as cur:
+        cur.execute("INSERT INTO t VALUES (6)")
+        a.sql("INSERT INTO t VALUES (7)")  # autocommit, meanwhile: exported as the next version
+        with pytest.raises(Exception, match="wrote table .* meanwhile"):
+            conn.commit()
+    with dbapi.connect(urls[0], autocommit=False) as conn, conn.cursor() as cur:
+        cur.execute("INSERT INTO t VALUES (6)")
+        conn.commit()
+    assert sorted(tg.open(f"{store}/tables/t").to_arrow().column("id").to_pylist()) == [1, 2, 3, 4, 5, 6, 7]
+    # names that are keywords, comments, and statements whose table it cannot tell (all tables exported)
+    a.sql('CREATE TABLE data (value INTEGER)')
+    a.sql("/* note */ INSERT INTO data VALUES (1)")
+    a.sql("WITH v AS (SELECT 2 AS value) INSERT INTO data SELECT value FROM v")
+    assert sorted(tg.open(f"{store}/tables/data").to_arrow().column("value").to_pylist()) == [1, 2]
+    a.sql("DROP TABLE data")
     a.sql("DROP TABLE t")
     assert not os.path.exists(f"{store}/tables/t")
     b.session.action("grid.adopt")
