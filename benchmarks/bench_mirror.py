@@ -36,7 +36,7 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from common import machine, median_time, table  # noqa: E402
+from common import disk_write_gbs, machine, median_time, table  # noqa: E402
 
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 MIB = 1 << 20
@@ -45,20 +45,6 @@ NOTE = "'note-' || lpad(CAST({i} AS VARCHAR), 15, '0')"  # 20 bytes
 
 def log(msg: str) -> None:
     print(f"  [{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def disk_write_mbs(path: str, nbytes: int) -> float:
-    """The disk's durable write ceiling: ``nbytes`` written and fsynced (dd conv=fdatasync), MB/s."""
-    buf = np.ones(nbytes, dtype=np.uint8)
-
-    def once():
-        with open(path, "wb") as f:
-            f.write(memoryview(buf))
-            f.flush()
-            os.fsync(f.fileno())
-        os.unlink(path)
-
-    return nbytes / 1e6 / median_time(once, repeat=3, warmup=0)
 
 
 def fsync_ms(folder: str, repeat: int = 20) -> float:
@@ -286,7 +272,7 @@ def main() -> None:
     servers, grids, probe = [], [], None
     try:
         log("disk ceiling")
-        disk_mbs = disk_write_mbs(os.path.join(store, "disk.bin"), args.disk_mib * MIB)
+        disk_mbs = 1000 * disk_write_gbs(os.path.join(store, "disk.bin"), args.disk_mib * MIB)
         small_fsync = fsync_ms(store)
         log(f"disk {disk_mbs:.0f} MB/s, small fsync {small_fsync:.1f} ms")
         plain_server = GridServer(os.path.join(base, "plain"))

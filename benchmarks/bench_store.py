@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import DATA, drop_caches, machine, median_time, memcpy_gbs, table  # noqa: E402
+from common import DATA, disk_write_gbs, drop_caches, machine, median_time, memcpy_gbs, table  # noqa: E402
 
 import tensorgrid as tg  # noqa: E402
 from tensorgrid.store import manifest  # noqa: E402
@@ -160,20 +160,6 @@ def integrity_costs(root: str, rows: int = 1000, versions: int = 300) -> dict:
     out["vacuum"] = median_time(lambda: tg.vacuum(url, min_age_s=0), repeat=3)
     shutil.rmtree(root, ignore_errors=True)
     return out
-
-
-def disk_write_gbs(path: str, nbytes: int = 1 << 30) -> float:
-    """The disk's durable write ceiling: write ``nbytes`` and fsync (what dd conv=fdatasync measures)."""
-    buf = np.ones(nbytes, dtype=np.uint8)
-
-    def once():
-        with open(path, "wb") as f:
-            f.write(memoryview(buf))
-            f.flush()
-            os.fsync(f.fileno())
-        os.unlink(path)
-
-    return nbytes / 1e9 / median_time(once, repeat=3, warmup=0)
 
 
 def big_rows_write_only(rows: int, url: str) -> float:

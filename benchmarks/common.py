@@ -60,3 +60,17 @@ def table(rows: list[tuple], header: tuple) -> str:
     fmt = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([fmt(cells[0]), sep, *map(fmt, cells[1:])])
+
+
+def disk_write_gbs(path: str, nbytes: int = 1 << 30) -> float:
+    """The disk's durable write ceiling: write ``nbytes`` and fsync (what dd conv=fdatasync measures)."""
+    buf = np.ones(nbytes, dtype=np.uint8)
+
+    def once():
+        with open(path, "wb") as f:
+            f.write(memoryview(buf))
+            f.flush()
+            os.fsync(f.fileno())
+        os.unlink(path)
+
+    return nbytes / 1e9 / median_time(once, repeat=3, warmup=0)
