@@ -12,7 +12,7 @@ import tensorgrid as tg
 
 PKG = pathlib.Path(tg.__file__).parent
 # what each layer may import from the package at module level (besides the shared leaf modules)
-LEAVES = {"errors", "fs", "args", "cores", "rng", "allocator"}
+LEAVES = {"errors", "fs", "args", "cores", "rng", "allocator", "forking"}
 ALLOWED = {"store": set(), "loader": {"store"}, "train": {"store", "loader", "transforms"}, "server": {"store"},
            "transforms": set(), "errors": set(), "fs": set(), "args": set(), "cores": set(), "rng": set(),
            "ml": {"store", "loader", "train", "transforms"}}
