@@ -94,6 +94,7 @@ def static_grid(tmp_path_factory):
     table = pa.table({"id": np.arange(ROWS), "x": x, "y": (x > 0.5).astype(np.int64),
                       "pad": pa.array([bytes([i % 251]) * PAD for i in range(ROWS)], pa.binary())})
     tg.write(f"{data}/numbers", table, shard_rows=ROWS // 3)
+    tg.write(f"{data}/plain", table.drop_columns(["pad"]), shard_rows=ROWS // 3)  # the same rows, 1 MB not 250
     ports = _free_ports(3)
     grid = ",".join(f"127.0.0.1:{p}" for p in ports)
     procs, urls = [], []
@@ -180,7 +181,7 @@ def test_with_locality_each_rank_reads_only_its_own_partitions_once_padded_to_eq
 
     procs, urls, data, start = static_grid
     g = tg.connect(urls[0])
-    g.load("spread", f"{data}/numbers", partitions=5)  # uneven shares: padding on the smaller one
+    g.load("spread", f"{data}/plain", partitions=5)  # uneven shares: padding on the smaller one
     ds = g.dataset("spread").select(["id"])  # a view of some columns keeps the partitions
     share = Share.of(ds, 2, 700, False)
     bounds = np.concatenate([[0], np.cumsum(ds.shard_rows)])
@@ -235,7 +236,7 @@ def test_training_with_locality_reads_on_each_ranks_node_and_resumes_only_as_it_
 
     procs, urls, data, start = static_grid
     g = tg.connect(urls[0])
-    g.load("placed", f"{data}/numbers", partitions=6)  # 6 partitions, 2 replicas each, on three servers
+    g.load("placed", f"{data}/plain", partitions=6)  # 6 partitions, 2 replicas each, on three servers
     ds = g.dataset("placed")
 
     def trainer(workers, epochs, loader_workers=0):
@@ -274,7 +275,7 @@ def test_a_member_holding_no_partition_still_knows_the_dataset(static_grid):
     live = [u for u, p in zip(urls, procs) if p.poll() is None]
     assert len(live) >= 2
     g = GridCluster([tg.server.griddataset.Session(u) for u in live], 1)
-    info = g.load("one", f"{data}/numbers", partitions=1)  # one partition, one replica: the others hold none
+    info = g.load("one", f"{data}/plain", partitions=1)  # one partition, one replica: the others hold none
     assert [m for m, held in info["held"].items() if not held]
     for member in g.members:  # each answers for it, and SQL on each sees every row
         alone = GridCluster([g.sessions[member]], 1)
@@ -286,7 +287,7 @@ def test_a_member_holding_no_partition_still_knows_the_dataset(static_grid):
 def test_when_every_replica_of_a_partition_is_down_it_is_read_from_the_store(static_grid):
     procs, urls, data, start = static_grid
     g = tg.connect(urls[0])
-    g.load("lastresort", f"{data}/numbers", partitions=3)
+    g.load("lastresort", f"{data}/plain", partitions=3)
     ds = g.dataset("lastresort")
     expected = ds.read_rows(0, 0, ds.shard_rows[0], ["id", "x"])
     gone = [urls.index(m) for m in ds.replicas(0)]  # both servers holding partition 0

@@ -25,6 +25,7 @@ def ray_grid(ray_cluster, tmp_path_factory):
     table = pa.table({"id": np.arange(ROWS), "x": x, "y": (x > 0.5).astype(np.int64),
                       "pad": pa.array([bytes([i % 251]) * PAD for i in range(ROWS)])})
     tg.write(f"{data}/numbers", table, shard_rows=ROWS // 2)
+    tg.write(f"{data}/plain", table.drop_columns(["pad"]), shard_rows=ROWS // 2)  # the same rows, without pad
     grid = tg.grid.start_on_ray(servers=3, replicas=2, root=str(base / "servers"), allow=[data],
                                 memory_limit="256MB")
     try:
@@ -102,7 +103,7 @@ def test_ray_training_with_locality_places_each_rank_beside_its_partitions_and_s
     import torch
 
     grid, data = ray_grid
-    grid.load("placed", f"{data}/numbers", partitions=4)
+    grid.load("placed", f"{data}/plain", partitions=4)
     ds = grid.connect().dataset("placed")
     pid = grid.pids()[0]
     result = tg.Trainer(model=linear, loss=torch.nn.CrossEntropyLoss(), optimizer=sgd, features=["x"], label="y",
