@@ -27,7 +27,7 @@ from .datasets import DatasetsService
 from .files import FilesService
 from .ingest import ingest, tensors_back
 from .members import MembersService, member_urls
-from .mirror import Mirror
+from .mirror import READS, Mirror
 from .results import Expiring, batches_by_bytes
 from .sandbox import flight_error, open_database
 from .sqlproto import CancelStatus, ProtocolError
@@ -610,11 +610,8 @@ def writes_sql(query: str) -> bool:
         statements = duckdb.extract_statements(query)
     except duckdb.Error:
         return False
-    return any(st.type not in _READS for st in statements)
+    return any(st.type not in READS for st in statements)
 
-
-_READS = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN, duckdb.StatementType.PRAGMA,
-          duckdb.StatementType.RELATION}
 
 
 def default_services(server) -> list:

@@ -37,8 +37,9 @@ from ..errors import ConflictError, TensorGridError
 from .metadata import quote
 
 TABLES = "tables"
-_READS = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN, duckdb.StatementType.PRAGMA,
-          duckdb.StatementType.RELATION}  # as grid.writes_sql: every other statement may write
+# statements that only read (grid.writes_sql: every other statement may write)
+READS = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN, duckdb.StatementType.PRAGMA,
+         duckdb.StatementType.RELATION}
 SQL_KEY = b"tensorgrid.create_table"
 _LOAD = "__tensorgrid_mirror_load__"
 
@@ -140,13 +141,12 @@ class Mirror:
         except duckdb.Error:
             return set()  # it will fail on its own when it runs
         names: set[str] = set()
-        every = set(_local_tables(cur)) | set(self.known)
         for statement in statements:
-            if statement.type in _READS:
+            if statement.type in READS:
                 continue
             target = _target(statement.query)
-            if target is _UNKNOWN:
-                return every | names
+            if target is _UNKNOWN:  # every table this server has or the store had
+                return set(_local_tables(cur)) | set(self.known) | names
             if target is not None:
                 names.add(target)
                 if statement.type == duckdb.StatementType.ALTER and (renamed := _renamed_to(statement.query)):
@@ -236,16 +236,21 @@ _FILLER = {"or", "replace", "ignore", "into", "from", "table", "if", "not", "exi
 _VERBS = {"insert", "update", "delete", "create", "drop", "alter", "copy", "truncate"}
 
 
+def _tokens(sql: str) -> tuple[list, list[str], list[str]]:
+    """DuckDB's tokens of ``sql`` without comments: (position, kind) pairs, their texts, lower-cased texts."""
+    tokens = [(a, kind) for a, kind in duckdb.tokenize(sql) if kind != duckdb.token_type.comment]
+    ends = [a for a, _ in tokens[1:]] + [len(sql)]
+    texts = [sql[a:b].strip() for (a, _), b in zip(tokens, ends)]
+    return tokens, texts, [t.lower() for t in texts]
+
+
 def _target(sql: str):
     """The table a write statement changes (lower case): the name after its verb and the words that may
     follow it (INSERT OR REPLACE INTO t, DELETE FROM t, CREATE TABLE IF NOT EXISTS t, TRUNCATE TABLE t...);
     a name that is also a keyword (data, name, value...) counts. None when it changes no table of schema
     main (CREATE VIEW/INDEX..., another schema or database); _UNKNOWN when it cannot tell (WITH ..., MERGE,
     IMPORT, EXECUTE, anything else): the caller then takes every table."""
-    tokens = [(a, kind) for a, kind in duckdb.tokenize(sql) if kind != duckdb.token_type.comment]
-    ends = [a for a, _ in tokens[1:]] + [len(sql)]
-    texts = [sql[a:b].strip() for (a, _), b in zip(tokens, ends)]
-    words = [t.lower() for t in texts]
+    tokens, texts, words = _tokens(sql)
     if not words or words[0] not in _VERBS:
         return _UNKNOWN
     if words[0] == "create" and "table" not in words[:6]:
@@ -270,10 +275,7 @@ def _target(sql: str):
 
 def _renamed_to(sql: str) -> str | None:
     """ALTER TABLE t RENAME TO u: u (lower case), else None."""
-    tokens = [(a, kind) for a, kind in duckdb.tokenize(sql) if kind != duckdb.token_type.comment]
-    ends = [a for a, _ in tokens[1:]] + [len(sql)]
-    texts = [sql[a:b].strip() for (a, _), b in zip(tokens, ends)]
-    words = [t.lower() for t in texts]
+    _, texts, words = _tokens(sql)
     for i in range(len(words) - 2):
         if words[i] == "rename" and words[i + 1] == "to":
             name = texts[i + 2]
