@@ -39,7 +39,9 @@ from .errors import (
     TransformError,
     UnsupportedDataError,
     UnsupportedFormatError,
+    UnsafeStoreError,
     UnsupportedURLError,
+    VersionExpiredError,
     WorkerFailedError,
 )
 from .store import Dataset, from_arrow, ingest_images, list_datasets, open, sql, write

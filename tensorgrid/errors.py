@@ -17,6 +17,15 @@ class DatasetNotFoundError(TensorGridError, FileNotFoundError):
     """No dataset (and no Parquet/CSV data) at the URL, or no such version."""
 
 
+class VersionExpiredError(DatasetNotFoundError):
+    """Time travel to a version that ``expire`` removed (retention): its rows may already be vacuumed."""
+
+
+class UnsafeStoreError(TensorGridError):
+    """A write to a filesystem that offers no safe way to commit (no exclusive create): refused rather than
+    letting two writers both believe they committed the same version."""
+
+
 class DatasetExistsError(TensorGridError, FileExistsError):
     """mode="create" on a URL that already holds a dataset."""
 

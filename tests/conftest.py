@@ -32,9 +32,56 @@ def mem_url():
         fs.rm(root, recursive=True)
 
 
-@pytest.fixture(params=["local", "memory"])
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 API on loopback for the whole run: moto's server (a separate thread serving HTTP), reached
+    through s3fs like any S3 endpoint. Credentials and endpoint come from the environment, as a user's
+    would (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``...): child processes (loader workers, trainer
+    ranks, the CLI) inherit them. Yields the endpoint URL."""
+    import os
+    import socket
+
+    pytest.importorskip("s3fs", reason="s3fs is in the dev extras")
+    moto_server = pytest.importorskip("moto.server", reason="moto[server] is in the dev extras")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield endpoint
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    server.stop()
+
+
+def new_bucket(endpoint: str) -> str:
+    """A fresh bucket on the test S3 server; its name."""
+    import boto3
+
+    name = f"tg-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture
+def s3_url(s3_server):
+    """A fresh s3:// dataset URL (its own bucket) on the test S3 server."""
+    return f"s3://{new_bucket(s3_server)}/ds"
+
+
+@pytest.fixture(params=["local", "memory", "s3"])
 def any_url(request, tmp_path, mem_url):
-    """A dataset URL on the local disk and on memory://."""
+    """A dataset URL on the local disk, on memory:// and on the S3 server."""
+    if request.param == "s3":
+        return request.getfixturevalue("s3_url")
     return str(tmp_path / "ds") if request.param == "local" else mem_url
 
 

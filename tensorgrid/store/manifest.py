@@ -32,7 +32,10 @@ _NAME = re.compile(r"^v(\d{10})\.json$")
 SHARD_NAME = re.compile(r"part-([0-9a-f]{12})-\d{5}\.parquet")
 _SHARD_PATH = re.compile(DATA_DIR + "/" + SHARD_NAME.pattern)
 _CHECKSUM = re.compile(r"xxh3_64:[0-9a-f]{16}")
-OPERATIONS = ("create", "append", "overwrite")
+# create/append/overwrite: tg.write; compact, delete, alter: upkeep that rewrites or re-describes existing
+# rows as a new version (store/compaction.py, store/deletes.py, store/evolution.py): they add no rows
+OPERATIONS = ("create", "append", "overwrite", "compact", "delete", "alter")
+_ADDS_ALL = ("create", "overwrite")  # a version whose rows are all new
 
 
 def checksum(data) -> str:
@@ -153,7 +156,7 @@ def _parse(data: bytes, expected_version: int | None) -> Manifest:
     num_rows = _int(m["num_rows"], "num_rows")
     _need(num_rows == sum(s.rows for s in shards), f"num_rows {num_rows} is not the sum of its shards' rows")
     added = _int(m["added_rows"], "added_rows")
-    _need(added <= num_rows and (m["operation"] == "append" or added == num_rows),
+    _need(added <= num_rows and (m["operation"] not in _ADDS_ALL or added == num_rows),
           f"added_rows {added} does not fit a {m['operation']} of {num_rows} rows")
     return Manifest(version, m["operation"], schema, shards, added, m["timestamp"], fmt)
 
