@@ -37,9 +37,9 @@ from .errors import (
     TensorGridError,
     TrainingConfigError,
     TransformError,
+    UnsafeStoreError,
     UnsupportedDataError,
     UnsupportedFormatError,
-    UnsafeStoreError,
     UnsupportedURLError,
     VersionExpiredError,
     WorkerFailedError,
@@ -90,4 +90,5 @@ __all__ = [
     "SQLError", "UnsupportedDataError", "UnsupportedFormatError", "UnsupportedURLError", "ColumnNotFoundError",
     "TrainingConfigError", "WorkerFailedError", "CheckpointError", "TransformError", "LoaderWorkerError",
     "ResumeError", "CallbackError", "ModelLoadError", "ModelInputError", "CurveFitError", "CacheRebuiltWarning",
+    "VersionExpiredError", "UnsafeStoreError",
 ]
