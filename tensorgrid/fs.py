@@ -3,27 +3,113 @@ hdfs://, ...) works; local paths take faster native paths (memory maps, hard lin
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
+import time
 import uuid
-import warnings
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.implementations.memory import MemoryFileSystem
 
-from .errors import UnsupportedURLError
+from .errors import ArgumentError, UnsafeStoreError, UnsupportedURLError
 
 _memory_lock = threading.Lock()
 
+# Storage options (credentials, endpoints, ...) given to an entry point, remembered for their location
+# (``s3://bucket``) in this process only: every later URL there resolves with them (a vacuum, a checkpoint
+# beside the data, the loader's workers re-opening it). Never written anywhere; ``_DEFAULT`` (the CLI's
+# ``--storage-option``) applies to every remote location without its own.
+_options: dict[str, dict] = {}
+_DEFAULT = "*"
+_options_lock = threading.Lock()
 
-def resolve(url: str | os.PathLike) -> tuple[fsspec.AbstractFileSystem, str]:
-    """Split a URL or path into (filesystem, path inside it). Unknown schemes raise UnsupportedURLError."""
+
+def location(url: str) -> str | None:
+    """The part of a remote URL its storage options belong to: scheme and bucket (``s3://bucket``); None
+    for local paths."""
+    protocol, rest = fsspec.core.split_protocol(url)
+    if protocol in (None, "file", "local"):
+        return None
+    return f"{protocol}://{rest.lstrip('/').split('/', 1)[0]}"
+
+
+def check_storage_options(options) -> dict:
+    """``storage_options=`` as a dict of option name -> value (None: none)."""
+    if options is None:
+        return {}
+    if not isinstance(options, dict) or not all(isinstance(k, str) and k for k in options):
+        raise ArgumentError(f"storage_options must be a dict of option name -> value (as fsspec takes them, e.g. "
+                            f"{{'endpoint_url': ..., 'key': ...}}), got {type(options).__name__}")
+    return dict(options)
+
+
+def remember(url: str, storage_options) -> None:
+    """Use ``storage_options`` for every URL at ``url``'s location in this process (merged over what was
+    given before); the CLI's ``--storage-option`` passes ``url="*"``: every remote location."""
+    options = check_storage_options(storage_options)
+    key = _DEFAULT if url == _DEFAULT else location(os.fspath(url))
+    if key is None or not options:
+        return  # local paths take no options (the same call works on a laptop's path and on s3://)
+    with _options_lock:
+        _options[key] = {**_options.get(key, {}), **options}
+
+
+@contextlib.contextmanager
+def default_options(options: dict):
+    """While open, ``options`` apply to every remote location without its own (the CLI's
+    ``--storage-option``); what applied before comes back on exit."""
+    with _options_lock:
+        before = _options.get(_DEFAULT)
+        if options:
+            _options[_DEFAULT] = {**(before or {}), **options}
+    try:
+        yield
+    finally:
+        with _options_lock:
+            if before is None:
+                _options.pop(_DEFAULT, None)
+            else:
+                _options[_DEFAULT] = before
+
+
+def remembered(*urls) -> dict[str, dict]:
+    """The options remembered for these URLs' locations (to hand to another process: trainer ranks), as
+    location -> options; give it to ``adopt`` there."""
+    with _options_lock:
+        out = {loc: dict(_options[loc]) for loc in {location(os.fspath(u)) for u in urls if u} if loc in _options}
+        if _DEFAULT in _options:
+            out[_DEFAULT] = dict(_options[_DEFAULT])
+    return out
+
+
+def adopt(options: dict[str, dict] | None) -> None:
+    """Remember what ``remembered`` gave in another process."""
+    for loc, opts in (options or {}).items():
+        with _options_lock:
+            _options[loc] = {**_options.get(loc, {}), **opts}
+
+
+def _options_for(url: str) -> dict:
+    key = location(url)
+    with _options_lock:
+        return dict(_options.get(key) or _options.get(_DEFAULT) or {})
+
+
+def resolve(url: str | os.PathLike, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Split a URL or path into (filesystem, path inside it). Unknown schemes raise UnsupportedURLError.
+
+    ``storage_options``: fsspec's options for the URL's filesystem (``key``/``secret``/``endpoint_url`` for
+    s3://, ``token`` for gs://, ...), remembered for its location in this process (see ``remember``);
+    without them, those remembered, then fsspec's own sources (environment, config files: AWS_* variables,
+    ~/.aws, fsspec's config). Ignored for local paths."""
     if not isinstance(url, (str, os.PathLike)):
         raise UnsupportedURLError(f"expected a URL or path, got {type(url).__name__} {url!r}")
     url = os.fspath(url)
     if not isinstance(url, str) or not url:
         raise UnsupportedURLError(f"expected a URL or path, got {url!r}")
+    check_storage_options(storage_options)
     protocol, _ = fsspec.core.split_protocol(url)
     if protocol in (None, "file", "local"):
         path = url.split("://", 1)[1] if protocol else url
@@ -34,7 +120,13 @@ def resolve(url: str | os.PathLike) -> tuple[fsspec.AbstractFileSystem, str]:
         raise UnsupportedURLError(f"unknown URL scheme '{protocol}://' in {url!r}") from None
     except ImportError as e:
         raise UnsupportedURLError(f"'{protocol}://' needs a package that is not installed: {e}") from None
-    fs, path = fsspec.core.url_to_fs(url)
+    if storage_options:
+        remember(url, storage_options)
+    options = _options_for(url)
+    try:
+        fs, path = fsspec.core.url_to_fs(url, **options)
+    except TypeError as e:  # an option the filesystem does not take: named, never echoing values (secrets)
+        raise ArgumentError(f"storage_options {sorted(options)} do not fit {protocol}:// ({e})") from None
     return fs, path.rstrip("/") or path
 
 
@@ -78,14 +170,64 @@ def _write_local(tmp: str, data: bytes, durable: bool) -> None:
             os.fsync(f.fileno())
 
 
+# fsspec drivers whose "xb" open is an atomic create-if-absent on the server: s3fs sends S3's conditional
+# write (PUT with If-None-Match: *; AWS S3 since 2024, MinIO, moto), the grid's files link on the server.
+# Other drivers may accept "xb" yet write unconditionally: refused (UnsafeStoreError).
+EXCLUSIVE_DRIVERS = {("s3fs.core", "S3FileSystem"), ("tensorgrid.server.gridfs", "GridFileSystem")}
+SINGLE_WRITER_ENV = "TENSORGRID_SINGLE_WRITER"  # "1": the user vouches for one writer at a time
+_probed: set = set()  # (driver, location) whose conditional writes were seen refusing a second create
+
+
+def _exclusive_driver(fs: fsspec.AbstractFileSystem) -> bool:
+    return any((c.__module__, c.__name__) in EXCLUSIVE_DRIVERS for c in type(fs).__mro__)
+
+
+def _check_exclusive(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    """Refuse a store whose exclusive create may not be: a driver not known to make it atomic, or a server
+    that ignores the condition (an S3-compatible store without conditional writes would let a second
+    create overwrite the first: probed once per location and process, beside ``path``)."""
+    if os.environ.get(SINGLE_WRITER_ENV) == "1":
+        return
+    where = to_url(fs, path)
+    if not _exclusive_driver(fs):
+        raise UnsafeStoreError(
+            f"cannot commit to {where}: {type(fs).__name__} offers no atomic create-if-absent, so two writers "
+            f"could both believe they committed the same version; use a store that does (local disks, s3:// with "
+            f"conditional writes), or set {SINGLE_WRITER_ENV}=1 if only one process ever writes there")
+    key = (type(fs).__name__, location(where) or "")
+    if key in _probed:
+        return
+    probe = path.rsplit("/", 1)[0] + f"/.tmp-probe-{uuid.uuid4().hex}"  # a temporary: vacuum takes a lost one
+    try:
+        with fs.open(probe, "xb") as f:
+            f.write(b"1")
+        try:
+            with fs.open(probe, "xb") as f:
+                f.write(b"2")
+        except FileExistsError:
+            _probed.add(key)
+            return
+        raise UnsafeStoreError(
+            f"cannot commit to {where}: the store ignores conditional writes (a second exclusive create of one "
+            f"object succeeded), so two writers could both commit the same version; use a store with "
+            f"If-None-Match support (AWS S3, recent MinIO), or set {SINGLE_WRITER_ENV}=1 if only one process "
+            "ever writes there")
+    finally:
+        try:
+            fs.rm_file(probe)
+        except OSError:
+            pass
+
+
 def create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes, durable: bool = True) -> bool:
     """Create ``path`` holding ``data`` only if it does not exist; True if this call created it.
 
     The file appears whole or not at all. Race-free on local disks (hard link of a complete temporary
-    file), on memory:// (one lock per process, which is all that can share it) and on filesystems whose
-    fsspec driver implements exclusive "xb" opens (object stores with conditional writes). Elsewhere it
-    falls back to check-then-write, which two simultaneous writers can race. ``durable``: on local disks
-    the file and its directory entry are fsynced, so a created file survives a power loss.
+    file), on memory:// (one lock per process, which is all that can share it) and on object stores whose
+    fsspec driver sends a conditional write (``EXCLUSIVE_DRIVERS``; a server that ignores the condition is
+    detected by a probe). Any other store is refused with UnsafeStoreError, unless the user vouches for a
+    single writer (``TENSORGRID_SINGLE_WRITER=1``: check, then write). ``durable``: on local disks the file
+    and its directory entry are fsynced, so a created file survives a power loss.
     """
     if is_local(fs):
         directory = os.path.dirname(path)
@@ -114,21 +256,25 @@ def create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes, dura
                 return False
             fs.pipe_file(path, data)
             return True
-    try:
-        with fs.open(path, "xb") as f:
-            f.write(data)
-        return True
-    except FileExistsError:
-        return False
-    except (ValueError, NotImplementedError, TypeError):
-        warnings.warn(
-            f"{type(fs).__name__} has no exclusive create: concurrent commits are not race-free here",
-            stacklevel=3,
-        )
+    _check_exclusive(fs, path)
+    if not _exclusive_driver(fs):  # the user vouched for a single writer
         if fs.exists(path):
             return False
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)  # stores with real folders need its folder
         fs.pipe_file(path, data)
         return True
+    for attempt in range(8):
+        try:
+            with fs.open(path, "xb") as f:
+                f.write(data)
+            return True
+        except FileExistsError:
+            return False
+        except OSError as e:  # S3's 409 ConditionalRequestConflict: a racing create of the same key is under
+            if "ConditionalRequestConflict" not in str(e) or attempt == 7:  # way; retry, one of the two wins
+                raise
+            time.sleep(0.05 * (attempt + 1))
+    return False
 
 
 def remove_tree(fs: fsspec.AbstractFileSystem, path: str) -> None:

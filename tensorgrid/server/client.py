@@ -17,6 +17,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.flight as flight
 
+from .. import fs as tgfs
 from ..errors import ArgumentError, SQLError
 from . import sqlproto
 from .griddataset import (
@@ -144,20 +145,26 @@ class Grid:
         return int(self.session.call(put).get("rows", 0))
 
     def load(self, name: str, url: str | os.PathLike | None = None, partitions: int | None = None,
-             refresh: bool = False) -> dict:
+             refresh: bool = False, storage_options: dict | None = None) -> dict:
         """Hold the store dataset at ``url`` in the server's memory as ``name`` (SQL sees it as a table; reads
         come from RAM). ``url`` is read by the server: a relative path is under the server's root, and only
         the places the server allows are read. The dataset's current version is pinned (kept across server
         restarts) until ``refresh=True`` moves it to the latest (``url`` may then be left out).
-        ``partitions``: P equal row ranges instead of one partition per shard."""
+        ``partitions``: P equal row ranges instead of one partition per shard. ``storage_options``: fsspec's
+        options for ``url``'s store, sent to the server, which keeps them in memory for that bucket (never on
+        disk: after a restart it reloads with its own, from its environment or ``--storage-option``); send
+        credentials only over TLS."""
         _check_name(name)
+        storage_options = tgfs.check_storage_options(storage_options)
         if isinstance(url, os.PathLike):
             url = os.fspath(url)
         if partitions is not None and (isinstance(partitions, bool) or not isinstance(partitions, int)
                                        or partitions < 1):
             raise ArgumentError(f"partitions must be a positive int, got {partitions!r}")
-        answer = self.session.action("datasets.load", {"name": name, "url": url, "partitions": partitions,
-                                                        "refresh": bool(refresh)})
+        request = {"name": name, "url": url, "partitions": partitions, "refresh": bool(refresh)}
+        if storage_options:
+            request["storage_options"] = storage_options
+        answer = self.session.action("datasets.load", request)
         return json.loads(answer[0])
 
     def drop(self, name: str) -> None:

@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.flight as flight
 import xxhash
 
+from .. import fs as tgfs
 from ..allocator import tune_malloc
 from ..args import check_int
 from ..errors import ArgumentError, ColumnNotFoundError, TensorGridError
@@ -217,13 +218,17 @@ class GridCluster:
         raise GridConnectionError(f"no server of the grid answered ({', '.join(self.members)}): {last}")
 
     # --- the calls of Grid -----------------------------------------------------------------------------------
-    def load(self, name: str, url: str | None = None, partitions: int | None = None, refresh: bool = False) -> dict:
+    def load(self, name: str, url: str | None = None, partitions: int | None = None, refresh: bool = False,
+             storage_options: dict | None = None) -> dict:
         """Hold the store dataset at ``url`` as ``name`` on the grid: P partitions (default 4 per server),
         each on ``replicas`` servers, all at one pinned version. Every member must answer (a member down now
-        would leave its partitions with fewer replicas): otherwise GridConnectionError naming it."""
+        would leave its partitions with fewer replicas): otherwise GridConnectionError naming it.
+        ``storage_options``: as ``Grid.load`` takes them, sent to every member."""
         partitions = check_int("partitions", partitions, 1, none=True) or PARTITIONS_PER_SERVER * len(self.members)
         held = placement.assignment(name, partitions, self.members, self.replicas)
         request = {"name": name, "url": url, "partitions": partitions, "refresh": bool(refresh)}
+        if storage_options:
+            request["storage_options"] = tgfs.check_storage_options(storage_options)
         # every member knows the dataset (its schema and partitions, for SQL), also one that holds no partition
         first, *rest = self.members
         info = self._load_on(first, {**request, "hold": held[first]})

@@ -135,7 +135,8 @@ class DatasetsService(Service):
         if verb == "load":
             auth.require(context, auth.WRITE)
             held = self.load(_name(request), request.get("url"), request.get("partitions"),
-                             bool(request.get("refresh", False)), request.get("hold"), request.get("version"))
+                             bool(request.get("refresh", False)), request.get("hold"), request.get("version"),
+                             request.get("storage_options"))
             return [json.dumps(held.info()).encode()]
         if verb == "drop":
             auth.require(context, auth.WRITE)
@@ -230,7 +231,7 @@ class DatasetsService(Service):
     # -- loaded datasets ---------------------------------------------------------------------------------------
 
     def load(self, name: str, url: str | None, partitions: int | None = None, refresh: bool = False,
-             hold: list[int] | None = None, version: int | None = None) -> Held:
+             hold: list[int] | None = None, version: int | None = None, storage_options: dict | None = None) -> Held:
         """Hold the store dataset at ``url`` as ``name``: its current version (or ``version``), kept until
         ``refresh``. ``hold``: only these of its ``partitions`` (a member of a grid of several servers)."""
         partitions = check_int("partitions", partitions, 1, none=True)
@@ -246,6 +247,7 @@ class DatasetsService(Service):
         elif not isinstance(url, str):
             raise error("ArgumentError", f"url must be a string, got {type(url).__name__}")
         url = self._check_allowed(url)
+        tgfs.remember(url, tgfs.check_storage_options(storage_options))  # in memory only: never in the catalog
         if current is not None and current.source != url and not refresh:
             raise error("DatasetExistsError", f"{name!r} is loaded from {current.source}; drop it first, or "
                                               f"load with refresh=True to replace it")

@@ -21,6 +21,7 @@ import tempfile
 import time
 import uuid
 
+from .. import fs as tgfs
 from ..args import check_int
 from ..errors import ArgumentError, TensorGridError
 from .cluster import GridCluster
@@ -32,13 +33,14 @@ START_TIMEOUT_S = 120.0
 class _ServerActor:
     """One grid server inside a Ray actor (re-created by Ray, with the same arguments, after a crash)."""
 
-    def __init__(self, root: str, allow: list[str] | None, options: dict):
+    def __init__(self, root: str, allow: list[str] | None, options: dict, storage: dict | None = None):
         import pyarrow as pa
         import ray
 
         from .grid import GridServer
         from .serve import normalize_allow
 
+        tgfs.adopt(storage)  # the driver's storage options, in this actor's memory (Ray keeps its arguments)
         os.makedirs(root, exist_ok=True)
         port_file = os.path.join(root, "ray-port")
         try:
@@ -110,10 +112,11 @@ class RayGrid:
         return GridCluster(sessions, self.replicas, names=self.members, resolve=self._resolve,
                            ray_nodes=self.nodes(), mirrored=self.store is not None)
 
-    def load(self, name: str, url: str | None = None, partitions: int | None = None, refresh: bool = False) -> dict:
+    def load(self, name: str, url: str | None = None, partitions: int | None = None, refresh: bool = False,
+             storage_options: dict | None = None) -> dict:
         g = self.connect()
         try:
-            return g.load(name, url, partitions, refresh)
+            return g.load(name, url, partitions, refresh, storage_options)
         finally:
             g.close()
 
@@ -140,13 +143,15 @@ class RayGrid:
 
 def start_on_ray(servers: int | None = None, replicas: int = 1, root: str | None = None,
                  allow: list[str] | None = None, memory_limit: str = "2GB", store: str | None = None,
-                 **server_options) -> RayGrid:
+                 storage_options: dict | None = None, **server_options) -> RayGrid:
     """Start a grid of ``servers`` grid servers as Ray actors (default: one per alive Ray node), spread over
     the nodes, each partition of a loaded dataset held by ``replicas`` of them. ``root``: the folder, on each
     node's own disk, under which each server keeps its database and catalog (default: the temp folder);
     ``allow``: where datasets may be loaded from (URL or folder prefixes; default: local folders, "/");
     ``store``: a shared store URL (s3://..., a shared folder) that keeps every SQL table, a version per
     commit, so that another server takes them over when their owner dies (server/mirror.py).
+    ``storage_options``: fsspec's options for ``store`` and the datasets the servers load (every remote
+    location without its own), handed to each actor (Ray keeps an actor's arguments to restart it).
     Ray must be initialised (``ray.init(...)``); a new one is started on this machine otherwise."""
     try:
         import ray
@@ -167,11 +172,14 @@ def start_on_ray(servers: int | None = None, replicas: int = 1, root: str | None
     nodes = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive"))
     remote = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(_ServerActor)
     options = {"memory_limit": memory_limit, "store": store, **server_options}
+    given = tgfs.check_storage_options(storage_options)
+    storage = {**tgfs.remembered(store), **({"*": given} if given else {})}
     # server i on node i mod n (round robin), restarted there after a crash. Ray's soft affinity put every
     # server on one node here (cluster_utils, zero-CPU actors), so it is hard: a server whose node is lost
     # stays down (its partitions are read from their other replicas) until it is started again
     actors = [remote.options(name=f"{name}-{i}", scheduling_strategy=NodeAffinitySchedulingStrategy(
-        nodes[i % len(nodes)], soft=False)).remote(os.path.join(base, f"server-{i}"), allow or ["/"], options)
+        nodes[i % len(nodes)], soft=False)).remote(os.path.join(base, f"server-{i}"), allow or ["/"], options,
+                                                    storage)
         for i in range(servers)]
     grid = RayGrid(name, actors, replicas, store)
     deadline = time.monotonic() + START_TIMEOUT_S

@@ -33,11 +33,14 @@ __all__ = ["Dataset", "StoreDataset", "ForeignDataset", "ArrowDataset", "Version
            "open", "write", "from_arrow", "sql", "ingest_images", "list_datasets", "DatasetEntry"]
 
 
-def open(url: str, version: int | None = None) -> Dataset:  # noqa: A001 - the one obvious name
+def open(url: str, version: int | None = None, storage_options: dict | None = None) -> Dataset:  # noqa: A001
     """Open a dataset written by ``tg.write`` (optionally an earlier ``version``), or Parquet/CSV files,
-    a directory of them or a glob, in place."""
+    a directory of them or a glob, in place. ``storage_options``: fsspec's options for the URL's store
+    (credentials, endpoint: ``{"key": ..., "secret": ..., "endpoint_url": ...}`` for s3://), kept for that
+    bucket in this process and never written; without them, the store's usual sources (environment, config
+    files)."""
     version = check_int("version", version, 1, none=True)
-    fs, path = tgfs.resolve(url)
+    fs, path = tgfs.resolve(url, storage_options)
     if manifest.is_dataset(fs, path):
         return StoreDataset(fs, path, manifest.load(fs, path, version))
     if version is not None:
@@ -47,15 +50,17 @@ def open(url: str, version: int | None = None) -> Dataset:  # noqa: A001 - the o
     return ForeignDataset(url)
 
 
-def write(url: str, data, mode: str = "create", shard_rows: int | None = None, shard_bytes: int | None = None):
+def write(url: str, data, mode: str = "create", shard_rows: int | None = None, shard_bytes: int | None = None,
+          storage_options: dict | None = None):
     """Write ``data`` (pandas, Arrow tables/readers/batches, dicts, a Spark DataFrame, a Ray Dataset) as a
     new version of the dataset at ``url`` and return it as a Dataset.
 
     mode: "create" (error if a dataset exists), "append" (adds rows; creates the dataset if missing) or
     "overwrite" (the new version holds only ``data``; older versions stay readable). A Spark DataFrame or a
     Ray Dataset is written where it lives, by Spark's executors or Ray's tasks (``store/spark.py``,
-    ``store/ray.py``), and committed once here.
+    ``store/ray.py``), and committed once here. ``storage_options``: as ``open`` takes them.
     """
+    tgfs.remember(url, tgfs.check_storage_options(storage_options))
     if is_spark_dataframe(data):
         from .spark import write_spark
 

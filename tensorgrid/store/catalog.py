@@ -21,12 +21,12 @@ class DatasetEntry:
     error: str | None = None
 
 
-def list_datasets(root_url: str, max_depth: int = 4) -> list[DatasetEntry]:
+def list_datasets(root_url: str, max_depth: int = 4, storage_options: dict | None = None) -> list[DatasetEntry]:
     """Every TensorGrid dataset at or under ``root_url`` (up to ``max_depth`` folders down), sorted by URL.
     A dataset that cannot be opened (a corrupt manifest, an interrupted first write) is listed with its
     error instead of stopping the listing."""
     max_depth = check_int("max_depth", max_depth, 0)
-    fs, root = tgfs.resolve(root_url)
+    fs, root = tgfs.resolve(root_url, storage_options)
     if not fs.exists(root):
         raise DatasetNotFoundError(f"nothing at {root_url}")
     found: list[str] = []

@@ -60,8 +60,9 @@ def _schema(labelled: bool, names: list[str | None] | None = None, index_type: p
 
 def ingest_images(folder: str, url: str, label: str | None = "folder", mode: str = "create",
                   shard_bytes: int | None = None, progress: Callable[[int], None] | None = None,
-                  on_error: str = "skip"):
-    """Pack every image under ``folder`` into the dataset at ``url``.
+                  on_error: str = "skip", storage_options: dict | None = None):
+    """Pack every image under ``folder`` into the dataset at ``url`` (``storage_options``: for both, as
+    ``tg.open`` takes them).
 
     Columns: image (bytes), path (relative to folder), label (first sub-folder name) and label_index
     (int64: its position among the sorted labels of folders holding images; appends keep the dataset's
@@ -78,7 +79,8 @@ def ingest_images(folder: str, url: str, label: str | None = "folder", mode: str
         raise ArgumentError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
     if label not in ("folder", None):
         raise ArgumentError(f"label must be 'folder' or None, got {label!r}")
-    fs, root = tgfs.resolve(folder)
+    tgfs.remember(url, tgfs.check_storage_options(storage_options))
+    fs, root = tgfs.resolve(folder, storage_options)
     if not fs.isdir(root):
         raise TensorGridError(f"{folder} is not a folder")
     root = root.rstrip("/") or "/"

@@ -149,7 +149,8 @@ def write_ray(url: str, rds, mode: str = "create", shard_rows: int | None = None
     physical = encoding.physical_schema(logical)
 
     def run(staging_url: str, txn: str) -> list[dict]:
-        write = functools.partial(_write_block, staging_url, logical, physical, shard_rows, shard_bytes)
+        write = functools.partial(_write_block, staging_url, logical, physical, shard_rows, shard_bytes,
+                                  tgfs.remembered(staging_url))
         try:
             rows = rds.map_batches(write, batch_format="pyarrow", batch_size=None, zero_copy_batch=True).take_all()
         except Exception as e:  # noqa: BLE001 - Ray wraps the tasks' errors
@@ -165,10 +166,12 @@ def write_ray(url: str, rds, mode: str = "create", shard_rows: int | None = None
 
 
 def _write_block(staging_url: str, logical: pa.Schema, physical: pa.Schema, shard_rows: int | None,
-                 shard_bytes: int | None, block: pa.Table) -> pa.Table:
-    """What each Ray task runs over a block: shards under ``staging_url``/data/, their metadata returned."""
+                 shard_bytes: int | None, options: dict, block: pa.Table) -> pa.Table:
+    """What each Ray task runs over a block: shards under ``staging_url``/data/, their metadata returned
+    (``options``: the driver's storage options)."""
     if not block.num_rows:
         return _META.empty_table()
+    tgfs.adopt(options)
     fs, root = tgfs.resolve(staging_url)
     shards = write_shards(fs, root, physical, iter(as_logical(block, logical).to_batches()), shard_rows, shard_bytes)
     return pa.Table.from_pylist([{"path": s.path, "rows": s.rows, "bytes": s.bytes, "checksum": s.checksum,

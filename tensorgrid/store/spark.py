@@ -194,11 +194,14 @@ def _partition_writer(staging_url: str, logical: pa.Schema, physical: pa.Schema,
     """The function each task runs over its partition's Arrow batches, on an executor: shards under
     ``staging_url``/data/ (named by a transaction of the task attempt's own), their metadata returned."""
 
+    options = tgfs.remembered(staging_url)  # the driver's storage options, for the executors
+
     def write_partition(batches):
         from pyspark import TaskContext
 
         from .writer import write_shards
 
+        tgfs.adopt(options)
         fs, root = tgfs.resolve(staging_url)
         shards = write_shards(fs, root, physical, (as_logical(b, logical) for b in batches), shard_rows, shard_bytes)
         if shards:
@@ -336,7 +339,7 @@ def _read_path(ds) -> str:
     urls = ds.shard_urls()
     if any(u.startswith("memory://") for u in urls) or (not urls and not ds.is_remote):
         return "arrow"  # the rows live in this process
-    if urls and (isinstance(ds, StoreDataset) or (isinstance(ds, ForeignDataset) and ds.format == "parquet"
+    if urls and ((isinstance(ds, StoreDataset) and not ds.altered) or (isinstance(ds, ForeignDataset) and ds.format == "parquet"
                                                    and not ds.partition_columns)):
         return "parquet"
     return "executors"

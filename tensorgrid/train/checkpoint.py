@@ -17,6 +17,7 @@ _NAME = re.compile(r"^ckpt-e(\d{5})-s(\d{9})\.pt$")
 
 def _list(url: str) -> list[tuple[int, int, str]]:
     fs, root = tgfs.resolve(url)
+    fs.invalidate_cache(root)  # object stores' listings are cached per process: never trust one here
     try:
         names = fs.ls(root, detail=False)
     except FileNotFoundError:

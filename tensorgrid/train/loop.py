@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .. import fs as tgfs
 from ..allocator import tune_malloc
 from ..loader import Loader
 from ..rng import seed_all
@@ -79,6 +80,7 @@ class Spec:
     warmup_steps: int = 0  # schedule.py
     lr_schedule: str = "constant"
     locality: bool = False  # each rank reads only the partitions on its own node (loader/locality.py)
+    storage: dict | None = None  # the driver's storage options for checkpoint_dir and log_dir (fs.remembered)
 
     @property
     def step_batch(self) -> int:
@@ -180,6 +182,7 @@ def train(spec: Spec, rank: int = 0, world: int = 1, restarted: bool = False, re
             if hasattr(spec, "run_rank"):  # another job on the same workers (ml/inference.py's parts)
                 out = spec.run_rank(rank, world)
             else:
+                tgfs.adopt(spec.storage)
                 out = _train(spec, rank, world, device, restarted, report)
         except RankZeroFailed:  # rank 0's callback failed: rank 0 raises that error, this rank just leaves
             out = None

@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from .. import fs as tgfs
 from ..args import check_choice, check_int, check_number
 from ..errors import ArgumentError, CheckpointError, ResumeError, TensorGridError, TrainingConfigError
 from ..loader import Loader
@@ -144,6 +145,9 @@ class Trainer:
       checkpoint_every: "epoch", or a number of optimizer steps (and at every epoch's end).
       keep_checkpoints: how many of the newest ``ckpt-*`` files to keep (a BestCheckpoint copy is apart).
       log_dir: a URL for TensorBoard events (per step: loss, lr, samples/s, data wait; per epoch: the row).
+      storage_options: fsspec's options (credentials, endpoint) for the stores of checkpoint_dir, log_dir and
+        data given as a URL, as ``tg.open`` takes them; handed to every rank in memory, never written
+        (default: the store's usual sources, and what was given for that bucket before in this process).
       quiet: no progress on stderr. Otherwise rank 0 shows a live bar on a terminal, and plain lines (about
         every 10% of an epoch, and one per epoch) when stderr is not one (CI, nohup, notebooks).
       callbacks: objects with hooks run on rank 0 that may stop training (``tensorgrid.train.Callback``;
@@ -157,7 +161,8 @@ class Trainer:
                  metrics=("accuracy",), seed: int = 0, max_restarts: int = 0, timeout_s: float = 300,
                  loader_workers: int = 0, quiet: bool = False, engine_options: dict | None = None,
                  callbacks=None, accumulate: int = 1, grad_clip: float | None = None, precision: str = "fp32",
-                 warmup_steps: int = 0, lr_schedule: str = "constant", locality: bool = False):
+                 warmup_steps: int = 0, lr_schedule: str = "constant", locality: bool = False,
+                 storage_options: dict | None = None):
         if not (isinstance(model, torch.nn.Module) or callable(model)):
             raise TrainingConfigError("model must be an nn.Module or a zero-argument factory returning one")
         if step is None and loss is None:
@@ -183,6 +188,13 @@ class Trainer:
         engine_options = _engine_options(engine, engine_options)
         callbacks = check_callbacks(callbacks)
         self.locality = check_choice("locality", locality, (False, True), error=TrainingConfigError)
+        try:
+            self.storage_options = tgfs.check_storage_options(storage_options)
+        except ArgumentError as e:
+            raise TrainingConfigError(str(e)) from None
+        for url in (checkpoint_dir, log_dir):
+            if url:
+                tgfs.remember(str(url), self.storage_options)
         self.model, self.loss = model, loss
         self.optimizer = optimizer or (lambda params: torch.optim.Adam(params, lr=1e-3))
         self.scheduler, self.features, self.label, self.step = scheduler, features, label, step
@@ -205,7 +217,7 @@ class Trainer:
         elif isinstance(data, str):
             from ..store import open as open_dataset
 
-            ds = open_dataset(data)
+            ds = open_dataset(data, storage_options=self.storage_options or None)
         else:
             raise TrainingConfigError(f"{what} must be a Dataset (tg.open/tg.write/tg.from_arrow/SQL), a URL "
                                       f"or a Spark DataFrame, got {type(data).__name__}")
@@ -324,7 +336,8 @@ class Trainer:
                     timeout_s=self.timeout_s, loader_workers=self.loader_workers, quiet=self.quiet,
                     train=train_ds, val=val_ds, resume_from=resume_from, callbacks=self.callbacks,
                     accumulate=self.accumulate, grad_clip=self.grad_clip, precision=self.precision,
-                    warmup_steps=self.warmup_steps, lr_schedule=self.lr_schedule, locality=self.locality)
+                    warmup_steps=self.warmup_steps, lr_schedule=self.lr_schedule, locality=self.locality,
+                    storage=tgfs.remembered(self.checkpoint_dir, self.log_dir))
 
     def _epoch_metrics(self, with_val: bool) -> set[str]:
         """The keys of the history's rows (but "epoch")."""
