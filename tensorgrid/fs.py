@@ -127,6 +127,9 @@ def resolve(url: str | os.PathLike, storage_options: dict | None = None) -> tupl
         fs, path = fsspec.core.url_to_fs(url, **options)
     except TypeError as e:  # an option the filesystem does not take: named, never echoing values (secrets)
         raise ArgumentError(f"storage_options {sorted(options)} do not fit {protocol}:// ({e})") from None
+    # fsspec keeps one instance per options, with a listing cache that never expires: a long-lived process
+    # (a notebook, a grid server) would miss what others wrote since. Each call starts from fresh listings.
+    fs.invalidate_cache()
     return fs, path.rstrip("/") or path
 
 

@@ -14,11 +14,11 @@ import threading
 import time
 
 import fsspec
-from fsspec.implementations.arrow import ArrowFSWrapper
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
+from fsspec.implementations.arrow import ArrowFSWrapper
 
 import tensorgrid as tg
 from tensorgrid import fs as tgfs
