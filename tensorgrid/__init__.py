@@ -46,6 +46,7 @@ from .errors import (
 )
 from .store import Dataset, from_arrow, ingest_images, list_datasets, open, sql, write
 from .store.dataset import provide as _provide
+from .store.retention import expire
 from .store.vacuum import vacuum
 
 
@@ -82,7 +83,7 @@ def __dir__():
 
 
 __all__ = [
-    "write", "open", "sql", "from_arrow", "ingest_images", "vacuum", "list_datasets", "Dataset", "Trainer",
+    "write", "open", "sql", "from_arrow", "ingest_images", "vacuum", "expire", "list_datasets", "Dataset", "Trainer",
     "FitResult", "Callback", "TrainState", "EarlyStopping", "BestCheckpoint", "predict", "Loader", "errors",
     "transforms", "train", "connect", "grid", "learning_curve", "LearningCurve",
     "TensorGridError", "ArgumentError", "ConflictError", "CorruptShardError", "CorruptManifestError",

@@ -10,9 +10,17 @@ import warnings
 
 from rich.table import Table
 
+from . import fs as tgfs
 from . import store
 from .args import check_int, check_number
-from .errors import ArgumentError, DatasetExistsError, EmptyDataError, TensorGridError, UnsupportedFormatError
+from .errors import (
+    ArgumentError,
+    DatasetExistsError,
+    EmptyDataError,
+    ReadOnlyError,
+    TensorGridError,
+    UnsupportedFormatError,
+)
 from .show import human_bytes, out, print_frame, print_info, progress, safe, text
 from .store import export
 from .store.vacuum import vacuum as store_vacuum
@@ -93,6 +101,33 @@ def cmd_verify(a) -> None:
               markup=False)
 
 
+def _alter_pairs(flag: str, values: list[str] | None) -> dict[str, str]:
+    """``--add``/``--widen`` NAME:TYPE or ``--rename`` OLD:NEW values as a dict (split at the first colon)."""
+    out: dict[str, str] = {}
+    for value in values or []:
+        key, sep, rest = value.partition(":")
+        if not sep or not key or not rest:
+            raise ArgumentError(f"{flag} takes {'OLD:NEW' if flag == '--rename' else 'NAME:TYPE'}, got {value!r}")
+        if key in out:
+            raise ArgumentError(f"{flag} names the column {key!r} twice")
+        out[key] = rest
+    return out
+
+
+def cmd_alter(a) -> None:
+    changes = {"add": _alter_pairs("--add", a.add), "widen": _alter_pairs("--widen", a.widen),
+               "rename": _alter_pairs("--rename", a.rename)}
+    if not any(changes.values()):
+        raise ArgumentError("alter needs at least one change: --add NAME:TYPE, --widen NAME:TYPE or --rename OLD:NEW")
+    ds = store.open(a.ds)
+    if not isinstance(ds, store.StoreDataset):
+        raise ReadOnlyError(f"{a.ds} is not a versioned TensorGrid dataset: alter changes only datasets tg.write made")
+    new = ds.alter(**changes)
+    done = [f"{k} {n}:{v}" for k, pairs in changes.items() for n, v in pairs.items()]
+    out.print(safe(f"altered {new.url}: version {new.version} ({', '.join(done)}); no data rewritten"), markup=False)
+    print_info(new)
+
+
 def cmd_vacuum(a) -> None:
     min_age = check_number("--min-age", a.min_age, 0)
     # also a folder holding only an interrupted first write; a user's own files in data/ are kept unless asked
@@ -105,6 +140,67 @@ def cmd_vacuum(a) -> None:
         n = len(r["unknown"])
         out.print(f"kept {n} file(s) TensorGrid did not write ({safe(r['unknown'][0])}{', ...' if n > 1 else ''}); "
                   "--delete-unknown deletes them", markup=False)
+
+
+def cmd_expire(a) -> None:
+    from .store import retention
+
+    if (a.keep_last is None) == (a.older_than is None):
+        raise ArgumentError("expire takes one of --keep-last N or --older-than AGE (e.g. 30d)")
+    if a.keep_last is not None:
+        try:
+            keep_last = int(a.keep_last)
+        except ValueError:
+            raise ArgumentError(f"--keep-last must be an int >= 1, got {a.keep_last!r}") from None
+        r = retention.expire(a.ds, keep_last=check_int("--keep-last", keep_last, 1))
+    else:
+        r = retention.expire(a.ds, older_than=retention.parse_age(a.older_than))
+    done = (f"expired {len(r['expired'])} version(s) ({_span(r['expired'])})" if r["expired"]
+            else "nothing to expire")
+    out.print(safe(f"{done}; kept {len(r['kept'])} ({_span(r['kept'])}); `tensorgrid vacuum` frees the shards "
+                   "only expired versions use once its --min-age has passed since"), markup=False)
+
+
+def _span(versions: list[int]) -> str:
+    """Version numbers, a consecutive run as first..last."""
+    if len(versions) > 2 and versions[-1] - versions[0] == len(versions) - 1:
+        return f"{versions[0]}..{versions[-1]}"
+    return ", ".join(map(str, versions))
+
+
+def _versioned(url: str, what: str):
+    """The latest version of the dataset at ``url``, refusing data read in place (nothing of ours to rewrite)."""
+    ds = store.open(url)
+    if not isinstance(ds, store.StoreDataset):
+        raise ReadOnlyError(f"{url} is not a versioned TensorGrid dataset (Parquet/CSV is read in place): {what} "
+                            "rewrites only datasets tg.write made")
+    return ds
+
+
+def cmd_compact(a) -> None:
+    target_mb = check_number("--target-mb", a.target_mb, 0.001, MAX_SHARD_MB)
+    ds = _versioned(a.ds, "compact")
+    t0 = time.perf_counter()
+    new = ds.compact(int(target_mb * (1 << 20)))
+    dt = time.perf_counter() - t0
+    if new.version == ds.version:
+        out.print(safe(f"nothing to compact: {ds.url} version {ds.version} has {ds.num_shards:,} shards, no run of "
+                       f"small ones (under {target_mb / 2:g} MB in memory) worth merging"), markup=False)
+        return
+    out.print(safe(f"compacted {ds.url}: {ds.num_shards:,} shards -> {new.num_shards:,} in version {new.version} "
+                   f"({new.num_rows:,} rows, same order) in {dt:.1f} s; `tensorgrid vacuum` frees the old files once "
+                   "older versions have expired"), markup=False)
+
+
+def cmd_delete(a) -> None:
+    ds = _versioned(a.ds, "delete")
+    new = ds.delete(a.where)
+    if not new.deleted_rows:
+        out.print(safe(f"no row matches {a.where!r}: nothing deleted, {ds.url} stays at version {new.version}"),
+                  markup=False)
+        return
+    out.print(safe(f"deleted {new.deleted_rows:,} rows from {ds.url}: version {new.version} has {new.num_rows:,} "
+                   f"rows (version {new.version - 1} still has them: time travel)"), markup=False)
 
 
 def cmd_ls(a) -> None:
@@ -368,6 +464,10 @@ def build_parser() -> argparse.ArgumentParser:
     def add(name, fn, help_):
         sp = sub.add_parser(name, help=help_, description=help_)
         sp.set_defaults(fn=fn)
+        sp.add_argument("--storage-option", action="append", metavar="KEY=VALUE", dest="storage_options",
+                        help="an fsspec option for remote URLs (repeatable): endpoint_url=http://..., anon=true, "
+                             "profile=NAME; credentials are best left to the environment (AWS_ACCESS_KEY_ID...) or "
+                             "config files, which are used by default")
         return sp
 
     sp = add("quickstart", cmd_quickstart, "write scikit-learn's digits as a dataset and tour the API")
@@ -429,14 +529,44 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--png", default="curve.png", help="where the plot goes (default curve.png)")
     sp.add_argument("--work-dir", default=None, help="where each run's result is kept (a rerun resumes)")
     _add_serve(add)
+    sp = add("compact", cmd_compact, "merge runs of small shards (many small appends) into big ones: a new version, "
+                                     "same rows in the same order")
+    sp.add_argument("ds")
+    sp.add_argument("--target-mb", type=float, default=128.0,
+                    help="shard size to merge into, in MB in memory as --shard-mb (default 128); shards under half "
+                         "of it are merged")
+    sp = add("delete", cmd_delete, "delete the rows matching an SQL condition: a new version (older ones keep them)")
+    sp.epilog = "example:\n  tensorgrid delete grid/digits --where \"label = 3\""
+    sp.formatter_class = argparse.RawDescriptionHelpFormatter
+    sp.add_argument("ds")
+    sp.add_argument("--where", required=True, metavar="CONDITION", help="a DuckDB SQL condition over the columns")
     sp = add("versions", cmd_versions, "the history of a dataset")
     sp.add_argument("ds")
+    sp = add("alter", cmd_alter, "change a dataset's schema as a new version, no data rewritten: add nullable "
+                                 "columns, widen numeric ones, rename columns (older shards read through it)")
+    sp.epilog = ("examples:\n"
+                 "  tensorgrid alter grid/digits --add score:float32 --widen id:int64 --rename lbl:label\n"
+                 "types: pyarrow names (int8..int64, uint8..uint64, float16/float32/float64, string, bool, "
+                 "timestamp[ms]...)")
+    sp.formatter_class = argparse.RawDescriptionHelpFormatter
+    sp.add_argument("ds")
+    sp.add_argument("--add", action="append", metavar="NAME:TYPE", help="a nullable column at the end (repeatable)")
+    sp.add_argument("--widen", action="append", metavar="NAME:TYPE",
+                    help="a lossless widening: int8->...->int64, uint->wider, float16->float32->float64 (repeatable)")
+    sp.add_argument("--rename", action="append", metavar="OLD:NEW", help="rename a column to an unused name "
+                                                                           "(repeatable)")
     sp = add("vacuum", cmd_vacuum, "delete files no version references (left by killed writers)")
     sp.add_argument("ds")
     sp.add_argument("--min-age", type=float, default=600.0,
                     help="keep unreferenced files younger than this many seconds (default 600)")
     sp.add_argument("--delete-unknown", action="store_true",
                     help="also delete files under data/ that TensorGrid did not write (refused without it)")
+    sp = add("expire", cmd_expire, "retire old versions (never the latest): time travel to them ends, and "
+                                   "vacuum frees the shards only they use")
+    sp.add_argument("ds")
+    sp.add_argument("--keep-last", metavar="N", help="keep the N newest versions, expire the older ones")
+    sp.add_argument("--older-than", metavar="AGE",
+                    help="expire versions committed more than AGE ago: seconds or 90s, 30m, 12h, 30d")
     return p
 
 
@@ -490,6 +620,23 @@ def _add_serve(add) -> None:
                     help="print a password_hash for the users file (password from the terminal or stdin) and exit")
 
 
+def _storage_options(pairs: list[str] | None) -> dict:
+    """``--storage-option KEY=VALUE`` pairs as fsspec options: a value that reads as JSON (true, 3, {...})
+    is taken as such, anything else as a string."""
+    import json
+
+    options = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--storage-option takes KEY=VALUE, got {pair!r}")
+        try:
+            options[key.strip()] = json.loads(value)
+        except ValueError:
+            options[key.strip()] = value
+    return options
+
+
 def _stderr_line(text: str) -> None:
     """One line on stderr: the message's lines joined, control characters escaped."""
     sys.stderr.write(safe(" ".join(part.strip() for part in str(text).splitlines() if part.strip())) + "\n")
@@ -514,13 +661,15 @@ def main(argv: list[str] | None = None) -> int:
         if any("\0" in str(arg) for arg in argv):  # no real process can pass one (C strings)
             raise UsageError("an argument holds a NUL character")
         args = build_parser().parse_args(argv)
+        options = _storage_options(getattr(args, "storage_options", None))
     except UsageError as e:
         _stderr_line(f"error: {e}")
         return 2
     except SystemExit as e:  # --help
         return e.code if isinstance(e.code, int) else 0
     try:
-        args.fn(args)
+        with tgfs.default_options(options):
+            args.fn(args)
         return 0
     except TensorGridError as e:
         _stderr_line(f"error: {str(e).strip() or type(e).__name__}")

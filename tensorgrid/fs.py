@@ -49,8 +49,10 @@ def remember(url: str, storage_options) -> None:
     """Use ``storage_options`` for every URL at ``url``'s location in this process (merged over what was
     given before); the CLI's ``--storage-option`` passes ``url="*"``: every remote location."""
     options = check_storage_options(storage_options)
+    if not options or not isinstance(url, (str, os.PathLike)):
+        return  # nothing to keep (a URL of the wrong type is refused by ``resolve``, by name)
     key = _DEFAULT if url == _DEFAULT else location(os.fspath(url))
-    if key is None or not options:
+    if key is None:
         return  # local paths take no options (the same call works on a laptop's path and on s3://)
     with _options_lock:
         _options[key] = {**_options.get(key, {}), **options}

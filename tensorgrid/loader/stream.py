@@ -125,7 +125,7 @@ def window_columns(plan: Plan, source: Source, pos: np.ndarray) -> dict:
                 tables.append(source.read(int(s), r0, r1))
                 packs.append(source.packs(int(s), r0, r1))
         return take_per_table(tables, groups, n, packs, empty)
-    parts = [source.read(int(sh), int(s0), int(s1)) for sh, s0, s1 in segs]
+    parts = source.read_all(segs)
     table = parts[0] if len(parts) == 1 else pa.concat_tables(parts)
     if contiguous:
         a0 = int(local[0])

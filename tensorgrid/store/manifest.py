@@ -18,7 +18,7 @@ import pyarrow as pa
 import xxhash
 
 from .. import fs as tgfs
-from ..errors import CorruptManifestError, DatasetNotFoundError, UnsupportedFormatError
+from ..errors import CorruptManifestError, DatasetNotFoundError, UnsupportedFormatError, VersionExpiredError
 
 META_DIR = "_tensorgrid"
 DATA_DIR = "data"
@@ -29,6 +29,7 @@ CLAIMS_DIR = "claims"  # under META_DIR: one file per transaction being committe
 FORMAT = "tensorgrid/2"  # v2: a checksum over the manifest's content
 _READABLE = {"tensorgrid/1": 1, "tensorgrid/2": 2}
 _NAME = re.compile(r"^v(\d{10})\.json$")
+EXPIRED_NAME = re.compile(r"^expired-v(\d{10})$")  # retention.py's markers, beside the manifests: one listing finds both
 SHARD_NAME = re.compile(r"part-([0-9a-f]{12})-\d{5}\.parquet")
 _SHARD_PATH = re.compile(DATA_DIR + "/" + SHARD_NAME.pattern)
 _CHECKSUM = re.compile(r"xxh3_64:[0-9a-f]{16}")
@@ -162,16 +163,14 @@ def _parse(data: bytes, expected_version: int | None) -> Manifest:
 
 
 def _check_order(shards: list[Shard]) -> None:
-    """A write adds its shards as one run numbered 0, 1, 2...: a shard moved, or a run split, is damage."""
-    seen, prev, last = set(), None, -1
+    """A write's shards keep the order it numbered them in (0, 1, 2...): one listed before an earlier one of its
+    write is damage. A rewrite (compact, delete: store/rewrite.py) may drop some of a write's shards and put
+    its own between the rest, so a write's numbers may have gaps and its run may be split."""
+    last: dict[str, int] = {}
     for s in shards:
         txn, seq = _txn_seq(s.path)
-        if txn != prev:
-            _need(txn not in seen and seq == 0, f"shard {s.path} is out of its write's order")
-            seen.add(txn)
-        else:
-            _need(seq == last + 1, f"shard {s.path} is out of its write's order")
-        prev, last = txn, seq
+        _need(seq > last.get(txn, -1), f"shard {s.path} is out of its write's order")
+        last[txn] = seq
 
 
 def _txn_seq(path: str) -> tuple[str, int]:
@@ -201,30 +200,64 @@ def is_dataset(fs: fsspec.AbstractFileSystem, root: str) -> bool:
     return fs.isdir(tgfs.join(root, META_DIR))
 
 
-def list_versions(fs: fsspec.AbstractFileSystem, root: str) -> list[int]:
-    """Every committed version, from a fresh listing (fsspec's directory cache could hide a new one)."""
+def expired_path(root: str, floor: int) -> str:
+    """The marker saying versions <= ``floor`` have expired (retention.py)."""
+    return tgfs.join(root, META_DIR, f"expired-v{floor:010d}")
+
+
+def scan(fs: fsspec.AbstractFileSystem, root: str) -> tuple[list[int], int]:
+    """Every manifest on storage (expired ones too) and the expiry floor (versions <= it have expired), from
+    one fresh listing (fsspec's directory cache could hide a new one). The newest manifest is never expired,
+    whatever a marker says."""
     meta = tgfs.join(root, META_DIR)
     fs.invalidate_cache(meta)
     try:
-        names = fs.ls(meta, detail=False)
+        names = [tgfs.name(n) for n in fs.ls(meta, detail=False)]
     except FileNotFoundError:
-        return []
-    found = (_NAME.match(tgfs.name(n)) for n in names)
-    return sorted(int(m.group(1)) for m in found if m)
+        return [], 0
+    versions = sorted(int(m.group(1)) for m in map(_NAME.match, names) if m)
+    floor = max((int(m.group(1)) for m in map(EXPIRED_NAME.match, names) if m), default=0)
+    return versions, min(floor, versions[-1] - 1 if versions else 0)
 
 
-def load(fs: fsspec.AbstractFileSystem, root: str, version: int | None = None) -> Manifest:
-    versions = list_versions(fs, root)
-    if not versions:
+def list_versions(fs: fsspec.AbstractFileSystem, root: str, expired: bool = False) -> list[int]:
+    """Every committed version not expired (with ``expired``: every manifest still on storage)."""
+    versions, floor = scan(fs, root)
+    return versions if expired else [v for v in versions if v > floor]
+
+
+def expired_error(fs: fsspec.AbstractFileSystem, root: str, version: int, oldest: int | None) -> VersionExpiredError:
+    kept = f"the oldest version kept is {oldest}" if oldest is not None else "no version is left"
+    return VersionExpiredError(f"version {version} of {tgfs.to_url(fs, root)} has expired (retention: expire); "
+                               f"{kept}")
+
+
+def load(fs: fsspec.AbstractFileSystem, root: str, version: int | None = None, expired: bool = False) -> Manifest:
+    """The manifest of ``version`` (default: the latest); an expired one is VersionExpiredError unless
+    ``expired`` (a vacuum reads them while their shards are still protected)."""
+    versions, floor = scan(fs, root)
+    live = [v for v in versions if v > floor]
+    if not live:
         raise DatasetNotFoundError(f"no dataset at {tgfs.to_url(fs, root)}")
     if version is None:
-        version = versions[-1]
-    elif version not in versions:
-        raise DatasetNotFoundError(f"{tgfs.to_url(fs, root)} has no version {version}; it has {versions}")
+        version = live[-1]
+    elif version not in (versions if expired else live):
+        if 1 <= version <= floor:
+            raise expired_error(fs, root, version, live[0])
+        raise DatasetNotFoundError(f"{tgfs.to_url(fs, root)} has no version {version}; it has {live}")
+    return read(fs, root, version)
+
+
+def read(fs: fsspec.AbstractFileSystem, root: str, version: int) -> Manifest:
+    """The manifest file of ``version``, without listing; gone and expired: VersionExpiredError."""
     path = manifest_path(root, version)
     try:
         data = fs.cat_file(path)
     except OSError as e:  # listed, yet gone, a folder, a dangling link...: never taken for "no such version"
+        if isinstance(e, FileNotFoundError):
+            versions, floor = scan(fs, root)
+            if version <= floor:  # a vacuum removed it since the listing
+                raise expired_error(fs, root, version, next((v for v in versions if v > floor), None)) from None
         where = tgfs.to_url(fs, path)
         raise CorruptManifestError(f"manifest {where} of version {version} cannot be read: "
                                    f"{getattr(e, 'strerror', None) or type(e).__name__}", [where]) from None
@@ -232,5 +265,30 @@ def load(fs: fsspec.AbstractFileSystem, root: str, version: int | None = None) -
 
 
 def commit(fs: fsspec.AbstractFileSystem, root: str, manifest: Manifest) -> bool:
-    """Publish a manifest; False if that version already exists (another writer won)."""
-    return tgfs.create_exclusive(fs, manifest_path(root, manifest.version), manifest.to_json())
+    """Publish a manifest; False if that version already exists (another writer won), or if the version
+    it follows is gone: expired and vacuumed while this write ran, so this number may be one the vacuum
+    freed (retention.py), and taking it would commit a version born expired."""
+    v = manifest.version
+    if v > 1 and not _exists(fs, manifest_path(root, v - 1)):
+        return False
+    if _before_create is not None:
+        _before_create(fs, root, v)
+    if not tgfs.create_exclusive(fs, manifest_path(root, v), manifest.to_json()):
+        return False
+    # a vacuum removes manifests oldest first: v - 1 still there means v was free, not freed
+    if v > 1 and not _exists(fs, manifest_path(root, v - 1)) and v <= scan(fs, root)[1]:
+        where = tgfs.to_url(fs, manifest_path(root, v))
+        raise CorruptManifestError(f"version {v} of {tgfs.to_url(fs, root)} was committed, but is expired already: "
+                                   "this commit was paused for longer than a vacuum's min_age_s, and its number was "
+                                   "most likely one retention had freed, so its rows may be in no version; write the "
+                                   "data again", [where])
+    return True
+
+
+# Test hook: called as _before_create(fs, root, version) between commit's check and its exclusive create.
+_before_create = None
+
+
+def _exists(fs: fsspec.AbstractFileSystem, path: str) -> bool:
+    fs.invalidate_cache(path.rsplit("/", 1)[0])  # a listing cached before a vacuum removed it
+    return fs.exists(path)

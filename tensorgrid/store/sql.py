@@ -9,6 +9,7 @@ import pyarrow as pa
 from ..errors import SQLError, UnsupportedDataError
 from . import encoding
 from .dataset import Dataset
+from .evolution import SqlView
 from .memory import ArrowDataset
 
 
@@ -36,7 +37,7 @@ def sql(query: str, **tables) -> ArrowDataset:
         for name, value in tables.items():
             src, schema = _source(value)
             try:
-                con.register(name, src)
+                src.register(con, name) if isinstance(src, SqlView) else con.register(name, src)
             except duckdb.Error as e:
                 raise SQLError(f"cannot use {name!r} as an SQL table: {str(e).splitlines()[0]}") from None
             for f in schema or []:

@@ -16,6 +16,8 @@ Why a committed version never loses a file, whatever the timing:
   if it is still that claim: see claims.py); a writer re-checks its claim's token before publishing and
   its shards after, and a vacuum its token before deleting. ``min_age_s`` itself only spares writes in progress
   (their shards are not yet committed); it is not what keeps committed data safe.
+Expired versions (retention.py) keep referencing their shards until their expiry is ``min_age_s`` old at
+the vacuum's start; then the files only they named go, and their manifests: see retention.py for why.
 """
 
 from __future__ import annotations
@@ -28,21 +30,21 @@ import fsspec
 
 from .. import fs as tgfs
 from ..args import check_choice, check_number
-from ..errors import DatasetNotFoundError
-from . import claims, manifest
+from ..errors import DatasetNotFoundError, VersionExpiredError
+from . import claims, manifest, retention
 from .manifest import DATA_DIR, META_DIR, STAGING
 
 # Test hook: called as _after_scan(fs, root) once the manifests have been read.
 _after_scan = None
 
 
-def vacuum(url: str, min_age_s: float = 600.0, delete_unknown: bool = False) -> dict:
+def vacuum(url: str, min_age_s: float = 600.0, delete_unknown: bool = False, storage_options: dict | None = None) -> dict:
     """Delete files under the dataset at ``url`` that no version references and that are older than
     ``min_age_s`` seconds (younger ones may belong to a write in progress). Also cleans a folder holding
     only an interrupted first write (no version yet). Files under ``data/`` that TensorGrid did not write
     (other names than its shards') are kept and listed in the result's ``unknown``, unless
-    ``delete_unknown``."""
-    fs, root = tgfs.resolve(url)
+    ``delete_unknown``. ``storage_options``: as ``tg.open`` takes them."""
+    fs, root = tgfs.resolve(url, storage_options)
     if not manifest.is_dataset(fs, root):
         raise DatasetNotFoundError(f"no TensorGrid dataset at {url} (vacuum only cleans datasets it wrote)")
     return vacuum_root(fs, root, min_age_s, delete_unknown)
@@ -54,8 +56,9 @@ def vacuum_root(fs: fsspec.AbstractFileSystem, root: str, min_age_s: float = 600
     delete_unknown = check_choice("delete_unknown", delete_unknown, (False, True))
     start = time.time()  # before the scan: a file must be old at the start to be a candidate
     cutoff = start - min_age_s
-    versions = set(manifest.list_versions(fs, root))
-    referenced = _referenced(fs, root, versions)
+    versions = set(manifest.list_versions(fs, root, expired=True))
+    held, dead = retention.split(fs, root, versions, cutoff)  # dead: expired before the cutoff
+    referenced = _referenced(fs, root, held)
     if _after_scan is not None:
         _after_scan(fs, root)
     stale_before = start - max(min_age_s, claims.STALE_S)
@@ -69,7 +72,7 @@ def vacuum_root(fs: fsspec.AbstractFileSystem, root: str, min_age_s: float = 600
             kept += len(files)  # a commit of these shards is under way
             continue
         try:
-            newer = set(manifest.list_versions(fs, root)) - versions  # listed after the claim was taken
+            newer = set(manifest.list_versions(fs, root, expired=True)) - versions  # listed after the claim
             versions |= newer
             referenced |= _referenced(fs, root, newer)
             if not claims.holds(fs, root, txn, token):  # broken meanwhile (only if we looked dead): skip
@@ -80,6 +83,9 @@ def vacuum_root(fs: fsspec.AbstractFileSystem, root: str, min_age_s: float = 600
             freed += f
         finally:
             claims.release(fs, root, txn, token)
+    forgotten, f = retention.forget(fs, root, dead)
+    removed += forgotten
+    freed += f
     _break_stale_claims(fs, root, stale_before, set(by_txn))
     _remove_empty_staging(old_staging)
     return {"removed": len(removed), "bytes": freed, "kept_young": kept, "files": removed,
@@ -100,7 +106,10 @@ def _ours(rel: str) -> bool:
 def _referenced(fs: fsspec.AbstractFileSystem, root: str, versions) -> set[str]:
     out: set[str] = set()
     for v in sorted(versions):
-        out.update(s.path for s in manifest.load(fs, root, v).shards)
+        try:
+            out.update(s.path for s in manifest.load(fs, root, v, expired=True).shards)
+        except VersionExpiredError:  # removed by a concurrent vacuum with a shorter min_age_s, which freed it
+            continue
     return out
 
 

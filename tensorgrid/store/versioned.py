@@ -3,23 +3,20 @@ in a manifest with sizes and checksums, verified on read."""
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import lru_cache
 
 import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import xxhash
 
 from .. import fs as tgfs
-from ..errors import CorruptManifestError, CorruptShardError
-from . import encoding, manifest
+from ..errors import CorruptManifestError, CorruptShardError, VersionExpiredError
+from . import encoding, evolution, manifest, remote
 from .dataset import _PARSE_ERRORS, Dataset, _arrow_fs, _cached_handle, _threads, decode_row_range
 from .manifest import Manifest, Shard
 
@@ -54,7 +51,7 @@ class StoreDataset(Dataset):
         self.fs, self.root, self._m = fs, root, m
         self.url = tgfs.to_url(fs, root)
         self.version = m.version
-        self._schema = encoding.logical_schema(m.schema)
+        self._schema = evolution.visible(encoding.logical_schema(m.schema))  # an alter's history kept out
         self._fingerprint: str | None = None
         self._schema_key = hash(m.schema)  # a verified shard is re-checked under a manifest of another schema
 
@@ -92,6 +89,9 @@ class StoreDataset(Dataset):
 
     def read_rows(self, shard: int, start: int, stop: int, columns: list[str] | None = None) -> pa.Table:
         pf = _cached_handle(self, shard, lambda: pq.ParquetFile(pa.BufferReader(self._shard_buffer(self._m.shards[shard]))))
+        older = evolution.earlier_layout(self._m.schema, pf)
+        if older is not None:  # written before an alter: read through this version's schema
+            return self._as_listed(older.read_range(pf, start, stop, columns))
         return self._as_listed(decode_row_range(pf, start, stop, columns, like=self._m.schema))
 
     def _as_listed(self, table: pa.Table) -> pa.Table:
@@ -105,13 +105,18 @@ class StoreDataset(Dataset):
         return pa.Table.from_arrays(table.columns, schema=schema)
 
     def bytes_per_row(self) -> float:
-        """Uncompressed bytes per row from the first shard's footer (a tail read)."""
+        """Uncompressed bytes per row from the first shard's footer (a tail read: one GET when remote)."""
         n = max(1, self.num_rows)
         if not self._m.shards:
             return 1.0
+        first = self._m.shards[0]
         try:
-            with self.fs.open(tgfs.join(self.root, self._m.shards[0].path), "rb") as f:
-                md = pq.read_metadata(f)
+            if tgfs.is_local(self.fs):
+                with self.fs.open(tgfs.join(self.root, first.path), "rb") as f:
+                    md = pq.read_metadata(f)
+            else:
+                self.fs = remote.here(self.fs)
+                md = remote.footer(self.fs, tgfs.join(self.root, first.path), first.bytes)
         except (OSError, pa.ArrowInvalid):  # a damaged shard is reported by the verified read itself
             md = None
         if md is not None and md.num_rows:
@@ -124,7 +129,7 @@ class StoreDataset(Dataset):
 
     def cache_key(self, shard: int) -> str | None:
         s = self._m.shards[shard]
-        return s.checksum.replace(":", "-") + f"-{s.bytes}"
+        return s.checksum.replace(":", "-") + f"-{s.bytes}" + evolution.cache_suffix(self._m.schema)
 
     def __getstate__(self):
         state = self.__dict__.copy()
@@ -148,8 +153,11 @@ class StoreDataset(Dataset):
 
     def versions(self) -> list[VersionInfo]:
         out = []
-        for v in manifest.list_versions(self.fs, self.root):
-            m = self._m if v == self._m.version else manifest.load(self.fs, self.root, v)
+        for v in manifest.list_versions(self.fs, self.root):  # expired versions are not listed
+            try:
+                m = self._m if v == self._m.version else manifest.read(self.fs, self.root, v)
+            except VersionExpiredError:  # expired and vacuumed since the listing
+                continue
             out.append(VersionInfo(m.version, m.timestamp, m.operation, m.num_rows, m.added_rows, len(m.shards)))
         return out
 
@@ -172,9 +180,7 @@ class StoreDataset(Dataset):
         if meta.num_rows != shard.rows:
             raise CorruptManifestError(f"the manifest of {self.url} version {self.version} says shard {where} holds "
                                        f"{shard.rows} rows; the shard holds {meta.num_rows}", [where])
-        ours = _footer_types(self._m.schema)
-        if [(f.name, f.type) for f in theirs] != ours or \
-                [_tensor_of(f) for f in theirs] != [_tensor_of(f) for f in self._m.schema]:
+        if evolution.layout_of(self._m.schema, theirs) is None:  # nor any earlier schema an alter left
             raise CorruptManifestError(f"the manifest of {self.url} version {self.version} gives another schema "
                                        f"than shard {where} holds", [where])
 
@@ -202,12 +208,16 @@ class StoreDataset(Dataset):
                         _verified.clear()
                     _verified.add(key)
             return buf
-        try:
-            data = self.fs.cat_file(path)
+        self.fs = remote.here(self.fs)  # a forked loader worker: an async filesystem of its own
+        try:  # concurrent ranged GETs of the size the manifest gives (store/remote.py), then the whole checksum
+            buf = remote.fetch(self.fs, path, shard.bytes)
         except FileNotFoundError:
             raise CorruptShardError(f"shard {where} is missing", [where]) from None
-        self._check(shard, data, where)
-        return pa.py_buffer(data)
+        except remote.WrongSize as e:
+            raise CorruptShardError(f"shard {where} has {e.actual} bytes, the manifest says {shard.bytes}",
+                                    [where]) from None
+        self._check(shard, buf, where)
+        return buf
 
     def _read_only_shard(self, columns: list[str] | None, filter: pc.Expression | None) -> pa.Table:
         return self.read_shard(0, columns, filter, parallel=filter is None)  # one shard: split its row groups
@@ -217,6 +227,9 @@ class StoreDataset(Dataset):
         shard = self._m.shards[i]
         buf = self._shard_buffer(shard)
         try:
+            older = evolution.earlier_layout(self._m.schema, buf)
+            if older is not None:  # written before an alter: read through this version's schema
+                return self._as_listed(older.read(buf, columns, filter))
             if filter is None:  # the direct reader: ~1 ms less per shard than the dataset machinery
                 pf = pq.ParquetFile(pa.BufferReader(buf))
                 groups = pf.metadata.num_row_groups
@@ -253,10 +266,10 @@ class StoreDataset(Dataset):
         return {"shards": len(self._m.shards), "bytes": nbytes, "rows": self.num_rows}
 
     def _arrow_source(self):
-        for shard in self._m.shards:  # checksums first (cached per process), then DuckDB reads the files
-            self._shard_buffer(shard)
+        # checksums first (cached per process), then DuckDB reads the files; an alter's older shards renamed
+        layouts = [evolution.earlier_layout(self._m.schema, self._shard_buffer(shard)) for shard in self._m.shards]
         paths = [tgfs.join(self.root, s.path) for s in self._m.shards]
-        return pads.dataset(paths, schema=self._m.schema, format="parquet", filesystem=_arrow_fs(self.fs))
+        return evolution.sql_source(self._m.schema, paths, layouts, _arrow_fs(self.fs))
 
     def vacuum(self, min_age_s: float = 600.0, delete_unknown: bool = False) -> dict:
         """Delete files that no version references (shards of killed or failed writers).
@@ -269,23 +282,48 @@ class StoreDataset(Dataset):
 
         return vacuum_root(self.fs, self.root, min_age_s, delete_unknown)
 
+    def expire(self, *, keep_last: int | None = None, older_than=None) -> dict:
+        """Expire old versions: all but the ``keep_last`` newest, or those committed more than ``older_than``
+        ago (a ``timedelta``, seconds, or an aware ``datetime``); never the latest. Time travel to them then
+        raises VersionExpiredError, and ``vacuum`` frees their shards once ``min_age_s`` has passed since
+        (see ``store/retention.py``). Returns ``{"expired": [...], "kept": [...]}`` (version numbers)."""
+        from .retention import expire_root
 
-@lru_cache(maxsize=64)
-def _footer_types(schema: pa.Schema) -> list:
-    """The (name, type) pairs a Parquet footer of shards written with ``schema`` reads back as."""
-    sink = pa.BufferOutputStream()
-    pq.write_table(schema.empty_table(), sink, store_schema=True)
-    return [(f.name, f.type) for f in pq.read_metadata(pa.BufferReader(sink.getvalue())).schema.to_arrow_schema()]
+        return expire_root(self.fs, self.root, keep_last, older_than)
 
+    #: Rows the ``delete`` that returned this dataset removed (None on datasets no delete returned).
+    deleted_rows: int | None = None
 
-def _tensor_of(field: pa.Field):
-    """A tensor column's dtype, shape and permutation from its field metadata (None for other columns):
-    a manifest may not give a shard's bytes another tensor type."""
-    raw = (field.metadata or {}).get(encoding.TENSOR_KEY)
-    if raw is None:
-        return None
-    try:
-        meta = json.loads(raw)
-        return meta.get("dtype"), meta.get("shape"), meta.get("permutation")
-    except (ValueError, AttributeError):
-        return ("unreadable", raw)
+    def compact(self, target_shard_bytes: int = 128 << 20) -> StoreDataset:
+        """Merge runs of consecutive small shards of the latest version into shards of about
+        ``target_shard_bytes`` (in memory, as ``tg.write``'s shard_bytes) as a new version ("compact"); big
+        shards are kept as they are; the rows and their order are unchanged. Nothing to merge: the latest
+        version, no new one. See ``store/compaction.py`` (loader states, races)."""
+        from .compaction import compact
+
+        return compact(self, target_shard_bytes)
+
+    def delete(self, where) -> StoreDataset:
+        """A new version ("delete") of the latest one without the rows where ``where`` holds (an SQL condition
+        or a pyarrow compute expression, as ``filter`` takes); its ``deleted_rows`` says how many. No row
+        matches: the latest version, no new one. Copy-on-write: see ``store/deletes.py``."""
+        from .deletes import delete
+
+        return delete(self, where)
+
+    def alter(self, add: dict | None = None, widen: dict | None = None, rename: dict | None = None,
+              expect_version: int | None = None) -> StoreDataset:
+        """Change the latest version's schema as a new version ("alter"), no data rewritten: ``add`` nullable
+        columns at the end ({name: type}), ``widen`` numeric columns losslessly ({name: wider type}), ``rename``
+        columns ({old: new}); types as pyarrow types or names ("float32"). Shards written before are read
+        through the new schema (added columns null). Anything else is SchemaMismatchError; see
+        ``store/evolution.py``."""
+        from .evolution import alter
+
+        return StoreDataset(self.fs, self.root, alter(self.fs, self.root, self.url, add, widen, rename, expect_version))
+
+    @property
+    def altered(self) -> bool:
+        """Whether an alter changed this version's schema (shards written before it hold an earlier one)."""
+        return evolution.has_history(self._m.schema)
+

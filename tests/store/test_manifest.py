@@ -59,7 +59,7 @@ def test_an_edit_that_keeps_valid_json_is_caught_by_the_checksum(three_versions)
     (lambda b: b["shards"][0].__setitem__(1, -5), "rows must be an int >= 0"),
     (lambda b: b.__setitem__("num_rows", 10**18), "not the sum"),
     (lambda b: b["shards"][0].__setitem__(1, "20"), "rows must be an int"),
-    (lambda b: b.__setitem__("operation", "delete"), "unknown operation"),
+    (lambda b: b.__setitem__("operation", "upsert"), "unknown operation"),
     (lambda b: b.__setitem__("added_rows", 10**6), "added_rows"),
     (lambda b: b["shards"].insert(0, b["shards"].pop(1)), "out of its write's order"),
     (lambda b: b.__setitem__("shards", {"a": 1}), "shards must be a list"),
