@@ -620,6 +620,10 @@ def _add_serve(add) -> None:
                     help="print a password_hash for the users file (password from the terminal or stdin) and exit")
 
 
+_SECRET_KEYS = {"key", "secret", "token", "password", "session_token", "account_key", "sas_token",
+                "client_secret", "username", "profile", "project", "account_name"}
+
+
 def _storage_options(pairs: list[str] | None) -> dict:
     """``--storage-option KEY=VALUE`` pairs as fsspec options: a value that reads as JSON (true, 3, {...})
     is taken as such, anything else as a string."""
@@ -628,12 +632,16 @@ def _storage_options(pairs: list[str] | None) -> dict:
     options = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise UsageError(f"--storage-option takes KEY=VALUE, got {pair!r}")
+        if not sep or not key.strip():  # the argument is never echoed: it may be a secret
+            raise UsageError("--storage-option takes KEY=VALUE, got an argument without '='")
+        key = key.strip()
+        if key in _SECRET_KEYS:  # kept as given: an all-digit secret is still a string
+            options[key] = value
+            continue
         try:
-            options[key.strip()] = json.loads(value)
+            options[key] = json.loads(value)
         except ValueError:
-            options[key.strip()] = value
+            options[key] = value
     return options
 
 

@@ -23,6 +23,7 @@ _memory_lock = threading.Lock()
 # ``--storage-option``) applies to every remote location without its own.
 _options: dict[str, dict] = {}
 _DEFAULT = "*"
+_NO_DEFAULTS = ("memory", "grid")
 _options_lock = threading.Lock()
 
 
@@ -95,17 +96,23 @@ def adopt(options: dict[str, dict] | None) -> None:
 
 def _options_for(url: str) -> dict:
     key = location(url)
+    protocol = key.split("://", 1)[0] if key else None
     with _options_lock:
-        return dict(_options.get(key) or _options.get(_DEFAULT) or {})
+        # the CLI's defaults reach object stores, never memory:// or grid:// (whose own arguments are a grid
+        # server's user and token: a store's secret must never become them); a bucket's own options win
+        default = {} if protocol in _NO_DEFAULTS else _options.get(_DEFAULT, {})
+        return {**default, **_options.get(key, {})}
 
 
-def resolve(url: str | os.PathLike, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+def resolve(url: str | os.PathLike, storage_options: dict | None = None,
+            keep: bool = True) -> tuple[fsspec.AbstractFileSystem, str]:
     """Split a URL or path into (filesystem, path inside it). Unknown schemes raise UnsupportedURLError.
 
     ``storage_options``: fsspec's options for the URL's filesystem (``key``/``secret``/``endpoint_url`` for
     s3://, ``token`` for gs://, ...), remembered for its location in this process (see ``remember``);
     without them, those remembered, then fsspec's own sources (environment, config files: AWS_* variables,
-    ~/.aws, fsspec's config). Ignored for local paths."""
+    ~/.aws, fsspec's config). Ignored for local paths. ``keep=False``: for this call only, not remembered
+    (a grid server opening a dataset with one client's options)."""
     if not isinstance(url, (str, os.PathLike)):
         raise UnsupportedURLError(f"expected a URL or path, got {type(url).__name__} {url!r}")
     url = os.fspath(url)
@@ -122,9 +129,9 @@ def resolve(url: str | os.PathLike, storage_options: dict | None = None) -> tupl
         raise UnsupportedURLError(f"unknown URL scheme '{protocol}://' in {url!r}") from None
     except ImportError as e:
         raise UnsupportedURLError(f"'{protocol}://' needs a package that is not installed: {e}") from None
-    if storage_options:
+    if storage_options and keep:
         remember(url, storage_options)
-    options = _options_for(url)
+    options = {**_options_for(url), **(storage_options or {})}
     try:
         fs, path = fsspec.core.url_to_fs(url, **options)
     except TypeError as e:  # an option the filesystem does not take: named, never echoing values (secrets)
@@ -274,12 +281,22 @@ def create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes, dura
                 f.write(data)
             return True
         except FileExistsError:
-            return False
+            return _ours(fs, path, data)
         except OSError as e:  # S3's 409 ConditionalRequestConflict: a racing create of the same key is under
             if "ConditionalRequestConflict" not in str(e) or attempt == 7:  # way; retry, one of the two wins
                 raise
             time.sleep(0.05 * (attempt + 1))
     return False
+
+
+def _ours(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool:
+    """After a refused create: whether the object there is this very create's. A PUT can land while its
+    response is lost; the client's retry is then refused by the object it made itself. Manifests carry a
+    timestamp and claims a random token, so equal bytes mean this call created it."""
+    try:
+        return fs.cat_file(path) == data
+    except OSError:
+        return False
 
 
 def remove_tree(fs: fsspec.AbstractFileSystem, path: str) -> None:

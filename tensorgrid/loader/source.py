@@ -54,6 +54,7 @@ class Source:
         self._open: OrderedDict = OrderedDict()
         self._packs: dict[int, list] = {}  # shard -> its cache file's row-major packs (names, 2-D view)
         self._groups: OrderedDict = OrderedDict()  # decoded row groups, bounded in bytes
+        self._group_bytes = 0  # their total (a running sum: adding one never walks them all)
         self._lock = threading.Lock()
         self._owner = os.getpid()  # the process that fills the cache (workers only read it)
         self._ready: set[int] = set()  # shards whose cache file this process has seen built or mapped
@@ -70,6 +71,7 @@ class Source:
         state["_open"] = OrderedDict()
         state["_packs"] = {}
         state["_groups"] = OrderedDict()
+        state["_group_bytes"] = 0
         state["_lock"] = None
         if self.cache is not None:  # spawned workers start with what this process checked (forked ones inherit it)
             state["_checked"] = _cache.verified_in(self.cache.dir)
@@ -112,6 +114,7 @@ class Source:
         self._packs.clear()
         if not keep_decoded:
             self._groups.clear()
+            self._group_bytes = 0
         if self.cache is not None:
             self.refresh()
 
@@ -199,12 +202,17 @@ class Source:
         if held is not None:
             held[key] = t
         with self._lock:
+            size = t.nbytes
+            old = self._groups.pop(key, None)  # another thread decoded it meanwhile
+            if old is not None:
+                self._group_bytes -= old.nbytes
             self._groups[key] = t
-            limit = max(self.memory_budget // 2, 2 * t.nbytes)  # a span of the plan, decoded
+            self._group_bytes += size
+            limit = max(self.memory_budget // 2, 2 * size)  # a span of the plan, decoded
             if self.dataset.is_remote:  # a span ends with the block that crosses its size: over a network
-                limit += 2 * t.nbytes  # a block evicted each chunk would fetch a whole shard again
-            while sum(g.nbytes for g in self._groups.values()) > limit and len(self._groups) > 1:
-                self._groups.popitem(last=False)
+                limit += 2 * size  # a block evicted each chunk would fetch a whole shard again
+            while self._group_bytes > limit and len(self._groups) > 1:
+                self._group_bytes -= self._groups.popitem(last=False)[1].nbytes
         return t
 
     # --- the Arrow IPC cache ----------------------------------------------------------------------

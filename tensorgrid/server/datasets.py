@@ -247,7 +247,8 @@ class DatasetsService(Service):
         elif not isinstance(url, str):
             raise error("ArgumentError", f"url must be a string, got {type(url).__name__}")
         url = self._check_allowed(url)
-        tgfs.remember(url, tgfs.check_storage_options(storage_options))  # in memory only: never in the catalog
+        storage_options = tgfs.check_storage_options(storage_options)  # this load's only: never the catalog's,
+        # nor the process's (another user's load of that bucket must not run with this client's keys)
         if current is not None and current.source != url and not refresh:
             raise error("DatasetExistsError", f"{name!r} is loaded from {current.source}; drop it first, or "
                                               f"load with refresh=True to replace it")
@@ -259,7 +260,7 @@ class DatasetsService(Service):
             raise error("DatasetExistsError", f"a table named {name!r} exists: load the dataset under another name")
         if version is None:
             version = current.version if current is not None and not refresh else None
-        held = self._open(name, url, version, partitions, hold)
+        held = self._open(name, url, version, partitions, hold, storage_options)
         with self._lock:
             old = self._loaded.get(key)
             self._loaded[key] = held
@@ -287,10 +288,17 @@ class DatasetsService(Service):
                 self._keep(held)
 
     def _open(self, name: str, url: str, version: int | None, partitions: int | None,
-              hold: list[int] | None = None) -> Held:
+              hold: list[int] | None = None, storage_options: dict | None = None) -> Held:
         from .. import store  # the store's reader: verified shards, versions
 
-        ds = store.open(url, version)
+        if storage_options:  # a client's options: for this one open, over the server's own
+            fs, root = tgfs.resolve(url, storage_options, keep=False)
+            if not store.manifest.is_dataset(fs, root):
+                raise error("ArgumentError", f"{url} is not a TensorGrid dataset: storage_options are taken for "
+                                             "versioned datasets only (the server's own options reach the rest)")
+            ds = store.StoreDataset(fs, root, store.manifest.load(fs, root, version))
+        else:
+            ds = store.open(url, version)
         if partitions is None:
             starts = [0]
             for n in ds.shard_rows:

@@ -318,8 +318,10 @@ class Layout:
         table = pq.read_table(pa.BufferReader(buf), columns=[self.stand_in.names[i] for i in at], filters=positional,
                               schema=self.stand_in)
         table = encoding.decode(table, like=self.stand_in)
-        return pa.Table.from_arrays(table.columns, schema=pa.schema([self.target.field(i) for i in at],
-                                                                    metadata=self.target.metadata))
+        schema = pa.schema([self.target.field(i) for i in at], metadata=self.target.metadata)
+        if not at:  # no column asked for: the count of matching rows (from_arrays, and pyarrow's
+            return table.select([])  # replace_schema_metadata, make a table of no columns 0 rows long)
+        return pa.Table.from_arrays(table.columns, schema=schema)
 
     def _positional(self, filter: pc.Expression) -> pc.Expression | None:
         """``filter`` with its column references by position in the version's schema, or None: when Substrait

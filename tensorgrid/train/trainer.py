@@ -146,8 +146,9 @@ class Trainer:
       keep_checkpoints: how many of the newest ``ckpt-*`` files to keep (a BestCheckpoint copy is apart).
       log_dir: a URL for TensorBoard events (per step: loss, lr, samples/s, data wait; per epoch: the row).
       storage_options: fsspec's options (credentials, endpoint) for the stores of checkpoint_dir, log_dir and
-        data given as a URL, as ``tg.open`` takes them; handed to every rank in memory, never written
-        (default: the store's usual sources, and what was given for that bucket before in this process).
+        data given as a URL, as ``tg.open`` takes them; never in a checkpoint or log. Ranks get them with their
+        job (local engine: a job file readable by this user only, removed when the run ends; Ray and Spark:
+        their task arguments). Default: the store's usual sources, and what was given for that bucket before.
       quiet: no progress on stderr. Otherwise rank 0 shows a live bar on a terminal, and plain lines (about
         every 10% of an epoch, and one per epoch) when stderr is not one (CI, nohup, notebooks).
       callbacks: objects with hooks run on rank 0 that may stop training (``tensorgrid.train.Callback``;

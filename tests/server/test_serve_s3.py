@@ -43,6 +43,8 @@ def test_a_server_loads_an_s3_dataset_with_the_clients_or_its_own_storage_option
             assert info["rows"] == 500
             assert grid.sql("SELECT count(*) AS n, sum(a) AS s FROM t").to_pandas().iloc[0].tolist() == \
                 [500, sum(range(500))]
+            with pytest.raises(tg.TensorGridError):  # one client's options served that load only
+                grid.load("t2", url)
         catalog = "".join(p.read_text(errors="replace") for p in (tmp_path / "one").rglob("*") if p.is_file()
                           and p.stat().st_size < 1 << 20)
         assert "not-in-the-catalog" not in catalog  # credentials stay in the server's memory

@@ -485,3 +485,14 @@ def test_cli_alter_changes_the_schema_and_each_mistake_is_one_error_line(tmp_pat
     assert main(["alter", str(tmp_path / "missing"), "--add", "y:int8"]) == 1
     assert capsys.readouterr().err.startswith("error: ")
     assert tg.open(url).version == 2
+
+
+def test_counting_rows_through_a_filter_on_shards_from_before_an_alter(tmp_path):
+    """No column asked for, a filter: the count of matching rows (pyarrow drops the length of a table of no
+    columns in from_arrays and replace_schema_metadata)."""
+    import pyarrow.compute as pc
+
+    ds = tg.write(str(tmp_path / "c"), pa.table({"a": pa.array([1, 2, 3], pa.int32())}))
+    new = ds.alter(widen={"a": "int64"})
+    for f in (pc.field("a") > 1, pc.field("a").isin([2, 3])):
+        assert new.to_arrow(columns=[], filter=f).num_rows == ds.to_arrow(columns=[], filter=f).num_rows == 2

@@ -309,3 +309,33 @@ def test_trainer_checkpoints_and_logs_to_s3_and_resumes_and_tensorboard_reads_th
     events.Reload()
     epochs = [e.step for e in events.Scalars("epoch/loss")]
     assert len(epochs) == 2 and len(set(epochs)) == 2  # one per epoch, the resumed run's after the first's
+
+
+def test_a_create_whose_response_was_lost_is_still_known_as_ours(s3_server):
+    """A conditional PUT can land while its response is lost: the client's retry is refused by the object it
+    made itself. The commit must count as made (else a retry would commit the same shards twice, or a
+    compaction would delete the shards of the version it just published)."""
+    bucket = new_bucket(s3_server)
+    fs, path = tgfs.resolve(f"s3://{bucket}/x/v0000000001.json")
+    assert tgfs.create_exclusive(fs, path, b"ours, with a timestamp")  # made
+    assert tgfs.create_exclusive(fs, path, b"ours, with a timestamp")  # the retry of that same create: ours
+    assert not tgfs.create_exclusive(fs, path, b"another writer's")    # another create: refused
+    assert fs.cat_file(path) == b"ours, with a timestamp"
+
+
+def test_remembered_options_merge_and_defaults_never_reach_grid_or_memory_urls(s3_server):
+    bucket = new_bucket(s3_server)
+    try:
+        with tgfs.default_options({"endpoint_url": s3_server, "token": "a-store-secret"}):
+            tgfs.remember(f"s3://{bucket}", {"key": "testing", "token": None})
+            assert tgfs._options_for(f"s3://{bucket}/d") == {"endpoint_url": s3_server, "key": "testing",
+                                                             "token": None}  # the bucket's over the defaults
+            assert tgfs._options_for("grid://127.0.0.1:8815/files/x") == {}
+            assert tgfs._options_for("memory://x/y") == {}
+            fs, _ = tgfs.resolve(f"s3://{bucket}/d", {"secret": "only-this-call"}, keep=False)
+            assert "secret" not in tgfs._options_for(f"s3://{bucket}/d")
+    finally:
+        tgfs._options.pop(tgfs.location(f"s3://{bucket}"), None)
+    r = subprocess.run([sys.executable, "-m", "tensorgrid.cli", "info", "s3://b/x", "--storage-option",
+                        "secret:s3cr3t-typo"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "s3cr3t" not in r.stderr  # a mistyped option is not echoed: it may be a secret
