@@ -299,6 +299,22 @@ def _ours(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool:
         return False
 
 
+def mtime(info: dict, default: float) -> float:
+    """A listing entry's modification time in seconds (each driver names it its own way); ``default`` when
+    it gives none."""
+    for key in ("mtime", "created", "LastModified", "last_modified", "updated"):
+        v = info.get(key)
+        if v is None:
+            continue
+        if hasattr(v, "timestamp"):
+            return v.timestamp()
+        try:
+            return float(v)
+        except (TypeError, ValueError):
+            continue
+    return default
+
+
 def remove_tree(fs: fsspec.AbstractFileSystem, path: str) -> None:
     """Delete a folder and everything under it; nothing if it is already gone."""
     try:

@@ -105,3 +105,23 @@ class KillAfterFirstCheckpoint:
     def __exit__(self, *exc):
         self._thread.join()
         return False
+
+
+def kill_once_it_writes(script: str, url: str, folder: str, before: set, files: int = 3, timeout: float = 60) -> set:
+    """Run ``script`` (python -c, argv[1] = url) and SIGKILL it once ``folder`` holds ``files`` new entries
+    (mid-way through its work); the new entries it left (checked to be at least ``files``)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", script, url])
+    try:
+        deadline = time.time() + timeout
+        while len(set(os.listdir(folder)) - before) < files and time.time() < deadline:
+            time.sleep(0.01)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    left = set(os.listdir(folder)) - before
+    assert len(left) >= files, "the process was killed before it got going"
+    return left

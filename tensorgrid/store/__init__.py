@@ -5,7 +5,9 @@ from __future__ import annotations
 from .. import fs as tgfs
 from ..args import check_int
 from ..errors import DatasetNotFoundError, TensorGridError
+from . import compaction as _compaction
 from . import dataset as _dataset
+from . import deletes as _deletes
 from . import manifest, writer
 from . import spark as _spark
 from . import subsets as _subsets
@@ -27,7 +29,8 @@ def _to_ray(ds: Dataset, columns: list[str] | None = None):
 
 # the Dataset methods the store's own modules implement (dataset.py imports none of them: no import circle)
 _dataset.provide(sql=sql, to_spark=_spark.to_spark, to_ray=_to_ray, split=_subsets.split, select=_subsets.select,
-                 filter=_subsets.filter, sample=_subsets.sample)
+                 filter=_subsets.filter, sample=_subsets.sample, compact=_compaction.compact,
+                 delete=_deletes.delete)
 
 __all__ = ["Dataset", "StoreDataset", "ForeignDataset", "ArrowDataset", "VersionInfo", "SkippedFilesWarning",
            "open", "write", "from_arrow", "sql", "ingest_images", "list_datasets", "DatasetEntry"]

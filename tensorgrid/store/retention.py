@@ -184,7 +184,6 @@ def markers(fs: fsspec.AbstractFileSystem, root: str) -> list[tuple[int, float, 
     """Every expiry marker as (floor, time of the expiry, path), lowest floor first. The time is the later
     of what the marker says (the expirer's clock) and its storage mtime; one it does not say (an unreadable
     marker) is taken as now: its versions stay protected."""
-    from .vacuum import _mtime  # vacuum imports this module
 
     out = []
     for info in _listing(fs, root):
@@ -195,7 +194,7 @@ def markers(fs: fsspec.AbstractFileSystem, root: str) -> list[tuple[int, float, 
             said = float(json.loads(fs.cat_file(info["name"]))["time"])
         except (OSError, ValueError, KeyError, TypeError):
             said = time.time()
-        out.append((int(m.group(1)), max(said, _mtime(info, said)), info["name"]))
+        out.append((int(m.group(1)), max(said, tgfs.mtime(info, said)), info["name"]))
     return sorted(out)
 
 

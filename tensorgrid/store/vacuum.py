@@ -132,7 +132,7 @@ def _candidates(fs, root: str, referenced: set[str], cutoff: float, tmp_cutoff: 
                 continue
             if sub == META_DIR and not name.startswith(".tmp-"):
                 continue  # manifests, claims, the format marker
-            if _mtime(info, start_default=cutoff) >= (tmp_cutoff if sub == META_DIR else cutoff):
+            if tgfs.mtime(info, cutoff) >= (tmp_cutoff if sub == META_DIR else cutoff):
                 young += 1
                 continue
             txn = manifest.txn_of(rel) if sub == DATA_DIR and "/" not in rel[len(DATA_DIR) + 1:] else None
@@ -166,7 +166,7 @@ def _old_staging(fs, root: str, cutoff: float) -> list[str]:
     except (FileNotFoundError, NotADirectoryError):
         return []
     return [e["name"] for e in entries if e.get("type") == "directory" and STAGING.fullmatch(tgfs.name(e["name"]))
-            and _mtime(e, start_default=cutoff) < cutoff]
+            and tgfs.mtime(e, cutoff) < cutoff]
 
 
 def _remove_empty_staging(folders: list[str]) -> None:
@@ -190,17 +190,3 @@ def _remove(fs, files) -> tuple[list[str], int]:
         removed.append(rel)
         freed += size
     return removed, freed
-
-
-def _mtime(info: dict, start_default: float) -> float:
-    for key in ("mtime", "created", "LastModified", "last_modified", "updated"):
-        v = info.get(key)
-        if v is None:
-            continue
-        if hasattr(v, "timestamp"):
-            return v.timestamp()
-        try:
-            return float(v)
-        except (TypeError, ValueError):
-            continue
-    return start_default  # unknown age: young

@@ -17,7 +17,7 @@ import xxhash
 from .. import fs as tgfs
 from ..errors import CorruptManifestError, CorruptShardError, VersionExpiredError
 from . import encoding, evolution, manifest, remote
-from .dataset import _PARSE_ERRORS, Dataset, _arrow_fs, _cached_handle, _threads, decode_row_range
+from .dataset import _PARSE_ERRORS, Dataset, _arrow_fs, _cached_handle, _provided, _threads, decode_row_range
 from .manifest import Manifest, Shard
 
 _verified: set[tuple] = set()
@@ -299,17 +299,13 @@ class StoreDataset(Dataset):
         ``target_shard_bytes`` (in memory, as ``tg.write``'s shard_bytes) as a new version ("compact"); big
         shards are kept as they are; the rows and their order are unchanged. Nothing to merge: the latest
         version, no new one. See ``store/compaction.py`` (loader states, races)."""
-        from .compaction import compact
-
-        return compact(self, target_shard_bytes)
+        return _provided("compact")(self, target_shard_bytes)  # store/compaction.py (registered: no circle)
 
     def delete(self, where) -> StoreDataset:
         """A new version ("delete") of the latest one without the rows where ``where`` holds (an SQL condition
         or a pyarrow compute expression, as ``filter`` takes); its ``deleted_rows`` says how many. No row
         matches: the latest version, no new one. Copy-on-write: see ``store/deletes.py``."""
-        from .deletes import delete
-
-        return delete(self, where)
+        return _provided("delete")(self, where)  # store/deletes.py
 
     def alter(self, add: dict | None = None, widen: dict | None = None, rename: dict | None = None,
               expect_version: int | None = None) -> StoreDataset:

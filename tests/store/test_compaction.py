@@ -3,7 +3,6 @@ races with appends (rebased) and overwrites (ConflictError), a compaction killed
 
 import datetime
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -15,6 +14,7 @@ import pytest
 
 import tensorgrid as tg
 from tensorgrid.store import rewrite
+from tests.procs import kill_once_it_writes
 
 PAD = b"p" * 100
 
@@ -277,17 +277,7 @@ def test_compaction_killed_mid_way_leaves_the_previous_version_and_orphans_vacuu
     before = ds.to_arrow()
     data_dir = tmp_path / "k" / "data"
     listed = set(os.listdir(data_dir))
-    proc = subprocess.Popen([sys.executable, "-c", KILLED_COMPACTION, url])
-    try:
-        deadline = time.time() + 60
-        while len(set(os.listdir(data_dir)) - listed) < 3 and time.time() < deadline:  # mid-way: some written
-            time.sleep(0.01)
-    finally:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    orphans = set(os.listdir(data_dir)) - listed
-    assert len(orphans) >= 3
+    orphans = kill_once_it_writes(KILLED_COMPACTION, url, data_dir, listed)
     ds = tg.open(url)
     assert ds.version == 1 and ds.to_arrow().equals(before)
     ds.verify()

@@ -3,7 +3,6 @@ reader sees the same rows; races with appends (rebased, appended rows filtered t
 (ConflictError); a delete killed with SIGKILL; the CLI."""
 
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -19,6 +18,7 @@ import pytest
 
 import tensorgrid as tg
 from tensorgrid.store import rewrite
+from tests.procs import kill_once_it_writes
 
 
 def rows(start, n, pad=b"p" * 100):
@@ -230,17 +230,7 @@ def test_delete_killed_mid_way_leaves_the_previous_version_and_orphans_vacuum_re
     before = ds.to_arrow()
     data_dir = tmp_path / "k" / "data"
     listed = set(os.listdir(data_dir))
-    proc = subprocess.Popen([sys.executable, "-c", KILLED_DELETE, url])
-    try:
-        deadline = time.time() + 60
-        while len(set(os.listdir(data_dir)) - listed) < 3 and time.time() < deadline:
-            time.sleep(0.01)
-    finally:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    orphans = set(os.listdir(data_dir)) - listed
-    assert len(orphans) >= 3
+    orphans = kill_once_it_writes(KILLED_DELETE, url, data_dir, listed)
     ds = tg.open(url)
     assert ds.version == 1 and ds.to_arrow().equals(before)
     ds.verify()
