@@ -35,7 +35,7 @@ def delete(ds: StoreDataset, where) -> StoreDataset:
     base = rewrite.latest(ds)
     base = StoreDataset(base.fs, base.root, base._m)  # a fresh object: deleted_rows is set on it
     if not base._m.shards:
-        _check_where(base.schema, where)  # no shard to evaluate it on: checked on no rows
+        _check_where(base, where)  # no shard to evaluate it on: checked on no rows
     runs = _runs(base, base._m, list(range(base.num_shards)), where)
     if not runs:
         base.deleted_rows = 0
@@ -69,17 +69,11 @@ def _kept(ds: StoreDataset, shard: int, deleted: np.ndarray) -> list[pa.Table]:
     return [table.filter(pa.array(keep))]
 
 
-def _check_where(schema: pa.Schema, where) -> None:
-    """``where`` evaluated on no rows of ``schema``: the errors ``filter`` gives on a shard (type, columns, SQL)."""
+def _check_where(ds: StoreDataset, where) -> None:
+    """``where`` evaluated on no rows of ``ds``: the errors ``filter`` gives on a shard (type, columns, SQL)."""
+    schema = ds.schema
     if isinstance(where, pc.Expression):
-        try:
-            schema.empty_table().filter(where)
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as e:
-            msg = str(e).splitlines()[0]
-            if "No match for FieldRef" in msg:
-                raise ColumnNotFoundError(f"filter {where} names a column the dataset does not have; columns: "
-                                          f"{schema.names}") from None
-            raise ArgumentError(f"filter {where} does not fit the columns' types: {msg}") from None
+        ds._check_filter(where)  # the Dataset contract's own check of an expression
         return
     if not isinstance(where, str) or not where.strip():
         raise ArgumentError(f"delete takes an SQL condition (a non-empty string) or a pyarrow.compute expression, "
