@@ -19,8 +19,9 @@ _memory_lock = threading.Lock()
 
 # Storage options (credentials, endpoints, ...) given to an entry point, remembered for their location
 # (``s3://bucket``) in this process only: every later URL there resolves with them (a vacuum, a checkpoint
-# beside the data, the loader's workers re-opening it). Never written anywhere; ``_DEFAULT`` (the CLI's
-# ``--storage-option``) applies to every remote location without its own.
+# beside the data, the loader's workers re-opening it). Never written anywhere. ``_DEFAULT`` (the CLI's
+# ``--storage-option``, a Ray grid's ``storage_options``) is merged under every location's own, except
+# ``_NO_DEFAULTS`` (see ``_options_for``).
 _options: dict[str, dict] = {}
 _DEFAULT = "*"
 _NO_DEFAULTS = ("memory", "grid")
@@ -48,11 +49,11 @@ def check_storage_options(options) -> dict:
 
 def remember(url: str, storage_options) -> None:
     """Use ``storage_options`` for every URL at ``url``'s location in this process (merged over what was
-    given before); the CLI's ``--storage-option`` passes ``url="*"``: every remote location."""
+    given before)."""
     options = check_storage_options(storage_options)
     if not options or not isinstance(url, (str, os.PathLike)):
         return  # nothing to keep (a URL of the wrong type is refused by ``resolve``, by name)
-    key = _DEFAULT if url == _DEFAULT else location(os.fspath(url))
+    key = location(os.fspath(url))
     if key is None:
         return  # local paths take no options (the same call works on a laptop's path and on s3://)
     with _options_lock:
