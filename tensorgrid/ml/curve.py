@@ -211,8 +211,9 @@ def learning_curve(trainer, train: Dataset, val: Dataset, sizes="auto", repeats:
         with _Bar(plan, folder, progress):
             jobs.run(job, engine, workers, *tgfs.resolve(folder), "learning curve", "runs")
     elif workers > 1 and jobs.can_fork(workers, train, val):  # largest first: the last runs to end are short ones
-        jobs.forked(job, workers, sorted(todo, key=lambda k: -plan[k][0]), folder, "learning curve", "runs",
-                    around=_Bar(plan, folder, progress))
+        jobs.forked_else_fresh(job, workers, sorted(todo, key=lambda k: -plan[k][0]), folder, "learning curve",
+                               "runs", lambda: [k for k in todo if _done(folder, *plan[k]) is None],
+                               around=_Bar(plan, folder, progress))
     elif todo:
         with _Bar(plan, folder, progress):
             if workers == 1:

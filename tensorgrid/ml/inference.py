@@ -113,7 +113,8 @@ def _compute(work: _Work, fs, staging: str, engine: str, workers: int) -> None:
     if engine == "local" and workers == 1:
         work.run_rank(0, 1)
     elif engine == "local" and jobs.can_fork(workers, work.job.ds):
-        jobs.forked(work, workers, work.todo, tgfs.to_url(fs, staging), "inference", "parts")
+        jobs.forked_else_fresh(work, workers, work.todo, tgfs.to_url(fs, staging), "inference", "parts",
+                               lambda: [k for k in work.todo if _done(fs, staging, k) is None])
     else:
         jobs.run(work, engine, workers, fs, staging, "inference", "parts")
 

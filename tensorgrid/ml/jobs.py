@@ -17,7 +17,9 @@ import signal
 import struct
 import sys
 import tempfile
+import time
 import traceback
+import warnings
 
 import cloudpickle
 from fsspec.implementations.memory import MemoryFileSystem
@@ -28,6 +30,14 @@ from ..errors import TensorGridError, UnsupportedURLError, WorkerFailedError
 from ..train import engines
 
 TIMEOUT_S = 300.0  # how long the workers' rendezvous waits for a slow one
+STALL_S = 60.0  # a forked worker whose processes used no CPU for this long is stuck (``Stalled``)
+POLL_S = 5.0
+
+
+class Stalled(WorkerFailedError):
+    """A forked worker (with every process it started) used no CPU for ``STALL_S`` seconds: it waits for a lock
+    that a thread of the parent held at the fork (a library's allocator or pool, mid-way) and that nobody in
+    the child will ever release. ``forked_else_fresh`` then runs what is left in fresh interpreters."""
 
 
 def pieces(todo: list[int], rank: int, world: int, take=None):
@@ -163,8 +173,11 @@ def forked(job, workers: int, order: list[int], folder: str, what: str, pieces: 
         os.close(write)
         write = None
         with around or contextlib.nullcontext():
+            idle: dict[int, tuple[int, float]] = {}  # pid -> (CPU ticks of its processes, since when unchanged)
             while children:
-                ready, _, _ = select.select(list(children), [], [])
+                ready, _, _ = select.select(list(children), [], [], POLL_S)
+                if not ready:
+                    _check_alive({pid: i for pid, i in children.values()}, idle, what)
                 for sentinel in ready:
                     pid, i = children.pop(sentinel)
                     os.close(sentinel)
@@ -186,6 +199,85 @@ def forked(job, workers: int, order: list[int], folder: str, what: str, pieces: 
                 pass
             os.close(sentinel)
         shutil.rmtree(errors, ignore_errors=True)
+
+
+def forked_else_fresh(job, workers: int, order: list[int], folder: str, what: str, pieces: str, remaining,
+                      around=None) -> None:
+    """``forked``; should a child be stuck (``Stalled``: a lock held at the fork), the ``remaining()`` pieces
+    (the job's ``todo`` then) on the local engine's fresh interpreters, with a warning saying why."""
+    try:
+        forked(job, workers, order, folder, what, pieces, around)
+    except Stalled as e:
+        warnings.warn(f"tensorgrid: {e}; the rest runs in fresh interpreters (slower to start)", RuntimeWarning,
+                      stacklevel=3)
+        job.todo = remaining()
+        if job.todo:
+            run(job, "local", min(workers, len(job.todo)), *tgfs.resolve(folder), what, pieces)
+
+
+def _check_alive(pids: dict[int, int], idle: dict, what: str) -> None:
+    """Raise ``Stalled`` for a child none of whose threads, nor of the processes it started (a DataLoader's
+    workers), ran at all for ``STALL_S``: not a tick of CPU, not one wake-up. A worker at work computes, reads
+    or at least sleeps and wakes; one blocked on a lock its parent's thread held at the fork never runs again."""
+    now, activity = time.monotonic(), _tree_activity(set(pids))
+    for pid, i in pids.items():
+        seen = activity.get(pid)
+        if seen is None:
+            continue  # exiting: its sentinel says so next
+        before, since = idle.get(pid, (None, now))
+        if seen != before:
+            idle[pid] = (seen, now)
+        elif now - since >= STALL_S:
+            raise Stalled(f"{what}: forked worker {i} has not run for {now - since:.0f} s (waiting for a lock a "
+                          "thread of this process held when it was forked)")
+
+
+def _tree_activity(roots: set[int]) -> dict[int, int]:
+    """For each root pid: a number that grows whenever any thread of it or of a process under it runs (the
+    scheduler's nanoseconds on CPU plus its count of time slices, /proc/<pid>/task/<tid>/schedstat; CPU ticks
+    where the kernel keeps no schedstat)."""
+    parent: dict[int, int] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    parent[int(name)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue  # gone meanwhile
+    children: dict[int, list[int]] = {}
+    for pid, ppid in parent.items():
+        children.setdefault(ppid, []).append(pid)
+    out = {}
+    for root in roots & parent.keys():
+        total, stack = 0, [root]
+        while stack:
+            pid = stack.pop()
+            total += _activity(pid)
+            stack.extend(children.get(pid, ()))
+        out[root] = total
+    return out
+
+
+def _activity(pid: int) -> int:
+    total = 0
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                ns, _, slices = f.read().split()[:3]
+            total += int(ns) + int(slices)
+        except FileNotFoundError:
+            try:  # no schedstat in this kernel: CPU ticks (user + system)
+                with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                    total += sum(int(x) for x in f.read().rsplit(")", 1)[1].split()[11:13])
+            except (OSError, IndexError, ValueError):
+                pass
+        except (OSError, ValueError):
+            pass  # the thread ended meanwhile
+    return total
 
 
 def _flush() -> None:
