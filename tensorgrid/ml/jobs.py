@@ -30,12 +30,12 @@ from ..errors import TensorGridError, UnsupportedURLError, WorkerFailedError
 from ..train import engines
 
 TIMEOUT_S = 300.0  # how long the workers' rendezvous waits for a slow one
-STALL_S = 60.0  # a forked worker whose processes used no CPU for this long is stuck (``Stalled``)
-POLL_S = 5.0
+STALL_S = 60.0  # a forked worker none of whose threads or processes ran for this long is stuck (``Stalled``)
+POLL_S = 5.0  # how often the parent looks, while no worker ends
 
 
 class Stalled(WorkerFailedError):
-    """A forked worker (with every process it started) used no CPU for ``STALL_S`` seconds: it waits for a lock
+    """A forked worker (with every process it started) has not run for ``STALL_S`` seconds: it waits for a lock
     that a thread of the parent held at the fork (a library's allocator or pool, mid-way) and that nobody in
     the child will ever release. ``forked_else_fresh`` then runs what is left in fresh interpreters."""
 
@@ -173,7 +173,7 @@ def forked(job, workers: int, order: list[int], folder: str, what: str, pieces: 
         os.close(write)
         write = None
         with around or contextlib.nullcontext():
-            idle: dict[int, tuple[int, float]] = {}  # pid -> (CPU ticks of its processes, since when unchanged)
+            idle: dict[int, tuple[int, float]] = {}  # pid -> (its tree's activity, since when unchanged)
             while children:
                 ready, _, _ = select.select(list(children), [], [], POLL_S)
                 if not ready:
